@@ -1,0 +1,149 @@
+"""SAE quality metrics (METHODS §3), streamed over the eval split in fp32.
+
+Reconstruction: L0, MSE, cosine, FVU = sum||x - x_hat||^2 / sum||x - mean(x)||^2,
+firing rates (dead / dense fractions). Spliced CE: the model is re-run with
+x_hat (or zeros) in place of x at positions >= 1 of the hooked block;
+CE recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean),
+KL(p_clean || p_sae) per token and KL score = 1 - KL_sae / KL_zero.
+States are torchmetrics sums, so values sync across DDP processes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import Metric
+
+from lit_prune.models.hooks import splice_resid_post
+
+Reconstruct = Callable[[torch.Tensor], torch.Tensor]
+
+
+def fvu(sse: torch.Tensor, sum_sq: torch.Tensor, sum_x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Fraction of variance unexplained from streamed sums (sum_x: [d_model])."""
+    total_variance = sum_sq - (sum_x * sum_x).sum() / n
+    return sse / total_variance
+
+
+def ce_recovered(ce_clean: float, ce_sae: float, ce_zero: float) -> float:
+    return (ce_zero - ce_sae) / (ce_zero - ce_clean)
+
+
+def kl_score(kl_sae: float, kl_zero: float) -> float:
+    return 1.0 - kl_sae / kl_zero
+
+
+class ReconstructionMetrics(Metric):
+    """L0, MSE, cosine, FVU and per-latent firing counts over tokens x: [n, d_model]."""
+
+    full_state_update = False
+
+    def __init__(self, d_model: int, d_sae: int) -> None:
+        super().__init__()
+        for name in ("n", "sse", "sum_sq", "l0", "cos"):
+            self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("sum_x", torch.zeros(d_model, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("fires", torch.zeros(d_sae, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("max_act", torch.zeros(d_sae, dtype=torch.float64), dist_reduce_fx="max")
+
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor, feats: torch.Tensor) -> None:
+        x, x_hat, feats = x.double(), x_hat.double(), feats.double()
+        active = feats > 0
+        self.n += x.shape[0]
+        self.sse += ((x - x_hat) ** 2).sum()
+        self.sum_sq += (x * x).sum()
+        self.sum_x += x.sum(0)
+        self.l0 += active.sum()
+        self.cos += F.cosine_similarity(x, x_hat, dim=-1).sum()
+        self.fires += active.sum(0)
+        self.max_act = torch.maximum(self.max_act, feats.amax(0))
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        rate = self.fires / self.n
+        return {
+            "fvu": fvu(self.sse, self.sum_sq, self.sum_x, self.n),
+            "mse": self.sse / (self.n * self.sum_x.numel()),
+            "cos": self.cos / self.n,
+            "l0": self.l0 / self.n,
+            "dead_fraction": (rate == 0).double().mean(),
+            "dense_fraction": (rate > 0.1).double().mean(),
+            "tokens": self.n.clone(),
+        }
+
+    def firing_rates(self) -> torch.Tensor:
+        """p_i = fraction of tokens on which latent i fires: [d_sae] (synced across processes)."""
+        return self.fires / self.n
+
+
+def next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """CE of predicting ids[:, t+1] from position t: [batch, seq - 1], fp32."""
+    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+
+
+def next_token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per position t < seq - 1: [batch, seq - 1], fp32."""
+    logp = F.log_softmax(logits_p[:, :-1].float(), dim=-1)
+    logq = F.log_softmax(logits_q[:, :-1].float(), dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def loss_positions(valid: torch.Tensor) -> torch.Tensor:
+    """Predictions that count: made at a valid position t >= 1 for a real token t+1: [batch, seq - 1]."""
+    return valid[:, :-1] & valid[:, 1:]
+
+
+@torch.no_grad()
+def spliced_forward(
+    model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor, layer: int,
+    valid: torch.Tensor, replace: Reconstruct | None,
+) -> torch.Tensor:
+    """Logits with `replace(x[valid])` ([n, d_model] -> [n, d_model]) spliced in at block `layer`.
+
+    `replace=None` gives the clean logits.
+    """
+    if replace is None:
+        return model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def splice(x: torch.Tensor) -> torch.Tensor:
+        x_new = x.clone()  # position 0 and padding keep their clean values
+        x_new[valid] = replace(x[valid]).to(x.dtype)
+        return x_new
+
+    with splice_resid_post(model, layer, splice):
+        return model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+class SplicedCEMetrics(Metric):
+    """Token sums of CE (clean / SAE / zero-ablated) and KL(clean || SAE), KL(clean || zero)."""
+
+    full_state_update = False
+    _NAMES = ("n", "ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero")
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in self._NAMES:
+            self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, ids: torch.Tensor, positions: torch.Tensor, clean: torch.Tensor,
+               sae: torch.Tensor, zero: torch.Tensor) -> None:
+        """Logits [batch, seq, vocab] of the three runs; positions from `loss_positions`."""
+        take = lambda t: t[positions].double().sum()  # noqa: E731
+        self.n += positions.sum()
+        self.ce_clean += take(next_token_ce(clean, ids))
+        self.ce_sae += take(next_token_ce(sae, ids))
+        self.ce_zero += take(next_token_ce(zero, ids))
+        self.kl_sae += take(next_token_kl(clean, sae))
+        self.kl_zero += take(next_token_kl(clean, zero))
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        mean = {name: getattr(self, name) / self.n for name in self._NAMES[1:]}
+        return {
+            **mean,
+            "ce_recovered": ce_recovered(mean["ce_clean"], mean["ce_sae"], mean["ce_zero"]),
+            "delta_lm_loss": mean["ce_sae"] - mean["ce_clean"],
+            "kl_score": kl_score(mean["kl_sae"], mean["kl_zero"]),
+            "ce_tokens": self.n.clone(),
+        }

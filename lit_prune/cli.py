@@ -1,0 +1,50 @@
+"""Command line: `fit` / `validate` through LightningCLI, plus the project's own subcommands."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from lit_prune.errors import LitPruneError
+
+EXTRA_COMMANDS: dict[str, str] = {}  # name -> "module:function", filled as subcommands land
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def lightning_cli(args: list[str] | None = None, run: bool = True):
+    """The LightningCLI over SAEModule and TokenDataModule (configs in configs/*.yaml)."""
+    from jsonargparse import set_parsing_settings
+    from lightning.pytorch.cli import LightningCLI
+
+    from lit_prune.lit.datamodule import TokenDataModule
+    from lit_prune.lit.sae_module import SAEModule
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+    class LitPruneCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.link_arguments("model.model_name", "data.model_name")
+            parser.link_arguments("model.model_cache_dir", "data.model_cache_dir")
+
+    return LitPruneCLI(SAEModule, TokenDataModule, args=args, run=run, save_config_kwargs={"overwrite": True})
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    _quiet_libraries()
+    try:
+        if argv and argv[0] in EXTRA_COMMANDS:
+            import importlib
+
+            module, function = EXTRA_COMMANDS[argv[0]].split(":")
+            return getattr(importlib.import_module(module), function)(argv[1:]) or 0
+        lightning_cli(argv)
+    except LitPruneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,271 @@
+"""LightningModule: a frozen (possibly pruned) LM feeding an sae-lens SAE trained on its activations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from sae_lens.saes.sae import TrainStepInput
+
+from lit_prune.analysis.metrics import ReconstructionMetrics, SplicedCEMetrics, loss_positions, spliced_forward
+from lit_prune.errors import invalid
+from lit_prune.models.hooks import capture_resid_post, check_layer, valid_positions
+from lit_prune.models.registry import load_model
+from lit_prune.sae.buffer import ActivationBuffer, fit_norm_scale
+from lit_prune.sae.build import SAESettings, build_training_sae
+from lit_prune.sae.io import export_sae
+from lit_prune.sae.schedule import warmup_decay
+
+
+class SAEModule(L.LightningModule):
+    """Trains one SAE on resid_post of block `hook_layer` of a frozen causal LM.
+
+    Args:
+        model_name: smollm2-135m (embedded), tiny-llama / tiny-gemma2 / tiny-gemma3, a local model
+            directory, or a hub id such as meta-llama/Llama-3.2-1B.
+        hook_layer: 0-indexed decoder block whose output (resid_post) the SAE reads.
+        sae: architecture and size of the SAE.
+        seed: fixes the SAE initialisation and the activation-buffer shuffling.
+        lr: peak Adam learning rate.
+        warmup_steps: linear learning-rate warm-up, in SAE steps.
+        decay_fraction: the learning rate decays linearly to zero over this last fraction of steps.
+        sae_batch_tokens: activations per SAE optimizer step.
+        buffer_batches: the shuffling buffer holds this many SAE batches before training starts.
+        dead_window_tokens: a latent that has not fired for this many training tokens counts as dead
+            (it then gets the TopK auxiliary loss).
+        norm_scale: input scale c with E||c x||^2 = d_model; null fits it on the dense model at the
+            start of fit. Pass the dense model's value when training on a pruned model.
+        norm_sequences: train sequences used to fit norm_scale.
+        lm_dtype: dtype of the LM forward (float32 or bfloat16); SAE and metrics stay float32.
+        ce_eval_sequences: eval sequences (from the start of the eval split) also used for spliced
+            CE / KL; the reconstruction metrics use the whole eval split.
+        model_cache_dir: where converted / built models are cached.
+        export_dir: where the trained SAE is written in sae-lens format; null: <log dir>/sae.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "smollm2-135m",
+        hook_layer: int = 6,
+        sae: SAESettings | None = None,
+        seed: int = 0,
+        lr: float = 1e-3,
+        warmup_steps: int = 10,
+        decay_fraction: float = 0.2,
+        sae_batch_tokens: int = 4096,
+        buffer_batches: int = 8,
+        dead_window_tokens: int = 100_000,
+        norm_scale: float | None = None,
+        norm_sequences: int = 64,
+        lm_dtype: str = "float32",
+        ce_eval_sequences: int = 128,
+        model_cache_dir: str = "checkpoints/models",
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        _validate(lr=lr, decay_fraction=decay_fraction, sae_batch_tokens=sae_batch_tokens,
+                  buffer_batches=buffer_batches, norm_scale=norm_scale, ce_eval_sequences=ce_eval_sequences)
+        self.save_hyperparameters()
+        self.settings = sae or SAESettings()
+        self.automatic_optimization = False
+        lm = load_model(model_name, dtype=lm_dtype, cache_dir=model_cache_dir)
+        check_layer(lm, hook_layer)
+        object.__setattr__(self, "lm", lm)  # not a submodule: kept out of checkpoints and DDP
+        d_model = lm.config.hidden_size
+        self.sae = build_training_sae(self.settings, d_model, seed)
+        self.register_buffer("norm_scale", torch.tensor(norm_scale or 0.0, dtype=torch.float64))
+        self.register_buffer("tokens_since_fired", torch.zeros(self.sae.cfg.d_sae))
+        self.register_buffer("tokens_trained", torch.zeros((), dtype=torch.long))
+        self.buffer = ActivationBuffer(sae_batch_tokens * buffer_batches, seed)
+        self.recon = ReconstructionMetrics(d_model, self.sae.cfg.d_sae)
+        self.spliced = SplicedCEMetrics()
+        self.pruning_info: dict[str, Any] = {"method": "dense", "sparsity": 0.0}
+
+    # --- set-up ---------------------------------------------------------------------------
+    def lm_on_device(self) -> torch.nn.Module:
+        if next(self.lm.parameters()).device != self.device:
+            self.lm.to(self.device)
+        return self.lm
+
+    def ensure_norm_scale(self) -> float:
+        """Fit c on the current (dense) LM if not given; callbacks that prune call this first."""
+        if self.norm_scale.item() == 0.0:
+            ids = self.trainer.datamodule.train_ids[: self.hparams.norm_sequences]
+            acts = self.harvest(ids.to(self.device))
+            self.norm_scale.fill_(fit_norm_scale(acts))
+        return self.norm_scale.item()
+
+    def on_fit_start(self) -> None:
+        self.ensure_norm_scale()
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.Adam(self.sae.parameters(), lr=self.hparams.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = warmup_decay(opt, total, self.hparams.warmup_steps, self.hparams.decay_fraction)
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+    # --- training -------------------------------------------------------------------------
+    @torch.no_grad()
+    def harvest(self, ids: torch.Tensor) -> torch.Tensor:
+        """Unscaled fp32 resid_post at positions >= 1: [n, d_model]; blocks after the hook never run."""
+        mask = torch.ones_like(ids)
+        resid = capture_resid_post(self.lm_on_device(), ids, self.hparams.hook_layer, mask)
+        return resid[valid_positions(mask)].float()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.buffer.add(self.harvest(batch["input_ids"]) * self.norm_scale.float())
+        if self.buffer.full():
+            self.sae_step(self.buffer.pop(self.hparams.sae_batch_tokens))
+
+    def on_train_epoch_end(self) -> None:
+        # Train on what is left in the buffer, so every harvested token is used once.
+        while len(self.buffer) >= self.hparams.sae_batch_tokens // 2:
+            self.sae_step(self.buffer.pop(self.hparams.sae_batch_tokens), sync_grads=True)
+        self.buffer.rows = None
+
+    def sae_step(self, x: torch.Tensor, sync_grads: bool = False) -> None:
+        """One optimizer step on scaled activations x: [n, d_model]."""
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        if self.tokens_trained.item() == 0 and hasattr(self.sae, "b_dec"):
+            self.sae.b_dec.data.copy_(x.mean(0))  # b_dec starts at the activation mean (METHODS §2)
+        dead = self.tokens_since_fired > self.hparams.dead_window_tokens
+        out = self.sae.training_forward_pass(TrainStepInput(
+            sae_in=x, coefficients=_coefficients(self.sae, self.global_step), dead_neuron_mask=dead,
+            n_training_steps=self.global_step, is_logging_step=False))
+        opt.zero_grad()
+        self.manual_backward(out.loss)
+        if sync_grads and dist.is_available() and dist.is_initialized():
+            _all_reduce_grads(self.sae)  # outside training_step DDP does not sync for us
+        opt.step()
+        sched.step()
+        self._after_step(x, out)
+
+    @torch.no_grad()
+    def _after_step(self, x: torch.Tensor, out: Any) -> None:
+        fired = (out.feature_acts > 0).any(0)
+        self.tokens_since_fired += x.shape[0]
+        self.tokens_since_fired[fired] = 0
+        self.tokens_trained += x.shape[0]
+        residual = (x - out.sae_out).pow(2).sum()
+        fvu = residual / (x - x.mean(0)).pow(2).sum()
+        logs = {"train/loss": out.loss, "train/fvu": fvu, "train/mse": residual / x.numel(),
+                "train/l0": (out.feature_acts > 0).float().sum(-1).mean(),
+                "train/dead_fraction": (self.tokens_since_fired > self.hparams.dead_window_tokens).float().mean(),
+                "train/lr": self.optimizers().param_groups[0]["lr"], "train/tokens": self.tokens_trained.float()}
+        logs.update({f"train/{k}": v for k, v in out.losses.items()})
+        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False)
+        self.log("fvu", fvu, prog_bar=True, on_step=True, on_epoch=False)
+
+    # --- validation -----------------------------------------------------------------------
+    def encode_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw activations x: [n, d_model] -> (features [n, d_sae], reconstruction [n, d_model])."""
+        c = self.norm_scale.float()
+        feats = self.sae.encode(x.float() * c)
+        return feats, self.sae.decode(feats) / c
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        ids = batch["input_ids"]
+        mask = torch.ones_like(ids)
+        valid = valid_positions(mask)
+        seen = batch_idx * ids.shape[0]
+        if seen >= self.hparams.ce_eval_sequences:
+            self._update_recon(self.harvest(ids))
+            return
+        lm, layer = self.lm_on_device(), self.hparams.hook_layer
+        keep = min(ids.shape[0], self.hparams.ce_eval_sequences - seen)
+        ids, mask, valid = ids[:keep], mask[:keep], valid[:keep]
+
+        def reconstruct(x: torch.Tensor) -> torch.Tensor:
+            feats, x_hat = self.encode_decode(x)
+            self.recon.update(x.float(), x_hat, feats)
+            return x_hat
+
+        clean = spliced_forward(lm, ids, mask, layer, valid, None)
+        sae = spliced_forward(lm, ids, mask, layer, valid, reconstruct)
+        zero = spliced_forward(lm, ids, mask, layer, valid, torch.zeros_like)
+        self.spliced.update(ids, loss_positions(valid), clean, sae, zero)
+        if keep < batch["input_ids"].shape[0]:
+            self._update_recon(self.harvest(batch["input_ids"][keep:]))
+
+    def _update_recon(self, x: torch.Tensor) -> None:
+        feats, x_hat = self.encode_decode(x)
+        self.recon.update(x, x_hat, feats)
+
+    def on_validation_epoch_end(self) -> None:
+        values = {**self.recon.compute(), **self.spliced.compute()} if self.spliced.update_called \
+            else self.recon.compute()
+        self.log_dict({f"val/{k}": v.float() for k, v in values.items()}, sync_dist=False)
+        self.last_val = {k: float(v) for k, v in values.items()}
+        self.recon.reset()
+        self.spliced.reset()
+
+    # --- export ---------------------------------------------------------------------------
+    def on_fit_end(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        target = Path(self.hparams.export_dir or _default_export_dir(self.trainer))
+        dm = self.trainer.datamodule
+        export_sae(self.sae, target, self.norm_scale.item(), {
+            "model": self.hparams.model_name, "hook_layer": self.hparams.hook_layer, "seed": self.hparams.seed,
+            "tokens_trained": int(self.tokens_trained), "pruning": self.pruning_info,
+            "corpus": getattr(dm, "provenance", {}), "hparams": _plain(self.hparams),
+            "sae_settings": vars(self.settings), "metrics": getattr(self, "last_val", {}),
+        })
+        self.print(f"SAE exported to {target}")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["activation_buffer"] = self.buffer.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "activation_buffer" in checkpoint:
+            self.buffer.load_state_dict(checkpoint["activation_buffer"])
+
+
+def _default_export_dir(trainer: L.Trainer) -> Path:
+    """checkpoints/<logger name>/version_<n>/sae: mirrors the TensorBoard run, never overwrites another."""
+    logger = trainer.logger
+    if logger is None:
+        return Path(trainer.default_root_dir) / "sae"
+    return Path("checkpoints") / str(logger.name) / f"version_{logger.version}" / "sae"
+
+
+def _coefficients(sae: Any, step: int) -> dict[str, float]:
+    """sae-lens coefficients (L1 / L0 weights) with their linear warm-up applied."""
+    values = {}
+    for name, coeff in sae.get_coefficients().items():
+        if isinstance(coeff, (int, float)):
+            values[name] = float(coeff)
+        else:
+            values[name] = coeff.value * min(1.0, (step + 1) / coeff.warm_up_steps) if coeff.warm_up_steps else coeff.value
+    return values
+
+
+def _all_reduce_grads(module: torch.nn.Module) -> None:
+    world = dist.get_world_size()
+    for param in module.parameters():
+        if param.grad is not None:
+            dist.all_reduce(param.grad)
+            param.grad /= world
+
+
+def _plain(hparams: Any) -> dict[str, Any]:
+    return {k: (vars(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in dict(hparams).items()}
+
+
+def _validate(**values: Any) -> None:
+    rules = {
+        "lr": (lambda v: v > 0, "a positive float"),
+        "decay_fraction": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+        "sae_batch_tokens": (lambda v: v >= 1, "a positive integer"),
+        "buffer_batches": (lambda v: v >= 1, "a positive integer"),
+        "norm_scale": (lambda v: v is None or v > 0, "a positive float or null"),
+        "ce_eval_sequences": (lambda v: v >= 0, "a non-negative integer"),
+    }
+    for name, value in values.items():
+        ok, allowed = rules[name]
+        if not ok(value):
+            raise invalid(f"model.{name}", value, allowed)

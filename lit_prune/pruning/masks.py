@@ -1,0 +1,198 @@
+"""Pruning masks: which weights are prunable, exact lowest-k selection, applying,
+reporting, checking and saving masks.
+
+A mask is a bool tensor shaped like its weight: True = keep, False = pruned.
+Masks are keyed by the qualified module name (`model.layers.0.self_attn.q_proj`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lit_prune.errors import invalid
+from lit_prune.models.hooks import decoder_layers
+
+Masks = dict[str, torch.Tensor]
+GROUPS = ("matrix", "row", "global")
+
+
+class SparsityMismatch(RuntimeError):
+    """A matrix's realised sparsity differs from what the pruning method promises (a bug, not bad input)."""
+
+
+def check_sparsity(sparsity: float, field: str = "sparsity") -> float:
+    """Validate a sparsity in [0, 1); returns it as a float."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+        raise invalid(field, sparsity, "a number in [0, 1)")
+    return float(sparsity)
+
+
+def count_pruned(n: int, sparsity: float) -> int:
+    """floor(n * s), with s read as the decimal it prints as.
+
+    Plain float arithmetic gives floor(100 * 0.29) = 28 because 0.29 is stored as
+    0.28999...; users mean 29/100, so the product is taken exactly on that decimal.
+    """
+    return math.floor(Fraction(repr(float(sparsity))) * n)
+
+
+def select_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool [rows, n]: True at exactly the `k` lowest scores of each row of `scores: [rows, n]`.
+
+    Ties are broken by position: among equal scores the lower index is selected
+    first. A threshold `<= kth` alone would over-select when the k-th value is
+    tied (common with quantised weights), so the tied entries are counted off
+    left to right.
+    """
+    rows, n = scores.shape
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= n:
+        return torch.ones_like(scores, dtype=torch.bool)
+    kth = scores.kthvalue(k, dim=1, keepdim=True).values
+    below = scores < kth
+    tied = scores == kth
+    room = k - below.sum(dim=1, keepdim=True)  # how many tied entries still fit, >= 1
+    return below | (tied & (tied.cumsum(dim=1, dtype=torch.int32) <= room))
+
+
+def block_linears(model: nn.Module) -> list[dict[str, nn.Linear]]:
+    """Per decoder block, its nn.Linear modules keyed by qualified name (module order)."""
+    names = {id(module): name for name, module in model.named_modules()}
+    blocks = []
+    for layer in decoder_layers(model):
+        prefix = names[id(layer)]
+        blocks.append(
+            {f"{prefix}.{sub}": m for sub, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        )
+    return blocks
+
+
+def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside the decoder blocks (q, k, v, o, gate, up, down).
+
+    Embeddings, lm_head and norms live outside the blocks or are not Linears,
+    so they are never included.
+    """
+    return {name: m for block in block_linears(model) for name, m in block.items()}
+
+
+def _checked_pairs(model: nn.Module, masks: Masks) -> list[tuple[str, nn.Linear, torch.Tensor]]:
+    linears = prunable_linears(model)
+    pairs = []
+    for name, mask in masks.items():
+        if name not in linears:
+            raise invalid("masks", name, "names of prunable Linears of this model, e.g. " + next(iter(linears)))
+        weight = linears[name].weight
+        if tuple(mask.shape) != tuple(weight.shape):
+            raise invalid(f"masks[{name}].shape", tuple(mask.shape), f"the weight shape {tuple(weight.shape)}")
+        pairs.append((name, linears[name], mask))
+    return pairs
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: Masks) -> None:
+    """Zero, in place, every weight whose mask entry is False (mask: [d_out, d_in], True = keep)."""
+    for _name, linear, mask in _checked_pairs(model, masks):
+        keep = mask.to(device=linear.weight.device, dtype=torch.bool)
+        linear.weight.masked_fill_(~keep, 0)
+
+
+@torch.no_grad()
+def sparsity_report(model: nn.Module, masks: Masks, target: float | None = None) -> list[dict]:
+    """One row per masked matrix.
+
+    Row fields: name, shape, numel; pruned (mask False count); sparsity = pruned / numel;
+    zeros (weights exactly 0, which can exceed `pruned` when the dense weights
+    already held zeros); leaked (pruned positions whose weight is not 0 — must be
+    0 once masks are applied); target (the requested sparsity, may be None).
+    """
+    rows = []
+    for name, linear, mask in _checked_pairs(model, masks):
+        weight = linear.weight
+        keep = mask.to(device=weight.device, dtype=torch.bool)
+        pruned = int((~keep).sum())
+        rows.append(
+            {
+                "name": name,
+                "shape": tuple(weight.shape),
+                "numel": weight.numel(),
+                "pruned": pruned,
+                "sparsity": pruned / weight.numel(),
+                "zeros": int((weight == 0).sum()),
+                "leaked": int(((weight != 0) & ~keep).sum()),
+                "target": target,
+            }
+        )
+    return rows
+
+
+def expected_pruned(
+    shape: tuple[int, int], sparsity: float, group: str = "matrix", nm: tuple[int, int] | None = None
+) -> int | None:
+    """Exact number of weights a method prunes in one [d_out, d_in] matrix (None for `global`)."""
+    d_out, d_in = shape
+    if nm is not None:
+        n, m = nm
+        return d_out * (d_in // m) * n
+    if group == "row":
+        return d_out * count_pruned(d_in, sparsity)
+    if group == "matrix":
+        return count_pruned(d_out * d_in, sparsity)
+    return None
+
+
+def check_realised(
+    report: list[dict], target: float, group: str = "matrix", nm: tuple[int, int] | None = None
+) -> None:
+    """Raise SparsityMismatch unless every matrix pruned exactly what its method promises.
+
+    `matrix`: floor(numel * s); `row` (Wanda): d_out * floor(d_in * s); N:M: N per
+    M inputs; `global`: floor(total * s) over all matrices together. Pruned
+    positions must also hold 0 in the weight.
+    """
+    for row in report:
+        if row["leaked"]:
+            raise SparsityMismatch(f"{row['name']}: {row['leaked']} pruned weights are not zero")
+        want = expected_pruned(row["shape"], target, group, nm)
+        if want is not None and row["pruned"] != want:
+            raise SparsityMismatch(
+                f"{row['name']}: realised sparsity {row['pruned']}/{row['numel']} != expected {want}/{row['numel']}"
+            )
+    if group == "global" and nm is None:
+        total = sum(row["numel"] for row in report)
+        pruned = sum(row["pruned"] for row in report)
+        if pruned != count_pruned(total, target):
+            raise SparsityMismatch(f"global: realised {pruned}/{total} != expected {count_pruned(total, target)}/{total}")
+
+
+def save_masks(masks: Masks, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write masks to a safetensors file (bool stored as uint8), atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: mask.detach().to("cpu", torch.uint8).contiguous() for name, mask in masks.items()}
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_masks(path: str | os.PathLike) -> Masks:
+    """Read masks written by `save_masks`; returns bool tensors on CPU."""
+    tensors = load_file(str(path))
+    for name, t in tensors.items():
+        if t.dtype != torch.uint8 or bool((t > 1).any()):
+            raise invalid(f"masks[{name}]", str(t.dtype), "uint8 0/1 values written by save_masks")
+    return {name: t.bool() for name, t in tensors.items()}

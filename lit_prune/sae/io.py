@@ -1,0 +1,91 @@
+"""Save and load SAEs in sae-lens' own format plus our provenance metadata.
+
+A directory holds `cfg.json` + `sae_weights.safetensors` (loadable with
+`sae_lens.SAE.load_from_disk`) and `lit_prune.json` (model, hook, pruning
+condition, seed, tokens, corpus fingerprint, versions, normalisation scalar).
+The exported SAE works on RAW activations: the training-time input scale `c`
+is folded into the weights (W_enc * c, W_dec / c, b_dec / c).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from sae_lens import SAE
+from sae_lens.saes.sae import TrainingSAE
+
+from lit_prune.errors import LitPruneError, invalid
+
+METADATA_FILE = "lit_prune.json"
+_PACKAGES = ("lit_prune", "torch", "transformers", "sae-lens", "lightning", "datasets")
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in _PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "unknown"
+    return found
+
+
+def hook_name(layer: int) -> str:
+    """TransformerLens-style name of block `layer`'s resid_post, as sae-lens records it."""
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def export_sae(sae: TrainingSAE, path: str | Path, norm_scale: float, metadata: dict[str, Any]) -> Path:
+    """Write the inference SAE (scale folded in) and metadata; replaces `path` only when complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folded = copy.deepcopy(sae).cpu()
+    folded.fold_activation_norm_scaling_factor(norm_scale)
+    folded.cfg.metadata.model_name = metadata.get("model")
+    folded.cfg.metadata.hook_name = hook_name(metadata["hook_layer"])
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        folded.save_inference_model(tmp)
+        record = {**metadata, "norm_scale": norm_scale, "norm_scale_folded": True, "versions": versions()}
+        (tmp / METADATA_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def load_sae(path: str | Path, device: str = "cpu") -> tuple[SAE, dict[str, Any]]:
+    """An SAE directory -> (inference SAE on raw activations, our metadata or {} for foreign SAEs)."""
+    path = Path(path)
+    if not (path / "cfg.json").is_file():
+        raise invalid("sae_path", str(path), "a directory with an sae-lens cfg.json and safetensors weights")
+    try:
+        sae = SAE.load_from_disk(path, device=device)
+    except Exception as err:  # sae-lens raises many types for corrupt files; report one line
+        raise LitPruneError(f"sae_path={str(path)!r} is not a loadable sae-lens SAE ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''})") from err
+    meta_file = path / METADATA_FILE
+    metadata = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    return sae, metadata
+
+
+def check_compatible(sae: SAE, metadata: dict[str, Any], d_model: int, layer: int, field: str = "reference_sae") -> None:
+    """A reference SAE must read the same width and (when recorded) the same hook as the model run."""
+    if sae.cfg.d_in != d_model:
+        raise invalid(f"{field}.d_in", sae.cfg.d_in, f"the model's d_model={d_model}")
+    recorded = metadata.get("hook_layer")
+    if recorded is None:
+        recorded_name = getattr(sae.cfg.metadata, "hook_name", None)
+        if recorded_name and recorded_name != hook_name(layer):
+            raise invalid(f"{field}.hook", recorded_name, f"{hook_name(layer)} (the hooked block)")
+    elif recorded != layer:
+        raise invalid(f"{field}.hook_layer", recorded, f"the hooked block {layer}")

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny random Llama / Gemma 2 / Gemma 3 models saved with save_pretrained."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+torch.set_num_threads(2)
+
+from lit_prune.models.tiny import TINY_ARCHS, build_tiny  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """A model cache dir shared by the session (tiny models are built into it once)."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session", params=sorted(TINY_ARCHS))
+def tiny_dir(request, tmp_path_factory) -> Path:
+    """A local model directory (config.json + safetensors + tokenizer) for each tiny architecture."""
+    path = tmp_path_factory.mktemp(request.param)
+    build_tiny(request.param, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    """Corpus and token caches shared by the session (the embedded corpus is built once)."""
+    return tmp_path_factory.mktemp("data_cache")

@@ -1,0 +1,81 @@
+import math
+
+import pytest
+import torch
+
+from lit_prune.analysis.metrics import (
+    ReconstructionMetrics, SplicedCEMetrics, ce_recovered, kl_score, loss_positions, spliced_forward,
+)
+from lit_prune.models.hooks import valid_positions
+from lit_prune.models.registry import load_model
+
+
+def _recon(x, x_hat, feats):
+    metric = ReconstructionMetrics(x.shape[1], feats.shape[1])
+    metric.update(x, x_hat, feats)
+    return metric.compute()
+
+
+def test_reconstruction_metrics_hand_computed():
+    x = torch.tensor([[1.0, 0.0], [3.0, 0.0]])  # mean (2, 0): total variance 2
+    x_hat = torch.tensor([[1.0, 1.0], [3.0, 0.0]])  # one squared error of 1
+    feats = torch.tensor([[0.5, 0.0, 0.0], [2.0, 1.0, 0.0]])
+    out = _recon(x, x_hat, feats)
+    assert out["fvu"].item() == pytest.approx(0.5)
+    assert out["mse"].item() == pytest.approx(0.25)
+    assert out["l0"].item() == pytest.approx(1.5)
+    assert out["cos"].item() == pytest.approx((1 / math.sqrt(2) + 1) / 2)
+    assert out["dead_fraction"].item() == pytest.approx(1 / 3)
+    assert out["dense_fraction"].item() == pytest.approx(2 / 3)
+
+
+def test_fvu_end_points_and_streaming():
+    x = torch.randn(100, 8, generator=torch.Generator().manual_seed(0))
+    feats = torch.rand(100, 16)
+    assert _recon(x, x, feats)["fvu"].item() == pytest.approx(0.0, abs=1e-12)
+    assert _recon(x, x.mean(0).expand_as(x), feats)["fvu"].item() == pytest.approx(1.0)
+    streamed = ReconstructionMetrics(8, 16)
+    noisy = x + 0.3 * torch.randn_like(x)
+    for chunk in range(0, 100, 30):
+        streamed.update(x[chunk:chunk + 30], noisy[chunk:chunk + 30], feats[chunk:chunk + 30])
+    assert streamed.compute()["fvu"].item() == pytest.approx(_recon(x, noisy, feats)["fvu"].item(), rel=1e-9)
+
+
+def test_ce_recovered_and_kl_score_formulas():
+    assert ce_recovered(ce_clean=2.0, ce_sae=2.5, ce_zero=12.0) == pytest.approx(0.95)
+    assert kl_score(kl_sae=0.5, kl_zero=10.0) == pytest.approx(0.95)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(model_cache):
+    return load_model("tiny-llama", cache_dir=model_cache)
+
+
+def _spliced_metrics(model, replace):
+    ids = torch.randint(3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    valid = valid_positions(mask)
+    metric = SplicedCEMetrics()
+    clean = spliced_forward(model, ids, mask, 1, valid, None)
+    metric.update(ids, loss_positions(valid), clean,
+                  spliced_forward(model, ids, mask, 1, valid, replace),
+                  spliced_forward(model, ids, mask, 1, valid, torch.zeros_like))
+    return metric.compute()
+
+
+def test_perfect_reconstruction_recovers_all_ce(tiny_lm):
+    out = _spliced_metrics(tiny_lm, lambda x: x.clone())
+    assert out["ce_recovered"].item() == pytest.approx(1.0, abs=1e-9)
+    assert out["kl_score"].item() == pytest.approx(1.0, abs=1e-9)
+    assert out["delta_lm_loss"].item() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_zero_reconstruction_recovers_nothing(tiny_lm):
+    out = _spliced_metrics(tiny_lm, torch.zeros_like)
+    assert out["ce_recovered"].item() == pytest.approx(0.0, abs=1e-9)
+    assert out["kl_score"].item() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_loss_positions_skip_position_zero_and_padding():
+    valid = valid_positions(torch.tensor([[1, 1, 1, 1, 0]]))
+    assert loss_positions(valid).tolist() == [[False, True, True, False]]

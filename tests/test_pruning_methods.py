@@ -1,0 +1,218 @@
+"""Pruning whole tiny Llama / Gemma 2 / Gemma 3 models: sequential Wanda against a
+brute-force reference, exact realised sparsity, untouched non-prunable weights, input errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from lit_prune.errors import LitPruneError
+from lit_prune.models.hooks import decoder_layers
+from lit_prune.pruning import (
+    count_pruned,
+    nm_mask,
+    prunable_linears,
+    prune_model,
+    sparsity_report,
+    wanda_mask_reference,
+    wanda_masks,
+    wanda_scores,
+)
+
+SMALL = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+# Sliding window 8 < seq_len 16, and a full-attention layer in between, so per-layer kwargs matter.
+GEMMA = dict(SMALL, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+
+
+def tiny(arch: str) -> nn.Module:
+    torch.manual_seed(0)
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(**SMALL)).eval()
+    if arch == "gemma2":
+        return Gemma2ForCausalLM(Gemma2Config(**GEMMA)).eval()
+    return Gemma3ForCausalLM(Gemma3TextConfig(**GEMMA)).eval()
+
+
+def calibration(n_seq: int = 6, seq_len: int = 20) -> torch.Tensor:
+    return torch.randint(0, 256, (n_seq, seq_len), generator=torch.Generator().manual_seed(3))
+
+
+@torch.no_grad()
+def brute_force_wanda(model: nn.Module, ids: torch.Tensor, sparsity: float, nm=None) -> dict[str, torch.Tensor]:
+    """Independent Wanda: for each block L run the WHOLE model (blocks < L already pruned) on all
+    sequences in one batch, store every Linear's full input, take norms from the stored tensors."""
+    linears = prunable_linears(model)
+    masks: dict[str, torch.Tensor] = {}
+    for index in range(len(decoder_layers(model))):
+        prefix = f"model.layers.{index}."
+        block = {n: lin for n, lin in linears.items() if n.startswith(prefix)}
+        stored: dict[str, list[torch.Tensor]] = {n: [] for n in block}
+        handles = [
+            lin.register_forward_pre_hook(lambda _m, args, n=n: stored[n].append(args[0].clone()))
+            for n, lin in block.items()
+        ]
+        model(input_ids=ids, use_cache=False)
+        for handle in handles:
+            handle.remove()
+        for name, lin in block.items():
+            acts = torch.cat(stored[name]).reshape(-1, lin.in_features).double()  # [tokens, d_in]
+            sq = acts.pow(2).sum(dim=0)
+            if nm is None:
+                masks[name] = wanda_mask_reference(lin.weight, sq, sparsity)
+            else:
+                masks[name] = nm_mask(wanda_scores(lin.weight, sq), *nm)
+            lin.weight.mul_(masks[name])
+    return masks
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3"])
+def test_sequential_wanda_equals_brute_force(arch: str) -> None:
+    model = tiny(arch)
+    reference = copy.deepcopy(model)
+    ids = calibration()  # 6 sequences of 20 tokens; truncated to 16, batches of 4 + 2
+    masks = wanda_masks(model, ids, 0.5, batch_size=4, max_seq_len=16, progress=False)
+    expected = brute_force_wanda(reference, ids[:, :16], 0.5)
+    assert masks.keys() == expected.keys() and len(masks) == 21
+    for name in masks:
+        assert torch.equal(masks[name], expected[name]), name
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        assert torch.equal(p, q), name  # the model itself was pruned in place, identically
+
+
+def test_sequential_wanda_nm_equals_brute_force() -> None:
+    model = tiny("gemma3")
+    reference = copy.deepcopy(model)
+    ids = calibration(4, 16)
+    masks = prune_model(model, "wanda", None, nm=(2, 4), calibration_ids=ids, batch_size=3, progress=False)
+    expected = brute_force_wanda(reference, ids, 0.5, nm=(2, 4))
+    for name in masks:
+        assert torch.equal(masks[name], expected[name]), name
+        assert torch.equal((~masks[name]).view(-1, 4).sum(1), torch.full((masks[name].numel() // 4,), 2))
+
+
+def test_sequential_wanda_is_not_one_shot() -> None:
+    # Block 2 must see the outputs of pruned blocks 0-1: norms from the dense model give other masks.
+    model, dense = tiny("llama"), tiny("llama")
+    ids = calibration(4, 16)
+    masks = wanda_masks(model, ids, 0.5, progress=False)
+    name = "model.layers.2.mlp.down_proj"
+    lin = prunable_linears(dense)[name]
+    stored = []
+    handle = lin.register_forward_pre_hook(lambda _m, args: stored.append(args[0].clone()))
+    with torch.no_grad():
+        dense(input_ids=ids, use_cache=False)
+    handle.remove()
+    one_shot = wanda_mask_reference(lin.weight, stored[0].reshape(-1, lin.in_features).pow(2).sum(0), 0.5)
+    assert not torch.equal(one_shot, masks[name])
+
+
+@pytest.mark.parametrize(
+    ("method", "sparsity", "group", "nm"),
+    [
+        ("magnitude", 0.3, None, None),
+        ("magnitude", 0.37, "row", None),
+        ("magnitude", 0.5, "global", None),
+        ("magnitude", 0.5, None, (2, 4)),
+        ("wanda", 0.3, None, None),
+    ],
+)
+def test_realised_sparsity_exact_and_rest_untouched(method, sparsity, group, nm) -> None:
+    model = tiny("llama")
+    dense = {n: p.clone() for n, p in model.named_parameters()}
+    ids = calibration(4, 16) if method == "wanda" else None
+    masks = prune_model(model, method, sparsity, nm=nm, group=group, calibration_ids=ids, progress=False)
+    linears = prunable_linears(model)
+    assert masks.keys() == linears.keys() and len(masks) == 21
+    total = 0
+    for row in sparsity_report(model, masks, sparsity):
+        d_out, d_in = row["shape"]
+        if nm is not None:
+            want = d_out * d_in // 2
+        elif method == "wanda" or group == "row":
+            want = d_out * count_pruned(d_in, sparsity)
+        elif group is None:
+            want = count_pruned(d_out * d_in, sparsity)
+        else:
+            want = row["pruned"]
+        assert row["pruned"] == row["zeros"] == want, row  # random init holds no exact zeros
+        assert row["sparsity"] == want / row["numel"]
+        total += row["pruned"]
+    if group == "global":
+        assert total == count_pruned(sum(lin.weight.numel() for lin in linears.values()), sparsity)
+    for name, p in model.named_parameters():
+        module = name.rsplit(".", 1)[0]
+        if module not in linears:  # embeddings, lm_head (tied), norms
+            assert torch.equal(p, dense[name]), name
+        else:
+            assert torch.equal(p, dense[name] * masks[module]), name
+
+
+def test_global_keeps_every_larger_weight() -> None:
+    model = tiny("llama")
+    masks = prune_model(model, "magnitude", 0.4, group="global")
+    weights = {n: lin.weight.abs() for n, lin in prunable_linears(tiny("llama")).items()}
+    kept = torch.cat([weights[n][masks[n]] for n in masks])
+    pruned = torch.cat([weights[n][~masks[n]] for n in masks])
+    assert pruned.max() <= kept.min()
+
+
+def test_wanda_zero_sparsity_is_dense() -> None:
+    model = tiny("llama")
+    masks = prune_model(model, "wanda", 0.0, calibration_ids=calibration(2, 8), progress=False)
+    assert all(bool(m.all()) for m in masks.values())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        (dict(method="magnitude", sparsity=1.0), "sparsity"),
+        (dict(method="magnitude", sparsity=-0.1), "sparsity"),
+        (dict(method="magnitude", sparsity=None), "sparsity"),
+        (dict(method="random", sparsity=0.5), "method"),
+        (dict(method="magnitude", sparsity=0.5, group="column"), "group"),
+        (dict(method="wanda", sparsity=0.5, group="matrix", calibration_ids=calibration()), "group"),
+        (dict(method="magnitude", sparsity=None, nm=(4, 4)), "nm"),
+        (dict(method="magnitude", sparsity=None, nm=(2, 0)), "nm"),
+        (dict(method="magnitude", sparsity=None, nm=(2, 3)), "nm"),  # 3 does not divide d_in = 64
+        (dict(method="magnitude", sparsity=0.3, nm=(2, 4)), "sparsity"),
+        (dict(method="wanda", sparsity=0.5), "calibration_ids"),
+        (dict(method="wanda", sparsity=0.5, calibration_ids=torch.zeros(0, 16, dtype=torch.long)), "calibration_ids"),
+        (dict(method="wanda", sparsity=0.5, calibration_ids=torch.full((2, 8), 256)), "calibration_ids"),
+        (dict(method="wanda", sparsity=0.5, calibration_ids=torch.full((2, 8), -1)), "calibration_ids"),
+        (dict(method="wanda", sparsity=0.5, calibration_ids=torch.rand(2, 8)), "calibration_ids"),
+        (dict(method="wanda", sparsity=0.5, calibration_ids=calibration(), batch_size=0), "batch_size"),
+    ],
+)
+def test_invalid_inputs_name_the_field(kwargs: dict, field: str) -> None:
+    model = tiny("llama")
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(LitPruneError) as err:
+        prune_model(model, progress=False, **kwargs)
+    message = str(err.value)
+    assert message.startswith(f"{field}=") and "\n" not in message
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # nothing pruned
+
+
+def test_nm_sparsity_convention() -> None:
+    for sparsity in (None, 0, 0.5):
+        masks = prune_model(tiny("llama"), "magnitude", sparsity, nm=(2, 4))
+        assert all(int((~m).sum()) == m.numel() // 2 for m in masks.values())
