@@ -7,7 +7,7 @@ import sys
 
 from lit_prune.errors import LitPruneError
 
-EXTRA_COMMANDS: dict[str, str] = {}  # name -> "module:function", filled as subcommands land
+EXTRA_COMMANDS: dict[str, str] = {"prune": "lit_prune.commands.prune:main"}  # name -> "module:function"
 
 
 def _quiet_libraries() -> None:
@@ -35,7 +35,8 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    from_shell = argv is None
+    argv = sys.argv[1:] if from_shell else argv
     _quiet_libraries()
     try:
         if argv and argv[0] in EXTRA_COMMANDS:
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
             module, function = EXTRA_COMMANDS[argv[0]].split(":")
             return getattr(importlib.import_module(module), function)(argv[1:]) or 0
-        lightning_cli(argv)
+        lightning_cli(None if from_shell else argv)  # LightningCLI reads sys.argv itself
     except LitPruneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -35,3 +35,29 @@ def tiny_dir(request, tmp_path_factory) -> Path:
 def data_cache(tmp_path_factory) -> Path:
     """Corpus and token caches shared by the session (the embedded corpus is built once)."""
     return tmp_path_factory.mktemp("data_cache")
+
+
+@pytest.fixture(scope="session")
+def local_corpus(tmp_path_factory) -> Path:
+    """A small local jsonl corpus (Python's topic docs): fast to tokenize, no embedded build needed."""
+    import json
+
+    from pydoc_data.topics import topics
+
+    path = tmp_path_factory.mktemp("corpus") / "topics.jsonl"
+    with path.open("w") as out:
+        for key in sorted(topics):
+            for i, para in enumerate(topics[key].split("\n\n")):
+                if len(para) > 200:
+                    out.write(json.dumps({"text": para, "id": f"{key}-{i}"}) + "\n")
+    return path
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 600):
+    """`python -m lit_prune ARGS` in a fresh process; returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "lit_prune", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)

@@ -29,6 +29,7 @@ EXTRACTION_VERSION = "v1"
 DEFAULT_PACKAGES: tuple[str, ...] = (
     "numpy", "scipy", "torch", "transformers", "datasets", "lightning", "sae_lens",
     "tokenizers", "huggingface_hub", "jsonargparse", "torchmetrics", "safetensors", "matplotlib",
+    "pandas", "networkx",  # always installed (datasets and torch need them); good prose
 )
 STDLIB = "stdlib"
 TOPICS = "pydoc_data"
@@ -62,7 +63,9 @@ _NAME_TYPE = re.compile(r"\**[A-Za-z_][\w.]*(?:\s*,\s*\**[A-Za-z_][\w.]*)*\s+:\s
 _GOOGLE_ITEM = re.compile(r"\**[\w.]+(?:\s*\(.*?\))?:(?:\s+(\S.*))?")  # `name (type): description`
 _HF_ITEM = re.compile(r"\**\w+ \(.*?\):(?:\s+(\S.*))?")  # the same, outside any section (HF style)
 _TAG_LINE = re.compile(r"</?[A-Za-z][^>]*>")
-_ROLE = re.compile(r":[\w.:+-]+:`~?([^`<]+?)(?:\s*<[^>]*>)?`")
+_ROLE = re.compile(r":[\w.:+-]+:`~?([^`]+)`")  # :func:`~a.b` -> a.b
+_LINK_TARGET = re.compile(r"\s*<[^<>]*>$")  # :ref:`Title <target>` -> Title
+_FIELD = re.compile(r":(\w+)(?: [^:]*)?:(?:\s+(\S.*))?")  # Sphinx `:param x: description`
 _SIGNATURE = re.compile(r"[\w.]+\(.*\)\s*(?:->.*)?")  # a one-line `name(args) -> type`
 _BULLET = re.compile(r"(?:[-*+•]|\d+[.)]|#\.)\s")
 
@@ -104,7 +107,13 @@ def _section_end(lines: list[str], i: int, indent: int) -> int:
     return i
 
 
-def _item_descriptions(body: list[str], numpydoc: bool) -> list[str]:
+def _dedent_to(lines: list[str], indent: int) -> list[str]:
+    """Shift a block left so its least indented line sits at `indent` (ends any literal block)."""
+    shift = min((_indent(ln) for ln in lines if ln.strip()), default=indent) - indent
+    return [ln[shift:] if ln.strip() else "" for ln in lines] if shift > 0 else lines
+
+
+def _item_descriptions(body: list[str], numpydoc: bool, indent: int) -> list[str]:
     """A parameter-like section without item names/types: one paragraph per item."""
     nonblank = [ln for ln in body if ln.strip()]
     top = min(map(_indent, nonblank), default=0)
@@ -119,7 +128,7 @@ def _item_descriptions(body: list[str], numpydoc: bool) -> list[str]:
             out.append(" " * top + (item.group(1) or ""))
         elif not numpydoc:
             out.append(line)  # Google `Returns:` free text; numpydoc `name : type` is dropped
-    return _strip_blocks(out)
+    return _strip_blocks(_dedent_to(out, indent))
 
 
 def _strip_blocks(lines: list[str]) -> list[str]:
@@ -139,20 +148,25 @@ def _strip_blocks(lines: list[str]) -> list[str]:
         elif s == ".." or s.startswith(".. "):  # directive, comment or target, with its body
             body_end = _skip_indented(lines, i + 1, ind)
             if directive and directive.group(1).lower() in _ADMONITIONS:
-                out += [" " * ind + directive.group(2), ""] + lines[i + 1:body_end]
+                out += [" " * ind + directive.group(2), ""] + _dedent_to(lines[i + 1:body_end], ind)
             i = body_end
         elif s.startswith(("+-", "+=")) or (_is_rule(s) and " " in s):  # grid / simple table
             i = _skip_to_blank(lines, i)
         elif _is_header(lines, i):  # numpydoc / reST section title and underline
             name, end = s.rstrip(":").lower(), _section_end(lines, i + 2, ind)
             if name in _ITEM_SECTIONS:
-                out += _item_descriptions(lines[i + 2:end], numpydoc=True)
+                out += _item_descriptions(lines[i + 2:end], numpydoc=True, indent=ind)
             i = end if name in _DROP_SECTIONS | _ITEM_SECTIONS else i + 2
         elif google in _DROP_SECTIONS | _ITEM_SECTIONS:  # Google-style `Args:` block
             end = _skip_indented(lines, i + 1, ind)
             if google in _ITEM_SECTIONS:
-                out += _item_descriptions(lines[i + 1:end], numpydoc=False)
+                out += _item_descriptions(lines[i + 1:end], numpydoc=False, indent=ind)
             i = end
+        elif _FIELD.fullmatch(s):  # Sphinx field list: keep the description, drop `:type x:`
+            field = _FIELD.fullmatch(s)
+            if not field.group(1).endswith("type"):
+                out += ["", " " * ind + (field.group(2) or "")]
+            i += 1
         elif _HF_ITEM.fullmatch(s):  # `name (type): description` without an `Args:` title
             out += ["", " " * ind + (_HF_ITEM.fullmatch(s).group(1) or "")]
             i += 1
@@ -189,7 +203,12 @@ def _reflow(block: list[str]) -> str:
             parts[-1] += " " + s
         else:
             parts.append(s)
-    return "\n".join(_ROLE.sub(r"\1", p) for p in parts)
+    return "\n".join(_ROLE.sub(_role_text, p) for p in parts)
+
+
+def _role_text(match: re.Match[str]) -> str:
+    text = match.group(1)
+    return _LINK_TARGET.sub("", text) if "<" in text and not text.startswith("<") else text
 
 
 def _is_prose(text: str) -> bool:
@@ -294,14 +313,14 @@ def _hash_order(path: str) -> str:
 
 def package_docs(package: str, roots: list[Path], *, min_chars: int = 200,
                  max_chars: int | None = None, base: Path | None = None) -> list[DocRecord]:
-    """Cleaned docstrings of one package (within-package duplicates dropped), sorted.
+    """Cleaned docstrings of one package, sorted, duplicates dropped (the first one is kept).
 
     With `max_chars`, files are read in a fixed hash order until the cleaned text reaches the
     cap, which also bounds the parse time. Paths are relative to `base` (default: the parent
     of each root, so they start with the package name).
     """
-    files = [(p.relative_to(base or r.parent).as_posix(), p) for r in roots for p in source_files(r)]
-    seen: set[str] = set()
+    files = [(p.relative_to(base or root.parent).as_posix(), p)
+             for root in roots for p in source_files(root)]
     records: list[DocRecord] = []
     total = 0
     for rel, path in sorted(files, key=lambda f: _hash_order(f[0])):
@@ -309,11 +328,21 @@ def package_docs(package: str, roots: list[Path], *, min_chars: int = 200,
             break
         for line, qualname, raw in docstrings_of_file(path):
             text = clean_doc(raw)
-            if len(text) >= min_chars and text not in seen:
-                seen.add(text)
+            if len(text) >= min_chars:
                 records.append(DocRecord(package, rel, line, qualname, text))
                 total += len(text)
-    return sorted(records, key=lambda r: r.sort_key)
+    return unique_sorted(records)
+
+
+def unique_sorted(records: list[DocRecord]) -> list[DocRecord]:
+    """Records sorted by (package, path, line, qualname); of equal texts the first is kept."""
+    seen: set[str] = set()
+    out = []
+    for record in sorted(records, key=lambda r: r.sort_key):
+        if record.text not in seen:
+            seen.add(record.text)
+            out.append(record)
+    return out
 
 
 def topic_docs(*, min_chars: int = 200) -> list[DocRecord]:

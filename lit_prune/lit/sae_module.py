@@ -10,9 +10,9 @@ import torch
 import torch.distributed as dist
 from sae_lens.saes.sae import TrainStepInput
 
-from lit_prune.analysis.metrics import ReconstructionMetrics, SplicedCEMetrics, loss_positions, spliced_forward
+from lit_prune.analysis.evaluate import SAEEvaluator, harvest, sae_codec
 from lit_prune.errors import invalid
-from lit_prune.models.hooks import capture_resid_post, check_layer, valid_positions
+from lit_prune.models.hooks import check_layer
 from lit_prune.models.registry import load_model
 from lit_prune.sae.buffer import ActivationBuffer, fit_norm_scale
 from lit_prune.sae.build import SAESettings, build_training_sae
@@ -50,7 +50,7 @@ class SAEModule(L.LightningModule):
         self,
         model_name: str = "smollm2-135m",
         hook_layer: int = 6,
-        sae: SAESettings | None = None,
+        sae: SAESettings = SAESettings(),  # noqa: B008 (never mutated; gives --model.sae.* flags)
         seed: int = 0,
         lr: float = 1e-3,
         warmup_steps: int = 10,
@@ -69,7 +69,7 @@ class SAEModule(L.LightningModule):
         _validate(lr=lr, decay_fraction=decay_fraction, sae_batch_tokens=sae_batch_tokens,
                   buffer_batches=buffer_batches, norm_scale=norm_scale, ce_eval_sequences=ce_eval_sequences)
         self.save_hyperparameters()
-        self.settings = sae or SAESettings()
+        self.settings = sae
         self.automatic_optimization = False
         lm = load_model(model_name, dtype=lm_dtype, cache_dir=model_cache_dir)
         check_layer(lm, hook_layer)
@@ -80,8 +80,7 @@ class SAEModule(L.LightningModule):
         self.register_buffer("tokens_since_fired", torch.zeros(self.sae.cfg.d_sae))
         self.register_buffer("tokens_trained", torch.zeros((), dtype=torch.long))
         self.buffer = ActivationBuffer(sae_batch_tokens * buffer_batches, seed)
-        self.recon = ReconstructionMetrics(d_model, self.sae.cfg.d_sae)
-        self.spliced = SplicedCEMetrics()
+        self.evaluator = SAEEvaluator(d_model, self.sae.cfg.d_sae)
         self.pruning_info: dict[str, Any] = {"method": "dense", "sparsity": 0.0}
 
     # --- set-up ---------------------------------------------------------------------------
@@ -108,17 +107,15 @@ class SAEModule(L.LightningModule):
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
     # --- training -------------------------------------------------------------------------
-    @torch.no_grad()
     def harvest(self, ids: torch.Tensor) -> torch.Tensor:
         """Unscaled fp32 resid_post at positions >= 1: [n, d_model]; blocks after the hook never run."""
-        mask = torch.ones_like(ids)
-        resid = capture_resid_post(self.lm_on_device(), ids, self.hparams.hook_layer, mask)
-        return resid[valid_positions(mask)].float()
+        return harvest(self.lm_on_device(), ids, self.hparams.hook_layer)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.buffer.add(self.harvest(batch["input_ids"]) * self.norm_scale.float())
         if self.buffer.full():
-            self.sae_step(self.buffer.pop(self.hparams.sae_batch_tokens))
+            fvu = self.sae_step(self.buffer.pop(self.hparams.sae_batch_tokens))
+            self.log("fvu", fvu, prog_bar=True, on_step=True, on_epoch=False)
 
     def on_train_epoch_end(self) -> None:
         # Train on what is left in the buffer, so every harvested token is used once.
@@ -126,8 +123,8 @@ class SAEModule(L.LightningModule):
             self.sae_step(self.buffer.pop(self.hparams.sae_batch_tokens), sync_grads=True)
         self.buffer.rows = None
 
-    def sae_step(self, x: torch.Tensor, sync_grads: bool = False) -> None:
-        """One optimizer step on scaled activations x: [n, d_model]."""
+    def sae_step(self, x: torch.Tensor, sync_grads: bool = False) -> torch.Tensor:
+        """One optimizer step on scaled activations x: [n, d_model]; returns the batch FVU."""
         opt, sched = self.optimizers(), self.lr_schedulers()
         if self.tokens_trained.item() == 0 and hasattr(self.sae, "b_dec"):
             self.sae.b_dec.data.copy_(x.mean(0))  # b_dec starts at the activation mean (METHODS §2)
@@ -141,10 +138,10 @@ class SAEModule(L.LightningModule):
             _all_reduce_grads(self.sae)  # outside training_step DDP does not sync for us
         opt.step()
         sched.step()
-        self._after_step(x, out)
+        return self._after_step(x, out)
 
     @torch.no_grad()
-    def _after_step(self, x: torch.Tensor, out: Any) -> None:
+    def _after_step(self, x: torch.Tensor, out: Any) -> torch.Tensor:
         fired = (out.feature_acts > 0).any(0)
         self.tokens_since_fired += x.shape[0]
         self.tokens_since_fired[fired] = 0
@@ -156,52 +153,25 @@ class SAEModule(L.LightningModule):
                 "train/dead_fraction": (self.tokens_since_fired > self.hparams.dead_window_tokens).float().mean(),
                 "train/lr": self.optimizers().param_groups[0]["lr"], "train/tokens": self.tokens_trained.float()}
         logs.update({f"train/{k}": v for k, v in out.losses.items()})
-        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False)
-        self.log("fvu", fvu, prog_bar=True, on_step=True, on_epoch=False)
+        if self.logger is not None:  # logged directly: also called from on_train_epoch_end
+            self.logger.log_metrics({k: float(v) for k, v in logs.items()}, step=self.global_step)
+        return fvu
 
     # --- validation -----------------------------------------------------------------------
     def encode_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw activations x: [n, d_model] -> (features [n, d_sae], reconstruction [n, d_model])."""
-        c = self.norm_scale.float()
-        feats = self.sae.encode(x.float() * c)
-        return feats, self.sae.decode(feats) / c
+        return sae_codec(self.sae, self.norm_scale.item())(x)
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         ids = batch["input_ids"]
-        mask = torch.ones_like(ids)
-        valid = valid_positions(mask)
-        seen = batch_idx * ids.shape[0]
-        if seen >= self.hparams.ce_eval_sequences:
-            self._update_recon(self.harvest(ids))
-            return
-        lm, layer = self.lm_on_device(), self.hparams.hook_layer
-        keep = min(ids.shape[0], self.hparams.ce_eval_sequences - seen)
-        ids, mask, valid = ids[:keep], mask[:keep], valid[:keep]
-
-        def reconstruct(x: torch.Tensor) -> torch.Tensor:
-            feats, x_hat = self.encode_decode(x)
-            self.recon.update(x.float(), x_hat, feats)
-            return x_hat
-
-        clean = spliced_forward(lm, ids, mask, layer, valid, None)
-        sae = spliced_forward(lm, ids, mask, layer, valid, reconstruct)
-        zero = spliced_forward(lm, ids, mask, layer, valid, torch.zeros_like)
-        self.spliced.update(ids, loss_positions(valid), clean, sae, zero)
-        if keep < batch["input_ids"].shape[0]:
-            self._update_recon(self.harvest(batch["input_ids"][keep:]))
-
-    def _update_recon(self, x: torch.Tensor) -> None:
-        feats, x_hat = self.encode_decode(x)
-        self.recon.update(x, x_hat, feats)
+        ce_rows = self.hparams.ce_eval_sequences - batch_idx * ids.shape[0]
+        self.evaluator.update(self.lm_on_device(), self.hparams.hook_layer, ids, self.encode_decode, ce_rows)
 
     def on_validation_epoch_end(self) -> None:
-        values = {**self.recon.compute(), **self.spliced.compute()} if self.spliced.update_called \
-            else self.recon.compute()
-        self.log_dict({f"val/{k}": v.float() for k, v in values.items()}, sync_dist=False)
-        self.last_val = {k: float(v) for k, v in values.items()}
-        self.recon.reset()
-        self.spliced.reset()
+        self.last_val = self.evaluator.compute()
+        self.log_dict({f"val/{k}": v for k, v in self.last_val.items()}, sync_dist=False)
+        self.evaluator.reset()
 
     # --- export ---------------------------------------------------------------------------
     def on_fit_end(self) -> None:
@@ -213,7 +183,7 @@ class SAEModule(L.LightningModule):
             "model": self.hparams.model_name, "hook_layer": self.hparams.hook_layer, "seed": self.hparams.seed,
             "tokens_trained": int(self.tokens_trained), "pruning": self.pruning_info,
             "corpus": getattr(dm, "provenance", {}), "hparams": _plain(self.hparams),
-            "sae_settings": vars(self.settings), "metrics": getattr(self, "last_val", {}),
+            "metrics": getattr(self, "last_val", {}),
         })
         self.print(f"SAE exported to {target}")
 
@@ -253,7 +223,8 @@ def _all_reduce_grads(module: torch.nn.Module) -> None:
 
 
 def _plain(hparams: Any) -> dict[str, Any]:
-    return {k: (vars(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in dict(hparams).items()}
+    return {k: (vars(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in dict(hparams).items()
+            if not k.startswith("_")}
 
 
 def _validate(**values: Any) -> None:

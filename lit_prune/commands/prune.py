@@ -1,0 +1,334 @@
+"""`python -m lit_prune prune`: prune a causal LM and write a loadable model directory with masks and a report.
+
+Output directory layout: the pruned model + tokenizer (`save_pretrained`, loadable
+with `AutoModelForCausalLM.from_pretrained`, pruned weights exactly 0),
+`masks.safetensors` (`save_masks`, True = keep) and `prune_report.json`.
+Everything is validated before any expensive work, written into a temp dir beside
+the output and renamed into place only when complete; an existing output is
+replaced only with `--overwrite`, and only after the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lit_prune.errors import LitPruneError, invalid
+
+EVAL_SEQ_LEN = 128
+MASKS_FILE = "masks.safetensors"
+REPORT_FILE = "prune_report.json"
+_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+@dataclass
+class PruneOptions:
+    """Prune a causal LM (magnitude or Wanda, optionally N:M) and save it with its masks and a report.
+
+    Args:
+        output: Output directory (required): gets the pruned model + tokenizer, masks.safetensors and
+            prune_report.json.
+        model: Registry name (smollm2-135m, tiny-llama, tiny-gemma2, tiny-gemma3), a local model directory
+            or a hub id org/name.
+        method: Pruning method: magnitude or wanda.
+        sparsity: Fraction of weights pruned in every matrix (Wanda: in every output row), in [0, 1). May be
+            omitted with --nm, which implies N/M.
+        nm: Semi-structured pattern N:M such as 2:4 (N of every M consecutive inputs of each row pruned);
+            fixes the sparsity to N/M.
+        group: Magnitude grouping: matrix (default), row or global. Wanda always prunes per output row.
+        calibration_file: Wanda calibration data instead of the corpus: a text file (tokenized and packed
+            into windows) or token ids in .npy / .pt, 2-D [n, seq] or 1-D (cut into windows). Capped at
+            calibration_sequences x calibration_seq_len.
+        calibration_sequences: Number of calibration sequences (Wanda).
+        calibration_seq_len: Tokens per calibration sequence (an explicit cap, never the model's maximum).
+        corpus: Corpus for the calibration sample (when no file is given) and for the eval perplexity:
+            python-docs, a local .txt/.jsonl/.parquet file, folder or glob, or hf:org/name.
+        seed: Seed of the calibration sample drawn from the corpus.
+        eval_sequences: Sequences of 128 tokens from the eval split on which perplexity is measured before
+            and after pruning.
+        batch_size: Sequences per forward pass (calibration and perplexity).
+        overwrite: Replace an existing output (only once the new one is complete).
+        progress: Show progress bars for Wanda and perplexity.
+        model_cache_dir: Where converted / built models are cached.
+        cache_dir: Where corpora and tokenized splits are cached.
+    """
+
+    output: str
+    model: str = "smollm2-135m"
+    method: str = "wanda"
+    sparsity: float | None = None
+    nm: str | None = None
+    group: str | None = None
+    calibration_file: str | None = None
+    calibration_sequences: int = 32
+    calibration_seq_len: int = 256
+    corpus: str = "python-docs"
+    seed: int = 0
+    eval_sequences: int = 64
+    batch_size: int = 8
+    overwrite: bool = False
+    progress: bool = True
+    model_cache_dir: str = "checkpoints/models"
+    cache_dir: str = "checkpoints"
+
+
+@dataclass
+class PruneResult:
+    """What `run_prune` produced: the in-memory pruned model, its keep-masks and the written report."""
+
+    output: Path
+    model: nn.Module
+    masks: dict[str, torch.Tensor]
+    report: dict[str, Any]
+
+
+def build_parser():
+    """The jsonargparse parser; every option's help comes from the PruneOptions docstring."""
+    from jsonargparse import ActionYesNo, ArgumentParser
+
+    parser = ArgumentParser(prog="python -m lit_prune prune", description=__doc__.split("\n\n")[1].replace("\n", " "),
+                            exit_on_error=False)
+    parser.add_class_arguments(PruneOptions, None, skip={"overwrite", "progress"})
+    parser.add_argument("--overwrite", action=ActionYesNo, default=False,
+                        help="Replace an existing output (only once the new one is complete).")
+    parser.add_argument("--progress", action=ActionYesNo, default=True,
+                        help="Show progress bars for Wanda and perplexity.")
+    return parser
+
+
+def parse_options(argv: list[str]) -> PruneOptions:
+    """argv (after `prune`) -> PruneOptions; parser errors become one-line LitPruneErrors."""
+    from jsonargparse import ArgumentError
+
+    try:
+        values = build_parser().parse_args(argv).as_dict()
+    except ArgumentError as err:
+        raise LitPruneError("arguments: " + " ".join(str(err).split())) from None
+    return PruneOptions(**{f.name: values[f.name] for f in fields(PruneOptions) if f.name in values})
+
+
+def parse_nm(nm: str | None) -> tuple[int, int] | None:
+    """`"N:M"` -> (N, M) with 1 <= N < M; None stays None."""
+    if nm is None:
+        return None
+    match = _NM.match(str(nm))
+    if not match or not 1 <= int(match[1]) < int(match[2]):
+        raise invalid("nm", nm, "N:M with integers 1 <= N < M, e.g. 2:4")
+    return int(match[1]), int(match[2])
+
+
+def check_options(o: PruneOptions) -> tuple[float, tuple[int, int] | None, str]:
+    """Validate everything that needs no model: returns (sparsity, nm, group) as pruning will use them."""
+    from lit_prune.pruning import METHODS, _resolve_group, resolve_sparsity
+
+    if o.method not in METHODS:
+        raise invalid("method", o.method, "one of " + ", ".join(METHODS))
+    sparsity, nm = resolve_sparsity(o.sparsity, parse_nm(o.nm))
+    group = _resolve_group(o.method, o.group, nm)
+    minimum = {"calibration_seq_len": 2, "eval_sequences": 1, "batch_size": 1, "calibration_sequences": 0}
+    for name, low in minimum.items():
+        value = getattr(o, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise invalid(name, value, f"an integer >= {low}")
+    if o.method == "wanda" and o.calibration_sequences == 0:
+        raise invalid("calibration_sequences", 0, "an integer >= 1 for wanda (it needs calibration samples)")
+    check_output(Path(o.output), o.overwrite)
+    if o.calibration_file is not None:
+        path = Path(o.calibration_file)
+        if not path.is_file():
+            raise invalid("calibration_file", o.calibration_file, "an existing file")
+        if path.stat().st_size == 0:
+            raise invalid("calibration_file", o.calibration_file, "a non-empty file")
+    return sparsity, nm, group
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """An existing output is an error unless `overwrite`."""
+    if (output.exists() or output.is_symlink()) and not overwrite:
+        raise invalid("output", str(output), "a path that does not exist yet (or pass --overwrite to replace it)")
+
+
+def _load_ids(path: Path) -> torch.Tensor | str:
+    """The raw content of a calibration file: a tensor for .npy / .pt, else text."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            import numpy as np
+
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        if suffix in (".pt", ".pth"):
+            return torch.load(path, map_location="cpu", weights_only=True)
+        return path.read_text(encoding="utf-8")
+    except Exception as err:  # numpy / torch / codecs raise many types for corrupt files
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        allowed = f"a readable .npy / .pt token-id file or UTF-8 text ({reason})"
+        raise invalid("calibration_file", str(path), allowed) from None
+
+
+def read_calibration_file(path: Path, tokenizer, n_seq: int, seq_len: int, vocab_size: int) -> torch.Tensor:
+    """Calibration ids [n <= n_seq, <= seq_len] from a text or token-id file, checked against [0, vocab_size)."""
+    from lit_prune.data.tokens import pack_documents
+
+    raw, shown = _load_ids(path), str(path)
+    if isinstance(raw, str):
+        if not raw.strip():
+            raise invalid("calibration_file", shown, "a non-empty file")
+        ids = pack_documents([raw], tokenizer, seq_len, n_seq)
+        if ids.shape[0] == 0:
+            raise invalid("calibration_file", shown, f"text of at least {seq_len} tokens (calibration_seq_len)")
+        return ids
+    if not isinstance(raw, torch.Tensor) or raw.dim() not in (1, 2) or raw.is_floating_point() or raw.is_complex() \
+            or raw.dtype == torch.bool:
+        raise invalid("calibration_file", shown, "an integer tensor of token ids, 2-D [n, seq] or 1-D")
+    if raw.numel() == 0:
+        raise invalid("calibration_file", shown, "a non-empty file")
+    if raw.dim() == 1:
+        n = min(n_seq, raw.numel() // seq_len)
+        if n == 0:
+            raise invalid("calibration_file", shown, f"at least {seq_len} token ids (calibration_seq_len)")
+        raw = raw[: n * seq_len].reshape(n, seq_len)
+    ids = raw[:n_seq, :seq_len].long().contiguous()
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise invalid("calibration_file", f"{shown} (ids in [{lo}, {hi}])", f"token ids in [0, {vocab_size})")
+    return ids
+
+
+def load_splits(o: PruneOptions, calibration: bool):
+    """The TokenDataModule's eval split (seq_len 128) and, if asked, its calibration sample."""
+    from lit_prune.lit.datamodule import TokenDataModule
+
+    dm = TokenDataModule(model_name=o.model, corpus=o.corpus, seq_len=EVAL_SEQ_LEN, batch_size=o.batch_size,
+                         train_tokens=EVAL_SEQ_LEN,  # the train split is not used here
+                         eval_tokens=o.eval_sequences * EVAL_SEQ_LEN,
+                         calibration_sequences=o.calibration_sequences if calibration else 0,
+                         calibration_seq_len=o.calibration_seq_len, seed=o.seed,
+                         cache_dir=o.cache_dir, model_cache_dir=o.model_cache_dir)
+    dm.prepare_data()
+    dm.setup()
+    if calibration and dm.calibration_ids.shape[0] == 0:
+        window = f"a corpus whose calibration split holds a {o.calibration_seq_len}-token window"
+        raise invalid("corpus", o.corpus, window)
+    return dm
+
+
+def calibration_record(ids: torch.Tensor | None, source: str | None, seed: int) -> dict[str, Any]:
+    """The report's account of the calibration ids actually used (None: the method used no data)."""
+    from lit_prune.data.tokens import tokens_fingerprint
+
+    shape = tuple(ids.shape) if ids is not None else (0, 0)
+    return {"used": ids is not None, "source": source, "seed": seed, "sequences": shape[0], "seq_len": shape[1],
+            "tokens": shape[0] * shape[1], "fingerprint": tokens_fingerprint(ids) if ids is not None else None}
+
+
+def run_prune(o: PruneOptions) -> PruneResult:
+    """Validate, load, measure, prune, measure again and write the output directory."""
+    from lit_prune.analysis.perplexity import perplexity
+    from lit_prune.data.tokens import tokens_fingerprint
+    from lit_prune.models.registry import load_model, load_tokenizer, model_dir
+    from lit_prune.pruning import check_nm_shape, prunable_linears, prune_model, verify_masks
+
+    start = time.perf_counter()
+    sparsity, nm, group = check_options(o)
+    tokenizer = load_tokenizer(o.model, o.model_cache_dir)
+    model = load_model(o.model, cache_dir=o.model_cache_dir)
+    if nm is not None:  # M must divide every d_in: fail before any expensive work
+        for name, linear in prunable_linears(model).items():
+            check_nm_shape(nm, tuple(linear.weight.shape), name)
+    t = time.perf_counter()
+    vocab = model.get_input_embeddings().num_embeddings
+    file_ids = None if o.calibration_file is None else read_calibration_file(
+        Path(o.calibration_file), tokenizer, o.calibration_sequences, o.calibration_seq_len, vocab)
+    wanda = o.method == "wanda"  # magnitude uses no data: a given file is still validated, then ignored
+    dm = load_splits(o, calibration=wanda and file_ids is None)
+    calibration_ids = (file_ids if file_ids is not None else dm.calibration_ids) if wanda else None
+    data_seconds = time.perf_counter() - t
+    eval_ids = dm.eval_ids[: o.eval_sequences]
+    before = perplexity(model, eval_ids, o.batch_size, o.progress)
+    t = time.perf_counter()
+    masks = prune_model(model, o.method, o.sparsity, nm, o.group, calibration_ids, o.batch_size,
+                        o.calibration_seq_len, o.progress)
+    prune_seconds = time.perf_counter() - t
+    layers = verify_masks(model, masks, o.method, o.sparsity, nm, o.group)
+    after = perplexity(model, eval_ids, o.batch_size, o.progress)
+    pruned, numel = sum(r["pruned"] for r in layers), sum(r["numel"] for r in layers)
+    report: dict[str, Any] = {
+        "model": o.model, "model_source": model_dir(o.model, o.model_cache_dir),
+        "method": o.method, "sparsity": sparsity, "requested_sparsity": o.sparsity,
+        "nm": list(nm) if nm else None, "group": group,
+        "realised_sparsity": pruned / numel, "pruned": pruned, "prunable": numel, "layers": layers,
+        "perplexity": {"before": before, "after": after, "eval_sequences": int(eval_ids.shape[0]),
+                       "eval_seq_len": EVAL_SEQ_LEN, "eval_tokens": int(eval_ids.numel()),
+                       "eval_predictions": int(eval_ids.shape[0] * (EVAL_SEQ_LEN - 1)),
+                       "eval_fingerprint": tokens_fingerprint(eval_ids)},
+        "calibration": calibration_record(calibration_ids, None if calibration_ids is None else
+                                          f"file:{o.calibration_file}" if file_ids is not None
+                                          else f"corpus:{o.corpus}:calibration", o.seed),
+        "corpus": dm.provenance,
+        "seconds": {"calibration_data": data_seconds, "calibration_and_pruning": prune_seconds},
+        "options": asdict(o),
+    }
+    from lit_prune.sae.io import versions
+
+    report["versions"] = versions()
+    write_output(Path(o.output), model, tokenizer, masks, report, o.overwrite, start)
+    return PruneResult(Path(o.output), model, masks, report)
+
+
+def write_output(output: Path, model: nn.Module, tokenizer, masks: dict[str, torch.Tensor],
+                 report: dict[str, Any], overwrite: bool, start: float) -> None:
+    """Write everything into a temp dir beside `output`, then move it into place (old output kept until then)."""
+    from lit_prune.pruning import save_masks
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-new-", dir=output.parent))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output should look like any directory
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        meta = {k: json.dumps(report[k]) for k in ("model", "method", "sparsity", "nm", "group")}
+        save_masks(masks, tmp / MASKS_FILE, metadata=meta)
+        report["seconds"]["total"] = time.perf_counter() - start
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
+        _publish(tmp, output, overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, output: Path, overwrite: bool) -> None:
+    """Rename `tmp` to `output`; an existing output is moved aside first and deleted only after the swap."""
+    check_output(output, overwrite)
+    if not (output.exists() or output.is_symlink()):
+        os.rename(tmp, output)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{output.name}-old-", dir=output.parent)) / "old"
+    os.rename(output, old)
+    try:
+        os.rename(tmp, output)
+    except BaseException:
+        os.rename(old, output)
+        old.parent.rmdir()
+        raise
+    shutil.rmtree(old.parent, ignore_errors=True)
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `python -m lit_prune prune ARGS`; bad input raises LitPruneError (exit 2)."""
+    result = run_prune(parse_options(argv))
+    r, ppl = result.report, result.report["perplexity"]
+    pattern = f" {r['nm'][0]}:{r['nm'][1]}" if r["nm"] else ""
+    print(f"{r['method']}{pattern} sparsity {r['sparsity']:g}: realised {r['realised_sparsity']:.4f}, perplexity "
+          f"{ppl['before']:.3f} -> {ppl['after']:.3f} on {ppl['eval_tokens']} eval tokens; wrote {result.output}")
+    return 0

@@ -1,0 +1,81 @@
+"""Callbacks: pruning the LM before any activation is read, and keeping it pruned."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+from lit_prune.analysis.perplexity import perplexity
+from lit_prune.errors import invalid
+from lit_prune.pruning import apply_masks, prune_model, resolve_sparsity, verify_masks
+
+
+class PruningCallback(L.Callback):
+    """Prunes the frozen LM at the start of fit so the SAE trains on the pruned model.
+
+    Masks are kept in this callback's checkpoint state (restored masks are re-applied instead of
+    recomputed), re-applied after every optimizer step when LM weights are trainable, and their
+    realised sparsity is logged per matrix with the pruned model's eval perplexity.
+
+    Args:
+        method: magnitude or wanda.
+        sparsity: fraction of weights removed per matrix (per row for wanda), in [0, 1);
+            with nm it may be left at 0 (implied by the pattern).
+        nm: N:M pattern as [N, M] (zero N of every M consecutive inputs), e.g. [2, 4]; null for unstructured.
+        group: magnitude ranking group: matrix (default), row or global.
+        calibration_batch_size: sequences per forward pass during Wanda calibration.
+        perplexity_sequences: eval sequences for the dense and pruned perplexity (0 to skip).
+    """
+
+    def __init__(self, method: str = "wanda", sparsity: float = 0.5, nm: list[int] | None = None,
+                 group: str | None = None, calibration_batch_size: int = 8, perplexity_sequences: int = 64) -> None:
+        if method not in ("magnitude", "wanda"):
+            raise invalid("pruning.method", method, "magnitude or wanda")
+        self.sparsity, self.nm = resolve_sparsity(sparsity, tuple(nm) if nm else None)
+        self.method, self.group = method, group
+        self.calibration_batch_size = calibration_batch_size
+        self.perplexity_sequences = perplexity_sequences
+        self.masks: dict[str, torch.Tensor] | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.ensure_norm_scale()  # c is fitted on the dense model, never on the pruned one
+        lm = pl_module.lm_on_device()
+        dm = trainer.datamodule
+        eval_ids = dm.eval_ids[: self.perplexity_sequences]
+        info: dict[str, Any] = {"method": self.method, "sparsity": self.sparsity, "nm": self.nm, "group": self.group}
+        if self.perplexity_sequences:
+            info["perplexity_dense"] = perplexity(lm, eval_ids)
+        started = time.perf_counter()
+        if self.masks is None:
+            self.masks = prune_model(lm, self.method, self.sparsity, nm=self.nm, group=self.group,
+                                     calibration_ids=dm.calibration_ids, batch_size=self.calibration_batch_size,
+                                     max_seq_len=dm.hparams.calibration_seq_len, progress=False)
+        else:
+            apply_masks(lm, self.masks)  # resumed: the checkpointed masks, exactly
+        info["seconds"] = time.perf_counter() - started
+        report = verify_masks(lm, self.masks, self.method, self.sparsity, self.nm, self.group)
+        if self.perplexity_sequences:
+            info["perplexity_pruned"] = perplexity(lm, eval_ids)
+        info["realised_sparsity"] = sum(r["pruned"] for r in report) / sum(r["numel"] for r in report)
+        pl_module.pruning_info = info
+        self._log(trainer, report, info)
+
+    def _log(self, trainer: L.Trainer, report: list[dict], info: dict[str, Any]) -> None:
+        if trainer.logger is None:
+            return
+        scalars = {f"pruning/sparsity/{row['name']}": row["sparsity"] for row in report}
+        scalars.update({f"pruning/{k}": float(v) for k, v in info.items() if isinstance(v, (int, float))})
+        trainer.logger.log_metrics(scalars, step=0)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.masks is not None and any(p.requires_grad for p in pl_module.lm.parameters()):
+            apply_masks(pl_module.lm, self.masks)  # an optimizer step may have revived pruned weights
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"masks": self.masks, "method": self.method, "sparsity": self.sparsity, "nm": self.nm}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.masks = state_dict["masks"]

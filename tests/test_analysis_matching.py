@@ -1,0 +1,196 @@
+"""Decoder matching: closed-form cosines/MMCS, permutation recovery, sparse == Hungarian."""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from lit_prune.analysis.matching import (
+    cosine_matrix,
+    match_features,
+    mmcs,
+    shared_fraction,
+    unit_rows,
+)
+from lit_prune.errors import LitPruneError
+
+R2 = math.sqrt(2.0)
+METHODS = ("hungarian", "sparse")
+
+
+def _rand(n, d, seed):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+def _lsa_total(a, b) -> float:
+    c = cosine_matrix(a, b).double().numpy()
+    r, j = linear_sum_assignment(c, maximize=True)
+    return float(c[r, j].sum())
+
+
+def test_unit_rows_keeps_zero_rows_zero():
+    w = torch.tensor([[3.0, 4.0], [0.0, 0.0], [0.0, -2.0]])
+    expected = torch.tensor([[0.6, 0.8], [0.0, 0.0], [0.0, -1.0]])
+    torch.testing.assert_close(unit_rows(w), expected)
+
+
+def test_cosine_matrix_and_mmcs_hand_computed():
+    a = torch.tensor([[2.0, 0.0], [0.0, 5.0], [1.0, 1.0]])  # e1, e2, (e1+e2)/sqrt2
+    b = torch.tensor([[3.0, 0.0], [-1.0, 1.0]])  # e1, (-e1+e2)/sqrt2
+    expected = torch.tensor([[1.0, -1 / R2], [0.0, 1 / R2], [1 / R2, 0.0]])
+    torch.testing.assert_close(cosine_matrix(a, b), expected)
+    for chunk in (1, 2, 4096):  # tiling must not change the answer
+        assert mmcs(a, b, chunk=chunk) == pytest.approx((1 + R2) / 3, abs=1e-6)
+        assert mmcs(b, a, chunk=chunk) == pytest.approx((1 + 1 / R2) / 2, abs=1e-6)
+
+
+def test_mmcs_2x2_with_zero_row():
+    a = torch.tensor([[1.0, 1.0], [0.0, 0.0]])  # a zero row has cosine 0 to everything
+    b = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert mmcs(a, b) == pytest.approx((1 / R2 + 0.0) / 2, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_self_match_is_identity_with_cosine_one(method):
+    dec = _rand(200, 16, 0)
+    m = match_features(dec, dec, method)
+    assert torch.equal(m.partner, torch.arange(200))
+    torch.testing.assert_close(m.cosine, torch.ones(200))
+    assert m.total == pytest.approx(200.0, abs=1e-3)
+    assert shared_fraction(m.cosine) == {0.5: 1.0, 0.7: 1.0, 0.9: 1.0}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("candidates", [2, 8])
+def test_recovers_permutation_of_rescaled_rows(method, candidates):
+    g = torch.Generator().manual_seed(1)
+    a = _rand(300, 32, 2)
+    perm = torch.randperm(300, generator=g)
+    b = a[perm] * (0.1 + 10 * torch.rand(300, 1, generator=g))  # norms must not matter
+    m = match_features(a, b, method, candidates=candidates)
+    assert torch.equal(m.partner, torch.argsort(perm))  # b[inv[i]] = a[i]
+    torch.testing.assert_close(m.cosine, torch.ones(300))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sparse_total_equals_linear_sum_assignment(seed):
+    # Random decoders are the hard case: the optimal partner can sit ~10 deep in both
+    # rank lists at n=300, so 16 candidates are needed here to be exact.
+    a, b = _rand(300, 32, 10 + seed), _rand(300, 32, 20 + seed)
+    assert match_features(a, b, "sparse", candidates=2).total <= _lsa_total(a, b) + 1e-4
+    m = match_features(a, b, "sparse", candidates=16)
+    assert m.method == "sparse" and m.n_residual == 0
+    assert m.total == pytest.approx(_lsa_total(a, b), abs=1e-3)
+    h = match_features(a, b, "hungarian")
+    assert h.total == pytest.approx(_lsa_total(a, b), abs=1e-3)
+
+
+def test_sparse_on_clustered_decoders_needs_enough_candidates():
+    # 10 tight clusters of 30 near-duplicates: the best assignment inside a cluster
+    # uses edges beyond a row's top-2, so k=2 is suboptimal and k=16 is exact.
+    g = torch.Generator().manual_seed(1)
+    cent = torch.randn(10, 16, generator=g).repeat_interleave(30, 0)
+    a = cent + 0.3 * torch.randn(300, 16, generator=g)
+    b = cent + 0.3 * torch.randn(300, 16, generator=g)
+    best = _lsa_total(a, b)
+    few = match_features(a, b, "sparse", candidates=2)
+    assert few.total < best - 1e-2  # a subgraph can only lose
+    assert match_features(a, b, "sparse", candidates=16).total == pytest.approx(best, abs=1e-3)
+
+
+def test_sparse_falls_back_when_candidate_graph_has_no_full_matching():
+    # Every row of a points at the same hub column of b: top-1 candidates cannot match
+    # everyone, so the dummy-edge solve plus the residual round must finish the job.
+    g = torch.Generator().manual_seed(3)
+    hub = torch.randn(1, 16, generator=g)
+    a = hub + 0.05 * torch.randn(200, 16, generator=g)
+    b = torch.randn(200, 16, generator=g)
+    b[0] = hub
+    m = match_features(a, b, "sparse", candidates=1)
+    assert m.n_residual > 0
+    assert sorted(m.partner.tolist()) == list(range(200))  # still a permutation
+    c = cosine_matrix(a, b)
+    torch.testing.assert_close(m.cosine, c[torch.arange(200), m.partner])
+    assert m.total <= _lsa_total(a, b) + 1e-3
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_rectangular_matches_min_side(method):
+    a, b = _rand(50, 8, 4), _rand(30, 8, 5)
+    wide = match_features(b, a, method)  # 30 rows into 50 columns: all matched
+    assert (wide.partner >= 0).all() and len(set(wide.partner.tolist())) == 30
+    assert wide.total == pytest.approx(_lsa_total(b, a), abs=1e-3)
+    tall = match_features(a, b, method)  # 50 rows into 30 columns: 20 unmatched
+    assert int((tall.partner >= 0).sum()) == 30
+    assert torch.isnan(tall.cosine[tall.partner < 0]).all()
+    assert tall.total == pytest.approx(_lsa_total(a, b), abs=1e-3)
+    assert shared_fraction(tall.cosine, (-1.0,)) == {-1.0: 30 / 50}  # NaN = not shared
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_result_fields_are_consistent(method):
+    a, b = _rand(120, 12, 6), _rand(90, 12, 7)
+    m = match_features(a, b, method)
+    c = cosine_matrix(a, b)
+    ok = m.partner >= 0
+    torch.testing.assert_close(m.cosine[ok], c[ok.nonzero().squeeze(1), m.partner[ok]])
+    torch.testing.assert_close(m.best_a, c.max(dim=1).values)
+    torch.testing.assert_close(m.best_b, c.max(dim=0).values)
+    assert float(m.best_a.mean()) == pytest.approx(mmcs(a, b), abs=1e-6)
+    assert m.total <= m.upper_bound + 1e-4
+
+
+def test_auto_uses_hungarian_for_small_inputs():
+    a = _rand(10, 4, 8)
+    assert match_features(a, a).method == "hungarian"
+
+
+def test_shared_fraction_over_alive_only():
+    cos = torch.tensor([0.95, 0.75, 0.55, float("nan"), 0.1])
+    assert shared_fraction(cos) == pytest.approx({0.5: 0.6, 0.7: 0.4, 0.9: 0.2})
+    alive = torch.tensor([True, True, False, False, False])
+    assert shared_fraction(cos, (0.7, 0.9), alive) == pytest.approx({0.7: 1.0, 0.9: 0.5})
+    assert math.isnan(shared_fraction(cos, (0.7,), torch.zeros(5, dtype=torch.bool))[0.7])
+
+
+def test_bad_inputs_raise_one_line_errors():
+    a = _rand(4, 3, 9)
+    with pytest.raises(LitPruneError, match="method="):
+        match_features(a, a, "greedy")
+    with pytest.raises(LitPruneError, match="decoder shapes"):
+        match_features(a, _rand(4, 5, 9))
+    with pytest.raises(LitPruneError, match="candidates="):
+        match_features(a, a, "sparse", candidates=0)
+
+
+_BIG = """
+import resource, time, torch
+from lit_prune.analysis.matching import match_features
+g = torch.Generator().manual_seed(0)
+a, b = torch.randn(65536, 64, generator=g), torch.randn(65536, 64, generator=g)
+t = time.time()
+m = match_features(a, b, "auto")
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+print(m.method, int((m.partner >= 0).sum()), len(set(m.partner.tolist())), m.n_residual,
+      round(m.total, 3), round(time.time() - t, 1), round(peak, 3))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("LIT_PRUNE_SLOW"), reason="set LIT_PRUNE_SLOW=1 (minutes)")
+def test_sparse_matching_65536_fits_in_memory():
+    # Separate process so ru_maxrss is this job's peak alone (GiB on Linux: KiB / 2**20).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(_BIG)], check=True, env=env,
+                         capture_output=True, text=True, timeout=1800).stdout.split()
+    method, matched, unique, _, total, secs, peak_gib = out
+    print(f"65,536 x 65,536 sparse matching: {secs} s, peak RSS {peak_gib} GiB, total {total}")
+    assert method == "sparse" and int(matched) == int(unique) == 65536
+    assert float(peak_gib) < 4.0

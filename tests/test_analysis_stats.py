@@ -1,0 +1,110 @@
+"""Rank tests, BH and bootstrap against scipy.stats and hand-computed values."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as sps
+
+from lit_prune.analysis.stats import benjamini_hochberg, bootstrap_ci, mann_whitney, spearman
+from lit_prune.errors import LitPruneError
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+@pytest.mark.parametrize("n", [3, 10, 500])
+def test_spearman_matches_scipy_with_ties(n):
+    rng = _rng(n)
+    x = rng.integers(0, 5, size=n).astype(float)  # many ties
+    y = x + rng.normal(size=n)
+    ref = sps.spearmanr(x, y)
+    rho, p = spearman(x, y)
+    assert rho == pytest.approx(ref.statistic, abs=1e-12)
+    assert p == pytest.approx(ref.pvalue, rel=1e-9)
+
+
+def test_spearman_hand_values_and_torch_input():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40])[0] == pytest.approx(1.0)
+    assert spearman(torch.tensor([1.0, 2, 3, 4]), torch.tensor([4.0, 3, 2, 1]))[0] == pytest.approx(-1.0)
+
+
+def test_spearman_degenerate_inputs_give_nan():
+    assert all(math.isnan(v) for v in spearman([1, 1, 1, 1], [1, 2, 3, 4]))  # constant
+    assert all(math.isnan(v) for v in spearman([1, 2], [2, 1]))  # fewer than 3 pairs
+    assert all(math.isnan(v) for v in spearman([], []))
+    with pytest.raises(LitPruneError, match="equal lengths"):
+        spearman([1, 2, 3], [1, 2])
+
+
+def test_spearman_drops_nan_pairs():
+    x = [1.0, 2.0, np.nan, 4.0, 5.0]
+    y = [2.0, 1.0, 9.0, 4.0, np.nan]
+    ref = sps.spearmanr([1.0, 2.0, 4.0], [2.0, 1.0, 4.0])
+    assert spearman(x, y)[0] == pytest.approx(ref.statistic)
+
+
+@pytest.mark.parametrize("nx,ny,ties", [(5, 7, False), (40, 60, True), (3, 3, False)])
+def test_mann_whitney_matches_scipy(nx, ny, ties):
+    rng = _rng(nx + ny)
+    x, y = rng.normal(size=nx), rng.normal(0.5, size=ny)
+    if ties:
+        x, y = np.round(x), np.round(y)
+    ref = sps.mannwhitneyu(x, y, alternative="two-sided")
+    u, p = mann_whitney(x, y)
+    assert u == pytest.approx(ref.statistic) and p == pytest.approx(ref.pvalue, rel=1e-9)
+
+
+def test_mann_whitney_hand_value_and_empty():
+    # every x below every y: U_x = 0 and the exact two-sided p = 2 / C(6, 3) = 0.1
+    u, p = mann_whitney([1, 2, 3], [4, 5, 6])
+    assert u == 0.0 and p == pytest.approx(0.1)
+    assert all(math.isnan(v) for v in mann_whitney([], [1.0, 2.0]))
+    assert all(math.isnan(v) for v in mann_whitney([np.nan], [1.0]))
+
+
+def test_benjamini_hochberg_hand_computed():
+    # sorted 0.005, 0.01, 0.03, 0.04 scaled by 4/1, 4/2, 4/3, 4/4 -> .02 .02 .04 .04
+    adj = benjamini_hochberg([0.01, 0.04, 0.03, 0.005])
+    np.testing.assert_allclose(adj, [0.02, 0.04, 0.04, 0.02])
+
+
+def test_benjamini_hochberg_matches_scipy_and_keeps_nan():
+    p = _rng(3).uniform(size=200) ** 3
+    np.testing.assert_allclose(benjamini_hochberg(p), sps.false_discovery_control(p), rtol=1e-12)
+    with_nan = np.array([0.2, np.nan, 0.01, 0.5, np.nan])
+    out = benjamini_hochberg(with_nan)
+    assert np.isnan(out[[1, 4]]).all()
+    np.testing.assert_allclose(out[[0, 2, 3]], sps.false_discovery_control([0.2, 0.01, 0.5]))
+    assert benjamini_hochberg([1.0, 1.0]).tolist() == [1.0, 1.0]
+    with pytest.raises(LitPruneError):
+        benjamini_hochberg([0.5, 1.5])
+
+
+def test_bootstrap_ci_covers_mean_and_is_reproducible():
+    x = _rng(4).normal(3.0, 1.0, size=400)
+    lo, hi = bootstrap_ci(np.mean, x, n_boot=400, seed=1)
+    half = 1.96 / math.sqrt(400)  # normal-theory half width, sigma = 1
+    assert lo < 3.0 < hi and (hi - lo) == pytest.approx(2 * half, rel=0.2)
+    assert bootstrap_ci(np.mean, x, n_boot=400, seed=1) == (lo, hi)
+    assert bootstrap_ci(np.mean, x, n_boot=400, seed=2) != (lo, hi)
+
+
+def test_bootstrap_ci_resamples_pairs_together():
+    x = _rng(5).normal(size=50)
+    # y is a monotone function of x: every paired resample has rho exactly 1
+    assert bootstrap_ci(spearman, x, np.exp(x), n_boot=100) == pytest.approx((1.0, 1.0))
+    assert bootstrap_ci(np.mean, np.full(10, 7.0), n_boot=50) == (7.0, 7.0)
+
+
+def test_bootstrap_ci_degenerate():
+    assert all(math.isnan(v) for v in bootstrap_ci(np.mean, np.array([1.0])))
+    # constant y: every resample's rho is NaN -> dropped -> (nan, nan)
+    lo, hi = bootstrap_ci(spearman, np.arange(10.0), np.ones(10), n_boot=20)
+    assert math.isnan(lo) and math.isnan(hi)
+    with pytest.raises(LitPruneError, match="array lengths"):
+        bootstrap_ci(spearman, np.arange(3.0), np.arange(4.0))
+    with pytest.raises(LitPruneError, match="alpha"):
+        bootstrap_ci(np.mean, np.arange(3.0), alpha=1.5)

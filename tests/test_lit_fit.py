@@ -1,0 +1,98 @@
+"""The Lightning layer end to end on tiny models: fit, export, DDP, configs, CLI errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from sae_lens import SAE
+
+from conftest import ROOT, run_cli
+from lit_prune.cli import lightning_cli
+
+
+def _fit_args(tmp_path, model, corpus, model_cache, *extra):
+    return ["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), f"--model.model_name={model}",
+            f"--model.model_cache_dir={model_cache}", f"--data.corpus={corpus}",
+            f"--data.cache_dir={tmp_path / 'cache'}", f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+            f"--model.export_dir={tmp_path / 'sae'}", *extra]
+
+
+def test_fast_dev_run_each_architecture(tiny_dir, tmp_path, local_corpus, model_cache):
+    cli = lightning_cli(_fit_args(tmp_path, tiny_dir, local_corpus, model_cache, "--trainer.fast_dev_run=true"))
+    module = cli.model
+    assert module.tokens_trained.item() > 0
+    assert set(module.last_val) >= {"fvu", "l0", "ce_recovered", "kl_score", "delta_lm_loss", "dead_fraction"}
+    assert module.last_val["l0"] == pytest.approx(8.0)  # TopK k = 8 fires exactly k latents per token
+    sae = SAE.load_from_disk(tmp_path / "sae")
+    assert sae.cfg.d_in == module.lm.config.hidden_size
+
+
+def test_fit_trains_exports_and_checkpoint_round_trips(tmp_path, local_corpus, model_cache):
+    cli = lightning_cli(_fit_args(tmp_path, "tiny-llama", local_corpus, model_cache))
+    module, trainer = cli.model, cli.trainer
+    meta = json.loads((tmp_path / "sae" / "lit_prune.json").read_text())
+    assert meta["tokens_trained"] == int(module.tokens_trained) > 0
+    assert meta["corpus"]["fingerprint"] == cli.datamodule.provenance["fingerprint"]
+    assert meta["metrics"]["fvu"] < 1.0  # the SAE learned something on the eval split
+    # the exported SAE on raw activations equals the module's scaled pipeline
+    sae = SAE.load_from_disk(tmp_path / "sae")
+    x = module.harvest(cli.datamodule.eval_ids[:2])
+    with torch.no_grad():
+        torch.testing.assert_close(sae.decode(sae.encode(x)), module.encode_decode(x)[1], rtol=1e-4, atol=1e-4)
+    ckpt = next(Path(trainer.logger.log_dir).glob("checkpoints/*.ckpt"))
+    state = torch.load(ckpt, weights_only=False)
+    assert not any(k.startswith("lm.") for k in state["state_dict"])  # the frozen LM is not checkpointed
+    torch.testing.assert_close(state["state_dict"]["sae.W_dec"], module.sae.W_dec)
+    assert state["state_dict"]["norm_scale"].item() == pytest.approx(meta["norm_scale"])
+
+
+def test_every_shipped_config_parses():
+    from jsonargparse import set_parsing_settings
+    from lightning.pytorch.cli import LightningCLI
+
+    from lit_prune.lit.datamodule import TokenDataModule
+    from lit_prune.lit.sae_module import SAEModule
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+    class ParseOnly(LightningCLI):
+        def instantiate_classes(self) -> None:  # parse and validate types without loading any model
+            pass
+
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert {p.stem for p in configs} >= {"smollm2", "llama", "gemma2", "gemma3", "tiny"}
+    for path in configs:
+        cli = ParseOnly(SAEModule, TokenDataModule, args=["--config", str(path)], run=False)
+        assert cli.config.model.model_name, path
+        assert cli.config.model.sae.architecture in ("topk", "batchtopk", "standard", "jumprelu")
+
+
+def test_ddp_two_cpu_processes(tmp_path, local_corpus, model_cache):
+    result = run_cli(*_fit_args(tmp_path, "tiny-llama", local_corpus, model_cache, "--trainer.strategy=ddp",
+                                "--trainer.devices=2", "--trainer.accelerator=cpu"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = json.loads((tmp_path / "sae" / "lit_prune.json").read_text())
+    assert meta["tokens_trained"] > 0 and meta["metrics"]["tokens"] > 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--model.model_name=no-such-model", "model_name='no-such-model' is invalid"),
+    ("--model.hook_layer=99", "hook_layer=99 is invalid: expected a block index in [0, 3]"),
+    ("--model.sae.architecture=gated", "sae.architecture='gated' is invalid"),
+    ("--data.corpus=/no/such/corpus", "corpus"),
+])
+def test_bad_input_is_one_line_error(tmp_path, local_corpus, model_cache, override, message):
+    result = run_cli(*_fit_args(tmp_path, "tiny-llama", local_corpus, model_cache, override), cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_empty_corpus_is_one_line_error(tmp_path, model_cache):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    result = run_cli(*_fit_args(tmp_path, "tiny-llama", empty, model_cache), cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "corpus" in result.stderr.strip().splitlines()[-1]
