@@ -16,6 +16,7 @@ from lit_prune.analysis.matching import (
     match_features,
     mmcs,
     shared_fraction,
+    top_candidates,
     unit_rows,
 )
 from lit_prune.errors import LitPruneError
@@ -76,6 +77,22 @@ def test_recovers_permutation_of_rescaled_rows(method, candidates):
     m = match_features(a, b, method, candidates=candidates)
     assert torch.equal(m.partner, torch.argsort(perm))  # b[inv[i]] = a[i]
     torch.testing.assert_close(m.cosine, torch.ones(300))
+
+
+@pytest.mark.parametrize("n_a,n_b,k", [(70, 100, 5), (4500, 600, 3), (40, 3, 8), (31, 700, 40)])
+def test_top_candidates_equal_brute_force_top_k(n_a, n_b, k):
+    # sizes that are not multiples of the 32-entry groups or the 256-row blocks, and
+    # more than one wave of blocks (4500 rows), exercise padding, the column merge
+    # and the two-stage (group max, then exact refine) top-k
+    a, b = unit_rows(_rand(n_a, 16, n_a)), unit_rows(_rand(n_b, 16, n_b))
+    rows, cols, cos, best_a, best_b = top_candidates(a, b, k)
+    c = a @ b.T
+    want = {(i, int(j)) for i in range(n_a) for j in c[i].topk(min(k, n_b)).indices}
+    want |= {(int(i), j) for j in range(n_b) for i in c[:, j].topk(min(k, n_a)).indices}
+    assert set(zip(rows.tolist(), cols.tolist())) == want
+    np.testing.assert_allclose(cos, c[rows, cols].double().numpy(), atol=1e-6)
+    torch.testing.assert_close(best_a, c.max(dim=1).values)
+    torch.testing.assert_close(best_b, c.max(dim=0).values)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

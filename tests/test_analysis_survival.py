@@ -133,16 +133,18 @@ def test_pearson_accumulator_equals_corrcoef_of_concatenation():
 
 def test_functional_survival_hand_made():
     t = torch.arange(1.0, 9.0)  # 8 tokens
-    f_dense = torch.stack([t, t, t, torch.zeros(8), t], dim=1)
-    f_pruned = torch.stack([2 * t + 1, -t, torch.zeros(8), torch.zeros(8), t % 2], dim=1)
+    f_dense = torch.stack([t, t, t, torch.zeros(8), t, t], dim=1)
+    const = torch.full((8,), 0.1)  # constant but non-zero: float rounding must not fake an r
+    f_pruned = torch.stack([2 * t + 1, -t, torch.zeros(8), torch.zeros(8), t % 2, const], 1)
     out = functional_survival(f_dense, f_pruned, threshold=0.7, chunk=3)
     r = out.r
     assert r[0] == pytest.approx(1.0) and r[1] == pytest.approx(-1.0)
     assert math.isnan(r[2]) and math.isnan(r[3])  # silent in pruned / never fires
     expected4 = np.corrcoef(t.numpy(), (t % 2).numpy())[0, 1]
     assert r[4] == pytest.approx(expected4, abs=1e-6)
-    assert out.alive.tolist() == [True, True, True, False, True]
-    assert out.fraction == pytest.approx(1 / 4)  # only feature 0 of the 4 alive survives
+    assert math.isnan(r[5])
+    assert out.alive.tolist() == [True, True, True, False, True, True]
+    assert out.fraction == pytest.approx(1 / 5)  # only feature 0 of the 5 alive survives
 
 
 # --- RQ4 fragility -----------------------------------------------------------------------

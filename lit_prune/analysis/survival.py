@@ -136,7 +136,8 @@ class PearsonAccumulator:
         m2_a, m2_b, c_ab = (da * da).sum(0), (db * db).sum(0), (da * db).sum(0)
         fired = (f_a > 0).sum(0)
         if self.n == 0:
-            self.mean_a, self.mean_b, self.m2_a, self.m2_b, self.c_ab = mean_a, mean_b, m2_a, m2_b, c_ab
+            self.mean_a, self.mean_b = mean_a, mean_b
+            self.m2_a, self.m2_b, self.c_ab = m2_a, m2_b, c_ab
             self.fired_a, self.n = fired, nb
             return
         if mean_a.shape != self.mean_a.shape:
@@ -156,8 +157,12 @@ class PearsonAccumulator:
         """r [n_features] float32; NaN where either stream is constant (e.g. never fires)."""
         if self.n == 0:
             raise invalid("PearsonAccumulator", "empty", "at least one update() before compute()")
+        # "constant" up to float64 rounding: spread tiny against the raw second moment
+        flat_a = self.m2_a <= 1e-12 * self.n * self.mean_a**2
+        flat_b = self.m2_b <= 1e-12 * self.n * self.mean_b**2
         denom = torch.sqrt(self.m2_a * self.m2_b)
-        r = torch.where(denom > 0, self.c_ab / denom, torch.full_like(denom, float("nan")))
+        defined = ~(flat_a | flat_b) & (denom > 0)
+        r = torch.where(defined, self.c_ab / denom, torch.full_like(denom, float("nan")))
         return r.clamp(-1.0, 1.0).float()
 
 
@@ -180,7 +185,9 @@ def functional_survival(
     return survival_from_accumulator(acc, threshold)
 
 
-def survival_from_accumulator(acc: PearsonAccumulator, threshold: float = 0.7) -> FunctionalSurvival:
+def survival_from_accumulator(
+    acc: PearsonAccumulator, threshold: float = 0.7
+) -> FunctionalSurvival:
     """Finish a streamed functional-survival measurement."""
     r = acc.compute()
     alive = acc.fired_a > 0
@@ -198,8 +205,8 @@ def wanda_magnitude_ratio(S_wanda: dict[float, float], S_magnitude: dict[float, 
     for s in sorted(set(S_wanda) & set(S_magnitude)):
         w, m = float(S_wanda[s]), float(S_magnitude[s])
         ratio[s] = w / m if m else (math.inf if w > 0 else math.nan)
-    finite = {s: r for s, r in ratio.items() if not np.isnan(r)}
-    if not finite:
+    defined = {s: r for s, r in ratio.items() if not np.isnan(r)}
+    if not defined:
         return {"ratio": ratio, "max": math.nan, "argmax": None}
-    best = max(finite, key=finite.get)
-    return {"ratio": ratio, "max": finite[best], "argmax": best}
+    best = max(defined, key=defined.get)
+    return {"ratio": ratio, "max": defined[best], "argmax": best}

@@ -1,0 +1,150 @@
+"""RQ5 inside fit: exact feature ablation and gradient attribution with the module's current SAE.
+
+Definitions (scopes, sign of the attribution) are in `lit_prune.analysis.ablation`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lit_prune.analysis.ablation import (
+    GROUPS, SCOPES, ablate_features, firing_rates, gradient_attribution, sae_parts, select_features,
+)
+from lit_prune.analysis.results import Condition, make_rows, write_arrays, write_rows
+from lit_prune.analysis.stats import spearman
+from lit_prune.errors import invalid
+
+
+class AblationCallback(L.Callback):
+    """After each validation epoch: which SAE features matter causally to the LM the fit runs on.
+
+    On the first `eval_sequences` eval sequences: firing rates, disjoint top / random / rare feature
+    groups, exact ablation effects (CE and KL, both scopes) for them, gradient attribution for every
+    feature and Spearman(exact, attribution). Logs rq5/* scalars and a scatter figure, and rewrites
+    <output_dir>/results/rq5_ablation.json (tidy rows) and rq5_ablation.safetensors (per feature).
+    RQ5 is defined on the dense model; on a pruned fit the results carry its pruning_info.
+
+    Args:
+        n_top: features with the highest firing rate.
+        n_random: features drawn uniformly (seeded) from the remaining alive ones.
+        n_rare: features with the lowest nonzero firing rate.
+        eval_sequences: eval sequences (from the start of the eval split) to measure on.
+        every_n_epochs: measure after every n-th validation epoch.
+        output_dir: where results/ goes; null: the trainer's log dir.
+        seed: seed of the random group.
+        batch_size: sequences (or ablated copies) per forward pass.
+    """
+
+    def __init__(self, n_top: int = 64, n_random: int = 64, n_rare: int = 64, eval_sequences: int = 8,
+                 every_n_epochs: int = 1, output_dir: str | None = None, seed: int = 0, batch_size: int = 8) -> None:
+        for name, value, low in (("n_top", n_top, 0), ("n_random", n_random, 0), ("n_rare", n_rare, 0),
+                                 ("eval_sequences", eval_sequences, 1), ("every_n_epochs", every_n_epochs, 1),
+                                 ("batch_size", batch_size, 1)):
+            if value < low:
+                raise invalid(f"ablation.{name}", value, f"an integer >= {low}")
+        self.n_top, self.n_random, self.n_rare = n_top, n_random, n_rare
+        self.eval_sequences, self.every_n_epochs = eval_sequences, every_n_epochs
+        self.output_dir, self.seed, self.batch_size = output_dir, seed, batch_size
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return  # rank 0 alone: the work needs no collective and the outputs are single files
+        if (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        arrays = self.measure(pl_module, trainer.datamodule.eval_ids[: self.eval_sequences])
+        metrics = summarise(arrays)
+        self._log(trainer, metrics, arrays)
+        self._write(trainer, pl_module, arrays, metrics)
+
+    def measure(self, pl_module: L.LightningModule, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-feature arrays for ids: [n, seq] (keys as in the safetensors file)."""
+        lm, layer = pl_module.lm_on_device(), pl_module.hparams.hook_layer
+        parts = sae_parts(pl_module.sae, pl_module.norm_scale.item())
+        ids = ids.to(pl_module.device)
+        rate = firing_rates(lm, layer, ids, parts, self.batch_size)
+        groups = select_features(rate, self.n_top, self.n_random, self.n_rare, self.seed)
+        features = torch.cat([groups[g] for g in GROUPS])
+        group = torch.cat([torch.full((len(groups[g]),), i) for i, g in enumerate(GROUPS)])
+        exact = ablate_features(lm, layer, ids, parts, features, self.batch_size)
+        attribution = gradient_attribution(lm, layer, ids, parts, self.batch_size)
+        return {"features": features, "group": group, "firing_rate": rate.cpu(),
+                "attribution": attribution.cpu(), "eval_tokens": torch.tensor(int(ids[:, 1:].numel())),
+                **{f"exact_{k}": v.cpu() for k, v in exact.items()}}
+
+    def _log(self, trainer: L.Trainer, metrics: dict[str, float], arrays: dict[str, torch.Tensor]) -> None:
+        scalars = {f"rq5/{k.replace(':', '/')}": v for k, v in metrics.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=trainer.global_step)
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure("rq5/exact_vs_attribution", scatter_figure(arrays), trainer.global_step)
+
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, arrays: dict[str, torch.Tensor],
+               metrics: dict[str, float]) -> None:
+        hp, info = pl_module.hparams, getattr(pl_module, "pruning_info", {})
+        condition = Condition(model=str(hp.model_name), hook=f"blocks.{hp.hook_layer}.hook_resid_post",
+                              method=str(info.get("method", "dense")), sparsity=float(info.get("sparsity", 0.0)),
+                              seed_a=int(hp.seed))
+        rows = []
+        for key, value in metrics.items():
+            metric, group = key.split(":")
+            rows += make_rows(condition, {metric: value}, group=group, epoch=trainer.current_epoch,
+                              eval_sequences=self.eval_sequences)
+        out = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir) / "results"
+        write_arrays(out / "rq5_ablation.safetensors", **arrays)
+        write_rows(out / "rq5_ablation.json", rows)
+
+
+def summarise(arrays: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Metrics keyed "metric:group" (group: top, random, rare, selected; all for whole-SAE numbers)."""
+    rate, attribution = arrays["firing_rate"].double(), arrays["attribution"].double()
+    alive = rate > 0
+    out = {"dead_fraction:all": float((~alive).double().mean()), "n_alive:all": float(alive.sum()),
+           "attribution_mean:all": float(attribution[alive].mean()) if alive.any() else float("nan"),
+           "eval_tokens:all": float(arrays["eval_tokens"])}
+    for gi, group in enumerate((*GROUPS, "selected")):
+        take = arrays["group"] == gi if group != "selected" else torch.ones_like(arrays["group"], dtype=torch.bool)
+        attr = attribution[arrays["features"][take]]
+        out[f"n_features:{group}"] = float(take.sum())
+        out[f"attribution_mean:{group}"] = _mean(attr)
+        for scope in SCOPES:
+            for kind in ("ce", "kl"):
+                out[f"ablation_{kind}_{scope}_mean:{group}"] = _mean(arrays[f"exact_{kind}_{scope}"][take])
+            rho, p = spearman(arrays[f"exact_ce_{scope}"][take], attr)
+            out[f"spearman_ce_{scope}_vs_attribution:{group}"] = rho
+            out[f"spearman_ce_{scope}_vs_attribution_p:{group}"] = p
+    return out
+
+
+def _mean(values: torch.Tensor) -> float:
+    return float(values.double().mean()) if values.numel() else float("nan")
+
+
+def scatter_figure(arrays: dict[str, torch.Tensor]) -> Any:
+    """Exact ablation CE effect (both scopes) against gradient attribution, one colour per group."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+    fig = Figure(figsize=(10, 4.5), layout="constrained")
+    attribution = arrays["attribution"][arrays["features"]].double()
+    for ax, scope in zip(fig.subplots(1, 2), SCOPES):
+        exact = arrays[f"exact_ce_{scope}"].double()
+        for gi, group in enumerate(GROUPS):
+            take = arrays["group"] == gi
+            ax.scatter(attribution[take], exact[take], s=14, alpha=0.7, label=f"{group} ({int(take.sum())})")
+        values = torch.cat([attribution, exact]).abs()
+        values = values[values > 0]
+        # effects span decades and can be negative: symmetric log axes, linear only near 0
+        linthresh = float(values.quantile(0.1)) if values.numel() else 1e-6
+        lim = float(values.max()) if values.numel() else 1.0
+        ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.8, ls="--", label="exact = attribution")
+        ax.set_xscale("symlog", linthresh=linthresh)
+        ax.set_yscale("symlog", linthresh=linthresh)
+        ax.set_xlabel("gradient attribution -f·(W_dec·dCE/dx) (nats per firing token)")
+        ax.set_ylabel(f"exact ablation ΔCE, scope {scope} (nats per firing token)")
+        ax.set_title(f"scope: {scope}")
+        ax.legend(fontsize=8)
+    return fig

@@ -1,0 +1,185 @@
+"""Analysis callbacks that measure a fixed reference SAE against the run's (pruned) LM and SAE.
+
+- `TransferabilityCallback` (RQ3, `lit_prune.lit.transfer_callback`)
+- `FeatureSurvivalCallback` (RQ2 + RQ4, `lit_prune.lit.survival_callback`)
+
+Both are importable from here too. This module holds what they share: loading and checking
+the reference SAE at setup, the dense LM copy, the condition of the run, tidy rows and logging.
+
+Dense measurements: the callbacks never rely on their position in `trainer.callbacks`.
+They measure on the first `on_validation_end`, after every `on_fit_start` (so after any
+`PruningCallback`), using a separate dense copy of the LM loaded with the module's own
+`model_name`, `lm_dtype` and cache. The copy is shared by both callbacks, kept out of
+checkpoints, and dropped at teardown. A run whose `pruning_info` says "dense" uses its own LM.
+
+When: in `on_validation_end` (stage "validation"; the module's `on_validation_epoch_end`, which
+sets `module.last_val`, has run by then; never during the sanity check) and once more in
+`on_fit_end` (stage "fit_end"), because Lightning validates before `on_train_epoch_end`, where
+the module still trains on its leftover activation buffer: only the fit_end rows describe the
+SAE as exported. Global rank 0 only. Measurements that depend only on the reference SAE and the
+frozen LMs are cached and redone only when the LM's weights change (`lm_fingerprint`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from lit_prune.analysis.results import Condition, read_rows, write_rows
+from lit_prune.errors import LitPruneError
+from lit_prune.models.registry import load_model
+from lit_prune.sae.io import check_compatible, hook_name, load_sae
+
+_DENSE_ATTR = "_analysis_dense_lm"  # on the module, via object.__setattr__: not a submodule
+_ROW_KEY = ("model", "hook", "method", "sparsity", "seed_a", "seed_b", "epoch", "stage")
+
+
+def dense_lm(module: L.LightningModule) -> nn.Module:
+    """The dense LM on the module's device: the module's own if it was not pruned, else a shared copy."""
+    if module.pruning_info.get("method", "dense") == "dense":
+        return module.lm_on_device()
+    lm = module.__dict__.get(_DENSE_ATTR)
+    if lm is None:
+        hp = module.hparams
+        lm = load_model(hp.model_name, dtype=hp.get("lm_dtype", "float32"), cache_dir=hp.model_cache_dir)
+        object.__setattr__(module, _DENSE_ATTR, lm)
+    return lm.to(module.device)
+
+
+def release_dense_lm(module: L.LightningModule) -> None:
+    module.__dict__.pop(_DENSE_ATTR, None)
+
+
+@torch.no_grad()
+def lm_fingerprint(lm: nn.Module) -> float:
+    """Sum of every parameter (float64): changes whenever pruning or training touches the weights."""
+    return float(sum(p.detach().double().sum() for p in lm.parameters()))
+
+
+def condition_method(info: dict[str, Any]) -> str:
+    """Pruning method as a row label: "dense", "magnitude", "wanda", or e.g. "wanda-2:4" for N:M."""
+    method = str(info.get("method", "dense"))
+    nm = info.get("nm")
+    return f"{method}-{nm[0]}:{nm[1]}" if nm else method
+
+
+class ReferenceSAECallback(L.Callback):
+    """Base: a reference SAE (our export or a foreign sae-lens directory) measured every validation.
+
+    Args:
+        reference_sae: directory of the reference SAE (sae-lens cfg.json + weights; lit_prune.json
+            when exported by this project). It must read the module's hook and d_model.
+        output_dir: where `results/` is written; null: the trainer's log dir.
+        batch_size: eval sequences per LM forward; null: the datamodule's batch size.
+        at_fit_end: measure once more at the end of fit, on the SAE as exported.
+    """
+
+    results_name = "results.json"
+
+    def __init__(self, reference_sae: str, output_dir: str | None = None, batch_size: int | None = None,
+                 at_fit_end: bool = True) -> None:
+        if batch_size is not None and batch_size < 1:
+            raise LitPruneError(f"batch_size={batch_size!r} is invalid: expected a positive integer or null")
+        self.reference_path = str(reference_sae)
+        self.output_dir = output_dir
+        self.batch_size = batch_size
+        self.at_fit_end = at_fit_end
+        self.reference: nn.Module | None = None
+        self.reference_meta: dict[str, Any] = {}
+
+    # --- set-up ------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.reference is None:
+            self.reference, self.reference_meta = load_reference(
+                self.reference_path, pl_module.lm.config.hidden_size, pl_module.hparams.hook_layer)
+            recorded = self.reference_meta.get("model")
+            if recorded is not None and recorded != pl_module.hparams.model_name:
+                rank_zero_warn(f"reference_sae was trained on model {recorded!r}, this run uses "
+                               f"{pl_module.hparams.model_name!r}")
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        release_dense_lm(pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.is_global_zero:
+            self.reference.to(pl_module.device)
+            self.measure(trainer, pl_module, "validation")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at_fit_end and trainer.is_global_zero:
+            self.reference.to(pl_module.device)
+            self.measure(trainer, pl_module, "fit_end")
+
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """One measurement; stage is "validation" or "fit_end" (rows: epoch None at fit_end)."""
+        raise NotImplementedError
+
+    # --- shared helpers ------------------------------------------------------------------------
+    @property
+    def reference_seed(self) -> int | None:
+        seed = self.reference_meta.get("seed")
+        return None if seed is None else int(seed)
+
+    def condition(self, module: L.LightningModule, dense: bool = False) -> Condition:
+        """Row condition: the run's pruning (or M(0) when `dense`), seed_a = reference, seed_b = module."""
+        info = {"method": "dense", "sparsity": 0.0} if dense else module.pruning_info
+        return Condition(model=str(module.hparams.model_name), hook=hook_name(module.hparams.hook_layer),
+                         method=condition_method(info), sparsity=float(info.get("sparsity", 0.0)),
+                         seed_a=self.reference_seed, seed_b=None if dense else int(module.hparams.seed))
+
+    def eval_batch_size(self, trainer: L.Trainer) -> int:
+        return self.batch_size or int(trainer.datamodule.hparams.batch_size)
+
+    def results_dir(self, trainer: L.Trainer) -> Path:
+        base = self.output_dir or trainer.log_dir or trainer.default_root_dir
+        return Path(base) / "results"
+
+    def write(self, trainer: L.Trainer, rows: list[dict[str, Any]]) -> Path:
+        """Merge rows into results/<results_name>: rows of the same condition, epoch and stage are replaced
+        (a rerun or a resumed run never duplicates), everything else is kept."""
+        path = self.results_dir(trainer) / self.results_name
+        new_keys = {_key(r) for r in rows}
+        old = [r for r in read_rows(path) if _key(r) not in new_keys] if path.is_file() else []
+        return write_rows(path, [*old, *rows])
+
+    @staticmethod
+    def log_scalars(trainer: L.Trainer, scalars: dict[str, float]) -> None:
+        if trainer.logger is not None:
+            finite = {k: float(v) for k, v in scalars.items() if v is not None and math.isfinite(float(v))}
+            trainer.logger.log_metrics(finite, step=trainer.global_step)
+
+
+def _key(row: dict[str, Any]) -> tuple:
+    return tuple(row.get(k) for k in _ROW_KEY)
+
+
+def load_reference(path: str, d_model: int, layer: int) -> tuple[nn.Module, dict[str, Any]]:
+    """Load and check a reference SAE; every failure is one line naming `reference_sae`."""
+    try:
+        sae, meta = load_sae(path)
+    except LitPruneError as err:
+        raise LitPruneError(f"reference_sae: {err}") from err
+    check_compatible(sae, meta, d_model, layer, field="reference_sae")
+    return sae.eval().requires_grad_(False), meta
+
+
+def __getattr__(name: str) -> Any:  # lazy: the callback modules import this one
+    if name == "TransferabilityCallback":
+        from lit_prune.lit.transfer_callback import TransferabilityCallback
+
+        return TransferabilityCallback
+    if name == "FeatureSurvivalCallback":
+        from lit_prune.lit.survival_callback import FeatureSurvivalCallback
+
+        return FeatureSurvivalCallback
+    raise AttributeError(name)
+
+
+def as_float(value: Any) -> float:
+    return float(value.item() if isinstance(value, torch.Tensor) else value)

@@ -1,0 +1,146 @@
+"""RQ3 as a callback: is the dense-model SAE still usable on this run's (pruned) LM?"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from lit_prune.analysis.evaluate import harvest, sae_codec
+from lit_prune.analysis.results import make_rows
+from lit_prune.analysis.transfer import is_viable, l0_ratio, sae_input_sq_norm, transfer_metrics, wanda_prune_sae
+from lit_prune.errors import invalid
+from lit_prune.lit.analysis_callbacks import ReferenceSAECallback, dense_lm, lm_fingerprint
+from lit_prune.pruning.masks import check_sparsity
+
+Metrics = dict[str, float]
+
+
+class TransferabilityCallback(ReferenceSAECallback):
+    """Evaluates the reference SAE on the run's LM every validation epoch, next to two baselines.
+
+    SAEs compared on the current (possibly pruned) LM over the whole eval split, each against
+    this LM's own clean and zero-ablated CE:
+    - `reference`: the reference SAE as loaded;
+    - `retrained`: the module's own SAE, B(m, s) (from `module.last_val` when it covers the same
+      tokens, else evaluated here the same way);
+    - `reference_wanda` at each `sae_prune_levels` s: the reference SAE with its encoder
+      Wanda-pruned (`wanda_prune_sae`; decoder dense), calibrated on this LM's activations over
+      the calibration split (the train split if that is empty), never on eval tokens.
+    The reference is also evaluated once on the dense LM M(0): rows with method "dense". Every SAE
+    gets `l0_ratio` (its L0 over the reference's dense L0) and `viable` (1/0): CE recovered
+    >= ce_factor x and FVU <= fvu_factor x the reference's dense values. For the reference this is
+    the METHODS §4 rule; for the baselines it asks whether they reach the same bar.
+    Rows (extra keys `sae`, `sae_sparsity`, `epoch`, `stage`) go to <dir>/results/rq3_transfer.json
+    and scalars to the logger as rq3/<sae>/<metric>.
+
+    Args:
+        reference_sae: directory of the dense-model SAE (ours, or a foreign sae-lens SAE).
+        sae_prune_levels: Wanda sparsities of the SAE-pruning baseline, each in [0, 1).
+        ce_sequences: eval sequences (from the start of the split) for spliced CE / KL; null: the
+            module's ce_eval_sequences (then its own validation metrics are reused as `retrained`).
+        calibration_sequences: sequences whose activations calibrate the SAE pruning.
+        ce_factor: viability needs CE recovered >= ce_factor x the dense value.
+        fvu_factor: viability needs FVU <= fvu_factor x the dense value.
+        output_dir: where results/ is written; null: the trainer's log dir.
+        batch_size: eval sequences per forward; null: the datamodule's batch size.
+        at_fit_end: measure once more at the end of fit, on the SAE as exported.
+    """
+
+    results_name = "rq3_transfer.json"
+
+    def __init__(self, reference_sae: str, sae_prune_levels: tuple[float, ...] = (0.25, 0.5, 0.75),
+                 ce_sequences: int | None = None, calibration_sequences: int = 32, ce_factor: float = 0.9,
+                 fvu_factor: float = 2.0, output_dir: str | None = None, batch_size: int | None = None,
+                 at_fit_end: bool = True) -> None:
+        super().__init__(reference_sae, output_dir, batch_size, at_fit_end)
+        self.sae_prune_levels = tuple(check_sparsity(s, "sae_prune_levels") for s in sae_prune_levels)
+        if ce_sequences is not None and ce_sequences < 0:
+            raise invalid("ce_sequences", ce_sequences, "a non-negative integer or null")
+        if calibration_sequences < 1:
+            raise invalid("calibration_sequences", calibration_sequences, "a positive integer")
+        self.ce_sequences, self.calibration_sequences = ce_sequences, calibration_sequences
+        self.ce_factor, self.fvu_factor = ce_factor, fvu_factor
+        self.dense_metrics: Metrics | None = None
+        self._cache: tuple[float, dict[tuple[str, float], Metrics]] | None = None
+        self.last: dict[tuple[str, float], Metrics] = {}
+        """Latest epoch's metrics by (sae, sae_sparsity)."""
+
+    def measure(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        ce = self._ce(module)
+        if self.dense_metrics is None:
+            self.dense_metrics = self._evaluate(trainer, module, dense_lm(module), self.reference, ce)
+        results = {**self._reference_side(trainer, module, ce),
+                   ("retrained", 0.0): self._retrained(trainer, module, ce, use_last_val=stage == "validation")}
+        results = {key: {**metrics, **self._versus_dense(metrics)} for key, metrics in results.items()}
+        self.last = results
+        epoch = trainer.current_epoch if stage == "validation" else None
+        rows = make_rows(self.condition(module, dense=True), self.dense_metrics, sae="reference",
+                         sae_sparsity=0.0, epoch=None, stage="dense")
+        cond = self.condition(module)
+        for (sae, level), metrics in results.items():
+            rows += make_rows(cond, metrics, sae=sae, sae_sparsity=level, epoch=epoch, stage=stage)
+        self.write(trainer, rows)
+        scalars = {f"rq3/reference_dense/{k}": v for k, v in self.dense_metrics.items()}
+        for (sae, level), metrics in results.items():
+            label = f"{sae}{level:g}" if sae == "reference_wanda" else sae
+            scalars.update({f"rq3/{label}/{k}": v for k, v in metrics.items()})
+        self.log_scalars(trainer, scalars)
+
+    # --- pieces ------------------------------------------------------------------------------
+    def _ce(self, module: L.LightningModule) -> int:
+        return int(module.hparams.ce_eval_sequences if self.ce_sequences is None else self.ce_sequences)
+
+    def _evaluate(self, trainer: L.Trainer, module: L.LightningModule, lm: torch.nn.Module,
+                  sae: torch.nn.Module, ce: int, scale: float = 1.0) -> Metrics:
+        metrics, _ = transfer_metrics(lm, module.hparams.hook_layer, sae_codec(sae, scale),
+                                      trainer.datamodule.eval_ids, sae.cfg.d_sae, self.eval_batch_size(trainer), ce)
+        return metrics
+
+    def _reference_side(self, trainer: L.Trainer, module: L.LightningModule, ce: int) -> dict[tuple[str, float], Metrics]:
+        """The reference and its Wanda-pruned copies on the current LM; cached while its weights stay the same."""
+        lm = module.lm_on_device()
+        fingerprint = lm_fingerprint(lm)
+        if self._cache is not None and self._cache[0] == fingerprint:
+            return self._cache[1]
+        results = {("reference", 0.0): self._evaluate(trainer, module, lm, self.reference, ce)}
+        if self.sae_prune_levels:
+            sq = self._input_sq_norm(trainer, module, lm)
+            for s in self.sae_prune_levels:
+                pruned = wanda_prune_sae(self.reference, sq, s)
+                results[("reference_wanda", s)] = self._evaluate(trainer, module, lm, pruned, ce)
+        self._cache = (fingerprint, results)
+        return results
+
+    def _retrained(self, trainer: L.Trainer, module: L.LightningModule, ce: int, use_last_val: bool) -> Metrics:
+        """The module SAE's metrics on the same tokens: its own validation result when comparable
+        (never at fit end: the module trained on after that validation)."""
+        ids = trainer.datamodule.eval_ids
+        last = getattr(module, "last_val", None) if use_last_val else None
+        same_tokens = last is not None and int(last.get("tokens", -1)) == ids.shape[0] * (ids.shape[1] - 1)
+        if same_tokens and ce == int(module.hparams.ce_eval_sequences) and "ce_recovered" in last:
+            metrics = dict(last)
+            metrics.setdefault("alive_fraction", 1.0 - metrics["dead_fraction"])
+            return metrics
+        return self._evaluate(trainer, module, module.lm_on_device(), module.sae, ce, module.norm_scale.item())
+
+    @torch.no_grad()
+    def _input_sq_norm(self, trainer: L.Trainer, module: L.LightningModule, lm: torch.nn.Module) -> torch.Tensor:
+        """Mean square of the reference encoder's inputs on this LM over the calibration sequences: [d_in]."""
+        dm = trainer.datamodule
+        ids = dm.calibration_ids if dm.calibration_ids.numel() else dm.train_ids
+        ids = ids[: self.calibration_sequences]
+        total, n = 0.0, 0
+        for start in range(0, ids.shape[0], self.eval_batch_size(trainer)):
+            x = harvest(lm, ids[start:start + self.eval_batch_size(trainer)].to(module.device),
+                        module.hparams.hook_layer)
+            total = total + sae_input_sq_norm(self.reference, x).double() * x.shape[0]
+            n += x.shape[0]
+        return (total / n).float()
+
+    def _versus_dense(self, metrics: Metrics) -> dict[str, Any]:
+        dense = self.dense_metrics
+        measured = "ce_recovered" in metrics and "ce_recovered" in dense  # ce_sequences = 0: no spliced CE
+        viable = float(is_viable(metrics, dense, self.ce_factor, self.fvu_factor)) if measured else float("nan")
+        return {"l0_ratio": l0_ratio(metrics["l0"], dense["l0"]), "viable": viable}
