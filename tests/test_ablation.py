@@ -21,15 +21,6 @@ from lit_prune.sae.build import SAESettings, build_training_sae
 LAYER, DEAD = 1, 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny forwards are latency-bound: a second intra-op thread only contends (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def lm(model_cache):
     return load_model("tiny-llama", cache_dir=model_cache)

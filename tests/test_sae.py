@@ -6,7 +6,7 @@ from sae_lens import SAE
 
 from lit_prune.errors import LitPruneError
 from lit_prune.sae.buffer import ActivationBuffer, fit_norm_scale
-from lit_prune.sae.build import ARCHITECTURES, SAESettings, build_training_sae
+from lit_prune.sae.build import SAESettings, build_training_sae
 from lit_prune.sae.io import check_compatible, export_sae, load_sae
 from lit_prune.sae.schedule import lr_factor
 

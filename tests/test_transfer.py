@@ -1,7 +1,6 @@
 """RQ3 core: viability rule, SAE Wanda pruning (hand-computed), local metrics, paired passes."""
 
 import math
-import os
 
 import pytest
 import torch
@@ -21,16 +20,6 @@ from lit_prune.errors import LitPruneError
 from lit_prune.models.registry import load_model
 from lit_prune.pruning.wanda import wanda_mask_reference
 from lit_prune.sae.build import SAESettings, build_training_sae
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _respect_omp_threads():
-    """conftest asks for 2 threads; honour OMP_NUM_THREADS=1 on a shared machine, then restore."""
-    before = torch.get_num_threads()
-    if os.environ.get("OMP_NUM_THREADS") == "1":
-        torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --- viability -------------------------------------------------------------------------------

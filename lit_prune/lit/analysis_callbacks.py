@@ -13,10 +13,10 @@ They measure on the first `on_validation_end`, after every `on_fit_start` (so af
 checkpoints, and dropped at teardown. A run whose `pruning_info` says "dense" uses its own LM.
 
 When: in `on_validation_end` (stage "validation"; the module's `on_validation_epoch_end`, which
-sets `module.last_val`, has run by then; never during the sanity check) and once more in
-`on_fit_end` (stage "fit_end"), because Lightning validates before `on_train_epoch_end`, where
-the module still trains on its leftover activation buffer: only the fit_end rows describe the
-SAE as exported. Global rank 0 only. Measurements that depend only on the reference SAE and the
+sets `module.last_val`, has run by then; never during the sanity check). The module trains on its
+leftover activation buffer in the epoch's last training step, so the end-of-epoch validation sees
+the SAE as exported; `at_fit_end` adds a "fit_end" measurement for runs that validate mid-epoch.
+Global rank 0 only. Measurements that depend only on the reference SAE and the
 frozen LMs are cached and redone only when the LM's weights change (`lm_fingerprint`).
 """
 
@@ -58,8 +58,8 @@ def release_dense_lm(module: L.LightningModule) -> None:
 
 @torch.no_grad()
 def lm_fingerprint(lm: nn.Module) -> float:
-    """Sum of every parameter (float64): changes whenever pruning or training touches the weights."""
-    return float(sum(p.detach().double().sum() for p in lm.parameters()))
+    """Sum of every parameter in float64: a cheap change detector (pruning or training moves it), not a hash."""
+    return float(sum(p.detach().sum(dtype=torch.float64) for p in lm.parameters()))
 
 
 def condition_method(info: dict[str, Any]) -> str:
@@ -77,13 +77,14 @@ class ReferenceSAECallback(L.Callback):
             when exported by this project). It must read the module's hook and d_model.
         output_dir: where `results/` is written; null: the trainer's log dir.
         batch_size: eval sequences per LM forward; null: the datamodule's batch size.
-        at_fit_end: measure once more at the end of fit, on the SAE as exported.
+        at_fit_end: measure once more at the end of fit (validation already sees the final SAE;
+            useful when validation runs mid-epoch).
     """
 
     results_name = "results.json"
 
     def __init__(self, reference_sae: str, output_dir: str | None = None, batch_size: int | None = None,
-                 at_fit_end: bool = True) -> None:
+                 at_fit_end: bool = False) -> None:
         if batch_size is not None and batch_size < 1:
             raise LitPruneError(f"batch_size={batch_size!r} is invalid: expected a positive integer or null")
         self.reference_path = str(reference_sae)
@@ -179,7 +180,3 @@ def __getattr__(name: str) -> Any:  # lazy: the callback modules import this one
 
         return FeatureSurvivalCallback
     raise AttributeError(name)
-
-
-def as_float(value: Any) -> float:
-    return float(value.item() if isinstance(value, torch.Tensor) else value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from lit_prune.models.hooks import check_layer
 from lit_prune.models.registry import load_model
 from lit_prune.sae.buffer import ActivationBuffer, fit_norm_scale
 from lit_prune.sae.build import SAESettings, build_training_sae
+from lit_prune.sae.fast import StepOutput, fast_topk_training_forward
 from lit_prune.sae.io import export_sae
 from lit_prune.sae.schedule import warmup_decay
 
@@ -52,7 +54,7 @@ class SAEModule(L.LightningModule):
         hook_layer: int = 6,
         sae: SAESettings = SAESettings(),  # noqa: B008 (never mutated; gives --model.sae.* flags)
         seed: int = 0,
-        lr: float = 1e-3,
+        lr: float = 3e-3,
         warmup_steps: int = 10,
         decay_fraction: float = 0.2,
         sae_batch_tokens: int = 4096,
@@ -113,47 +115,52 @@ class SAEModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.buffer.add(self.harvest(batch["input_ids"]) * self.norm_scale.float())
-        if self.buffer.full():
+        last = batch_idx + 1 >= self.trainer.num_training_batches
+        # The last batch also trains on what is left in the buffer, so every harvested token is
+        # used once and validation (which runs before on_train_epoch_end) sees the final SAE.
+        while self.buffer.full() or (last and len(self.buffer) >= self.hparams.sae_batch_tokens // 2):
             fvu = self.sae_step(self.buffer.pop(self.hparams.sae_batch_tokens))
             self.log("fvu", fvu, prog_bar=True, on_step=True, on_epoch=False)
+        if last:
+            self.buffer.rows = None
 
-    def on_train_epoch_end(self) -> None:
-        # Train on what is left in the buffer, so every harvested token is used once.
-        while len(self.buffer) >= self.hparams.sae_batch_tokens // 2:
-            self.sae_step(self.buffer.pop(self.hparams.sae_batch_tokens), sync_grads=True)
-        self.buffer.rows = None
-
-    def sae_step(self, x: torch.Tensor, sync_grads: bool = False) -> torch.Tensor:
+    def sae_step(self, x: torch.Tensor) -> torch.Tensor:
         """One optimizer step on scaled activations x: [n, d_model]; returns the batch FVU."""
         opt, sched = self.optimizers(), self.lr_schedulers()
         if self.tokens_trained.item() == 0 and hasattr(self.sae, "b_dec"):
             self.sae.b_dec.data.copy_(x.mean(0))  # b_dec starts at the activation mean (METHODS §2)
         dead = self.tokens_since_fired > self.hparams.dead_window_tokens
-        out = self.sae.training_forward_pass(TrainStepInput(
-            sae_in=x, coefficients=_coefficients(self.sae, self.global_step), dead_neuron_mask=dead,
-            n_training_steps=self.global_step, is_logging_step=False))
+        if self.settings.architecture == "topk" and self.settings.fast is not False:  # fast null: on for topk
+            out = fast_topk_training_forward(self.sae, x, dead)
+        else:
+            out = StepOutput.from_sae_lens(self.sae.training_forward_pass(TrainStepInput(
+                sae_in=x, coefficients=_coefficients(self.sae, self.global_step), dead_neuron_mask=dead,
+                n_training_steps=self.global_step, is_logging_step=False)))
         opt.zero_grad()
-        self.manual_backward(out.loss)
-        if sync_grads and dist.is_available() and dist.is_initialized():
-            _all_reduce_grads(self.sae)  # outside training_step DDP does not sync for us
+        # Several steps may share one training_step, which DDP's reducer does not allow:
+        # backward without DDP's hooks, then average the gradients ourselves.
+        with self.trainer.strategy.block_backward_sync() if hasattr(self.trainer.strategy, "block_backward_sync") \
+                else contextlib.nullcontext():
+            self.manual_backward(out.loss)
+        if dist.is_available() and dist.is_initialized():
+            _all_reduce_grads(self.sae)
         opt.step()
         sched.step()
         return self._after_step(x, out)
 
     @torch.no_grad()
-    def _after_step(self, x: torch.Tensor, out: Any) -> torch.Tensor:
-        fired = (out.feature_acts > 0).any(0)
+    def _after_step(self, x: torch.Tensor, out: StepOutput) -> torch.Tensor:
         self.tokens_since_fired += x.shape[0]
-        self.tokens_since_fired[fired] = 0
+        self.tokens_since_fired[out.fired] = 0
         self.tokens_trained += x.shape[0]
         residual = (x - out.sae_out).pow(2).sum()
         fvu = residual / (x - x.mean(0)).pow(2).sum()
         logs = {"train/loss": out.loss, "train/fvu": fvu, "train/mse": residual / x.numel(),
-                "train/l0": (out.feature_acts > 0).float().sum(-1).mean(),
+                "train/l0": out.l0,
                 "train/dead_fraction": (self.tokens_since_fired > self.hparams.dead_window_tokens).float().mean(),
                 "train/lr": self.optimizers().param_groups[0]["lr"], "train/tokens": self.tokens_trained.float()}
         logs.update({f"train/{k}": v for k, v in out.losses.items()})
-        if self.logger is not None:  # logged directly: also called from on_train_epoch_end
+        if self.logger is not None:  # direct: one point per SAE step, several may share a training_step
             self.logger.log_metrics({k: float(v) for k, v in logs.items()}, step=self.global_step)
         return fvu
 

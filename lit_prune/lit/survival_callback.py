@@ -31,13 +31,13 @@ class SurvivalResult(NamedTuple):
 
 
 def _rq4(prefix: str, analysis: dict, with_feature: bool) -> dict[str, float]:
-    out = {f"{prefix}rho_bin": analysis["rho_bin"], f"{prefix}rho_bin_p": analysis["rho_bin_p"],
-           f"{prefix}rho_bin_ci_lo": analysis["rho_bin_ci"][0], f"{prefix}rho_bin_ci_hi": analysis["rho_bin_ci"][1]}
+    """Flatten one `firing_rate_analysis` into scalars (CIs as _ci_lo / _ci_hi)."""
+    names = ("rho_bin", "rho_feature") if with_feature else ("rho_bin",)
+    out = {}
+    for name in names:
+        out[f"{prefix}{name}"], out[f"{prefix}{name}_p"] = analysis[name], analysis[f"{name}_p"]
+        out[f"{prefix}{name}_ci_lo"], out[f"{prefix}{name}_ci_hi"] = analysis[f"{name}_ci"]
     out.update({f"{prefix}survival_bin{b}": v for b, v in enumerate(analysis["survival_by_bin"])})
-    if with_feature:
-        out.update({f"{prefix}rho_feature": analysis["rho_feature"], f"{prefix}rho_feature_p": analysis["rho_feature_p"],
-                    f"{prefix}rho_feature_ci_lo": analysis["rho_feature_ci"][0],
-                    f"{prefix}rho_feature_ci_hi": analysis["rho_feature_ci"][1]})
     return out
 
 
@@ -65,13 +65,13 @@ def survival_measurements(ref_dec: torch.Tensor, module_dec: torch.Tensor, init_
     partner_init = torch.full(partner.shape, float("nan"))
     partner_init[partner >= 0] = init_cos[partner[partner >= 0]]
     metrics: dict[float | None, dict[str, float]] = {}
-    for i, tau in enumerate(taus):
+    for tau in map(float, taus):
         analysis = firing_rate_analysis(geo["cosine"], p, tau, n_bins, n_boot)
-        metrics[float(tau)] = {"S": geo["S"][float(tau)], **_rq4("", analysis, with_feature=False)}
-        if i == 0:  # the feature-level Spearman does not depend on tau
-            feature_level = {k: v for k, v in _rq4("", analysis, True).items() if k.startswith("rho_feature")}
+        metrics[tau] = {"S": geo["S"][tau], **_rq4("", analysis, with_feature=False)}
         if seed_baseline is not None and math.isclose(tau, seed_baseline_tau):
-            metrics[float(tau)]["S_normalised"] = normalised_survival(geo["S"][float(tau)], seed_baseline)
+            metrics[tau]["S_normalised"] = normalised_survival(geo["S"][tau], seed_baseline)
+    # the feature-level Spearman(log10 p, c) does not depend on tau: taken from the last analysis
+    feature_level = {k: v for k, v in _rq4("", analysis, True).items() if k.startswith("rho_feature")}
     r_alive = func.r[alive]
     metrics.setdefault(float(functional_threshold), {}).update({
         "functional_S": func.fraction,
@@ -117,7 +117,8 @@ class FeatureSurvivalCallback(ReferenceSAECallback):
         log_figures: log the matched-cosine, survival-by-bin and firing-rate figures.
         output_dir: where results/ is written; null: the trainer's log dir.
         batch_size: eval sequences per forward; null: the datamodule's batch size.
-        at_fit_end: measure once more at the end of fit, on the SAE as exported.
+        at_fit_end: measure once more at the end of fit (validation already sees the final SAE;
+            useful when validation runs mid-epoch).
     """
 
     results_name = "rq2_survival.json"
@@ -127,7 +128,7 @@ class FeatureSurvivalCallback(ReferenceSAECallback):
                  functional_sequences: int | None = None, functional_threshold: float = 0.7,
                  seed_baseline: float | None = None, seed_baseline_tau: float = 0.7, n_bins: int = 5,
                  n_boot: int = 1000, log_figures: bool = True, output_dir: str | None = None,
-                 batch_size: int | None = None, at_fit_end: bool = True) -> None:
+                 batch_size: int | None = None, at_fit_end: bool = False) -> None:
         super().__init__(reference_sae, output_dir, batch_size, at_fit_end)
         if not taus or any(not -1 <= t <= 1 for t in taus):
             raise invalid("taus", taus, "a non-empty list of cosines in [-1, 1]")

@@ -18,7 +18,7 @@ Metrics = dict[str, float]
 
 
 class TransferabilityCallback(ReferenceSAECallback):
-    """Evaluates the reference SAE on the run's LM every validation epoch, next to two baselines.
+    """Evaluates the reference SAE on the run's LM every validation epoch and at fit end, next to two baselines.
 
     SAEs compared on the current (possibly pruned) LM over the whole eval split, each against
     this LM's own clean and zero-ablated CE:
@@ -45,7 +45,8 @@ class TransferabilityCallback(ReferenceSAECallback):
         fvu_factor: viability needs FVU <= fvu_factor x the dense value.
         output_dir: where results/ is written; null: the trainer's log dir.
         batch_size: eval sequences per forward; null: the datamodule's batch size.
-        at_fit_end: measure once more at the end of fit, on the SAE as exported.
+        at_fit_end: measure once more at the end of fit (validation already sees the final SAE;
+            useful when validation runs mid-epoch).
     """
 
     results_name = "rq3_transfer.json"
@@ -53,7 +54,7 @@ class TransferabilityCallback(ReferenceSAECallback):
     def __init__(self, reference_sae: str, sae_prune_levels: tuple[float, ...] = (0.25, 0.5, 0.75),
                  ce_sequences: int | None = None, calibration_sequences: int = 32, ce_factor: float = 0.9,
                  fvu_factor: float = 2.0, output_dir: str | None = None, batch_size: int | None = None,
-                 at_fit_end: bool = True) -> None:
+                 at_fit_end: bool = False) -> None:
         super().__init__(reference_sae, output_dir, batch_size, at_fit_end)
         self.sae_prune_levels = tuple(check_sparsity(s, "sae_prune_levels") for s in sae_prune_levels)
         if ce_sequences is not None and ce_sequences < 0:
@@ -65,7 +66,7 @@ class TransferabilityCallback(ReferenceSAECallback):
         self.dense_metrics: Metrics | None = None
         self._cache: tuple[float, dict[tuple[str, float], Metrics]] | None = None
         self.last: dict[tuple[str, float], Metrics] = {}
-        """Latest epoch's metrics by (sae, sae_sparsity)."""
+        """The latest measurement's metrics by (sae, sae_sparsity)."""
 
     def measure(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
         ce = self._ce(module)
@@ -98,7 +99,8 @@ class TransferabilityCallback(ReferenceSAECallback):
                                       trainer.datamodule.eval_ids, sae.cfg.d_sae, self.eval_batch_size(trainer), ce)
         return metrics
 
-    def _reference_side(self, trainer: L.Trainer, module: L.LightningModule, ce: int) -> dict[tuple[str, float], Metrics]:
+    def _reference_side(self, trainer: L.Trainer, module: L.LightningModule,
+                        ce: int) -> dict[tuple[str, float], Metrics]:
         """The reference and its Wanda-pruned copies on the current LM; cached while its weights stay the same."""
         lm = module.lm_on_device()
         fingerprint = lm_fingerprint(lm)
@@ -130,12 +132,10 @@ class TransferabilityCallback(ReferenceSAECallback):
         """Mean square of the reference encoder's inputs on this LM over the calibration sequences: [d_in]."""
         dm = trainer.datamodule
         ids = dm.calibration_ids if dm.calibration_ids.numel() else dm.train_ids
-        ids = ids[: self.calibration_sequences]
         total, n = 0.0, 0
-        for start in range(0, ids.shape[0], self.eval_batch_size(trainer)):
-            x = harvest(lm, ids[start:start + self.eval_batch_size(trainer)].to(module.device),
-                        module.hparams.hook_layer)
-            total = total + sae_input_sq_norm(self.reference, x).double() * x.shape[0]
+        for batch in ids[: self.calibration_sequences].split(self.eval_batch_size(trainer)):
+            x = harvest(lm, batch.to(module.device), module.hparams.hook_layer)  # [tokens, d_model]
+            total = total + sae_input_sq_norm(self.reference, x).double() * x.shape[0]  # token-weighted mean
             n += x.shape[0]
         return (total / n).float()
 

@@ -38,6 +38,9 @@ class SAESettings:
     """Initial JumpReLU threshold."""
     decoder_init_norm: float | None = 0.1
     """Initial decoder row norm (None: sae-lens' plain init)."""
+    fast: bool | None = None
+    """Use lit_prune's sparse TopK training step (identical loss and gradients to sae-lens', faster); topk
+    only. null: on for topk, off for the others (true with another architecture is an error)."""
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -48,6 +51,8 @@ class SAESettings:
             raise invalid("sae.d_sae", self.d_sae, "a positive integer or null")
         if self.k < 1:
             raise invalid("sae.k", self.k, "an integer >= 1")
+        if self.fast and self.architecture != "topk":
+            raise invalid("sae.fast", self.fast, f"false or null with architecture={self.architecture!r} (topk only)")
 
     def width(self, d_in: int) -> int:
         return self.d_sae if self.d_sae is not None else self.expansion * d_in
