@@ -26,6 +26,7 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
+	$(PY) benchmarks/sae_step.py
 	$(PY) benchmarks/prune.py
 
 clean:

@@ -63,7 +63,7 @@ class SAEModule(L.LightningModule):
         norm_scale: float | None = None,
         norm_sequences: int = 64,
         lm_dtype: str = "float32",
-        ce_eval_sequences: int = 128,
+        ce_eval_sequences: int = 64,
         model_cache_dir: str = "checkpoints/models",
         export_dir: str | None = None,
     ) -> None:
