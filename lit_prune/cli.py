@@ -7,7 +7,11 @@ import sys
 
 from lit_prune.errors import LitPruneError
 
-EXTRA_COMMANDS: dict[str, str] = {"prune": "lit_prune.commands.prune:main"}  # name -> "module:function"
+EXTRA_COMMANDS: dict[str, str] = {  # name -> "module:function"
+    "prune": "lit_prune.commands.prune:main",
+    "study": "lit_prune.commands.study:main",
+    "report": "lit_prune.commands.report:main",
+}
 
 
 def _quiet_libraries() -> None:
@@ -23,6 +27,7 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
 
     from lit_prune.lit.datamodule import TokenDataModule
     from lit_prune.lit.sae_module import SAEModule
+    from lit_prune.study.config import StudySettings
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -30,6 +35,7 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments("model.model_name", "data.model_name")
             parser.link_arguments("model.model_cache_dir", "data.model_cache_dir")
+            parser.add_class_arguments(StudySettings, "study")  # read by `study`, ignored by fit
 
     return LitPruneCLI(SAEModule, TokenDataModule, args=args, run=run, save_config_kwargs={"overwrite": True})
 

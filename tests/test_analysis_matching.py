@@ -168,6 +168,101 @@ def test_auto_uses_hungarian_for_small_inputs():
     assert match_features(a, a).method == "hungarian"
 
 
+# --- "exact": sparse candidates + dual certificate (matching_exact) -----------------------------
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("candidates", [1, 2, 8])
+def test_exact_equals_linear_sum_assignment_on_random_decoders(seed, candidates):
+    # Random decoders are the hard case for candidate graphs (see the sparse test above): with
+    # 1 or 2 candidates the first graph misses optimal pairs, and pricing must add them back.
+    a, b = _rand(300, 32, 30 + seed), _rand(300, 32, 40 + seed)
+    m = match_features(a, b, "exact", candidates=candidates)
+    assert m.method == "exact" and m.rounds >= 1
+    assert sorted(m.partner.tolist()) == list(range(300))
+    assert m.total == pytest.approx(_lsa_total(a, b), abs=1e-4)
+    c = cosine_matrix(a, b)
+    torch.testing.assert_close(m.cosine, c[torch.arange(300), m.partner])
+    torch.testing.assert_close(m.best_a, c.max(dim=1).values)
+    torch.testing.assert_close(m.best_b, c.max(dim=0).values)
+
+
+def test_exact_on_clustered_duplicated_and_zero_rows():
+    # Near-duplicate clusters (where "sparse" with 2 candidates is suboptimal), exact duplicate
+    # rows (tied cosines) and all-zero rows (cosine 0 to everything).
+    g = torch.Generator().manual_seed(1)
+    cent = torch.randn(10, 16, generator=g).repeat_interleave(30, 0)
+    a = cent + 0.3 * torch.randn(300, 16, generator=g)
+    b = cent + 0.3 * torch.randn(300, 16, generator=g)
+    a[:20] = a[20:40]  # exact duplicates
+    b[280:] = 0.0  # dead latents
+    m = match_features(a, b, "exact", candidates=2)
+    assert m.method == "exact"
+    assert m.total == pytest.approx(_lsa_total(a, b), abs=1e-4)
+    assert match_features(a, b, "sparse", candidates=2).total < m.total - 1e-2
+
+
+def test_exact_when_candidates_have_no_perfect_matching():
+    # Every row's single candidate is the same hub column: the candidate graph has no perfect
+    # matching, so "exact" adds column candidates or falls back; the answer stays optimal.
+    g = torch.Generator().manual_seed(3)
+    hub = torch.randn(1, 16, generator=g)
+    a = hub + 0.05 * torch.randn(200, 16, generator=g)
+    b = torch.randn(200, 16, generator=g)
+    b[0] = hub
+    m = match_features(a, b, "exact", candidates=1)
+    assert sorted(m.partner.tolist()) == list(range(200))
+    assert m.total == pytest.approx(_lsa_total(a, b), abs=1e-4)
+
+
+def test_exact_duals_certify_optimality():
+    # The duals the solver ends with are feasible for EVERY pair and tight on the matching, and
+    # their sum equals the total (strong duality): the certificate that makes the answer exact.
+    from lit_prune.analysis.matching_exact import column_duals, exact_matching, row_duals, strip_candidates
+
+    a, b = unit_rows(_rand(150, 12, 50)), unit_rows(_rand(150, 12, 51))
+    partner = exact_matching(a, b, 2)[0]
+    rows, cols, cos, *_ = strip_candidates(a, b, 150)  # every pair a candidate: duals over all of C
+    u = row_duals(rows, cols, cos, partner)
+    c = (a.double() @ b.double().T).numpy()
+    v = column_duals(u, partner, c[np.arange(150), partner])
+    assert (u[:, None] + v[None, :] >= c - 1e-6).all()
+    assert u.sum() + v.sum() == pytest.approx(c[np.arange(150), partner].sum(), abs=1e-9)
+    r, j = linear_sum_assignment(c, maximize=True)
+    # optimal up to the float32 cosines the solver works with (n * 1e-6 by the duality bound)
+    assert c[np.arange(150), partner].sum() == pytest.approx(c[r, j].sum(), abs=150e-6)
+
+
+def test_price_finds_every_violated_non_candidate_pair():
+    # The k-th-value bound may skip only pairs that cannot violate: compare with brute force for
+    # arbitrary duals.
+    from lit_prune.analysis.matching_exact import price, strip_candidates
+
+    a, b = unit_rows(_rand(200, 8, 60)), unit_rows(_rand(230, 8, 61))
+    rows, cols, _, _, _, kth = strip_candidates(a, b, 5)
+    g = np.random.default_rng(0)
+    u, v = g.uniform(0.0, 0.6, 200), g.uniform(0.0, 0.6, 230)
+    c = (a @ b.T).numpy()
+    violated = c > u[:, None] + v[None, :] + 1e-6
+    candidate = np.zeros_like(violated)
+    candidate[rows, cols] = True
+    found = np.zeros_like(violated)
+    r, j = price(a, b, u, v, kth, 1e-6, 2)
+    found[r, j] = True
+    assert (found <= violated).all()  # nothing reported that does not violate
+    assert (found | candidate >= violated).all()  # every violated non-candidate pair reported
+    assert (violated & ~candidate).sum() > 0  # the test exercises the bound
+
+
+def test_auto_uses_exact_on_square_inputs_above_threshold_and_hungarian_on_rectangular():
+    a, b = _rand(1100, 8, 70), _rand(1100, 8, 71)
+    m = match_features(a, b)
+    assert m.method == "exact"
+    assert m.total == pytest.approx(_lsa_total(a, b), abs=1e-3)
+    rect = match_features(a[:1050], b, "exact")  # rectangular: dense Hungarian instead
+    assert rect.method == "hungarian"
+    assert rect.total == pytest.approx(_lsa_total(a[:1050], b), abs=1e-3)
+
+
 def test_shared_fraction_over_alive_only():
     cos = torch.tensor([0.95, 0.75, 0.55, float("nan"), 0.1])
     assert shared_fraction(cos) == pytest.approx({0.5: 0.6, 0.7: 0.4, 0.9: 0.2})
@@ -192,7 +287,7 @@ from lit_prune.analysis.matching import match_features
 g = torch.Generator().manual_seed(0)
 a, b = torch.randn(65536, 64, generator=g), torch.randn(65536, 64, generator=g)
 t = time.time()
-m = match_features(a, b, "auto")
+m = match_features(a, b, "auto")  # square: the "exact" solver (no dense C)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 print(m.method, int((m.partner >= 0).sum()), len(set(m.partner.tolist())), m.n_residual,
       round(m.total, 3), round(time.time() - t, 1), round(peak, 3))
@@ -201,13 +296,13 @@ print(m.method, int((m.partner >= 0).sum()), len(set(m.partner.tolist())), m.n_r
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("LIT_PRUNE_SLOW"), reason="set LIT_PRUNE_SLOW=1 (minutes)")
-def test_sparse_matching_65536_fits_in_memory():
+def test_matching_65536_fits_in_memory():
     # Separate process so ru_maxrss is this job's peak alone (GiB on Linux: KiB / 2**20).
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(_BIG)], check=True, env=env,
                          capture_output=True, text=True, timeout=1800).stdout.split()
     method, matched, unique, _, total, secs, peak_gib = out
-    print(f"65,536 x 65,536 sparse matching: {secs} s, peak RSS {peak_gib} GiB, total {total}")
-    assert method == "sparse" and int(matched) == int(unique) == 65536
+    print(f"65,536 x 65,536 exact matching: {secs} s, peak RSS {peak_gib} GiB, total {total}")
+    assert method == "exact" and int(matched) == int(unique) == 65536
     assert float(peak_gib) < 4.0

@@ -57,7 +57,12 @@ def test_every_shipped_config_parses():
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
+    from lit_prune.study.config import StudySettings
+
     class ParseOnly(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:  # as lit_prune.cli: fit ignores the study section
+            parser.add_class_arguments(StudySettings, "study")
+
         def instantiate_classes(self) -> None:  # parse and validate types without loading any model
             pass
 
@@ -103,3 +108,18 @@ def test_empty_corpus_is_one_line_error(tmp_path, model_cache):
     result = run_cli(*_fit_args(tmp_path, "tiny-llama", empty, model_cache), cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "corpus" in result.stderr.strip().splitlines()[-1]
+
+
+def test_lr_schedule_spans_every_sae_step_not_lm_batches(tmp_path, local_corpus, model_cache):
+    """Small SAE batches: ~4 SAE steps per LM batch; the warm-up/decay schedule must cover all of them."""
+    from lit_prune.sae.schedule import sae_steps
+
+    cli = lightning_cli(_fit_args(tmp_path, "tiny-llama", local_corpus, model_cache, "--model.sae_batch_tokens=64",
+                                  "--trainer.enable_checkpointing=false"))
+    module, dm = cli.model, cli.datamodule
+    taken = int(module.tokens_trained) // 64
+    lm_batches = -(-dm.train_ids.shape[0] // dm.hparams.batch_size)
+    assert taken > 3 * lm_batches
+    assert abs(sae_steps(lm_batches, dm.hparams.batch_size * (dm.hparams.seq_len - 1), 64) - taken) <= 1
+    factor = module.lr_schedulers().lr_lambdas[0]
+    assert factor(taken // 2) == 1.0 and factor(taken - 2) > 0  # still training near the end

@@ -79,3 +79,18 @@ def test_zero_reconstruction_recovers_nothing(tiny_lm):
 def test_loss_positions_skip_position_zero_and_padding():
     valid = valid_positions(torch.tensor([[1, 1, 1, 1, 0]]))
     assert loss_positions(valid).tolist() == [[False, True, True, False]]
+
+
+def test_shared_clean_and_zero_logits_give_identical_sae_metrics(tiny_lm):
+    """Inside sharing_activations the clean / zero-ablated forwards of spliced CE are reused across
+    SAEs; every metric must equal the uncached evaluation exactly."""
+    from lit_prune.analysis.evaluate import evaluate_sae
+    from lit_prune.models.activation_cache import sharing_activations
+
+    ids = torch.randint(0, tiny_lm.config.vocab_size, (6, 16), generator=torch.Generator().manual_seed(0))
+    codecs = [lambda x: (x.abs(), x * 0.9), lambda x: (x.relu(), x.relu())]
+    plain = [evaluate_sae(tiny_lm, 1, c, ids, 64, batch_size=4, ce_sequences=4) for c in codecs]
+    with sharing_activations() as cache:
+        shared = [evaluate_sae(tiny_lm, 1, c, ids, 64, batch_size=4, ce_sequences=4) for c in codecs]
+        assert cache.hits >= 3  # the second SAE reused clean, zero and the activations
+    assert shared == plain

@@ -25,10 +25,12 @@ from lit_prune.pruning import (
     prunable_linears,
     prune_model,
     sparsity_report,
+    wanda_mask,
     wanda_mask_reference,
     wanda_masks,
     wanda_scores,
 )
+from lit_prune.pruning.masks import select_lowest
 
 SMALL = dict(
     vocab_size=256,
@@ -216,3 +218,53 @@ def test_nm_sparsity_convention() -> None:
     for sparsity in (None, 0, 0.5):
         masks = prune_model(tiny("llama"), "magnitude", sparsity, nm=(2, 4))
         assert all(int((~m).sum()) == m.numel() // 2 for m in masks.values())
+
+
+def _stable_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Naive selection: the first k of a stable argsort of each row (lower index wins ties)."""
+    out = torch.zeros_like(scores, dtype=torch.bool)
+    return out.scatter_(1, torch.argsort(scores, dim=1, stable=True)[:, :k], True)
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.6])
+def test_wanda_mask_bit_identical_to_sort_on_model_shapes(sparsity: float) -> None:
+    # Real-size rows (SmolLM2: d_in 576 / 1536) where most rows have a unique k-th score and some
+    # rows tie it many times over (quantised weights, whole-column norm ties): both paths of the
+    # selection (plain threshold, counted ties in the tied rows only) must equal the full sort.
+    gen = torch.Generator().manual_seed(5)
+    for d_out, d_in in [(192, 576), (64, 1536)]:
+        smooth = torch.randn(d_out, d_in, generator=gen)
+        tied = torch.randint(-4, 5, (d_out, d_in), generator=gen).float() / 8  # 4-bit-like, zeros included
+        mixed = torch.where(torch.rand(d_out, 1, generator=gen) < 0.3, tied, smooth)  # tied rows among smooth
+        norms = torch.rand(d_in, generator=gen) + 0.5
+        col_ties = torch.randint(1, 4, (d_in,), generator=gen).float()  # few distinct norms
+        for weight, sq in [(smooth, norms), (tied, col_ties), (mixed, col_ties), (mixed, torch.zeros(d_in))]:
+            fast = wanda_mask(weight, sq, sparsity)
+            assert torch.equal(fast, wanda_mask_reference(weight, sq, sparsity))
+            assert torch.equal(~fast, _stable_lowest(wanda_scores(weight, sq), count_pruned(d_in, sparsity)))
+
+
+def test_select_lowest_same_on_numpy_and_kthvalue_paths() -> None:
+    # fp32 rows go through np.partition, bf16 rows through torch.kthvalue: same answer as the sort.
+    gen = torch.Generator().manual_seed(6)
+    scores = (torch.randint(0, 6, (50, 96), generator=gen).float() / 2).abs()
+    for k in (1, 17, 48, 95):
+        want = _stable_lowest(scores, k)
+        assert torch.equal(select_lowest(scores, k), want)
+        assert torch.equal(select_lowest(scores.bfloat16(), k), want)  # values 0..2.5 are exact in bf16
+        assert torch.equal(select_lowest(scores.t().contiguous().t(), k), want)  # strided input
+
+
+def test_magnitude_mask_equals_stable_sort_on_tied_weights() -> None:
+    # 4-bit-like weights (few distinct |W|): matrix and row groups against a stable full sort,
+    # in float32 (numpy path) and bfloat16 (torch path).
+    from lit_prune.pruning import magnitude_mask
+
+    gen = torch.Generator().manual_seed(7)
+    weight = torch.randint(-4, 5, (96, 160), generator=gen).float() / 8
+    for w in (weight, weight.bfloat16()):
+        for sparsity in (0.3, 0.5):
+            flat = _stable_lowest(weight.abs().reshape(1, -1), count_pruned(weight.numel(), sparsity))
+            assert torch.equal(~magnitude_mask(w, sparsity, "matrix"), flat.view(weight.shape))
+            rows = _stable_lowest(weight.abs(), count_pruned(160, sparsity))
+            assert torch.equal(~magnitude_mask(w, sparsity, "row"), rows)

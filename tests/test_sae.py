@@ -8,7 +8,7 @@ from lit_prune.errors import LitPruneError
 from lit_prune.sae.buffer import ActivationBuffer, fit_norm_scale
 from lit_prune.sae.build import SAESettings, build_training_sae
 from lit_prune.sae.io import check_compatible, export_sae, load_sae
-from lit_prune.sae.schedule import lr_factor
+from lit_prune.sae.schedule import lr_factor, sae_steps
 
 
 def _trained_like(architecture):
@@ -101,3 +101,11 @@ def test_buffer_pops_each_row_exactly_once():
 def test_lr_schedule_warmup_constant_decay():
     factors = [lr_factor(step, total=10, warmup=2, decay_fraction=0.2) for step in range(10)]
     assert factors == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5]
+
+
+def test_sae_steps_counts_harvested_tokens_per_sae_batch():
+    assert sae_steps(16, 32 * 127, 1024) == 64  # 65,024 tokens: 63 steps + a drained half batch
+    assert sae_steps(10, 100, 300) == 3  # 1000 tokens: 3 full steps, a third left over is dropped
+    assert sae_steps(10, 100, 400) == 3  # 2 full steps; the half batch left is drained as a third
+    assert sae_steps(10, 100, 800) == 1  # 200 left < half a batch: dropped
+    assert sae_steps(1, 1, 4096) == 1

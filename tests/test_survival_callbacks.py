@@ -166,7 +166,7 @@ def analysed_fit(tmp_path_factory, local_corpus, model_cache):
     cli = _fit(tmp_path, local_corpus, model_cache, "pruned",
                "--config", str(ROOT / "configs" / "pruning" / "wanda50.yaml"),
                "--trainer.callbacks.init_args.perplexity_sequences=2",  # PruningCallback's (listed first)
-               "--config", str(config), "--model.seed=1", "--data.seed=1")
+               "--config", str(config), "--model.seed=1", "--data.shuffle_seed=1")
     reference, _ = load_sae(tmp_path / "dense")
     results = Path(cli.trainer.log_dir) / "results"
     return cli, reference, results

@@ -255,6 +255,20 @@ def _activation_grad(lm: nn.Module, layer: int, ids: Tensor, mask: Tensor) -> tu
     return grad, leaf[0].detach(), valid
 
 
+def feature_importance(lm: nn.Module, layer: int, ids: Tensor, parts: SAEParts, n_top: int = 64,
+                       n_random: int = 64, n_rare: int = 64, seed: int = 0, batch_size: int = 8) -> dict[str, Tensor]:
+    """RQ5 per-feature arrays on ids [n, seq]: firing rates, the top / random / rare groups, their
+    exact ablation effects (exact_<kind>_<scope>) and the gradient attribution of every feature."""
+    rate = firing_rates(lm, layer, ids, parts, batch_size)
+    groups = select_features(rate, n_top, n_random, n_rare, seed)
+    features = torch.cat([groups[g] for g in GROUPS])
+    group = torch.cat([torch.full((len(groups[g]),), i) for i, g in enumerate(GROUPS)])
+    exact = ablate_features(lm, layer, ids, parts, features, batch_size)
+    attribution = gradient_attribution(lm, layer, ids, parts, batch_size)
+    return {"features": features, "group": group, "firing_rate": rate.cpu(), "attribution": attribution.cpu(),
+            "eval_tokens": torch.tensor(int(ids[:, 1:].numel())), **{f"exact_{k}": v.cpu() for k, v in exact.items()}}
+
+
 def importance_vs_survival(importance, cosine, survived_mask) -> dict[str, float]:
     """Does geometric survival predict importance? importance, cosine, survived_mask: [n].
 

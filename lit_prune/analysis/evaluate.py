@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lit_prune.analysis.metrics import ReconstructionMetrics, SplicedCEMetrics, loss_positions, spliced_forward
+from lit_prune.models.activation_cache import cached
 from lit_prune.models.hooks import capture_resid_post, valid_positions
 
 Codec = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -30,9 +31,11 @@ def sae_codec(sae: nn.Module, scale: float = 1.0) -> Codec:
 
 @torch.no_grad()
 def harvest(lm: nn.Module, ids: torch.Tensor, layer: int) -> torch.Tensor:
-    """fp32 resid_post of `layer` at positions >= 1: [n, d_model]; later blocks never run."""
+    """fp32 resid_post of `layer` at positions >= 1: [n, d_model]; later blocks never run.
+
+    Shared through `sharing_activations` when that is active (then callers must not modify it)."""
     mask = torch.ones_like(ids)
-    return capture_resid_post(lm, ids, layer, mask)[valid_positions(mask)].float()
+    return cached(lm, ids, layer, lambda: capture_resid_post(lm, ids, layer, mask)[valid_positions(mask)].float())
 
 
 class SAEEvaluator(nn.Module):
@@ -63,9 +66,10 @@ class SAEEvaluator(nn.Module):
             self.recon.update(x.float(), x_hat, feats)
             return x_hat
 
-        clean = spliced_forward(lm, ids, mask, layer, valid, None)
+        # clean and zero-ablated logits do not depend on the SAE: shared when activations are
+        clean = cached(lm, ids, "clean", lambda: spliced_forward(lm, ids, mask, layer, valid, None))
         sae = spliced_forward(lm, ids, mask, layer, valid, reconstruct)
-        zero = spliced_forward(lm, ids, mask, layer, valid, torch.zeros_like)
+        zero = cached(lm, ids, f"zero@{layer}", lambda: spliced_forward(lm, ids, mask, layer, valid, torch.zeros_like))
         self.spliced.update(ids, loss_positions(valid), clean, sae, zero)
 
     def compute(self) -> dict[str, float]:

@@ -212,7 +212,7 @@ def load_splits(o: PruneOptions, calibration: bool):
                          train_tokens=EVAL_SEQ_LEN,  # the train split is not used here
                          eval_tokens=o.eval_sequences * EVAL_SEQ_LEN,
                          calibration_sequences=o.calibration_sequences if calibration else 0,
-                         calibration_seq_len=o.calibration_seq_len, seed=o.seed,
+                         calibration_seq_len=o.calibration_seq_len, shuffle_seed=o.seed,
                          cache_dir=o.cache_dir, model_cache_dir=o.model_cache_dir)
     dm.prepare_data()
     dm.setup()

@@ -12,9 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lit_prune.analysis.ablation import (
-    GROUPS, SCOPES, ablate_features, firing_rates, gradient_attribution, sae_parts, select_features,
-)
+from lit_prune.analysis.ablation import GROUPS, SCOPES, feature_importance, sae_parts
 from lit_prune.analysis.results import Condition, make_rows, write_arrays, write_rows
 from lit_prune.analysis.stats import spearman
 from lit_prune.errors import invalid
@@ -63,18 +61,10 @@ class AblationCallback(L.Callback):
 
     def measure(self, pl_module: L.LightningModule, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-feature arrays for ids: [n, seq] (keys as in the safetensors file)."""
-        lm, layer = pl_module.lm_on_device(), pl_module.hparams.hook_layer
         parts = sae_parts(pl_module.sae, pl_module.norm_scale.item())
-        ids = ids.to(pl_module.device)
-        rate = firing_rates(lm, layer, ids, parts, self.batch_size)
-        groups = select_features(rate, self.n_top, self.n_random, self.n_rare, self.seed)
-        features = torch.cat([groups[g] for g in GROUPS])
-        group = torch.cat([torch.full((len(groups[g]),), i) for i, g in enumerate(GROUPS)])
-        exact = ablate_features(lm, layer, ids, parts, features, self.batch_size)
-        attribution = gradient_attribution(lm, layer, ids, parts, self.batch_size)
-        return {"features": features, "group": group, "firing_rate": rate.cpu(),
-                "attribution": attribution.cpu(), "eval_tokens": torch.tensor(int(ids[:, 1:].numel())),
-                **{f"exact_{k}": v.cpu() for k, v in exact.items()}}
+        return feature_importance(pl_module.lm_on_device(), pl_module.hparams.hook_layer, ids.to(pl_module.device),
+                                  parts, self.n_top, self.n_random, self.n_rare, self.seed,
+                                  self.batch_size)
 
     def _log(self, trainer: L.Trainer, metrics: dict[str, float], arrays: dict[str, torch.Tensor]) -> None:
         scalars = {f"rq5/{k.replace(':', '/')}": v for k, v in metrics.items()}

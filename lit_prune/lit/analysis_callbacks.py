@@ -74,7 +74,8 @@ class ReferenceSAECallback(L.Callback):
 
     Args:
         reference_sae: directory of the reference SAE (sae-lens cfg.json + weights; lit_prune.json
-            when exported by this project). It must read the module's hook and d_model.
+            when exported by this project), or sae-lens:<release>:<sae_id> for a pretrained one.
+            It must read the module's hook and d_model.
         output_dir: where `results/` is written; null: the trainer's log dir.
         batch_size: eval sequences per LM forward; null: the datamodule's batch size.
         at_fit_end: measure once more at the end of fit (validation already sees the final SAE;

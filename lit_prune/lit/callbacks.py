@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -10,7 +11,7 @@ import torch
 
 from lit_prune.analysis.perplexity import perplexity
 from lit_prune.errors import invalid
-from lit_prune.pruning import apply_masks, prune_model, resolve_sparsity, verify_masks
+from lit_prune.pruning import apply_masks, load_masks, prune_model, resolve_sparsity, verify_masks
 
 
 class PruningCallback(L.Callback):
@@ -28,10 +29,13 @@ class PruningCallback(L.Callback):
         group: magnitude ranking group: matrix (default), row or global.
         calibration_batch_size: sequences per forward pass during Wanda calibration.
         perplexity_sequences: eval sequences for the dense and pruned perplexity (0 to skip).
+        masks_path: apply these saved masks (`save_masks`, e.g. a study's or `prune`'s masks.safetensors)
+            instead of computing them; they are still checked against method / sparsity / nm.
     """
 
     def __init__(self, method: str = "wanda", sparsity: float = 0.5, nm: list[int] | None = None,
-                 group: str | None = None, calibration_batch_size: int = 8, perplexity_sequences: int = 64) -> None:
+                 group: str | None = None, calibration_batch_size: int = 8, perplexity_sequences: int = 64,
+                 masks_path: str | None = None) -> None:
         if method not in ("magnitude", "wanda"):
             raise invalid("pruning.method", method, "magnitude or wanda")
         self.sparsity, self.nm = resolve_sparsity(sparsity, tuple(nm) if nm else None)
@@ -39,6 +43,10 @@ class PruningCallback(L.Callback):
         self.calibration_batch_size = calibration_batch_size
         self.perplexity_sequences = perplexity_sequences
         self.masks: dict[str, torch.Tensor] | None = None
+        if masks_path is not None:
+            if not Path(masks_path).is_file():
+                raise invalid("pruning.masks_path", masks_path, "an existing masks.safetensors file")
+            self.masks = load_masks(masks_path)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.ensure_norm_scale()  # c is fitted on the dense model, never on the pruned one
@@ -54,7 +62,7 @@ class PruningCallback(L.Callback):
                                      calibration_ids=dm.calibration_ids, batch_size=self.calibration_batch_size,
                                      max_seq_len=dm.hparams.calibration_seq_len, progress=False)
         else:
-            apply_masks(lm, self.masks)  # resumed: the checkpointed masks, exactly
+            apply_masks(lm, self.masks)  # given or resumed: those masks, exactly
         info["seconds"] = time.perf_counter() - started
         report = verify_masks(lm, self.masks, self.method, self.sparsity, self.nm, self.group)
         if self.perplexity_sequences:

@@ -50,7 +50,7 @@ class TokenDataModule(L.LightningDataModule):
         eval_fraction: share of documents assigned to eval (by hash).
         calibration_fraction: share of documents assigned to calibration (by hash).
         split_salt: salt of the document hash; change it to draw different splits.
-        seed: fixes the order of training documents and the calibration sample.
+        shuffle_seed: fixes the order of training documents and the calibration sample.
         prepend_bos: start each packed sequence with the BOS token.
         num_workers: DataLoader workers.
         cache_dir: where the embedded corpus and tokenized splits are cached.
@@ -73,7 +73,7 @@ class TokenDataModule(L.LightningDataModule):
         eval_fraction: float = 0.03,
         calibration_fraction: float = 0.01,
         split_salt: str = "lit_prune",
-        seed: int = 0,
+        shuffle_seed: int = 0,
         prepend_bos: bool = False,
         num_workers: int = 0,
         cache_dir: str = "checkpoints",
@@ -114,9 +114,9 @@ class TokenDataModule(L.LightningDataModule):
         hp = self.hparams
         tokenizer = load_tokenizer(hp.model_name, hp.model_cache_dir)
         pack = lambda docs, length, n: pack_documents(docs, tokenizer, length, n, hp.prepend_bos)  # noqa: E731
-        train = pack(shuffled(self._docs("train"), hp.seed), hp.seq_len, hp.train_tokens // hp.seq_len)
+        train = pack(shuffled(self._docs("train"), hp.shuffle_seed), hp.seq_len, hp.train_tokens // hp.seq_len)
         evaluation = pack(self._docs("eval"), hp.seq_len, -(-hp.eval_tokens // hp.seq_len))
-        calibration = pack(shuffled(self._docs("calibration"), hp.seed), hp.calibration_seq_len,
+        calibration = pack(shuffled(self._docs("calibration"), hp.shuffle_seed), hp.calibration_seq_len,
                            hp.calibration_sequences)
         for name, ids in (("train", train), ("eval", evaluation)):
             if ids.shape[0] == 0:
@@ -134,7 +134,7 @@ class TokenDataModule(L.LightningDataModule):
     def _provenance(self) -> dict[str, Any]:
         hp = self.hparams
         return {
-            "corpus": hp.corpus, "split_salt": hp.split_salt, "fractions": self.fractions, "seed": hp.seed,
+            "corpus": hp.corpus, "split_salt": hp.split_salt, "fractions": self.fractions, "seed": hp.shuffle_seed,
             "seq_len": hp.seq_len, "fingerprint": tokens_fingerprint(self.train_ids, self.eval_ids, self.calibration_ids),
             "train_tokens": int(self.train_ids.numel()), "eval_tokens": int(self.eval_ids.numel()),
             "calibration_tokens": int(self.calibration_ids.numel()),

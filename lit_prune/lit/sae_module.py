@@ -19,7 +19,7 @@ from lit_prune.sae.buffer import ActivationBuffer, fit_norm_scale
 from lit_prune.sae.build import SAESettings, build_training_sae
 from lit_prune.sae.fast import StepOutput, fast_topk_training_forward
 from lit_prune.sae.io import export_sae
-from lit_prune.sae.schedule import warmup_decay
+from lit_prune.sae.schedule import sae_steps, warmup_decay
 
 
 class SAEModule(L.LightningModule):
@@ -104,7 +104,11 @@ class SAEModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.Adam(self.sae.parameters(), lr=self.hparams.lr)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        # The schedule counts SAE steps, not LM batches: one batch of batch_size x (seq_len - 1)
+        # harvested tokens feeds that many / sae_batch_tokens steps.
+        dm = getattr(self.trainer, "datamodule", None)
+        per_batch = dm.hparams.batch_size * (dm.hparams.seq_len - 1) if dm is not None else self.hparams.sae_batch_tokens
+        total = sae_steps(int(self.trainer.estimated_stepping_batches), per_batch, self.hparams.sae_batch_tokens)
         sched = warmup_decay(opt, total, self.hparams.warmup_steps, self.hparams.decay_fraction)
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
@@ -128,7 +132,12 @@ class SAEModule(L.LightningModule):
         """One optimizer step on scaled activations x: [n, d_model]; returns the batch FVU."""
         opt, sched = self.optimizers(), self.lr_schedulers()
         if self.tokens_trained.item() == 0 and hasattr(self.sae, "b_dec"):
-            self.sae.b_dec.data.copy_(x.mean(0))  # b_dec starts at the activation mean (METHODS §2)
+            mean = x.mean(0)
+            if dist.is_available() and dist.is_initialized():  # every replica starts from the same b_dec
+                dist.all_reduce(mean)
+                mean /= dist.get_world_size()
+            with torch.no_grad():
+                self.sae.b_dec.copy_(mean)  # b_dec starts at the activation mean (METHODS §2)
         dead = self.tokens_since_fired > self.hparams.dead_window_tokens
         if self.settings.architecture == "topk" and self.settings.fast is not False:  # fast null: on for topk
             out = fast_topk_training_forward(self.sae, x, dead)
@@ -177,6 +186,7 @@ class SAEModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.last_val = self.evaluator.compute()
+        self.last_firing_rates = self.evaluator.recon.firing_rates().cpu()
         self.log_dict({f"val/{k}": v for k, v in self.last_val.items()}, sync_dist=False)
         self.evaluator.reset()
 

@@ -6,15 +6,28 @@ equal |W| the lower index is pruned first.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 from lit_prune.errors import invalid
-from lit_prune.pruning.masks import GROUPS, Masks, check_sparsity, count_pruned, prunable_linears, select_lowest
+from lit_prune.pruning.masks import (
+    GROUPS,
+    Masks,
+    check_sparsity,
+    count_pruned,
+    numpy_view,
+    prunable_linears,
+    select_lowest,
+    select_lowest_numpy,
+)
 
 
 def _scores(weight: torch.Tensor) -> torch.Tensor:
     # fp32 holds every fp16/bf16 value exactly, so no ties are created or broken here.
+    w = numpy_view(weight)  # CPU: numpy (no OpenMP barrier per op on a busy machine)
+    if w is not None:
+        return torch.from_numpy(np.abs(w).astype(np.float32, copy=False))
     return weight.detach().abs().float()
 
 
@@ -27,12 +40,13 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float, group: str = "matrix")
     sparsity = check_sparsity(sparsity)
     if group not in ("matrix", "row"):
         raise invalid("group", group, "'matrix' or 'row' for one matrix ('global' needs the model)")
-    scores = _scores(weight)
+    rows = scores = _scores(weight)
+    k = count_pruned(scores.numel() if group == "matrix" else scores.shape[1], sparsity)
     if group == "matrix":
-        pruned = select_lowest(scores.reshape(1, -1), count_pruned(scores.numel(), sparsity))
-    else:
-        pruned = select_lowest(scores, count_pruned(scores.shape[1], sparsity))
-    return ~pruned.view(weight.shape)
+        rows = scores.reshape(1, -1)
+    if numpy_view(rows) is not None:  # CPU: stay in numpy down to the mask
+        return torch.from_numpy(~select_lowest_numpy(rows.numpy(), k).reshape(weight.shape))
+    return ~select_lowest(rows, k).view(weight.shape)
 
 
 def magnitude_masks(model: nn.Module, sparsity: float, group: str = "matrix") -> Masks:

@@ -13,6 +13,7 @@ import tempfile
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -49,19 +50,55 @@ def select_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
 
     Ties are broken by position: among equal scores the lower index is selected
     first. A threshold `<= kth` alone would over-select when the k-th value is
-    tied (common with quantised weights), so the tied entries are counted off
-    left to right.
+    tied (common with quantised weights), so in the rows where it does, the surplus
+    tied entries are dropped right to left. Equal to a stable argsort's first k.
     """
     rows, n = scores.shape
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
+    array = numpy_view(scores)
+    if array is not None:
+        return torch.from_numpy(select_lowest_numpy(array, k))
     kth = scores.kthvalue(k, dim=1, keepdim=True).values
     below = scores < kth
     tied = scores == kth
     room = k - below.sum(dim=1, keepdim=True)  # how many tied entries still fit, >= 1
     return below | (tied & (tied.cumsum(dim=1, dtype=torch.int32) <= room))
+
+
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
+                 torch.uint8)
+
+
+def numpy_view(t: torch.Tensor) -> np.ndarray | None:
+    """The tensor as a numpy array sharing its memory, if it is on the CPU in a dtype numpy has."""
+    return t.detach().numpy() if t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES else None
+
+
+def select_lowest_numpy(x: np.ndarray, k: int) -> np.ndarray:
+    """`select_lowest` on a CPU array [rows, n], all in numpy.
+
+    Why numpy: its introselect (`np.partition`) finds the k-th values ~4x faster than
+    `torch.kthvalue`, and single-threaded numpy ops do not pay the OpenMP barrier that makes
+    a chain of small torch ops crawl on a shared 2-core machine. Only the rows whose k-th
+    value is tied beyond the k-th place get the tie pass, and it touches only their ties.
+    """
+    if k <= 0 or k >= x.shape[1]:
+        return np.full(x.shape, k > 0)
+    kth = np.partition(x, k - 1, axis=1)[:, k - 1 : k]
+    selected = x <= kth
+    count = selected.sum(axis=1)
+    over = np.flatnonzero(count > k)
+    if over.size:
+        r, c = np.nonzero(x[over] == kth[over])  # the tied entries, row by row, left to right
+        n_tied = np.bincount(r, minlength=over.size)
+        room = k - (count[over] - n_tied)  # tied entries that fit in each row, >= 1
+        rank = np.arange(r.size) - (np.cumsum(n_tied) - n_tied)[r]  # position among its row's ties
+        drop = rank >= room[r]
+        selected[over[r[drop]], c[drop]] = False
+    return selected
 
 
 def block_linears(model: nn.Module) -> list[dict[str, nn.Linear]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -29,7 +30,9 @@ from lit_prune.pruning.masks import (
     block_linears,
     check_sparsity,
     count_pruned,
+    numpy_view,
     select_lowest,
+    select_lowest_numpy,
 )
 from lit_prune.pruning.nm import check_nm, check_nm_shape, nm_mask
 
@@ -47,10 +50,17 @@ def wanda_scores(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Ten
 
 def wanda_mask(weight: torch.Tensor, input_sq_norm: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep-mask [d_out, d_in]: per output row the floor(d_in * s) lowest scores are pruned
-    (ties: lower column first). Selection by kthvalue, no full sort."""
+    (ties: lower column first). k-th value by introselect (`select_lowest`), no full sort.
+
+    On CPU the scores are computed in numpy, bit for bit as `wanda_scores` does (|W| and sqrt
+    are exact / correctly rounded in float32 in both), so no torch op runs at all."""
     sparsity = check_sparsity(sparsity)
-    scores = wanda_scores(weight, input_sq_norm)
-    return ~select_lowest(scores, count_pruned(scores.shape[1], sparsity))
+    k = count_pruned(weight.shape[1], sparsity)
+    w, sq = numpy_view(weight), numpy_view(input_sq_norm)
+    if w is not None and sq is not None and tuple(sq.shape) == (w.shape[1],):
+        scores = np.abs(w).astype(np.float32, copy=False) * np.sqrt(sq.astype(np.float32))
+        return torch.from_numpy(~select_lowest_numpy(scores, k))
+    return ~select_lowest(wanda_scores(weight, input_sq_norm), k)
 
 
 def wanda_mask_reference(weight: torch.Tensor, input_sq_norm: torch.Tensor, sparsity: float) -> torch.Tensor:

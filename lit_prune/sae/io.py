@@ -63,8 +63,17 @@ def export_sae(sae: TrainingSAE, path: str | Path, norm_scale: float, metadata: 
     return path
 
 
+PRETRAINED_PREFIX = "sae-lens:"
+
+
 def load_sae(path: str | Path, device: str = "cpu") -> tuple[SAE, dict[str, Any]]:
-    """An SAE directory -> (inference SAE on raw activations, our metadata or {} for foreign SAEs)."""
+    """An SAE directory -> (inference SAE on raw activations, our metadata or {} for foreign SAEs).
+
+    "sae-lens:<release>:<sae_id>" loads a pretrained SAE through sae-lens' registry instead
+    (downloaded from the hub on first use), e.g. sae-lens:gemma-scope-2b-pt-res-canonical:layer_12/width_16k/canonical.
+    """
+    if str(path).startswith(PRETRAINED_PREFIX):
+        return _load_pretrained(str(path), device), {}
     path = Path(path)
     if not (path / "cfg.json").is_file():
         raise invalid("sae_path", str(path), "a directory with an sae-lens cfg.json and safetensors weights")
@@ -76,6 +85,17 @@ def load_sae(path: str | Path, device: str = "cpu") -> tuple[SAE, dict[str, Any]
     meta_file = path / METADATA_FILE
     metadata = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     return sae, metadata
+
+
+def _load_pretrained(spec: str, device: str) -> SAE:
+    release, _, sae_id = spec[len(PRETRAINED_PREFIX):].partition(":")
+    if not release or not sae_id:
+        raise invalid("sae_path", spec, "sae-lens:<release>:<sae_id> (names from sae-lens' pretrained_saes.yaml)")
+    try:
+        return SAE.from_pretrained(release, sae_id, device=device)
+    except Exception as err:  # unknown release / id, no network: one line
+        raise LitPruneError(f"sae_path={spec!r} could not be loaded through sae-lens ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''})") from err
 
 
 def check_compatible(sae: SAE, metadata: dict[str, Any], d_model: int, layer: int, field: str = "reference_sae") -> None:

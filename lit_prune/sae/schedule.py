@@ -15,5 +15,12 @@ def lr_factor(step: int, total: int, warmup: int, decay_fraction: float) -> floa
     return max(0.0, (total - step) / max(1, total - decay_start))
 
 
+def sae_steps(lm_batches: int, tokens_per_batch: int, sae_batch_tokens: int) -> int:
+    """SAE optimizer steps in a fit: harvested tokens / SAE batch, the last partial batch counted
+    when at least half full (as SAEModule drains its buffer)."""
+    full, rest = divmod(lm_batches * tokens_per_batch, sae_batch_tokens)
+    return max(1, full + int(rest > 0 and rest >= sae_batch_tokens // 2))
+
+
 def warmup_decay(opt: torch.optim.Optimizer, total: int, warmup: int, decay_fraction: float):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, warmup, decay_fraction))

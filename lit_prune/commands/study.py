@@ -1,0 +1,163 @@
+"""`python -m lit_prune study --config configs/smollm2.yaml`: the paper's whole grid, resumably, then the report.
+
+Reads the same config as `fit` (its model / data / trainer sections) plus its `study:` section
+(`lit_prune.study.config.StudySettings`). Artefacts go to <checkpoints>/<study>/<condition>/<step>/,
+TensorBoard runs to <logs>/<study>/<condition>/<step>/. Rerunning skips finished steps whose
+inputs are unchanged; `--shard i/n` runs a deterministic part of the conditions (then merge
+with `python -m lit_prune report <checkpoints>/<study>`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from lit_prune.errors import LitPruneError, invalid
+
+STUDY_FILE = "study.json"
+RUNS_FILE = "runs.jsonl"
+IDENTITY = ("model_name", "hook_layer")
+
+
+def build_parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+    from lit_prune.lit.datamodule import TokenDataModule
+    from lit_prune.lit.sae_module import SAEModule
+    from lit_prune.study.config import StudySettings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    parser = ArgumentParser(prog="python -m lit_prune study", description=__doc__.split("\n\n")[0],
+                            exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="A model config (configs/*.yaml) with a study: section.")
+    parser.add_argument("--seed_everything", type=int, default=0, help="Base seed of every run (plus the SAE seed).")
+    parser.add_argument("--trainer", type=dict[str, Any], default={},
+                        help="Lightning Trainer settings; the study uses accelerator and precision, one device per "
+                             "process (several GPUs: one --shard per GPU).")
+    parser.add_class_arguments(SAEModule, "model", skip={"export_dir", "norm_scale"})
+    parser.add_class_arguments(TokenDataModule, "data", skip={"model_name", "model_cache_dir"})
+    parser.add_class_arguments(StudySettings, "study")
+    parser.add_argument("--shard", type=str | None, default=None,
+                        help="i/n: run the conditions with index %% n == i (the dense model runs once, locked).")
+    parser.add_argument("--report", type=bool, default=True,
+                        help="Write <study>/report/ at the end (unsharded runs only; shards: use `report`).")
+    parser.add_argument("--progress", type=bool, default=True, help="Show the progress bar over the grid.")
+    return parser
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any], field: str) -> dict[str, Any]:
+    """base with overrides applied (nested dicts merged); unknown keys are an error."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if key not in base:
+            raise invalid(f"{field}.{key}", value, "a key of the config's section: " + ", ".join(sorted(base)))
+        out[key] = _merge(base[key], value, f"{field}.{key}") if isinstance(value, dict) and isinstance(base[key], dict) else value
+    return out
+
+
+def context_from_args(argv: list[str]):
+    """Parse argv into (StudyContext, shard, options)."""
+    from jsonargparse import ArgumentError, Namespace
+
+    from lit_prune.sae.build import SAESettings
+    from lit_prune.sae.io import PRETRAINED_PREFIX
+    from lit_prune.study.config import StudySettings
+    from lit_prune.study.runner import parse_shard
+    from lit_prune.study.steps import StudyContext
+
+    parser = build_parser()
+    try:
+        cfg = parser.parse_args(argv)
+    except ArgumentError as err:
+        raise LitPruneError(str(err).splitlines()[0]) from None
+    plain = lambda ns: ns.as_dict() if isinstance(ns, Namespace) else dict(ns)  # noqa: E731
+    study_fields = plain(cfg.study)
+    settings = StudySettings(**study_fields)
+    model = _merge(plain(cfg.model), settings.model, "study.model")
+    data = _merge(plain(cfg.data), settings.data, "study.data")
+    data["model_name"], data["model_cache_dir"] = model["model_name"], model["model_cache_dir"]
+    SAESettings(**model["sae"])  # one-line errors for bad SAE settings before any work
+    ref = settings.reference_sae
+    if ref is not None and not ref.startswith(PRETRAINED_PREFIX) and not Path(ref).is_dir():
+        raise invalid("study.reference_sae", ref, "an SAE directory or sae-lens:<release>:<sae_id>")
+    configs = cfg.get("config") or []
+    name = settings.name or (Path(str(configs[0])).stem if configs else "study")
+    ctx = StudyContext(name=name, settings=settings, model=model, data=data, trainer=dict(cfg.trainer or {}),
+                       seed_everything=int(cfg.seed_everything))
+    return ctx, parse_shard(cfg.shard), {"report": cfg.report, "progress": cfg.progress}
+
+
+def _check_identity(ctx, root: Path) -> None:
+    """Two different studies never share a directory: same name, other model or hook -> error."""
+    path = root / STUDY_FILE
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    for key in IDENTITY:
+        if old["model"].get(key) != ctx.model.get(key):
+            raise invalid("study.name", ctx.name, f"a new name: {root} holds a study of model.{key}="
+                          f"{old['model'].get(key)!r} (this config: {ctx.model.get(key)!r})")
+
+
+def _write_json(path: Path, record: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(record, handle, indent=1, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def _quiet_lightning() -> None:
+    """Each step is a Lightning run; their start-up chatter would drown the study's progress bar."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
+def run_study(argv: list[str]) -> Path:
+    from lit_prune.models.activation_cache import sharing_activations
+    from lit_prune.sae.io import versions
+    from lit_prune.study.runner import Runner
+    from lit_prune.study.steps import DENSE, build_steps
+
+    ctx, shard, options = context_from_args(argv)
+    _quiet_lightning()
+    root = ctx.root
+    _check_identity(ctx, root)
+    started = time.time()
+    dm = ctx.datamodule()  # validates the corpus and fixes the tokens before any expensive work
+    steps = build_steps(ctx, dm.provenance["fingerprint"])
+    runner = Runner(root, steps)
+    order = {c.name: i for i, c in enumerate(ctx.settings.conditions())}
+    selected = runner.selected(shard, lambda step: 0 if step.condition == DENSE else order[step.condition])
+    root.mkdir(parents=True, exist_ok=True)
+    _write_json(root / STUDY_FILE, {"name": ctx.name, "settings": asdict(ctx.settings), "model": ctx.model,
+                                    "data": ctx.data, "trainer": ctx.trainer, "seed_everything": ctx.seed_everything,
+                                    "corpus": dm.provenance, "versions": versions(),
+                                    "steps": {s.key: runner.hashes[s.key] for s in steps}})
+    with sharing_activations(int(ctx.settings.cache_gb * (1 << 30))):
+        status = runner.run(selected, progress=options["progress"])
+    record = {"shard": f"{shard[0]}/{shard[1]}", "started": started, "seconds": time.time() - started,
+              "ran": sorted(k for k, v in status.items() if v == "ran"),
+              "skipped": sorted(k for k, v in status.items() if v == "done")}
+    with (root / RUNS_FILE).open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    print(f"study {ctx.name}: {len(record['ran'])} steps ran, {len(record['skipped'])} already done, "
+          f"{record['seconds']:.0f} s; results in {root}")
+    if options["report"] and shard == (0, 1):
+        from lit_prune.study.report import write_report
+
+        print(f"report: {write_report(root)}")
+    return root
+
+
+def main(argv: list[str]) -> int:
+    run_study(argv)
+    return 0

@@ -1,0 +1,122 @@
+"""What a study runs: the grid (methods x sparsities x seeds) and the sizes of its runs.
+
+The `study:` section of a model config (configs/*.yaml); the config's `model:` and `data:`
+sections describe the LM, hook, SAE and corpus exactly as for `fit`, and `study.model` /
+`study.data` override them for the study's runs (a study trains many SAEs, so each usually
+gets a smaller budget than a single `fit`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from lit_prune.errors import LitPruneError, invalid
+
+METHODS = ("magnitude", "wanda")
+
+
+@dataclass
+class StudySettings:
+    """The paper's grid: model x hook x SAE settings x methods x sparsities x seeds."""
+
+    name: str | None = None
+    """Study name: artefacts go to <checkpoints>/<name>/, TensorBoard runs to <logs>/<name>/.
+    null: the config file's name (smollm2 for configs/smollm2.yaml)."""
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    """Pruning methods: magnitude and / or wanda."""
+    sparsities: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.6])
+    """Unstructured sparsities in (0, 1), each run with every method (the dense model is always run)."""
+    nm: list[list[int]] = field(default_factory=list)
+    """Extra semi-structured conditions [N, M] (e.g. [[2, 4]]), each run with every method."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    """SAE seeds trained on every model; the first is the reference seed (RQ1 needs two or more)."""
+    epochs: int = 1
+    """Passes of each SAE over its training tokens; later passes reuse the shared activations (no LM
+    forwards), so on a CPU they buy SAE quality cheaply. Validation and the RQ callbacks run after the last."""
+    reference_sae: str | None = None
+    """A pretrained dense-model SAE (sae-lens directory, e.g. Gemma Scope) to use as the reference for
+    RQ2 / RQ3 / RQ5 instead of our own first-seed dense SAE."""
+    model: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the config's model section for the study's runs (nested: {sae: {expansion: 4}})."""
+    data: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the config's data section for the study's runs."""
+    survival: dict[str, Any] = field(default_factory=dict)
+    """Extra arguments of FeatureSurvivalCallback (e.g. functional_sequences, n_boot)."""
+    transfer: dict[str, Any] = field(default_factory=dict)
+    """Extra arguments of TransferabilityCallback (e.g. sae_prune_levels, ce_sequences)."""
+    ablation: dict[str, Any] = field(default_factory=dict)
+    """Arguments of the RQ5 ablation on the dense model (n_top, n_random, n_rare, eval_sequences)."""
+    perplexity_sequences: int = 32
+    """Eval sequences on which the dense and each pruned model's perplexity is measured."""
+    gallery_condition: str | None = None
+    """Condition whose before / after contexts the feature gallery shows (e.g. wanda-0.4); null: the
+    Wanda (else magnitude) condition with the largest sparsity <= 0.5."""
+    gallery_features: int = 4
+    """Surviving and lost features shown in the gallery (each)."""
+    gallery_sequences: int = 128
+    """Eval sequences searched for the gallery's top-activating contexts."""
+    cache_gb: float = 4.0
+    """Memory for activations shared between the runs of one process (0 disables sharing)."""
+    checkpoints: str = "checkpoints"
+    """Root of the study's artefacts."""
+    logs: str = "logs"
+    """Root of the study's TensorBoard runs."""
+
+    def __post_init__(self) -> None:
+        if not self.methods or len(set(self.methods)) != len(self.methods) or set(self.methods) - set(METHODS):
+            raise invalid("study.methods", self.methods, "a non-empty list without duplicates of magnitude, wanda")
+        if len(set(self.sparsities)) != len(self.sparsities):
+            raise invalid("study.sparsities", self.sparsities, "a list without duplicates")
+        for s in self.sparsities:
+            if not (isinstance(s, (int, float)) and math.isfinite(s) and 0 <= s < 1):
+                raise invalid("study.sparsities", self.sparsities, "values in [0, 1)")
+        for pattern in self.nm:
+            if len(pattern) != 2 or not 0 < pattern[0] < pattern[1]:
+                raise invalid("study.nm", self.nm, "a list of [N, M] pairs with 0 < N < M")
+        if len({tuple(p) for p in self.nm}) != len(self.nm):
+            raise invalid("study.nm", self.nm, "a list without duplicates")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise invalid("study.seeds", self.seeds, "a non-empty list of distinct integers")
+        if self.perplexity_sequences < 1 or self.gallery_features < 0 or self.gallery_sequences < 1:
+            raise invalid("study.perplexity_sequences / gallery_features / gallery_sequences",
+                          (self.perplexity_sequences, self.gallery_features, self.gallery_sequences),
+                          "a positive integer / a non-negative integer / a positive integer")
+        if self.epochs < 1:
+            raise invalid("study.epochs", self.epochs, "an integer >= 1")
+        if self.cache_gb < 0:
+            raise invalid("study.cache_gb", self.cache_gb, "a non-negative number")
+        if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
+            raise invalid("study.name", self.name, "a non-empty name without '/' that does not start with '.'")
+
+    @property
+    def reference_seed(self) -> int:
+        return self.seeds[0]
+
+    def conditions(self) -> list[PruneCondition]:
+        """Every pruned condition of the grid (the dense model is implicit), in a fixed order."""
+        out = [PruneCondition(m, float(s)) for m in self.methods for s in sorted(self.sparsities) if s > 0]
+        out += [PruneCondition(m, p[0] / p[1], (p[0], p[1])) for m in self.methods for p in self.nm]
+        if not out:
+            raise LitPruneError("study grid has no pruned conditions: give study.sparsities > 0 or study.nm")
+        return out
+
+
+@dataclass(frozen=True)
+class PruneCondition:
+    """One pruned model of the grid."""
+
+    method: str
+    sparsity: float
+    nm: tuple[int, int] | None = None
+
+    @property
+    def name(self) -> str:
+        """Directory name: wanda-0.5, magnitude-2of4."""
+        return f"{self.method}-{self.nm[0]}of{self.nm[1]}" if self.nm else f"{self.method}-{self.sparsity:g}"
+
+    @property
+    def label(self) -> str:
+        """Row label of the method, as the analysis callbacks write it (wanda, wanda-2:4)."""
+        return f"{self.method}-{self.nm[0]}:{self.nm[1]}" if self.nm else self.method

@@ -1,0 +1,326 @@
+"""The steps of a study and what each writes (all under <checkpoints>/<study>/<condition>/<step>/).
+
+dense/seed<s>      Lightning fit of an SAE on the dense LM       sae/, results/sae_metrics.json, sae_firing_rates
+dense/perplexity   dense LM perplexity                           results/perplexity.json
+dense/rq5          feature importance of the reference SAE       results/rq5_ablation.{json,safetensors}
+<cond>/prune       masks + pruned perplexity                     masks.safetensors, results/perplexity.json
+<cond>/seed<s>     fit on the pruned LM + RQ2/RQ4 (+ RQ3 for the reference seed) callbacks
+                                                                 sae/, results/{sae_metrics,rq2_survival,rq3_transfer}
+<cond>/rq1         seed stability across the seeds' SAEs        results/rq1_seeds.{json,safetensors}
+<gallery cond>/gallery  top contexts of surviving / lost features  gallery.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lit_prune.analysis.ablation import feature_importance, sae_parts
+from lit_prune.analysis.evaluate import harvest
+from lit_prune.analysis.perplexity import perplexity
+from lit_prune.analysis.results import Condition, make_rows, read_arrays, write_arrays, write_rows
+from lit_prune.analysis.survival import seed_stability
+from lit_prune.errors import invalid
+from lit_prune.lit.ablation_callback import scatter_figure, summarise
+from lit_prune.lit.callbacks import PruningCallback
+from lit_prune.lit.datamodule import TokenDataModule
+from lit_prune.lit.sae_module import SAEModule
+from lit_prune.lit.survival_callback import FeatureSurvivalCallback
+from lit_prune.lit.transfer_callback import TransferabilityCallback
+from lit_prune.models.registry import load_model, load_tokenizer, model_dir
+from lit_prune.pruning import apply_masks, load_masks, prune_model, save_masks
+from lit_prune.sae.build import SAESettings
+from lit_prune.sae.io import hook_name, load_sae
+from lit_prune.study.config import PruneCondition, StudySettings
+from lit_prune.study.runner import Step
+
+DENSE = "dense"
+# One device per study process: Lightning's DDP launcher re-runs the command line, which for a
+# study would re-enter the runner; several GPUs take one shard each (--shard i/n).
+TRAINER_KEYS = ("accelerator", "precision", "deterministic")
+
+
+@dataclass
+class StudyContext:
+    """A parsed study: everything the steps need."""
+
+    name: str
+    settings: StudySettings
+    model: dict[str, Any]
+    """SAEModule arguments (sae as a plain dict), study overrides applied."""
+    data: dict[str, Any]
+    """TokenDataModule arguments, study overrides applied."""
+    trainer: dict[str, Any]
+    seed_everything: int
+
+    @property
+    def root(self) -> Path:
+        return Path(self.settings.checkpoints) / self.name
+
+    @property
+    def device(self) -> str:
+        gpu = self.trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda")
+        return "cuda" if gpu and torch.cuda.is_available() else "cpu"
+
+    def datamodule(self) -> TokenDataModule:
+        dm = TokenDataModule(**self.data)
+        dm.prepare_data()
+        dm.setup("fit")
+        return dm
+
+    def logger(self, step: str, condition: str) -> TensorBoardLogger:
+        return TensorBoardLogger(Path(self.settings.logs) / self.name / condition, name=step, default_hp_metric=False)
+
+    def load_lm(self) -> torch.nn.Module:
+        lm = load_model(self.model["model_name"], dtype=self.model.get("lm_dtype", "float32"),
+                        cache_dir=self.model.get("model_cache_dir", "checkpoints/models"))
+        return lm.to(self.device)
+
+    def reference(self) -> str:
+        """The reference SAE for RQ2 / RQ3 / RQ5: the pretrained one if given, else dense/seed<ref>/sae."""
+        return self.settings.reference_sae or str(self.root / DENSE / f"seed{self.settings.reference_seed}" / "sae")
+
+    def condition(self, method: str = DENSE, sparsity: float = 0.0, seed_a: int | None = None,
+                  seed_b: int | None = None) -> Condition:
+        return Condition(model=str(self.model["model_name"]), hook=hook_name(self.model["hook_layer"]),
+                         method=method, sparsity=sparsity, seed_a=seed_a, seed_b=seed_b)
+
+
+def model_digest(ctx: StudyContext) -> str:
+    """The model's identity for the input hashes: its config and the sizes of its weight files."""
+    path = Path(model_dir(ctx.model["model_name"], ctx.model.get("model_cache_dir", "checkpoints/models")))
+    if not path.is_dir():  # a hub id resolved by transformers itself
+        return str(ctx.model["model_name"])
+    parts = [(path / "config.json").read_text()] + [f"{f.name}:{f.stat().st_size}" for f in sorted(path.glob("*.safetensors"))]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def build_steps(ctx: StudyContext, corpus_fingerprint: str) -> list[Step]:
+    """Every step of the study in dependency order."""
+    st = ctx.settings
+    where = ("cache_dir", "model_cache_dir", "num_workers")  # where things are kept, not what they are
+    base = {"model": _without(ctx.model, where), "data": _without(ctx.data, where), "trainer": ctx.trainer,
+            "seed_everything": ctx.seed_everything,
+            "model_files": model_digest(ctx), "corpus": corpus_fingerprint}
+    ref_key = f"{DENSE}/seed{st.reference_seed}"
+    reference = {"reference_sae": st.reference_sae or ref_key}
+    fit_cost = 10.0
+    steps = [Step(DENSE, f"seed{s}", {**base, "seed": s, "epochs": st.epochs}, lambda out, s=s: fit_step(ctx, out, s, None), cost=fit_cost)
+             for s in st.seeds]
+    steps.append(Step(DENSE, "perplexity", {**base, "n": st.perplexity_sequences},
+                      lambda out: perplexity_step(ctx, out, None), cost=1))
+    steps.append(Step(DENSE, "rq5", {**base, **reference, "ablation": st.ablation},
+                      lambda out: rq5_step(ctx, out), deps=[ref_key], cost=4))
+    if len(st.seeds) > 1:
+        steps.append(Step(DENSE, "rq1", {"seeds": st.seeds}, lambda out: rq1_step(ctx, out, DENSE),
+                          deps=[f"{DENSE}/seed{s}" for s in st.seeds], cost=0.5))
+    gallery = gallery_condition(st)
+    for cond in st.conditions():
+        prune_inputs = {**base, "method": cond.method, "sparsity": cond.sparsity, "nm": cond.nm,
+                        "n": st.perplexity_sequences}
+        steps.append(Step(cond.name, "prune", prune_inputs, lambda out, c=cond: perplexity_step(ctx, out, c),
+                          cost=3 if cond.method == "wanda" else 1))
+        for s in st.seeds:
+            inputs = {**base, **reference, "seed": s, "epochs": st.epochs, "survival": st.survival,
+                      "transfer": st.transfer if s == st.reference_seed else None}
+            steps.append(Step(cond.name, f"seed{s}", inputs, lambda out, s=s, c=cond: fit_step(ctx, out, s, c),
+                              deps=[f"{cond.name}/prune", ref_key], cost=fit_cost + 4))
+        if len(st.seeds) > 1:
+            steps.append(Step(cond.name, "rq1", {"seeds": st.seeds}, lambda out, c=cond: rq1_step(ctx, out, c.name),
+                              deps=[f"{cond.name}/seed{s}" for s in st.seeds], cost=0.5))
+        if cond == gallery and st.gallery_features:
+            steps.append(Step(cond.name, "gallery", {**base, **reference, "n": st.gallery_features,
+                                                     "sequences": st.gallery_sequences},
+                              lambda out, c=cond: gallery_step(ctx, out, c),
+                              deps=[f"{cond.name}/prune", f"{cond.name}/seed{st.reference_seed}", ref_key], cost=1))
+    return steps
+
+
+def _without(settings: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if k not in keys}
+
+
+def gallery_condition(st: StudySettings) -> PruneCondition:
+    conditions = st.conditions()
+    if st.gallery_condition is not None:
+        for cond in conditions:
+            if cond.name == st.gallery_condition:
+                return cond
+        raise invalid("study.gallery_condition", st.gallery_condition, ", ".join(c.name for c in conditions))
+    unstructured = [c for c in conditions if c.nm is None] or conditions
+    for method in ("wanda", "magnitude"):
+        mine = [c for c in unstructured if c.method == method]
+        if mine:
+            at_most_half = [c for c in mine if c.sparsity <= 0.5] or mine
+            return max(at_most_half, key=lambda c: c.sparsity)
+    return unstructured[0]
+
+
+# --- steps ----------------------------------------------------------------------------------
+def fit_step(ctx: StudyContext, out: Path, seed: int, cond: PruneCondition | None) -> dict[str, Any]:
+    """An ordinary Lightning fit; on a pruned condition with the RQ2/RQ4 (and, for the reference
+    seed, RQ3) callbacks against the dense reference SAE."""
+    st = ctx.settings
+    L.seed_everything(ctx.seed_everything + seed, workers=True, verbose=False)
+    kwargs = {**ctx.model, "sae": SAESettings(**ctx.model.get("sae", {})), "seed": seed, "export_dir": str(out / "sae")}
+    callbacks: list[L.Callback] = []
+    if cond is not None:
+        dense_ref = ctx.root / DENSE / f"seed{st.reference_seed}" / "sae" / "lit_prune.json"
+        kwargs["norm_scale"] = json.loads(dense_ref.read_text())["norm_scale"]  # c is fitted on the dense model
+        masks = ctx.root / cond.name / "prune" / "masks.safetensors"
+        callbacks.append(PruningCallback(cond.method, 0.0 if cond.nm else cond.sparsity, list(cond.nm) if cond.nm else None,
+                                         masks_path=str(masks), perplexity_sequences=0))
+        callbacks.append(FeatureSurvivalCallback(ctx.reference(), output_dir=str(out), **st.survival))
+        if seed == st.reference_seed:
+            callbacks.append(TransferabilityCallback(ctx.reference(), output_dir=str(out), **st.transfer))
+    module = SAEModule(**kwargs)
+    trainer = L.Trainer(max_epochs=st.epochs, check_val_every_n_epoch=st.epochs, logger=ctx.logger(f"seed{seed}", cond.name if cond else DENSE),
+                        callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, devices=1,
+                        **{k: v for k, v in ctx.trainer.items() if k in TRAINER_KEYS})
+    trainer.fit(module, datamodule=TokenDataModule(**ctx.data))
+    condition = ctx.condition(cond.label if cond else DENSE, cond.sparsity if cond else 0.0, seed_a=seed)
+    write_rows(out / "results" / "sae_metrics.json", make_rows(condition, module.last_val, sae="own"))
+    write_arrays(out / "results" / "sae_firing_rates.safetensors", firing_rate=module.last_firing_rates)
+    return {"metrics": module.last_val, "tokens_trained": int(module.tokens_trained)}
+
+
+def perplexity_step(ctx: StudyContext, out: Path, cond: PruneCondition | None) -> dict[str, Any]:
+    """Perplexity of the dense model, or prune (saving the masks) and measure the pruned one."""
+    dm, lm = ctx.datamodule(), ctx.load_lm()
+    metrics: dict[str, float] = {}
+    if cond is not None:
+        started = time.perf_counter()
+        masks = prune_model(lm, cond.method, 0.0 if cond.nm else cond.sparsity, nm=cond.nm,
+                            calibration_ids=dm.calibration_ids, max_seq_len=dm.hparams.calibration_seq_len,
+                            progress=False)
+        metrics["prune_seconds"] = time.perf_counter() - started
+        save_masks(masks, out / "masks.safetensors", {"method": cond.method, "sparsity": str(cond.sparsity)})
+        metrics["realised_sparsity"] = (sum(int((~m).sum()) for m in masks.values())
+                                        / sum(m.numel() for m in masks.values()))
+    metrics["perplexity"] = perplexity(lm, dm.eval_ids[: ctx.settings.perplexity_sequences].to(ctx.device))
+    metrics["perplexity_tokens"] = float(dm.eval_ids[: ctx.settings.perplexity_sequences, 1:].numel())
+    condition = ctx.condition(cond.label, cond.sparsity) if cond else ctx.condition()
+    write_rows(out / "results" / "perplexity.json", make_rows(condition, metrics))
+    logger = ctx.logger("prune" if cond else "perplexity", cond.name if cond else DENSE)
+    logger.log_metrics({f"pruning/{k}": v for k, v in metrics.items()}, step=0)
+    logger.finalize("success")
+    return metrics
+
+
+def rq5_step(ctx: StudyContext, out: Path) -> dict[str, Any]:
+    """RQ5 on the dense model: exact ablation of selected reference features, attribution for all."""
+    st, dm, lm = ctx.settings, ctx.datamodule(), ctx.load_lm()
+    sae, meta = load_sae(ctx.reference(), device=ctx.device)
+    options = {"n_top": 64, "n_random": 64, "n_rare": 64, "eval_sequences": 8, "batch_size": 8, **st.ablation}
+    ids = dm.eval_ids[: options.pop("eval_sequences")].to(ctx.device)
+    arrays = feature_importance(lm, ctx.model["hook_layer"], ids, sae_parts(sae.eval().requires_grad_(False)),
+                                seed=ctx.seed_everything, **options)
+    metrics = summarise(arrays)
+    seed = meta.get("seed")
+    condition = ctx.condition(seed_a=None if seed is None else int(seed))
+    rows = [row for key, value in metrics.items()
+            for row in make_rows(condition, {key.split(":")[0]: value}, group=key.split(":")[1])]
+    write_rows(out / "results" / "rq5_ablation.json", rows)
+    write_arrays(out / "results" / "rq5_ablation.safetensors", **arrays)
+    logger = ctx.logger("rq5", DENSE)
+    logger.log_metrics({f"rq5/{k.replace(':', '/')}": v for k, v in metrics.items()}, step=0)
+    logger.experiment.add_figure("rq5/exact_vs_attribution", scatter_figure(arrays), 0)
+    logger.finalize("success")
+    return {k: v for k, v in metrics.items() if k.endswith(":selected")}
+
+
+def rq1_step(ctx: StudyContext, out: Path, condition_name: str) -> dict[str, Any]:
+    """RQ1: pairwise one-to-one matching of the seeds' SAEs on one model; per-feature stability."""
+    seeds = ctx.settings.seeds
+    decoders, alive = [], []
+    for s in seeds:
+        fit = ctx.root / condition_name / f"seed{s}"
+        sae, _ = load_sae(fit / "sae")
+        decoders.append(sae.W_dec.detach().float())
+        alive.append(read_arrays(fit / "results" / "sae_firing_rates.safetensors")["firing_rate"] > 0)
+    result = seed_stability(decoders, alive=alive)
+    method, sparsity = _method_of(ctx, condition_name)
+    rows = []
+    for pair in result["pairs"]:
+        cond = ctx.condition(method, sparsity, seeds[pair["i"]], seeds[pair["j"]])
+        metrics = {f"shared@{tau:g}": value for tau, value in pair["shared"].items()}
+        metrics.update({k: pair[k] for k in ("mmcs_ij", "mmcs_ji", "mean_cosine")})
+        rows += make_rows(cond, metrics)
+    write_rows(out / "results" / "rq1_seeds.json", rows)
+    write_arrays(out / "results" / "rq1_seeds.safetensors",
+                 **{f"stability_seed{s}": v for s, v in zip(seeds, result["stability"])})
+    logger = ctx.logger("rq1", condition_name)
+    logger.log_metrics({f"rq1/{r['metric']}/seeds{r['seed_a']}-{r['seed_b']}": r["value"] for r in rows
+                        if r["value"] is not None}, step=0)
+    logger.finalize("success")
+    return {"pairs": len(result["pairs"])}
+
+
+def _method_of(ctx: StudyContext, condition_name: str) -> tuple[str, float]:
+    if condition_name == DENSE:
+        return DENSE, 0.0
+    cond = next(c for c in ctx.settings.conditions() if c.name == condition_name)
+    return cond.label, cond.sparsity
+
+
+@torch.no_grad()
+def gallery_step(ctx: StudyContext, out: Path, cond: PruneCondition) -> dict[str, Any]:
+    """Top-activating eval contexts of a few surviving and a few lost reference features, on the
+    dense and on the pruned model (survival: the functional Pearson r of the reference-seed fit)."""
+    st, dm, layer = ctx.settings, ctx.datamodule(), ctx.model["hook_layer"]
+    sae, _ = load_sae(ctx.reference(), device=ctx.device)
+    arrays = read_arrays(ctx.root / cond.name / f"seed{st.reference_seed}" / "results" / "rq2_survival.safetensors")
+    r, rate, cosine = arrays["pearson_r"].double(), arrays["firing_rate"].double(), arrays["matched_cosine"].double()
+    threshold = float(st.survival.get("functional_threshold", 0.7))
+    usable = (rate >= 1e-3) & ~torch.isnan(r)  # fires often enough to show several contexts
+    order = torch.argsort(torch.where(usable, r, torch.nan).nan_to_num(-2.0), descending=True)
+    survivors = [int(i) for i in order[: st.gallery_features] if usable[i] and r[i] >= threshold]
+    lost_order = torch.argsort(torch.where(usable, r, torch.nan).nan_to_num(2.0))
+    lost = [int(i) for i in lost_order[: st.gallery_features] if usable[i] and r[i] < threshold]
+    chosen = survivors + lost
+    ids = dm.eval_ids[: st.gallery_sequences]
+    dense = ctx.load_lm()
+    pruned = ctx.load_lm()
+    apply_masks(pruned, {k: v.to(ctx.device) for k, v in load_masks(ctx.root / cond.name / "prune" / "masks.safetensors").items()})
+    tokenizer = load_tokenizer(ctx.model["model_name"], ctx.model.get("model_cache_dir", "checkpoints/models"))
+    acts = {}
+    for name, lm in (("dense", dense), ("pruned", pruned)):
+        chunks = [sae.encode(harvest(lm, batch.to(ctx.device), layer))[:, chosen].cpu() for batch in ids.split(16)]
+        acts[name] = torch.cat(chunks) if chosen else torch.zeros(0, 0)
+    features = []
+    for j, feature in enumerate(chosen):
+        entry = {"feature": feature, "status": "survived" if feature in survivors else "lost",
+                 "pearson_r": float(r[feature]), "matched_cosine": float(cosine[feature]),
+                 "firing_rate": float(rate[feature])}
+        for name in ("dense", "pruned"):
+            entry[name] = _top_contexts(acts[name][:, j], ids, tokenizer)
+        features.append(entry)
+    record = {"condition": cond.name, "method": cond.label, "sparsity": cond.sparsity, "threshold": threshold,
+              "sequences": int(ids.shape[0]), "features": features}
+    (out / "gallery.json").write_text(json.dumps(record, indent=1))
+    return {"survived": len(survivors), "lost": len(lost)}
+
+
+def _top_contexts(values: torch.Tensor, ids: torch.Tensor, tokenizer: Any, n: int = 3, left: int = 12,
+                  right: int = 3) -> list[dict[str, Any]]:
+    """The n highest activations (positions >= 1 of fixed-length rows) with their surrounding tokens."""
+    per_row = ids.shape[1] - 1
+    out = []
+    for flat in torch.argsort(values, descending=True)[:n].tolist():
+        if values[flat] <= 0:
+            break
+        row, pos = divmod(flat, per_row)
+        pos += 1
+        seq = ids[row].tolist()
+        out.append({"activation": float(values[flat]), "left": tokenizer.decode(seq[max(0, pos - left):pos]),
+                    "token": tokenizer.decode(seq[pos:pos + 1]), "right": tokenizer.decode(seq[pos + 1:pos + 1 + right])})
+    return out

@@ -1,0 +1,280 @@
+"""The study runner: resumability, input hashes, atomic results, shards, and the CLI end to end on tiny models."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_cli
+from lit_prune.analysis.results import read_arrays
+from lit_prune.errors import LitPruneError
+from lit_prune.study.config import StudySettings
+from lit_prune.study.runner import Runner, Step, parse_shard
+
+
+# --- runner, without any model ------------------------------------------------------------------
+def _steps(log: list[str], value: int = 1, fail: str | None = None) -> list[Step]:
+    def make(key: str, payload: int):
+        def run(out: Path) -> dict:
+            if key == fail:
+                (out / "partial.txt").write_text("half")
+                raise RuntimeError("boom")
+            log.append(key)
+            (out / "value.txt").write_text(str(payload))
+            return {"value": payload}
+        return run
+
+    return [Step("dense", "a", {"v": 1}, make("dense/a", 1)),
+            Step("c1", "b", {"v": value}, make("c1/b", value), deps=["dense/a"]),
+            Step("c1", "c", {"v": 3}, make("c1/c", 3), deps=["c1/b"]),
+            Step("c2", "b", {"v": 4}, make("c2/b", 4), deps=["dense/a"])]
+
+
+def test_rerun_skips_finished_steps_and_redoes_changed_ones_downstream(tmp_path):
+    log: list[str] = []
+    steps = _steps(log)
+    Runner(tmp_path, steps).run(steps, progress=False)
+    assert log == ["dense/a", "c1/b", "c1/c", "c2/b"]
+    log.clear()
+    Runner(tmp_path, steps).run(steps, progress=False)
+    assert log == []
+    changed = _steps(log, value=2)
+    status = Runner(tmp_path, changed).run(changed, progress=False)
+    assert log == ["c1/b", "c1/c"]  # c1/c reads c1/b, so its inputs changed too
+    assert status == {"dense/a": "done", "c1/b": "ran", "c1/c": "ran", "c2/b": "done"}
+    assert (tmp_path / "c1" / "b" / "value.txt").read_text() == "2"
+
+
+def test_failed_step_keeps_the_previous_good_result(tmp_path):
+    log: list[str] = []
+    steps = _steps(log)
+    Runner(tmp_path, steps).run(steps, progress=False)
+    failing = _steps(log, value=2, fail="c1/b")
+    with pytest.raises(RuntimeError):
+        Runner(tmp_path, failing).run(failing, progress=False)
+    assert (tmp_path / "c1" / "b" / "value.txt").read_text() == "1"  # old result intact, not half-replaced
+    assert not (tmp_path / "c1" / "b" / "partial.txt").exists()
+    runner = Runner(tmp_path, failing)
+    assert not runner.is_done("c1/b")  # but it is no longer current
+
+
+def test_shards_partition_the_owned_steps_and_pull_in_dependencies(tmp_path):
+    steps = _steps([])
+    runner = Runner(tmp_path, steps)
+    owner = {"dense": 0, "c1": 0, "c2": 1}
+    shard0 = [s.key for s in runner.selected((0, 2), lambda s: owner[s.condition])]
+    shard1 = [s.key for s in runner.selected((1, 2), lambda s: owner[s.condition])]
+    assert shard0 == ["dense/a", "c1/b", "c1/c"]
+    assert shard1 == ["dense/a", "c2/b"]  # dense/a is a dependency: run once, under its lock
+    assert [s.key for s in runner.selected((0, 1), lambda s: owner[s.condition])] == [s.key for s in steps]
+
+
+@pytest.mark.parametrize("text", ["2/2", "-1/2", "a/b", "1", "0/0"])
+def test_bad_shard_is_one_line_error(text):
+    with pytest.raises(LitPruneError, match="--shard"):
+        parse_shard(text)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"sparsities": [0.5, 0.5]}, "study.sparsities"),
+    ({"sparsities": [1.0]}, "study.sparsities"),
+    ({"sparsities": [-0.1]}, "study.sparsities"),
+    ({"methods": ["sparsegpt"]}, "study.methods"),
+    ({"seeds": []}, "study.seeds"),
+    ({"nm": [[4, 2]]}, "study.nm"),
+])
+def test_bad_grid_is_rejected(kwargs, field):
+    with pytest.raises(LitPruneError, match=field):
+        StudySettings(**kwargs)
+
+
+def test_grid_without_pruned_conditions_is_rejected():
+    with pytest.raises(LitPruneError, match="no pruned conditions"):
+        StudySettings(sparsities=[0.0]).conditions()
+
+
+def test_conditions_are_named_and_ordered():
+    names = [c.name for c in StudySettings(sparsities=[0.5, 0.25], nm=[[2, 4]]).conditions()]
+    assert names == ["magnitude-0.25", "magnitude-0.5", "wanda-0.25", "wanda-0.5", "magnitude-2of4", "wanda-2of4"]
+
+
+# --- the study command on a tiny model ---------------------------------------------------------
+def _study_args(tmp_path: Path, corpus: Path, model_cache: Path, *extra: str) -> list[str]:
+    return ["study", "--config", str(ROOT / "configs" / "tiny.yaml"), f"--data.corpus={corpus}",
+            f"--data.cache_dir={tmp_path / 'cache'}", f"--model.model_cache_dir={model_cache}",
+            f"--study.checkpoints={tmp_path / 'checkpoints'}", f"--study.logs={tmp_path / 'logs'}",
+            "--progress=false", *extra]
+
+
+def _results(study: Path) -> dict[str, object]:
+    """Every result row and array of a study (timings and paths dropped)."""
+    out: dict[str, object] = {}
+    for path in sorted(study.glob("*/*/results/*")):
+        key = str(path.relative_to(study))
+        if path.suffix == ".json":
+            out[key] = [r for r in json.loads(path.read_text()) if "seconds" not in r["metric"]]
+        else:
+            # bytes, not lists: NaN (a feature that never fires) must compare equal to itself
+            out[key] = {k: (str(v.dtype), tuple(v.shape), v.numpy().tobytes()) for k, v in read_arrays(path).items()}
+    for path in sorted(study.glob("*/gallery/gallery.json")):
+        out[str(path.relative_to(study))] = json.loads(path.read_text())
+    return out
+
+
+def _ran(study: Path) -> list[list[str]]:
+    return [json.loads(line)["ran"] for line in (study / "runs.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference_study(tmp_path_factory, local_corpus, model_cache):
+    """One uninterrupted tiny study: the baseline the other runs must reproduce exactly."""
+    tmp = tmp_path_factory.mktemp("reference_study")
+    result = run_cli(*_study_args(tmp, local_corpus, model_cache, "--report=false"), cwd=tmp)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp / "checkpoints" / "tiny"
+
+
+def test_study_writes_every_result(reference_study):
+    results = _results(reference_study)
+    conditions = ["dense", "magnitude-0.5", "wanda-0.5"]
+    for cond in conditions:
+        assert f"{cond}/rq1/results/rq1_seeds.json" in results
+        for seed in (0, 1):
+            assert f"{cond}/seed{seed}/results/sae_metrics.json" in results
+    for cond in conditions[1:]:
+        assert f"{cond}/prune/results/perplexity.json" in results
+        assert f"{cond}/seed0/results/rq3_transfer.json" in results  # RQ3: reference seed only
+        assert f"{cond}/seed1/results/rq2_survival.json" in results
+    assert "dense/rq5/results/rq5_ablation.json" in results
+    assert "wanda-0.5/gallery/gallery.json" in results
+    # survival rows: cross-seed (seed 1 vs the seed-0 reference) and same-seed
+    rows = results["wanda-0.5/seed1/results/rq2_survival.json"]
+    assert {(r["seed_a"], r["seed_b"], r["same_seed"]) for r in rows} == {(0, 1, False)}
+    ppl = {r["metric"]: r["value"] for r in results["wanda-0.5/prune/results/perplexity.json"]}
+    assert ppl["realised_sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_rerun_does_nothing_and_a_changed_setting_reruns_only_what_it_touches(reference_study, tmp_path,
+                                                                              local_corpus, model_cache):
+    import shutil
+
+    study_root = tmp_path / "checkpoints"
+    shutil.copytree(reference_study, study_root / "tiny")
+    before = _results(study_root / "tiny")
+    result = run_cli(*_study_args(tmp_path, local_corpus, model_cache, "--report=false"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _ran(study_root / "tiny")[-1] == []
+    assert _results(study_root / "tiny") == before
+    # a different SAE-pruning baseline level changes only the RQ3 (reference-seed) fits and the steps
+    # that read them (RQ1 matching, the gallery)
+    result = run_cli(*_study_args(tmp_path, local_corpus, model_cache, "--report=false",
+                                  "--study.transfer={sae_prune_levels: [0.25]}"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(_ran(study_root / "tiny")[-1]) == ["magnitude-0.5/rq1", "magnitude-0.5/seed0", "wanda-0.5/gallery",
+                                                     "wanda-0.5/rq1", "wanda-0.5/seed0"]
+
+
+def test_sigkilled_study_resumes_to_identical_results(reference_study, tmp_path, local_corpus, model_cache):
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "lit_prune", *_study_args(tmp_path, local_corpus, model_cache, "--report=false")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    study = tmp_path / "checkpoints" / "tiny"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(study.glob("*/*/done.json"))) < 5 and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # mid-study: some steps done, one usually half-written
+    proc.wait()
+    assert 0 < len(list(study.glob("*/*/done.json"))) < len(list(reference_study.glob("*/*/done.json")))
+    result = run_cli(*_study_args(tmp_path, local_corpus, model_cache, "--report=false"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _results(study) == _results(reference_study)
+
+
+def test_shards_and_report_equal_one_unsharded_run(reference_study, tmp_path, local_corpus, model_cache):
+    for shard in ("0/2", "1/2"):
+        result = run_cli(*_study_args(tmp_path, local_corpus, model_cache, f"--shard={shard}"), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    study = tmp_path / "checkpoints" / "tiny"
+    first, second = _ran(study)
+    assert not set(first) & set(second)  # no step ran twice
+    assert _results(study) == _results(reference_study)
+    result = run_cli("report", str(study), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (study / "report" / "report.md").is_file() and (study / "report" / "report.html").is_file()
+
+
+def test_study_help_explains_the_grid():
+    result = run_cli("study", "--help", cwd=ROOT)
+    assert result.returncode == 0
+    for option in ("--study.sparsities", "--study.seeds", "--shard", "--study.model"):
+        assert option in result.stdout
+
+
+@pytest.mark.parametrize("override, field", [
+    ("--study.sparsities=[0.5, 0.5]", "study.sparsities"),
+    ("--study.sparsities=[1.5]", "study.sparsities"),
+    ("--study.sparsities=[0.0]", "no pruned conditions"),
+    ("--shard=3/2", "--shard"),
+    ("--study.model={no_such_option: 1}", "study.model.no_such_option"),
+])
+def test_study_bad_input_is_one_line_error_and_writes_nothing(tmp_path, local_corpus, model_cache, override, field):
+    result = run_cli(*_study_args(tmp_path, local_corpus, model_cache, override), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert field in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "checkpoints" / "tiny").exists()
+
+
+def test_report_of_unknown_directory_is_one_line_error(tmp_path):
+    result = run_cli("report", str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["smollm2", "llama", "gemma2", "gemma3"])
+def test_shipped_study_configs_parse(name):
+    from lit_prune.commands.study import context_from_args
+
+    ctx, shard, _ = context_from_args(["--config", str(ROOT / "configs" / f"{name}.yaml")])
+    settings = ctx.settings
+    assert ctx.name == name and shard == (0, 1)
+    assert set(settings.methods) == {"magnitude", "wanda"} and len(settings.seeds) >= 2
+    assert len([s for s in settings.sparsities if s > 0]) >= 3
+    assert ctx.data["model_name"] == ctx.model["model_name"]
+    if name.startswith("gemma"):
+        assert settings.reference_sae.startswith("sae-lens:")  # Gemma Scope as the pretrained reference
+    if name != "smollm2":
+        assert max(settings.sparsities) == 0.6 and ctx.data["corpus"].startswith("hf:")
+
+
+@pytest.mark.parametrize("config, arch", [("llama", "tiny-llama"), ("gemma2", "tiny-gemma2"), ("gemma3", "tiny-gemma3")])
+def test_paper_configs_run_end_to_end_on_tiny_local_copies(config, arch, tmp_path, local_corpus, model_cache):
+    """Each paper config's study on a tiny save_pretrained copy of its architecture, a tiny sae-lens
+    SAE on disk as the pretrained reference (Gemma configs) and a local corpus: everything but the sizes."""
+    from lit_prune.models.tiny import build_tiny
+    from lit_prune.sae.build import SAESettings, build_training_sae
+    from lit_prune.sae.io import export_sae
+
+    model = tmp_path / arch
+    build_tiny(arch, model)
+    extra = []
+    if config.startswith("gemma"):
+        reference = tmp_path / "pretrained_sae"
+        export_sae(build_training_sae(SAESettings(expansion=4, k=8), 64, seed=7), reference, 1.0,
+                   {"model": str(model), "hook_layer": 1})
+        (reference / "lit_prune.json").unlink()  # a foreign sae-lens SAE: no lit_prune metadata
+        extra.append(f"--study.reference_sae={reference}")
+    args = ["study", "--config", str(ROOT / "configs" / f"{config}.yaml"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+            f"--model.model_name={model}", "--study.model={}", "--study.data={}", "--study.methods=[wanda]",
+            "--study.seeds=[0]", f"--data.corpus={local_corpus}", f"--data.cache_dir={tmp_path / 'cache'}",
+            f"--model.model_cache_dir={model_cache}", f"--study.checkpoints={tmp_path / 'checkpoints'}",
+            f"--study.logs={tmp_path / 'logs'}", "--progress=false", *extra]
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = tmp_path / "checkpoints" / config
+    assert (study / "wanda-2of4" / "seed0" / "results" / "rq3_transfer.json").is_file()  # the config's N:M condition
+    assert (study / "report" / "report.html").is_file()
