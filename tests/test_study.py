@@ -185,8 +185,7 @@ def test_sigkilled_study_resumes_to_identical_results(reference_study, tmp_path,
     cmd = [sys.executable, "-m", "lit_prune", *_study_args(tmp_path, local_corpus, model_cache, "--report=false")]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     study = tmp_path / "checkpoints" / "tiny"
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list(study.glob("*/*/done.json"))) < 5 and proc.poll() is None:
+    while len(list(study.glob("*/*/done.json"))) < 5 and proc.poll() is None:  # until some steps are done
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)  # mid-study: some steps done, one usually half-written
     proc.wait()

@@ -79,11 +79,7 @@ class AblationCallback(L.Callback):
         condition = Condition(model=str(hp.model_name), hook=f"blocks.{hp.hook_layer}.hook_resid_post",
                               method=str(info.get("method", "dense")), sparsity=float(info.get("sparsity", 0.0)),
                               seed_a=int(hp.seed))
-        rows = []
-        for key, value in metrics.items():
-            metric, group = key.split(":")
-            rows += make_rows(condition, {metric: value}, group=group, epoch=trainer.current_epoch,
-                              eval_sequences=self.eval_sequences)
+        rows = summary_rows(condition, metrics, epoch=trainer.current_epoch, eval_sequences=self.eval_sequences)
         out = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir) / "results"
         write_arrays(out / "rq5_ablation.safetensors", **arrays)
         write_rows(out / "rq5_ablation.json", rows)
@@ -108,6 +104,15 @@ def summarise(arrays: dict[str, torch.Tensor]) -> dict[str, float]:
             out[f"spearman_ce_{scope}_vs_attribution:{group}"] = rho
             out[f"spearman_ce_{scope}_vs_attribution_p:{group}"] = p
     return out
+
+
+def summary_rows(condition: Condition, metrics: dict[str, float], **extra: Any) -> list[dict[str, Any]]:
+    """Tidy rows of `summarise` output: "metric:group" keys become a metric and a `group` column."""
+    rows = []
+    for key, value in metrics.items():
+        metric, group = key.split(":")
+        rows += make_rows(condition, {metric: value}, group=group, **extra)
+    return rows
 
 
 def _mean(values: torch.Tensor) -> float:

@@ -17,7 +17,7 @@ sets `module.last_val`, has run by then; never during the sanity check). The mod
 leftover activation buffer in the epoch's last training step, so the end-of-epoch validation sees
 the SAE as exported; `at_fit_end` adds a "fit_end" measurement for runs that validate mid-epoch.
 Global rank 0 only. Measurements that depend only on the reference SAE and the
-frozen LMs are cached and redone only when the LM's weights change (`lm_fingerprint`).
+frozen LMs are cached and redone only when the LM's weights change (`weights_digest`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
@@ -54,12 +53,6 @@ def dense_lm(module: L.LightningModule) -> nn.Module:
 
 def release_dense_lm(module: L.LightningModule) -> None:
     module.__dict__.pop(_DENSE_ATTR, None)
-
-
-@torch.no_grad()
-def lm_fingerprint(lm: nn.Module) -> float:
-    """Sum of every parameter in float64: a cheap change detector (pruning or training moves it), not a hash."""
-    return float(sum(p.detach().sum(dtype=torch.float64) for p in lm.parameters()))
 
 
 def condition_method(info: dict[str, Any]) -> str:

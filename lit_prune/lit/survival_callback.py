@@ -16,7 +16,8 @@ from lit_prune.analysis.results import make_rows, write_arrays
 from lit_prune.analysis.survival import geometric_survival, normalised_survival, survival_from_accumulator
 from lit_prune.analysis.transfer import PairedPass, paired_features
 from lit_prune.errors import invalid
-from lit_prune.lit.analysis_callbacks import ReferenceSAECallback, dense_lm, lm_fingerprint
+from lit_prune.lit.analysis_callbacks import ReferenceSAECallback, dense_lm
+from lit_prune.models.activation_cache import weights_digest
 from lit_prune.sae.build import build_training_sae
 
 _RQ4 = ("rho", "survival_bin", "functional_rho", "functional_survival_bin")
@@ -141,7 +142,7 @@ class FeatureSurvivalCallback(ReferenceSAECallback):
         self.seed_baseline, self.seed_baseline_tau = seed_baseline, seed_baseline_tau
         self.n_bins, self.n_boot, self.log_figures = n_bins, n_boot, log_figures
         self.init_decoder: torch.Tensor | None = None
-        self._cache: tuple[float, PairedPass] | None = None
+        self._cache: tuple[str, PairedPass] | None = None
         self.last: SurvivalResult | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -161,7 +162,7 @@ class FeatureSurvivalCallback(ReferenceSAECallback):
     def _paired(self, trainer: L.Trainer, module: L.LightningModule) -> PairedPass:
         """Reference on dense vs current LM; cached while the current LM's weights stay the same."""
         lm = module.lm_on_device()
-        fingerprint = lm_fingerprint(lm)
+        fingerprint = weights_digest(lm)
         if self._cache is None or self._cache[0] != fingerprint:
             ids = trainer.datamodule.eval_ids[: self.functional_sequences]
             self._cache = (fingerprint, paired_features(dense_lm(module), lm, module.hparams.hook_layer,

@@ -11,7 +11,8 @@ from lit_prune.analysis.evaluate import harvest, sae_codec
 from lit_prune.analysis.results import make_rows
 from lit_prune.analysis.transfer import is_viable, l0_ratio, sae_input_sq_norm, transfer_metrics, wanda_prune_sae
 from lit_prune.errors import invalid
-from lit_prune.lit.analysis_callbacks import ReferenceSAECallback, dense_lm, lm_fingerprint
+from lit_prune.lit.analysis_callbacks import ReferenceSAECallback, dense_lm
+from lit_prune.models.activation_cache import weights_digest
 from lit_prune.pruning.masks import check_sparsity
 
 Metrics = dict[str, float]
@@ -64,7 +65,7 @@ class TransferabilityCallback(ReferenceSAECallback):
         self.ce_sequences, self.calibration_sequences = ce_sequences, calibration_sequences
         self.ce_factor, self.fvu_factor = ce_factor, fvu_factor
         self.dense_metrics: Metrics | None = None
-        self._cache: tuple[float, dict[tuple[str, float], Metrics]] | None = None
+        self._cache: tuple[str, dict[tuple[str, float], Metrics]] | None = None
         self.last: dict[tuple[str, float], Metrics] = {}
         """The latest measurement's metrics by (sae, sae_sparsity)."""
 
@@ -103,7 +104,7 @@ class TransferabilityCallback(ReferenceSAECallback):
                         ce: int) -> dict[tuple[str, float], Metrics]:
         """The reference and its Wanda-pruned copies on the current LM; cached while its weights stay the same."""
         lm = module.lm_on_device()
-        fingerprint = lm_fingerprint(lm)
+        fingerprint = weights_digest(lm)
         if self._cache is not None and self._cache[0] == fingerprint:
             return self._cache[1]
         results = {("reference", 0.0): self._evaluate(trainer, module, lm, self.reference, ce)}

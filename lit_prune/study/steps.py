@@ -29,7 +29,7 @@ from lit_prune.analysis.perplexity import perplexity
 from lit_prune.analysis.results import Condition, make_rows, read_arrays, write_arrays, write_rows
 from lit_prune.analysis.survival import seed_stability
 from lit_prune.errors import invalid
-from lit_prune.lit.ablation_callback import scatter_figure, summarise
+from lit_prune.lit.ablation_callback import scatter_figure, summarise, summary_rows
 from lit_prune.lit.callbacks import PruningCallback
 from lit_prune.lit.datamodule import TokenDataModule
 from lit_prune.lit.sae_module import SAEModule
@@ -227,9 +227,7 @@ def rq5_step(ctx: StudyContext, out: Path) -> dict[str, Any]:
     metrics = summarise(arrays)
     seed = meta.get("seed")
     condition = ctx.condition(seed_a=None if seed is None else int(seed))
-    rows = [row for key, value in metrics.items()
-            for row in make_rows(condition, {key.split(":")[0]: value}, group=key.split(":")[1])]
-    write_rows(out / "results" / "rq5_ablation.json", rows)
+    write_rows(out / "results" / "rq5_ablation.json", summary_rows(condition, metrics))
     write_arrays(out / "results" / "rq5_ablation.safetensors", **arrays)
     logger = ctx.logger("rq5", DENSE)
     logger.log_metrics({f"rq5/{k.replace(':', '/')}": v for k, v in metrics.items()}, step=0)
