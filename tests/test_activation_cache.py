@@ -46,3 +46,28 @@ def test_in_place_weight_changes_invalidate_the_remembered_digest():
         layer0.data = torch.zeros_like(layer0)  # new storage: invalidates too
         zeroed = harvest(lm, ids, 1)
         assert cache.misses == 3 and not torch.equal(zeroed, pruned)
+
+
+def test_transfer_metrics_of_one_sae_on_one_lm_are_measured_once():
+    """The study's pruned conditions all measure the reference on the dense LM: a hit after the
+    first; another SAE (other weights, or same weights with another k) is measured anew."""
+    from types import SimpleNamespace
+
+    from lit_prune.lit.transfer_callback import TransferabilityCallback
+    from lit_prune.sae.build import SAESettings, build_training_sae
+
+    lm, ids = _model_and_ids()
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(eval_ids=ids))
+    module = SimpleNamespace(hparams=SimpleNamespace(hook_layer=1))
+    callback = TransferabilityCallback("unused", batch_size=1)
+    sae = build_training_sae(SAESettings(expansion=2, k=4), lm.config.hidden_size, seed=0)
+    fresh = callback._evaluate(trainer, module, lm, sae, ce=2)
+    with sharing_activations() as cache:
+        first = callback._evaluate(trainer, module, lm, sae, ce=2)
+        misses = cache.misses
+        assert callback._evaluate(trainer, module, copy.deepcopy(lm), sae, ce=2) == first == fresh
+        assert cache.misses == misses
+        other_k = build_training_sae(SAESettings(expansion=2, k=3), lm.config.hidden_size, seed=0)
+        other_k.load_state_dict(sae.state_dict())
+        assert callback._evaluate(trainer, module, lm, other_k, ce=2)["l0"] != first["l0"]
+        assert callback._evaluate(trainer, module, lm, sae, ce=1) != first  # fewer CE rows: another entry

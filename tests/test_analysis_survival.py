@@ -129,6 +129,7 @@ def test_pearson_accumulator_equals_corrcoef_of_concatenation():
     f32, g32 = f.astype(np.float32).astype(np.float64), g.astype(np.float32).astype(np.float64)
     expected = [np.corrcoef(f32[:, i], g32[:, i])[0, 1] for i in range(f.shape[1])]
     np.testing.assert_allclose(acc.compute().numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(acc.max_a.numpy(), f32.max(0))
 
 
 def test_functional_survival_hand_made():

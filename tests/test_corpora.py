@@ -15,7 +15,8 @@ from lit_prune.data.corpora import (
     Fingerprint, PythonDocsOptions, corpus_fingerprint, documents_of_split, load_documents,
     python_docs_path, require_documents, split_of, unit_hash, validate_fractions,
 )
-from lit_prune.data.python_docs import clean_paragraphs, docstrings_of_file, package_docs
+from lit_prune.data.docstring_cleaning import clean_paragraphs
+from lit_prune.data.python_docs import docstrings_of_file, package_docs
 from lit_prune.errors import LitPruneError
 
 @pytest.fixture(autouse=True)

@@ -2,9 +2,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lit_prune.analysis.metrics import (
-    ReconstructionMetrics, SplicedCEMetrics, ce_recovered, kl_score, loss_positions, spliced_forward,
+    ReconstructionMetrics, SplicedCEMetrics, ce_recovered, kl_score, loss_positions, next_token_ce, next_token_kl,
+    spliced_forward,
 )
 from lit_prune.models.hooks import valid_positions
 from lit_prune.models.registry import load_model
@@ -94,3 +96,22 @@ def test_shared_clean_and_zero_logits_give_identical_sae_metrics(tiny_lm):
         shared = [evaluate_sae(tiny_lm, 1, c, ids, 64, batch_size=4, ce_sequences=4) for c in codecs]
         assert cache.hits >= 3  # the second SAE reused clean, zero and the activations
     assert shared == plain
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_ce_and_kl_equal_the_one_pass_formulas(dtype):
+    """300 positions cross the 128-position chunks; CE gradients too (attribution uses them)."""
+    torch.manual_seed(0)
+    p = torch.randn(3, 301, 50).mul(3).to(dtype).requires_grad_(True)
+    q = torch.randn(3, 301, 50).mul(3).to(dtype)
+    ids = torch.randint(0, 50, (3, 301))
+    ce = next_token_ce(p, ids)
+    ce_ref = F.cross_entropy(p[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+    assert ce.shape == (3, 300) and torch.allclose(ce, ce_ref, atol=1e-5)
+    grad, = torch.autograd.grad(ce.sum(), p)
+    grad_ref, = torch.autograd.grad(ce_ref.sum(), p)
+    rtol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # bf16 gradients: one rounding of 8 mantissa bits
+    assert torch.allclose(grad.float(), grad_ref.float(), rtol=rtol, atol=1e-6)
+    logp, logq = F.log_softmax(p[:, :-1].float(), -1), F.log_softmax(q[:, :-1].float(), -1)
+    kl_ref = (logp.exp() * (logp - logq)).sum(-1)
+    assert torch.allclose(next_token_kl(p, q), kl_ref, atol=1e-5)

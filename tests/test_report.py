@@ -31,6 +31,9 @@ def _cond(method="dense", s=0.0, a=None, b=None):
     return Condition(model="tiny-llama", hook="blocks.1.hook_resid_post", method=method, sparsity=s, seed_a=a, seed_b=b)
 
 
+DECODER_NORM = torch.linspace(2.0, 1.0, N)
+
+
 def _cosines(method, s):
     """Per-feature cross-seed matched cosines; feature 0 is 0.8 at s=0.25 and 0.6 at s=0.5 for both methods."""
     rng = np.random.default_rng(int(s * 100) + (7 if method == "wanda" else 0))
@@ -104,7 +107,7 @@ def study(tmp_path_factory) -> Path:
         write_rows(res(f"{name}/seed1") / "rq2_survival.json", old + rows)
         cos = _cosines(m, s)
         write_arrays(res(f"{name}/seed1") / "rq2_survival.safetensors", matched_cosine=torch.tensor(cos).float(),
-                     firing_rate=torch.tensor(RATE), alive=torch.tensor(RATE > 0))
+                     firing_rate=torch.tensor(RATE), alive=torch.tensor(RATE > 0), decoder_norm=DECODER_NORM)
         write_rows(res(f"{name}/seed0") / "rq2_survival.json",
                    make_rows(_cond(m, s, 0, 0), {"S": 0.99}, tau=0.7, epoch=1, same_seed=True, stage="validation"))
         dense_rows = make_rows(_cond(a=0), {"fvu": 0.1, "ce_recovered": 0.9}, sae="reference", sae_sparsity=0.0,
@@ -164,7 +167,10 @@ def test_importance_and_fragility_use_the_right_arrays(study):
     F = frag["magnitude"]["F"]
     assert F[0] == pytest.approx(1 - (0.8 + 0.6) / 2) and frag["magnitude"]["s_star"][0] == 0.5
     assert F[1] == pytest.approx(1.0)  # unmatched at both sparsities: nothing preserved
-    assert set(frag["wanda"]["predictors"]) == {"log10 firing rate", "seed stability (dense RQ1)"}
+    assert set(frag["wanda"]["predictors"]) == {"log10 firing rate", "seed stability (dense RQ1)", "decoder norm"}
+    alive = frag["magnitude"]["alive"]
+    expected = spearman(F[alive], DECODER_NORM.double().numpy()[alive])
+    assert frag["magnitude"]["predictors"]["decoder norm"] == pytest.approx(expected, nan_ok=True)
 
 
 def test_headline_verdicts(study):

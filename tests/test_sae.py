@@ -109,3 +109,27 @@ def test_sae_steps_counts_harvested_tokens_per_sae_batch():
     assert sae_steps(10, 100, 400) == 3  # 2 full steps; the half batch left is drained as a third
     assert sae_steps(10, 100, 800) == 1  # 200 left < half a batch: dropped
     assert sae_steps(1, 1, 4096) == 1
+
+
+def test_buffer_interleaved_adds_and_pops_keep_every_row_once_and_resume():
+    """Holes filled from the tail: popped + held == added, no row twice; a state_dict round-trip
+    continues exactly like the uninterrupted buffer."""
+    gen = torch.Generator().manual_seed(1)
+    buffer, resumed, added, popped = ActivationBuffer(capacity=20, seed=3), None, 0, []
+    for step in range(30):
+        m = int(torch.randint(1, 12, (1,), generator=gen))
+        rows = torch.arange(added, added + m, dtype=torch.float32).unsqueeze(1).repeat(1, 2)
+        added += m
+        for buf in [b for b in (buffer, resumed) if b is not None]:
+            buf.add(rows)
+        while buffer.full():
+            batch = buffer.pop(7)
+            if resumed is not None:
+                assert torch.equal(resumed.pop(7), batch)
+            popped += batch[:, 0].tolist()
+        if step == 10:
+            resumed = ActivationBuffer(capacity=20, seed=99)
+            resumed.load_state_dict(buffer.state_dict())
+    held = buffer.rows[:, 0].tolist()
+    assert sorted(popped + held) == list(range(added)) and len(buffer) == len(held) < 20
+    assert torch.equal(resumed.rows, buffer.rows)

@@ -136,6 +136,7 @@ def test_survival_on_a_hand_made_condition():
     assert result.metrics[None]["n_alive"] == 3 and result.metrics[None]["mean_cosine"] == pytest.approx(2.8 / 3)
     # bins by firing rate (rarest first): feature 2 (cos 0.8) | feature 1 | feature 0
     assert result.arrays["bin"].tolist() == [2, 1, 0, -1]
+    assert torch.equal(result.arrays["max_activation"], f_dense.amax(0)) and result.arrays["decoder_norm"].tolist() == [1] * 4
     assert [result.metrics[0.9][f"survival_bin{b}"] for b in range(3)] == [0.0, 1.0, 1.0]
     assert result.metrics[0.9]["rho_bin"] == pytest.approx(math.sqrt(3) / 2)  # ranks (1,2,3) vs (1,2.5,2.5)
 

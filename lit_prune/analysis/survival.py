@@ -120,6 +120,7 @@ class PearsonAccumulator:
         self.n = 0
         self.mean_a = self.mean_b = self.m2_a = self.m2_b = self.c_ab = None
         self.fired_a: torch.Tensor | None = None  # [n_features] tokens with f_a > 0
+        self.max_a: torch.Tensor | None = None  # [n_features] largest f_a
 
     def update(self, f_a: torch.Tensor, f_b: torch.Tensor) -> None:
         """Add one chunk: f_a, f_b [tokens, n_features] for the same tokens."""
@@ -134,11 +135,11 @@ class PearsonAccumulator:
         mean_a, mean_b = f_a.mean(0), f_b.mean(0)
         da, db = f_a - mean_a, f_b - mean_b
         m2_a, m2_b, c_ab = (da * da).sum(0), (db * db).sum(0), (da * db).sum(0)
-        fired = (f_a > 0).sum(0)
+        fired, max_a = (f_a > 0).sum(0), f_a.amax(0)
         if self.n == 0:
             self.mean_a, self.mean_b = mean_a, mean_b
             self.m2_a, self.m2_b, self.c_ab = m2_a, m2_b, c_ab
-            self.fired_a, self.n = fired, nb
+            self.fired_a, self.max_a, self.n = fired, max_a, nb
             return
         if mean_a.shape != self.mean_a.shape:
             raise invalid("n_features", mean_a.numel(), f"{self.mean_a.numel()} as before")
@@ -151,6 +152,7 @@ class PearsonAccumulator:
         self.mean_a += delta_a * nb / n
         self.mean_b += delta_b * nb / n
         self.fired_a += fired
+        self.max_a = torch.maximum(self.max_a, max_a)
         self.n = n
 
     def compute(self) -> torch.Tensor:

@@ -129,12 +129,12 @@ def parse_nm(nm: str | None) -> tuple[int, int] | None:
 
 def check_options(o: PruneOptions) -> tuple[float, tuple[int, int] | None, str]:
     """Validate everything that needs no model: returns (sparsity, nm, group) as pruning will use them."""
-    from lit_prune.pruning import METHODS, _resolve_group, resolve_sparsity
+    from lit_prune.pruning import METHODS, resolve_group, resolve_sparsity
 
     if o.method not in METHODS:
         raise invalid("method", o.method, "one of " + ", ".join(METHODS))
     sparsity, nm = resolve_sparsity(o.sparsity, parse_nm(o.nm))
-    group = _resolve_group(o.method, o.group, nm)
+    group = resolve_group(o.method, o.group, nm)
     minimum = {"calibration_seq_len": 2, "eval_sequences": 1, "batch_size": 1, "calibration_sequences": 0}
     for name, low in minimum.items():
         value = getattr(o, name)

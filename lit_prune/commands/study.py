@@ -4,7 +4,9 @@ Reads the same config as `fit` (its model / data / trainer sections) plus its `s
 (`lit_prune.study.config.StudySettings`). Artefacts go to <checkpoints>/<study>/<condition>/<step>/,
 TensorBoard runs to <logs>/<study>/<condition>/<step>/. Rerunning skips finished steps whose
 inputs are unchanged; `--shard i/n` runs a deterministic part of the conditions (then merge
-with `python -m lit_prune report <checkpoints>/<study>`).
+with `python -m lit_prune report <checkpoints>/<study>`). Within a shard, each SAE fit uses every
+device the trainer settings give (`--trainer.devices=4`: a Lightning DDP run in a child process,
+`lit_prune.study.fit_worker`; the global batch is then devices x data.batch_size sequences).
 """
 
 from __future__ import annotations
@@ -37,8 +39,12 @@ def build_parser():
     parser.add_argument("--config", action=ActionConfigFile, help="A model config (configs/*.yaml) with a study: section.")
     parser.add_argument("--seed_everything", type=int, default=0, help="Base seed of every run (plus the SAE seed).")
     parser.add_argument("--trainer", type=dict[str, Any], default={},
-                        help="Lightning Trainer settings; the study uses accelerator and precision, one device per "
-                             "process (several GPUs: one --shard per GPU).")
+                        help="Lightning Trainer settings; the study uses accelerator, precision, deterministic and, "
+                             "for its SAE fits, devices, num_nodes and strategy. devices > 1 (or a list, or auto "
+                             "finding several GPUs): each fit is a Lightning DDP run (strategy ddp unless given) "
+                             "in a child process; every rank reads data.batch_size sequences per step, so the "
+                             "global batch is devices x batch_size. The other steps use one device. "
+                             "Changing devices reruns the fits.")
     parser.add_class_arguments(SAEModule, "model", skip={"export_dir", "norm_scale"})
     parser.add_class_arguments(TokenDataModule, "data", skip={"model_name", "model_cache_dir"})
     parser.add_class_arguments(StudySettings, "study")

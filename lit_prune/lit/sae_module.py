@@ -126,7 +126,7 @@ class SAEModule(L.LightningModule):
             fvu = self.sae_step(self.buffer.pop(self.hparams.sae_batch_tokens))
             self.log("fvu", fvu, prog_bar=True, on_step=True, on_epoch=False)
         if last:
-            self.buffer.rows = None
+            self.buffer.clear()
 
     def sae_step(self, x: torch.Tensor) -> torch.Tensor:
         """One optimizer step on scaled activations x: [n, d_model]; returns the batch FVU."""
@@ -186,7 +186,11 @@ class SAEModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.last_val = self.evaluator.compute()
-        self.last_firing_rates = self.evaluator.recon.firing_rates().cpu()
+        recon = self.evaluator.recon
+        # compute() syncs the states across DDP ranks and then restores this rank's own: sync again
+        # so the firing rates cover every rank's eval tokens, like the metrics (no-op on one process)
+        with recon.sync_context():
+            self.last_firing_rates = recon.firing_rates().cpu()
         self.log_dict({f"val/{k}": v for k, v in self.last_val.items()}, sync_dist=False)
         self.evaluator.reset()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import lightning as L
@@ -12,7 +14,7 @@ from lit_prune.analysis.results import make_rows
 from lit_prune.analysis.transfer import is_viable, l0_ratio, sae_input_sq_norm, transfer_metrics, wanda_prune_sae
 from lit_prune.errors import invalid
 from lit_prune.lit.analysis_callbacks import ReferenceSAECallback, dense_lm
-from lit_prune.models.activation_cache import weights_digest
+from lit_prune.models.activation_cache import cached, weights_digest
 from lit_prune.pruning.masks import check_sparsity
 
 Metrics = dict[str, float]
@@ -96,9 +98,14 @@ class TransferabilityCallback(ReferenceSAECallback):
 
     def _evaluate(self, trainer: L.Trainer, module: L.LightningModule, lm: torch.nn.Module,
                   sae: torch.nn.Module, ce: int, scale: float = 1.0) -> Metrics:
-        metrics, _ = transfer_metrics(lm, module.hparams.hook_layer, sae_codec(sae, scale),
-                                      trainer.datamodule.eval_ids, sae.cfg.d_sae, self.eval_batch_size(trainer), ce)
-        return metrics
+        """transfer_metrics, shared through the activation cache: in a study every pruned
+        condition measures the same reference on the same dense LM."""
+        layer, ids, batch = module.hparams.hook_layer, trainer.datamodule.eval_ids, self.eval_batch_size(trainer)
+        cfg = json.dumps(sae.cfg.to_dict(), sort_keys=True, default=str)
+        tag = f"transfer@{layer}:{weights_digest(sae)}:{hashlib.sha256(cfg.encode()).hexdigest()[:16]}:{scale!r}:{batch}:{ce}"
+        metrics = cached(lm, ids, tag, lambda: transfer_metrics(lm, layer, sae_codec(sae, scale), ids, sae.cfg.d_sae,
+                                                                 batch, ce)[0])
+        return dict(metrics)
 
     def _reference_side(self, trainer: L.Trainer, module: L.LightningModule,
                         ce: int) -> dict[tuple[str, float], Metrics]:

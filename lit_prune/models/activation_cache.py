@@ -18,24 +18,31 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections import OrderedDict
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+T = TypeVar("T")
+
+
+def _bytes(value: object) -> int:
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+
 
 class ActivationCache:
-    """LRU of tensors bounded by their total size in bytes."""
+    """LRU of tensors (and small values such as metric dicts, counted as 0 bytes) bounded by
+    the tensors' total size in bytes."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.entries: OrderedDict[str, Any] = OrderedDict()
         self.bytes = 0
         self.hits = self.misses = 0
 
-    def get(self, key: str) -> torch.Tensor | None:
+    def get(self, key: str) -> Any:
         value = self.entries.get(key)
         if value is None:
             self.misses += 1
@@ -44,15 +51,15 @@ class ActivationCache:
         self.entries.move_to_end(key)
         return value
 
-    def put(self, key: str, value: torch.Tensor) -> None:
-        size = value.numel() * value.element_size()
+    def put(self, key: str, value: Any) -> None:
+        size = _bytes(value)
         if size > self.max_bytes:
             return
         self.entries[key] = value
         self.bytes += size
         while self.bytes > self.max_bytes:
             _, old = self.entries.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
+            self.bytes -= _bytes(old)
 
 
 _active: list[ActivationCache] = []
@@ -114,11 +121,11 @@ def weights_digest(lm: nn.Module) -> str:
     return hashlib.blake2b(stats.numpy().tobytes(), digest_size=16).hexdigest()
 
 
-def cached(lm: nn.Module, ids: torch.Tensor, layer: object, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+def cached(lm: nn.Module, ids: torch.Tensor, layer: object, compute: Callable[[], T]) -> T:
     """compute() through the active cache (or directly when none is active).
 
     layer: what is computed besides the LM and tokens: a block index for activations, or a tag
-    such as "clean" / "zero@6" for logits."""
+    such as "clean" / "zero@6" for logits (or one naming an SAE, for its metrics)."""
     cache = active_cache()
     if cache is None:
         return compute()

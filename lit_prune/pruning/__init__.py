@@ -57,7 +57,7 @@ def resolve_sparsity(sparsity: float | None, nm: object = None) -> tuple[float, 
     return n / m, (n, m)
 
 
-def _resolve_group(method: str, group: str | None, nm: tuple[int, int] | None) -> str:
+def resolve_group(method: str, group: str | None, nm: tuple[int, int] | None) -> str:
     """The grouping a method prunes in; also what `check_realised` verifies."""
     if nm is not None:
         if group is not None:
@@ -101,7 +101,7 @@ def prune_model(
     if method not in METHODS:
         raise invalid("method", method, "one of " + ", ".join(METHODS))
     sparsity, nm = resolve_sparsity(sparsity, nm)
-    group = _resolve_group(method, group, nm)
+    group = resolve_group(method, group, nm)
     if method == "wanda" and calibration_ids is None:
         raise invalid("calibration_ids", None, "token ids [n_seq, seq_len] for wanda")
     if method == "magnitude":
@@ -119,7 +119,7 @@ def verify_masks(
 ) -> list[dict]:
     """The per-matrix sparsity report, after asserting it is exactly what the method promises."""
     sparsity, nm = resolve_sparsity(sparsity, nm)
-    group = _resolve_group(method, group, nm)
+    group = resolve_group(method, group, nm)
     report = sparsity_report(model, masks, sparsity)
     check_realised(report, sparsity, group, nm)
     return report

@@ -19,35 +19,63 @@ def fit_norm_scale(acts: torch.Tensor) -> float:
 
 
 class ActivationBuffer:
-    """Holds up to `capacity` rows; `pop` draws a uniformly random batch (seeded) once full."""
+    """Holds up to `capacity` rows; `pop` draws a uniformly random batch (seeded) once full.
+
+    Rows live in one preallocated tensor: `add` writes after the held rows and `pop` fills the
+    holes it leaves with the untaken rows from the end, so neither copies the whole buffer.
+    """
 
     def __init__(self, capacity: int, seed: int) -> None:
         self.capacity = capacity
-        self.rows: torch.Tensor | None = None
+        self.storage: torch.Tensor | None = None
+        self.n = 0
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
-        return 0 if self.rows is None else self.rows.shape[0]
+        return self.n
+
+    @property
+    def rows(self) -> torch.Tensor | None:
+        """The held rows [n, d_model] (a view), or None when nothing was added."""
+        return None if self.storage is None else self.storage[: self.n]
 
     def add(self, acts: torch.Tensor) -> None:
-        """acts: [n, d_model], appended (detached)."""
-        acts = acts.detach()
-        self.rows = acts if self.rows is None else torch.cat([self.rows, acts])
+        """acts: [m, d_model], appended (detached)."""
+        acts, m = acts.detach(), acts.shape[0]
+        if self.storage is None or self.n + m > self.storage.shape[0]:
+            grown = acts.new_empty((max(self.capacity, self.n) + m, acts.shape[1]))  # room for one more add
+            if self.n:
+                grown[: self.n] = self.storage[: self.n]
+            self.storage = grown
+        self.storage[self.n: self.n + m] = acts
+        self.n += m
+
+    def clear(self) -> None:
+        self.storage, self.n = None, 0
 
     def full(self) -> bool:
         return len(self) >= self.capacity
 
     def pop(self, batch_size: int) -> torch.Tensor:
         """A random batch [min(batch_size, len), d_model], removed from the buffer."""
-        assert self.rows is not None
-        order = torch.randperm(len(self), generator=self.generator).to(self.rows.device)
-        take, keep = order[:batch_size], order[batch_size:]
-        batch, self.rows = self.rows[take], self.rows[keep]
+        assert self.storage is not None
+        n = self.n
+        b = min(batch_size, n)
+        take = torch.randperm(n, generator=self.generator)[:b].to(self.storage.device)
+        batch = self.storage[take]
+        first_tail = n - b  # rows [first_tail, n) move into the holes left below first_tail
+        in_tail = take >= first_tail
+        untaken_tail = torch.ones(b, dtype=torch.bool, device=take.device)
+        untaken_tail[take[in_tail] - first_tail] = False
+        self.storage[take[~in_tail]] = self.storage[first_tail + untaken_tail.nonzero().squeeze(1)]
+        self.n = first_tail
         return batch
 
     def state_dict(self) -> dict[str, object]:
-        return {"rows": None if self.rows is None else self.rows.cpu(), "generator": self.generator.get_state()}
+        rows = self.rows
+        return {"rows": None if rows is None else rows.cpu(), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        self.rows = state["rows"]  # type: ignore[assignment]
+        rows = state["rows"]
+        self.storage, self.n = rows, 0 if rows is None else rows.shape[0]  # type: ignore[assignment,union-attr]
         self.generator.set_state(state["generator"])  # type: ignore[arg-type]

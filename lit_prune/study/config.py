@@ -58,7 +58,8 @@ class StudySettings:
     gallery_sequences: int = 128
     """Eval sequences searched for the gallery's top-activating contexts."""
     cache_gb: float = 4.0
-    """Memory for activations shared between the runs of one process (0 disables sharing)."""
+    """Memory for activations shared between the runs of one process (0 disables sharing). A multi-device
+    fit runs in child processes (one per rank) that each have their own cache of this size."""
     checkpoints: str = "checkpoints"
     """Root of the study's artefacts."""
     logs: str = "logs"

@@ -205,6 +205,12 @@ class FeatureSurvival:
     alive: np.ndarray
     """[n_ref] bool: fires on the dense model."""
     fits: int
+    extra: dict[str, np.ndarray]
+    """Per-feature fragility predictors of the reference on the dense model (max activation,
+    decoder norm), when the study wrote them."""
+
+
+EXTRA_PREDICTORS = {"max_activation": "max activation (dense)", "decoder_norm": "decoder norm"}
 
 
 def feature_survival(data: StudyData, cond: Cond) -> FeatureSurvival | None:
@@ -215,7 +221,8 @@ def feature_survival(data: StudyData, cond: Cond) -> FeatureSurvival | None:
     cos = np.mean([np.nan_to_num(a["matched_cosine"].double().numpy(), nan=0.0) for a in arrays], axis=0)
     rate = arrays[0]["firing_rate"].double().numpy()
     alive = arrays[0]["alive"].numpy().astype(bool) if "alive" in arrays[0] else rate > 0
-    return FeatureSurvival(cos, rate, alive, len(arrays))
+    extra = {name: arrays[0][key].double().numpy() for key, name in EXTRA_PREDICTORS.items() if key in arrays[0]}
+    return FeatureSurvival(cos, rate, alive, len(arrays), extra)
 
 
 def fragility_by_method(data: StudyData) -> dict[str, dict[str, Any]]:
@@ -235,7 +242,7 @@ def fragility_by_method(data: StudyData) -> dict[str, dict[str, Any]]:
         s_star = breaking_points({s: fs.cosine for s, fs in per.items()}, TAU).numpy()
         with np.errstate(divide="ignore"):
             logp = np.where(first.rate > 0, np.log10(first.rate), np.nan)
-        predictors = {"log10 firing rate": logp}
+        predictors = {"log10 firing rate": logp, **first.extra}
         if stability is not None and stability.numel() == F.size:
             predictors["seed stability (dense RQ1)"] = stability.double().numpy()
         alive = first.alive

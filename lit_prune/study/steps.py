@@ -8,6 +8,10 @@ dense/rq5          feature importance of the reference SAE       results/rq5_abl
                                                                  sae/, results/{sae_metrics,rq2_survival,rq3_transfer}
 <cond>/rq1         seed stability across the seeds' SAEs        results/rq1_seeds.{json,safetensors}
 <gallery cond>/gallery  top contexts of surviving / lost features  gallery.json
+
+The fits run in the study's process on one device (the default), or, when the study's trainer
+settings ask for several (devices > 1, num_nodes > 1), as an ordinary Lightning DDP run in a child
+process (`lit_prune.study.fit_worker`) over all of them.
 """
 
 from __future__ import annotations
@@ -43,9 +47,17 @@ from lit_prune.study.config import PruneCondition, StudySettings
 from lit_prune.study.runner import Step
 
 DENSE = "dense"
-# One device per study process: Lightning's DDP launcher re-runs the command line, which for a
-# study would re-enter the runner; several GPUs take one shard each (--shard i/n).
+# The Trainer settings the fit steps take from the study's trainer section (the other steps only
+# read the accelerator). One device (the default, devices: 1 or absent): the fit runs in the study's
+# own process with devices=1. More (devices > 1 or a list of several, "auto" / -1 finding several
+# accelerators, num_nodes > 1): it runs as a child process, `python -m lit_prune.study.fit_worker`,
+# an ordinary Lightning DDP run over them (strategy "ddp" unless given). Not in the study's process:
+# Lightning's DDP launcher re-runs the command line for the other ranks, which for a study would
+# re-enter the runner and wait forever on the step's lock. Each rank reads data.batch_size sequences
+# per LM batch (Lightning's DistributedSampler), so the global batch is devices x num_nodes x
+# batch_size. Shards (--shard i/n) still split the conditions between study processes.
 TRAINER_KEYS = ("accelerator", "precision", "deterministic")
+DDP_KEYS = ("devices", "num_nodes", "strategy")
 
 
 @dataclass
@@ -165,9 +177,48 @@ def gallery_condition(st: StudySettings) -> PruneCondition:
 
 
 # --- steps ----------------------------------------------------------------------------------
+def fit_processes(trainer: dict[str, Any]) -> int:
+    """How many processes a fit step uses under these study trainer settings: devices x num_nodes.
+
+    devices absent counts as 1 (as before DDP fits, the study never takes every device unasked);
+    "auto" / -1 count the visible CUDA devices when the accelerator may be a GPU, else 1 (Lightning's
+    CPU "auto" is one process; more CPU processes need an explicit devices: n)."""
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text.lstrip("-").isdigit():
+            devices = int(text)
+        elif text != "auto":
+            devices = [d for d in text.split(",") if d.strip()]  # "0,1": device ids
+    if isinstance(devices, (list, tuple)):
+        count = len(devices)
+    elif devices in ("auto", -1):
+        gpu = trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda")
+        count = torch.cuda.device_count() if gpu and torch.cuda.is_available() else 1
+    else:
+        count = int(devices)
+    return max(count, 1) * max(int(trainer.get("num_nodes", 1) or 1), 1)
+
+
 def fit_step(ctx: StudyContext, out: Path, seed: int, cond: PruneCondition | None) -> dict[str, Any]:
     """An ordinary Lightning fit; on a pruned condition with the RQ2/RQ4 (and, for the reference
-    seed, RQ3) callbacks against the dense reference SAE."""
+    seed, RQ3) callbacks against the dense reference SAE.
+
+    One device: in this process. Several (`fit_processes` > 1): a DDP run in a child process
+    (`lit_prune.study.fit_worker`) that runs `run_fit` on every rank; same results and summary."""
+    if fit_processes(ctx.trainer) > 1:
+        from lit_prune.study.fit_worker import fit_in_worker
+
+        return fit_in_worker(ctx, out, seed, cond)
+    return run_fit(ctx, out, seed, cond)[1]
+
+
+def run_fit(ctx: StudyContext, out: Path, seed: int, cond: PruneCondition | None,
+            distributed: bool = False) -> tuple[L.Trainer, dict[str, Any]]:
+    """The fit of `fit_step`: (trainer, {"metrics", "tokens_trained"}). Not distributed: devices=1.
+    Distributed (every DDP rank calls this): devices / num_nodes / strategy from the study's trainer
+    settings; global rank 0 writes the results, every rank returns the summary, whose
+    tokens_trained is summed over the ranks (each trains on its own share of the sequences)."""
     st = ctx.settings
     L.seed_everything(ctx.seed_everything + seed, workers=True, verbose=False)
     kwargs = {**ctx.model, "sae": SAESettings(**ctx.model.get("sae", {})), "seed": seed, "export_dir": str(out / "sae")}
@@ -182,15 +233,24 @@ def fit_step(ctx: StudyContext, out: Path, seed: int, cond: PruneCondition | Non
         if seed == st.reference_seed:
             callbacks.append(TransferabilityCallback(ctx.reference(), output_dir=str(out), **st.transfer))
     module = SAEModule(**kwargs)
+    if distributed:
+        placement = {"devices": ctx.trainer.get("devices", 1), "num_nodes": ctx.trainer.get("num_nodes", 1),
+                     "strategy": ctx.trainer.get("strategy") or "ddp"}
+    else:
+        placement = {"devices": 1}
     trainer = L.Trainer(max_epochs=st.epochs, check_val_every_n_epoch=st.epochs, logger=ctx.logger(f"seed{seed}", cond.name if cond else DENSE),
                         callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, devices=1,
+                        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, **placement,
                         **{k: v for k, v in ctx.trainer.items() if k in TRAINER_KEYS})
     trainer.fit(module, datamodule=TokenDataModule(**ctx.data))
-    condition = ctx.condition(cond.label if cond else DENSE, cond.sparsity if cond else 0.0, seed_a=seed)
-    write_rows(out / "results" / "sae_metrics.json", make_rows(condition, module.last_val, sae="own"))
-    write_arrays(out / "results" / "sae_firing_rates.safetensors", firing_rate=module.last_firing_rates)
-    return {"metrics": module.last_val, "tokens_trained": int(module.tokens_trained)}
+    tokens = module.tokens_trained
+    if distributed:
+        tokens = trainer.strategy.reduce(tokens.clone(), reduce_op="sum")
+    if trainer.is_global_zero:
+        condition = ctx.condition(cond.label if cond else DENSE, cond.sparsity if cond else 0.0, seed_a=seed)
+        write_rows(out / "results" / "sae_metrics.json", make_rows(condition, module.last_val, sae="own"))
+        write_arrays(out / "results" / "sae_firing_rates.safetensors", firing_rate=module.last_firing_rates)
+    return trainer, {"metrics": module.last_val, "tokens_trained": int(tokens)}
 
 
 def perplexity_step(ctx: StudyContext, out: Path, cond: PruneCondition | None) -> dict[str, Any]:

@@ -1,0 +1,114 @@
+"""`python -m lit_prune.study.fit_worker SPEC.json`: one fit step of a study as an ordinary Lightning DDP run.
+
+A study whose trainer settings ask for several devices (`steps.fit_processes` > 1) runs each fit
+step through `fit_in_worker`: the study process writes the step's spec (its StudyContext, seed and
+prune condition) into the step's temp directory, runs this module on it as a child process and
+waits. Lightning's DDP launcher re-runs this same command line for the other ranks (harmless here;
+a re-run study would re-enter its runner and wait on the step's lock). Every rank runs
+`steps.run_fit`; global rank 0 writes the step's results, `fit_result.json` (the summary the
+in-process fit returns) and waits for the other ranks before it exits.
+
+Each process has its own activation cache (`sharing_activations`, study.cache_gb each) for the
+duration of its fit; it shares nothing with the study process's cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+SPEC = "fit_spec.json"
+RESULT = "fit_result.json"
+
+
+def fit_in_worker(ctx: Any, out: Path, seed: int, cond: Any) -> dict[str, Any]:
+    """Run the fit step (seed, cond: a PruneCondition or None for dense) in a DDP child process;
+    returns what rank 0 wrote to fit_result.json. A failed child: a one-line LitPruneError."""
+    import torch
+
+    from lit_prune.errors import LitPruneError
+    from lit_prune.study.steps import DDP_KEYS, DENSE, TRAINER_KEYS
+
+    out = Path(out).resolve()
+    step = f"{cond.name if cond is not None else DENSE}/seed{seed}"
+    strategy = ctx.trainer.get("strategy")
+    if strategy is not None and not isinstance(strategy, str):
+        raise LitPruneError(f"trainer.strategy={strategy!r} is invalid: expected a strategy name (e.g. ddp) for "
+                            "a study's multi-device fits")
+    spec = {"name": ctx.name, "settings": asdict(ctx.settings), "model": ctx.model, "data": ctx.data,
+            "trainer": {k: v for k, v in ctx.trainer.items() if k in TRAINER_KEYS + DDP_KEYS},
+            "seed_everything": ctx.seed_everything, "seed": seed,
+            "condition": None if cond is None else asdict(cond), "out": str(out)}
+    spec_path = out / SPEC
+    spec_path.write_text(json.dumps(spec, indent=1))
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()  # the ranks need the memory this process's earlier steps cached
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+    command = [sys.executable, "-m", __name__, str(spec_path)]
+    code = subprocess.run(command, env=env).returncode
+    result_path = out / RESULT
+    if code != 0 or not result_path.is_file():
+        why = f"exited with status {code}" if code != 0 else f"wrote no {RESULT}"
+        raise LitPruneError(f"study step {step}: the DDP fit ({' '.join(command[1:])}) {why}; see its output above")
+    result = json.loads(result_path.read_text())
+    spec_path.unlink()
+    result_path.unlink()
+    return result
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the parent (the study, or rank 0 for the other ranks) dies, so a
+    killed study leaves no rank writing into its temp directory or waiting in a collective."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if os.getppid() == 1:  # the parent died before prctl
+        os._exit(1)
+
+
+def main(argv: list[str]) -> int:
+    _die_with_parent()
+    if len(argv) != 1:
+        print("usage: python -m lit_prune.study.fit_worker SPEC.json", file=sys.stderr)
+        return 2
+    from lit_prune.commands.study import _quiet_lightning
+    from lit_prune.models.activation_cache import sharing_activations
+    from lit_prune.study.config import PruneCondition, StudySettings
+    from lit_prune.study.steps import StudyContext, run_fit
+
+    spec = json.loads(Path(argv[0]).read_text())
+    ctx = StudyContext(name=spec["name"], settings=StudySettings(**spec["settings"]), model=spec["model"],
+                       data=spec["data"], trainer=spec["trainer"], seed_everything=spec["seed_everything"])
+    c = spec["condition"]
+    cond = None if c is None else PruneCondition(c["method"], c["sparsity"], tuple(c["nm"]) if c["nm"] else None)
+    out = Path(spec["out"])
+    _quiet_lightning()
+    # the module logs validation metrics that torchmetrics has already reduced over the ranks
+    warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level")
+    with sharing_activations(int(ctx.settings.cache_gb * (1 << 30))):
+        trainer, result = run_fit(ctx, out, int(spec["seed"]), cond, distributed=True)
+    failed = 0
+    for proc in getattr(trainer.strategy.launcher, "procs", None) or []:  # rank 0: the ranks it launched
+        failed |= proc.wait() != 0
+    if trainer.is_global_zero and not failed:
+        tmp = out / f".{RESULT}.tmp"
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, out / RESULT)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
