@@ -33,6 +33,7 @@ bench: setup
 	$(PY) benchmarks/prune.py
 	$(PY) benchmarks/harvest.py
 	$(PY) benchmarks/matching.py
+	$(PY) benchmarks/study_parts.py
 
 clean:
 	rm -rf $(VENV)

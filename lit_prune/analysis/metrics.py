@@ -78,9 +78,9 @@ class ReconstructionMetrics(Metric):
         return self.fires / self.n
 
 
-# Positions per chunk in the CE / KL below: the [positions, vocab] temporaries stay cache-sized.
-# Measured 4x (CE) and 2x (KL) faster than one pass over [8, 128, 49152] fp32 logits on the 2-core
-# CPU; tests/test_metrics.py checks them against the one-pass formulas.
+# Positions per chunk in the CE / KL below: the [positions, vocab] temporaries stay cache-sized,
+# ~3x faster than one pass over [8, 128, 49152] logits on 2 CPU cores (benchmarks/study_parts.py);
+# tests/test_metrics.py checks them against the one-pass formulas.
 _POSITIONS_PER_CHUNK = 128
 
 
