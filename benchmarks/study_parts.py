@@ -20,7 +20,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from common import RESULTS, add_common_args, apply_threads, compare, environment, median, timed, write_json
+from common import add_common_args, apply_threads, compare, environment, median, timed, write_json
 
 from lit_prune.analysis.metrics import next_token_ce, next_token_kl
 from lit_prune.sae.buffer import ActivationBuffer
