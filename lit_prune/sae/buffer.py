@@ -73,7 +73,8 @@ class ActivationBuffer:
 
     def state_dict(self) -> dict[str, object]:
         rows = self.rows
-        return {"rows": None if rows is None else rows.cpu(), "generator": self.generator.get_state()}
+        # a copy of the held rows only (a view would save the whole preallocated storage)
+        return {"rows": None if rows is None else rows.to("cpu", copy=True), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         rows = state["rows"]
