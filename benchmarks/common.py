@@ -83,6 +83,12 @@ def write_json(path: Path, result: dict) -> None:
     print(f"wrote {path}")
 
 
+def write_result(path: Path, result: dict, started: float) -> None:
+    """`result` plus seconds_total (since the perf_counter value `started`) and `environment()`,
+    written with `write_json`."""
+    write_json(path, {**result, "seconds_total": time.perf_counter() - started, "environment": environment()})
+
+
 def peak_rss_gib() -> float:
     """Peak resident set size of this process so far, GiB (Linux ru_maxrss is in KiB)."""
     import resource

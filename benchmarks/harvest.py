@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, add_common_args, apply_threads, compare, environment, token_splits, write_json
+from common import ROOT, add_common_args, apply_threads, compare, token_splits, write_result
 
 import torch
 
@@ -171,9 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "corpus": dm.provenance, "sharing": part_sharing(args, lm, batches, saes),
               "bf16": part_bf16(args, lm, eval_ids, saes)}
-    result["seconds_total"] = time.perf_counter() - start
-    result["environment"] = environment()
-    write_json(args.output, result)
+    write_result(args.output, result, start)
     return 0
 
 

@@ -28,7 +28,7 @@ import sys
 import textwrap
 import time
 
-from common import ROOT, add_common_args, apply_threads, compare, environment, write_json
+from common import ROOT, add_common_args, apply_threads, compare, write_result
 
 import numpy as np
 import torch
@@ -146,9 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"settings": {k: str(v) for k, v in vars(args).items()}, "results": rows}
     if not args.skip_big:
         result["big"] = run_big(args)
-    result["seconds_total"] = time.perf_counter() - start
-    result["environment"] = environment()
-    write_json(args.output, result)
+    write_result(args.output, result, start)
     return 0
 
 

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from common import RESULTS, add_common_args, apply_threads, compare, environment, median, token_splits, write_json
+from common import RESULTS, add_common_args, apply_threads, compare, median, token_splits, write_result
 
 import torch
 
@@ -262,9 +262,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{result['eval']['fingerprint']}); Wanda calibration "
               f"{args.calibration_sequences} x {args.calibration_seq_len}")
         print(markdown_table(rows))
-    result["seconds_total"] = time.perf_counter() - start
-    result["environment"] = environment()
-    write_json(args.output, result)
+    write_result(args.output, result, start)
     return 0 if identical else 1
 
 

@@ -17,10 +17,11 @@ Prints `name: ours X s, baseline Y s, ratio Z` lines; writes benchmarks/results/
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 import torch.nn.functional as F
-from common import add_common_args, apply_threads, compare, environment, median, timed, write_json
+from common import add_common_args, apply_threads, compare, median, timed, write_result
 
 from lit_prune.analysis.metrics import next_token_ce, next_token_kl
 from lit_prune.sae.buffer import ActivationBuffer
@@ -75,7 +76,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     apply_threads(args)
-    rows = []
+    start, rows = time.perf_counter(), []
 
     g = torch.Generator().manual_seed(0)
     batch, seq, vocab = 8, 128, 49152
@@ -104,7 +105,7 @@ def main() -> None:
                         median(timed(lambda: drain(CopyingBuffer(capacity, 0), batches, sae_batch), args.repeats)),
                         every_row_once=once))
     print(f"activation_buffer_every_row_once: {once}")
-    write_json(args.output, {"rows": rows, "environment": environment()})
+    write_result(args.output, {"rows": rows}, start)
     if not once or ce_diff > 1e-3 or kl_diff > 1e-3:
         raise SystemExit(1)
 

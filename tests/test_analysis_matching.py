@@ -121,14 +121,20 @@ def test_sparse_on_clustered_decoders_needs_enough_candidates():
     assert match_features(a, b, "sparse", candidates=16).total == pytest.approx(best, abs=1e-3)
 
 
-def test_sparse_falls_back_when_candidate_graph_has_no_full_matching():
-    # Every row of a points at the same hub column of b: top-1 candidates cannot match
-    # everyone, so the dummy-edge solve plus the residual round must finish the job.
+def _hub_decoders() -> tuple[torch.Tensor, torch.Tensor]:
+    """200 rows of a near one hub; the hub is row 0 of b: every row's top candidate is column 0."""
     g = torch.Generator().manual_seed(3)
     hub = torch.randn(1, 16, generator=g)
     a = hub + 0.05 * torch.randn(200, 16, generator=g)
     b = torch.randn(200, 16, generator=g)
     b[0] = hub
+    return a, b
+
+
+def test_sparse_falls_back_when_candidate_graph_has_no_full_matching():
+    # Every row of a points at the same hub column of b: top-1 candidates cannot match
+    # everyone, so the dummy-edge solve plus the residual round must finish the job.
+    a, b = _hub_decoders()
     m = match_features(a, b, "sparse", candidates=1)
     assert m.n_residual > 0
     assert sorted(m.partner.tolist()) == list(range(200))  # still a permutation
@@ -204,11 +210,7 @@ def test_exact_on_clustered_duplicated_and_zero_rows():
 def test_exact_when_candidates_have_no_perfect_matching():
     # Every row's single candidate is the same hub column: the candidate graph has no perfect
     # matching, so "exact" adds column candidates or falls back; the answer stays optimal.
-    g = torch.Generator().manual_seed(3)
-    hub = torch.randn(1, 16, generator=g)
-    a = hub + 0.05 * torch.randn(200, 16, generator=g)
-    b = torch.randn(200, 16, generator=g)
-    b[0] = hub
+    a, b = _hub_decoders()
     m = match_features(a, b, "exact", candidates=1)
     assert sorted(m.partner.tolist()) == list(range(200))
     assert m.total == pytest.approx(_lsa_total(a, b), abs=1e-4)

@@ -85,16 +85,15 @@ _POSITIONS_PER_CHUNK = 128
 
 
 def _position_chunks(*tensors: torch.Tensor):
-    """Row-aligned chunks of [batch, seq - 1, ...] predictions (positions t < seq - 1), batch by batch."""
+    """Aligned chunks of [batch, positions, ...] tensors, batch by batch."""
     for b in range(tensors[0].shape[0]):
-        yield from zip(*(t[b, :-1].split(_POSITIONS_PER_CHUNK) for t in tensors))
+        yield from zip(*(t[b].split(_POSITIONS_PER_CHUNK) for t in tensors))
 
 
 def next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """CE of predicting ids[:, t+1] from position t: [batch, seq - 1], fp32."""
-    targets = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)  # row t holds ids[t + 1]; the last row is dropped
     out = []
-    for pred, target in _position_chunks(logits, targets):
+    for pred, target in _position_chunks(logits[:, :-1], ids[:, 1:]):
         pred = pred.float()
         out.append(torch.logsumexp(pred, -1) - pred.gather(-1, target[:, None]).squeeze(-1))
     return torch.cat(out).view(logits.shape[0], -1)
@@ -103,7 +102,7 @@ def next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def next_token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     """KL(p || q) per position t < seq - 1: [batch, seq - 1], fp32."""
     out = []
-    for p, q in _position_chunks(logits_p, logits_q):
+    for p, q in _position_chunks(logits_p[:, :-1], logits_q[:, :-1]):
         logp, logq = F.log_softmax(p.float(), dim=-1), F.log_softmax(q.float(), dim=-1)
         out.append((logp.exp() * (logp - logq)).sum(-1))
     return torch.cat(out).view(logits_p.shape[0], -1)
