@@ -6,8 +6,10 @@
    an LP-duality certificate, never the dense matrix), against the baseline, dense
    `scipy.optimize.linear_sum_assignment` on the full float64 cosine matrix (building it is
    part of the baseline's time). Cases: random decoders at d = 64 and d = 576, and a structured
-   one (d = 576): b is a permuted copy of a with noise (matched cosine ~0.9). Both totals are
-   recomputed in float64 from the same unit rows; their difference is printed.
+   one (d = 576): b is a permuted copy of a with noise (matched cosine ~0.9). Each solver runs
+   --repeats times (default 3) and the medians are compared: single runs of the few-second
+   solver varied by up to 40% from run to run here. Both totals are recomputed in float64
+   from the same unit rows; their difference is printed.
 2. At --big_size latents (default 65,536, d = 64 random): ours only, in a subprocess, with its
    peak RSS (the child's own `ru_maxrss` and the parent's RUSAGE_CHILDREN after it exits; Linux
    reports KiB). The baseline line shows what the dense float64 cost matrix alone would take
@@ -28,7 +30,7 @@ import sys
 import textwrap
 import time
 
-from common import ROOT, add_common_args, apply_threads, compare, write_result
+from common import ROOT, add_common_args, apply_threads, compare, median, timed, write_result
 
 import numpy as np
 import torch
@@ -44,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--structured_d", type=int, default=576, help="width of the structured case (0: skip)")
     p.add_argument("--noise", type=float, default=0.5, help="structured case: noise norm relative to the row")
     p.add_argument("--candidates", type=int, default=8, help="candidates per row of our solver")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each solver per case (medians compared)")
     p.add_argument("--big_size", type=int, default=65536, help="latents of the memory run (part 2)")
     p.add_argument("--big_d", type=int, default=64)
     p.add_argument("--memory_limit_gib", type=float, default=4.0)
@@ -78,17 +81,16 @@ def total64(a: torch.Tensor, b: torch.Tensor, partner: np.ndarray) -> float:
     return float((ua * ub[torch.from_numpy(partner)]).sum())
 
 
-def run_case(name: str, a: torch.Tensor, b: torch.Tensor, candidates: int) -> dict:
-    start = time.perf_counter()
-    ours = match_features(a, b, "auto", candidates)
-    ours_s = time.perf_counter() - start
-    start = time.perf_counter()
-    base = dense_lsa(a, b)
-    base_s = time.perf_counter() - start
+def run_case(name: str, a: torch.Tensor, b: torch.Tensor, candidates: int, repeats: int) -> dict:
+    last = {}  # each solver's answer from its last timed run
+    ours_runs = timed(lambda: last.update(ours=match_features(a, b, "auto", candidates)), repeats)
+    base_runs = timed(lambda: last.update(base=dense_lsa(a, b)), repeats)
+    ours_s, base_s, ours, base = median(ours_runs), median(base_runs), last["ours"], last["base"]
     ours_total, base_total = total64(a, b, ours.partner.numpy()), total64(a, b, base)
     row = compare(name, ours_s, base_s, "s", n=a.shape[0], d=a.shape[1], method=ours.method, rounds=ours.rounds,
                   ours_total=ours_total, baseline_total=base_total, total_difference=ours_total - base_total,
-                  same_partners=float((ours.partner.numpy() == base).mean()))
+                  same_partners=float((ours.partner.numpy() == base).mean()), ours_runs=ours_runs,
+                  baseline_runs=base_runs)
     print(f"{name}_total_cosine: ours {ours_total:.6f}, baseline {base_total:.6f}, difference "
           f"{ours_total - base_total:.2e} (solver {ours.method}, {ours.rounds} rounds; "
           f"{row['same_partners']:.2%} identical partners)", flush=True)
@@ -139,10 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for d in args.dims:
         rows.append(run_case(f"matching_random_d{d}_{args.size}", *decoders(args.size, d, args.seed),
-                             args.candidates))
+                             args.candidates, args.repeats))
     if args.structured_d:
         a, b = decoders(args.size, args.structured_d, args.seed, args.noise)
-        rows.append(run_case(f"matching_structured_d{args.structured_d}_{args.size}", a, b, args.candidates))
+        rows.append(run_case(f"matching_structured_d{args.structured_d}_{args.size}", a, b, args.candidates,
+                             args.repeats))
     result = {"settings": {k: str(v) for k, v in vars(args).items()}, "results": rows}
     if not args.skip_big:
         result["big"] = run_big(args)

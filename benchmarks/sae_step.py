@@ -19,14 +19,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from common import RESULTS, write_json
+from common import RESULTS, write_result
 
 import torch
 from sae_lens.saes.sae import TrainStepInput
 
 from lit_prune.sae.build import SAESettings, build_training_sae
 from lit_prune.sae.fast import fast_topk_training_forward
-from lit_prune.sae.io import versions
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -100,6 +99,7 @@ def run_condition(args: argparse.Namespace, width: int, dead_fraction: float) ->
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{row['name']}: ours {row['ours_tokens_per_s']:.0f} tok/s, baseline "
                   f"{row['baseline_tokens_per_s']:.0f} tok/s, ratio {row['ratio']:.2f}", flush=True)
     result = {"d_in": args.d_in, "k": args.k, "batch": args.batch, "steps": args.steps, "device": args.device,
-              "torch_threads": torch.get_num_threads(), "versions": versions(), "results": rows}
-    write_json(args.output, result)
+              "results": rows}
+    write_result(args.output, result, start)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ from lit_prune.analysis.matching import (
     match_features,
     mmcs,
     shared_fraction,
-    top_candidates,
     unit_rows,
 )
+from lit_prune.analysis.matching_candidates import top_candidates
 from lit_prune.errors import LitPruneError
 
 R2 = math.sqrt(2.0)
@@ -232,6 +232,38 @@ def test_exact_duals_certify_optimality():
     r, j = linear_sum_assignment(c, maximize=True)
     # optimal up to the float32 cosines the solver works with (n * 1e-6 by the duality bound)
     assert c[np.arange(150), partner].sum() == pytest.approx(c[r, j].sum(), abs=150e-6)
+
+
+def test_row_topk_by_groups_equals_full_topk():
+    from lit_prune.analysis.matching_exact import _row_topk
+
+    c = torch.randn(40, 320, generator=torch.Generator().manual_seed(3))
+    c[0, 64:70] = 5.0 + torch.arange(6.0)  # one row's whole top-k inside a single group
+    c[1] = 1.0  # all ties: any k entries are a valid answer
+    c[2, ::32] = 9.0  # the top-k spread over k different groups
+    values, idx = _row_topk(c, 5)
+    assert torch.equal(values, c.topk(5, dim=1).values)
+    assert torch.equal(c.gather(1, idx), values)
+    assert idx[0].tolist() == [69, 68, 67, 66, 65]
+    assert all(len(set(row)) == 5 for row in idx.tolist())
+
+
+def test_strip_candidates_hold_every_row_top_k_and_exact_maxima():
+    # 512 columns: the GEMM strips and grouped top-k path; brute force from the dense matrix.
+    from lit_prune.analysis.matching_exact import strip_candidates
+
+    a, b = unit_rows(_rand(300, 16, 80)), unit_rows(_rand(512, 16, 81))
+    rows, cols, cos, row_max, col_max, kth = strip_candidates(a, b, 6)
+    c = (a @ b.T).numpy()
+    top = np.sort(c, axis=1)[:, -6:]
+    assert np.allclose(kth, top[:, 0], atol=1e-6)
+    assert torch.allclose(row_max, torch.from_numpy(c.max(axis=1)), atol=1e-6)
+    assert torch.allclose(col_max, torch.from_numpy(c.max(axis=0)), atol=1e-6)
+    assert np.allclose(cos, c[rows, cols], atol=1e-6)
+    per_row = np.bincount(rows, minlength=300)
+    assert (per_row >= 6).all()
+    for i in range(300):  # the candidates of row i include its 6 largest cosines
+        assert np.allclose(np.sort(cos[rows == i])[-6:], top[i], atol=1e-6)
 
 
 def test_price_finds_every_violated_non_candidate_pair():

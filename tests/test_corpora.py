@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 
 from lit_prune.data import corpora, python_docs
-from lit_prune.data.corpora import (
-    Fingerprint, PythonDocsOptions, corpus_fingerprint, documents_of_split, load_documents,
-    python_docs_path, require_documents, split_of, unit_hash, validate_fractions,
-)
+from lit_prune.data.corpora import PythonDocsOptions, load_documents, python_docs_path, require_documents
+from lit_prune.data.splits import SPLITS, documents_of_split, split_of, unit_hash, validate_fractions
 from lit_prune.data.docstring_cleaning import clean_paragraphs
 from lit_prune.data.python_docs import docstrings_of_file, package_docs
 from lit_prune.errors import LitPruneError
@@ -43,7 +41,7 @@ def test_unit_hash_is_salted_sha256_of_text():
 def test_splits_deterministic_disjoint_cover_and_sized():
     first = [split_of(t) for t in SYNTHETIC]
     assert first == [split_of(t) for t in SYNTHETIC]
-    parts = {s: list(documents_of_split(SYNTHETIC, s)) for s in corpora.SPLITS}
+    parts = {s: list(documents_of_split(SYNTHETIC, s)) for s in SPLITS}
     assert sum(map(len, parts.values())) == len(SYNTHETIC)
     assert sorted(sum(parts.values(), [])) == sorted(SYNTHETIC)  # disjoint and covering
     for split, docs in parts.items():
@@ -67,19 +65,6 @@ def test_bad_fractions_name_the_field(fractions, field):
     with pytest.raises(LitPruneError, match=rf"^{field}="):
         validate_fractions(fractions)
     assert validate_fractions({}) == {"eval": 0.0, "calibration": 0.0}
-
-
-def test_fingerprint_streaming_equals_batch_and_tracks_changes():
-    docs = SYNTHETIC[:500]
-    fp = Fingerprint()
-    splits = [fp.update(t) for t in docs]
-    assert splits == [split_of(t) for t in docs]
-    assert fp.hexdigest() == corpus_fingerprint(docs)
-    assert fp.summary()["counts"] == {s: splits.count(s) for s in corpora.SPLITS}
-    assert corpus_fingerprint(docs[::-1]) != fp.hexdigest()  # order matters
-    assert corpus_fingerprint(docs, salt="x") != fp.hexdigest()
-    assert corpus_fingerprint(docs, {"eval": 0.05}) != fp.hexdigest()
-    assert corpus_fingerprint(docs[:-1]) != fp.hexdigest()
 
 
 # --- docstring cleaning ------------------------------------------------------------------
@@ -287,7 +272,6 @@ def test_cache_round_trip(tmp_path, monkeypatch):
     first = list(load_documents("python-docs", cache_dir=tmp_path / "cache"))
     second = list(load_documents("python-docs", cache_dir=tmp_path / "cache"))
     assert first == second == [r["text"] for r in rows]
-    assert corpus_fingerprint(first) == corpus_fingerprint(second)
     assert not list((tmp_path / "cache").glob(".*.tmp"))  # atomic write left no temp file
 
 

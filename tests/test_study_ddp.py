@@ -93,7 +93,7 @@ def test_two_device_study_runs_ddp_fits_that_match_one_device(tmp_path, local_co
     ({"devices": 1, "num_nodes": 2}, 2),
 ])
 def test_fit_processes(trainer, processes):
-    from lit_prune.study.steps import fit_processes
+    from lit_prune.study.fit_worker import fit_processes
 
     assert fit_processes(trainer) == processes
 

@@ -1,4 +1,4 @@
-"""Text corpora for activation harvesting: where documents come from and which split they join.
+"""Text corpora for activation harvesting: where documents come from.
 
 Sources (`load_documents`):
 - `python-docs`: the embedded corpus (Python's documentation, see `python_docs`), built once
@@ -8,9 +8,7 @@ Sources (`load_documents`):
   separated paragraph, so even a single big file splits into train/eval);
 - `hf:org/name`: a hub dataset, streamed (needs internet; never used by the tests).
 
-Splits are assigned per document by a salted sha256 of its text (`split_of`), so they are
-deterministic, disjoint and independent of order; `Fingerprint` records which corpus and
-split a run used.
+Which split a document joins is decided in `splits`.
 """
 
 from __future__ import annotations
@@ -30,7 +28,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from itertools import chain
 from pathlib import Path
-from types import MappingProxyType
 from typing import IO, Any
 
 from lit_prune.data import python_docs
@@ -38,9 +35,6 @@ from lit_prune.errors import invalid
 
 PYTHON_DOCS = "python-docs"
 HUB_PREFIX = "hf:"
-SPLITS = ("train", "calibration", "eval")
-DEFAULT_FRACTIONS: Mapping[str, float] = MappingProxyType({"eval": 0.03, "calibration": 0.01})
-DEFAULT_SALT = "lit_prune"
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _HUB_NAME = re.compile(r"[\w.-]+(?:/[\w.-]+)?")
 _SOURCES = ("'python-docs', an existing .txt/.jsonl/.json/.parquet file, folder or glob, "
@@ -280,86 +274,3 @@ def require_documents(documents: Iterable[str], source: str) -> Iterator[str]:
             yield text
     if count == 0:
         raise invalid("corpus", source, "a corpus with at least one non-empty document")
-
-
-def validate_fractions(fractions: Mapping[str, float]) -> dict[str, float]:
-    """`{"eval": f, "calibration": g}` with each in [0, 1) and f + g < 1 (train keeps the rest)."""
-    unknown = sorted(set(fractions) - {"eval", "calibration"})
-    if unknown:
-        raise invalid("fractions", dict(fractions), "keys among 'eval' and 'calibration'")
-    for name, value in fractions.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise invalid(f"fractions.{name}", value, "a number in [0, 1)")
-    if sum(fractions.values()) >= 1:
-        raise invalid("fractions", dict(fractions), "fractions summing to less than 1")
-    return {"eval": float(fractions.get("eval", 0.0)),
-            "calibration": float(fractions.get("calibration", 0.0))}
-
-
-def unit_hash(text: str, salt: str = DEFAULT_SALT) -> float:
-    """sha256 of (salt, text) mapped to [0, 1): stable across processes and platforms."""
-    digest = hashlib.sha256(salt.encode("utf-8") + b"\0" + text.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def _assign(u: float, fractions: dict[str, float]) -> str:
-    # Fixed interval order: [0, eval) -> eval, [eval, eval + calibration) -> calibration.
-    if u < fractions["eval"]:
-        return "eval"
-    return "calibration" if u < fractions["eval"] + fractions["calibration"] else "train"
-
-
-def split_of(text: str, fractions: Mapping[str, float] = DEFAULT_FRACTIONS,
-             salt: str = DEFAULT_SALT) -> str:
-    """`train`, `calibration` or `eval` for one document, decided by its salted hash."""
-    return _assign(unit_hash(text, salt), validate_fractions(fractions))
-
-
-def documents_of_split(documents: Iterable[str], split: str,
-                       fractions: Mapping[str, float] = DEFAULT_FRACTIONS,
-                       salt: str = DEFAULT_SALT) -> Iterator[str]:
-    """The documents that `split_of` assigns to `split`, in input order."""
-    if split not in SPLITS:
-        raise invalid("split", split, f"one of {', '.join(SPLITS)}")
-    checked = validate_fractions(fractions)
-    return (t for t in documents if _assign(unit_hash(t, salt), checked) == split)
-
-
-class Fingerprint:
-    """Streaming sha256 of a corpus and its split, fed one document at a time in order."""
-
-    def __init__(self, fractions: Mapping[str, float] = DEFAULT_FRACTIONS,
-                 salt: str = DEFAULT_SALT) -> None:
-        self.fractions = validate_fractions(fractions)
-        self.salt = salt
-        self.counts = dict.fromkeys(SPLITS, 0)
-        self._hashes = {split: hashlib.sha256() for split in SPLITS}
-
-    def update(self, text: str, split: str | None = None) -> str:
-        """Add a document (its split computed unless given); returns the split."""
-        split = split or _assign(unit_hash(text, self.salt), self.fractions)
-        if split not in SPLITS:
-            raise invalid("split", split, f"one of {', '.join(SPLITS)}")
-        self._hashes[split].update(hashlib.sha256(text.encode("utf-8")).digest())
-        self.counts[split] += 1
-        return split
-
-    def hexdigest(self) -> str:
-        """sha256 over the per-split ordered document hashes, counts, fractions and salt."""
-        payload = {"fractions": self.fractions, "salt": self.salt,
-                   "splits": {s: [self.counts[s], self._hashes[s].hexdigest()] for s in SPLITS}}
-        return _sha256(json.dumps(payload, sort_keys=True))
-
-    def summary(self) -> dict[str, Any]:
-        """What a run records: fingerprint, counts per split, fractions and salt."""
-        return {"fingerprint": self.hexdigest(), "counts": dict(self.counts),
-                "fractions": dict(self.fractions), "salt": self.salt}
-
-
-def corpus_fingerprint(documents: Iterable[str], fractions: Mapping[str, float] = DEFAULT_FRACTIONS,
-                       salt: str = DEFAULT_SALT) -> str:
-    """Fingerprint of a whole corpus (see `Fingerprint`)."""
-    fp = Fingerprint(fractions, salt)
-    for text in documents:
-        fp.update(text)
-    return fp.hexdigest()

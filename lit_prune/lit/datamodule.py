@@ -12,7 +12,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lit_prune.data.corpora import load_documents, split_of
+from lit_prune.data.corpora import load_documents
+from lit_prune.data.splits import documents_of_split
 from lit_prune.data.tokens import pack_documents, shuffled, tokens_fingerprint
 from lit_prune.errors import LitPruneError, invalid
 from lit_prune.models.registry import load_tokenizer, model_dir
@@ -104,7 +105,7 @@ class TokenDataModule(L.LightningDataModule):
         hp = self.hparams
         docs = load_documents(hp.corpus, text_field=hp.text_field, cache_dir=Path(hp.cache_dir) / "corpora",
                               hub_config=hp.hub_config, hub_split=hp.hub_split)
-        return (doc for doc in docs if split_of(doc, self.fractions, hp.split_salt) == split)
+        return documents_of_split(docs, split, self.fractions, hp.split_salt)
 
     def _splits(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(train, eval, calibration) token ids, cached on disk by their settings."""

@@ -1,6 +1,6 @@
 """`python -m lit_prune.study.fit_worker SPEC.json`: one fit step of a study as an ordinary Lightning DDP run.
 
-A study whose trainer settings ask for several devices (`steps.fit_processes` > 1) runs each fit
+A study whose trainer settings ask for several devices (`fit_processes` > 1) runs each fit
 step through `fit_in_worker`: the study process writes the step's spec (its StudyContext, seed and
 prune condition) into the step's temp directory, runs this module on it as a child process and
 waits. Lightning's DDP launcher re-runs this same command line for the other ranks (harmless here;
@@ -25,6 +25,31 @@ from typing import Any
 
 SPEC = "fit_spec.json"
 RESULT = "fit_result.json"
+
+
+def fit_processes(trainer: dict[str, Any]) -> int:
+    """How many processes a fit step uses under these study trainer settings: devices x num_nodes.
+
+    devices absent counts as 1 (as before DDP fits, the study never takes every device unasked);
+    "auto" / -1 count the visible CUDA devices when the accelerator may be a GPU, else 1 (Lightning's
+    CPU "auto" is one process; more CPU processes need an explicit devices: n)."""
+    import torch
+
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text.lstrip("-").isdigit():
+            devices = int(text)
+        elif text != "auto":
+            devices = [d for d in text.split(",") if d.strip()]  # "0,1": device ids
+    if isinstance(devices, (list, tuple)):
+        count = len(devices)
+    elif devices in ("auto", -1):
+        gpu = trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda")
+        count = torch.cuda.device_count() if gpu and torch.cuda.is_available() else 1
+    else:
+        count = int(devices)
+    return max(count, 1) * max(int(trainer.get("num_nodes", 1) or 1), 1)
 
 
 def fit_in_worker(ctx: Any, out: Path, seed: int, cond: Any) -> dict[str, Any]:

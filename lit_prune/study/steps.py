@@ -28,22 +28,22 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_prune.analysis.ablation import feature_importance, sae_parts
-from lit_prune.analysis.evaluate import harvest
 from lit_prune.analysis.perplexity import perplexity
 from lit_prune.analysis.results import Condition, make_rows, read_arrays, write_arrays, write_rows
 from lit_prune.analysis.survival import seed_stability
-from lit_prune.errors import invalid
 from lit_prune.lit.ablation_callback import scatter_figure, summarise, summary_rows
 from lit_prune.lit.callbacks import PruningCallback
 from lit_prune.lit.datamodule import TokenDataModule
 from lit_prune.lit.sae_module import SAEModule
 from lit_prune.lit.survival_callback import FeatureSurvivalCallback
 from lit_prune.lit.transfer_callback import TransferabilityCallback
-from lit_prune.models.registry import load_model, load_tokenizer, model_dir
-from lit_prune.pruning import apply_masks, load_masks, prune_model, save_masks
+from lit_prune.models.registry import load_model, model_dir
+from lit_prune.pruning import prune_model, save_masks
 from lit_prune.sae.build import SAESettings
 from lit_prune.sae.io import hook_name, load_sae
 from lit_prune.study.config import PruneCondition, StudySettings
+from lit_prune.study.fit_worker import fit_in_worker, fit_processes
+from lit_prune.study.gallery import gallery_condition, gallery_step
 from lit_prune.study.runner import Step
 
 DENSE = "dense"
@@ -160,46 +160,7 @@ def _without(settings: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k not in keys}
 
 
-def gallery_condition(st: StudySettings) -> PruneCondition:
-    conditions = st.conditions()
-    if st.gallery_condition is not None:
-        for cond in conditions:
-            if cond.name == st.gallery_condition:
-                return cond
-        raise invalid("study.gallery_condition", st.gallery_condition, ", ".join(c.name for c in conditions))
-    unstructured = [c for c in conditions if c.nm is None] or conditions
-    for method in ("wanda", "magnitude"):
-        mine = [c for c in unstructured if c.method == method]
-        if mine:
-            at_most_half = [c for c in mine if c.sparsity <= 0.5] or mine
-            return max(at_most_half, key=lambda c: c.sparsity)
-    return unstructured[0]
-
-
 # --- steps ----------------------------------------------------------------------------------
-def fit_processes(trainer: dict[str, Any]) -> int:
-    """How many processes a fit step uses under these study trainer settings: devices x num_nodes.
-
-    devices absent counts as 1 (as before DDP fits, the study never takes every device unasked);
-    "auto" / -1 count the visible CUDA devices when the accelerator may be a GPU, else 1 (Lightning's
-    CPU "auto" is one process; more CPU processes need an explicit devices: n)."""
-    devices = trainer.get("devices", 1)
-    if isinstance(devices, str):
-        text = devices.strip()
-        if text.lstrip("-").isdigit():
-            devices = int(text)
-        elif text != "auto":
-            devices = [d for d in text.split(",") if d.strip()]  # "0,1": device ids
-    if isinstance(devices, (list, tuple)):
-        count = len(devices)
-    elif devices in ("auto", -1):
-        gpu = trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda")
-        count = torch.cuda.device_count() if gpu and torch.cuda.is_available() else 1
-    else:
-        count = int(devices)
-    return max(count, 1) * max(int(trainer.get("num_nodes", 1) or 1), 1)
-
-
 def fit_step(ctx: StudyContext, out: Path, seed: int, cond: PruneCondition | None) -> dict[str, Any]:
     """An ordinary Lightning fit; on a pruned condition with the RQ2/RQ4 (and, for the reference
     seed, RQ3) callbacks against the dense reference SAE.
@@ -207,8 +168,6 @@ def fit_step(ctx: StudyContext, out: Path, seed: int, cond: PruneCondition | Non
     One device: in this process. Several (`fit_processes` > 1): a DDP run in a child process
     (`lit_prune.study.fit_worker`) that runs `run_fit` on every rank; same results and summary."""
     if fit_processes(ctx.trainer) > 1:
-        from lit_prune.study.fit_worker import fit_in_worker
-
         return fit_in_worker(ctx, out, seed, cond)
     return run_fit(ctx, out, seed, cond)[1]
 
@@ -328,57 +287,3 @@ def _method_of(ctx: StudyContext, condition_name: str) -> tuple[str, float]:
         return DENSE, 0.0
     cond = next(c for c in ctx.settings.conditions() if c.name == condition_name)
     return cond.label, cond.sparsity
-
-
-@torch.no_grad()
-def gallery_step(ctx: StudyContext, out: Path, cond: PruneCondition) -> dict[str, Any]:
-    """Top-activating eval contexts of a few surviving and a few lost reference features, on the
-    dense and on the pruned model (survival: the functional Pearson r of the reference-seed fit)."""
-    st, dm, layer = ctx.settings, ctx.datamodule(), ctx.model["hook_layer"]
-    sae, _ = load_sae(ctx.reference(), device=ctx.device)
-    arrays = read_arrays(ctx.root / cond.name / f"seed{st.reference_seed}" / "results" / "rq2_survival.safetensors")
-    r, rate, cosine = arrays["pearson_r"].double(), arrays["firing_rate"].double(), arrays["matched_cosine"].double()
-    threshold = float(st.survival.get("functional_threshold", 0.7))
-    usable = (rate >= 1e-3) & ~torch.isnan(r)  # fires often enough to show several contexts
-    order = torch.argsort(torch.where(usable, r, torch.nan).nan_to_num(-2.0), descending=True)
-    survivors = [int(i) for i in order[: st.gallery_features] if usable[i] and r[i] >= threshold]
-    lost_order = torch.argsort(torch.where(usable, r, torch.nan).nan_to_num(2.0))
-    lost = [int(i) for i in lost_order[: st.gallery_features] if usable[i] and r[i] < threshold]
-    chosen = survivors + lost
-    ids = dm.eval_ids[: st.gallery_sequences]
-    dense = ctx.load_lm()
-    pruned = ctx.load_lm()
-    apply_masks(pruned, {k: v.to(ctx.device) for k, v in load_masks(ctx.root / cond.name / "prune" / "masks.safetensors").items()})
-    tokenizer = load_tokenizer(ctx.model["model_name"], ctx.model.get("model_cache_dir", "checkpoints/models"))
-    acts = {}
-    for name, lm in (("dense", dense), ("pruned", pruned)):
-        chunks = [sae.encode(harvest(lm, batch.to(ctx.device), layer))[:, chosen].cpu() for batch in ids.split(16)]
-        acts[name] = torch.cat(chunks) if chosen else torch.zeros(0, 0)
-    features = []
-    for j, feature in enumerate(chosen):
-        entry = {"feature": feature, "status": "survived" if feature in survivors else "lost",
-                 "pearson_r": float(r[feature]), "matched_cosine": float(cosine[feature]),
-                 "firing_rate": float(rate[feature])}
-        for name in ("dense", "pruned"):
-            entry[name] = _top_contexts(acts[name][:, j], ids, tokenizer)
-        features.append(entry)
-    record = {"condition": cond.name, "method": cond.label, "sparsity": cond.sparsity, "threshold": threshold,
-              "sequences": int(ids.shape[0]), "features": features}
-    (out / "gallery.json").write_text(json.dumps(record, indent=1))
-    return {"survived": len(survivors), "lost": len(lost)}
-
-
-def _top_contexts(values: torch.Tensor, ids: torch.Tensor, tokenizer: Any, n: int = 3, left: int = 12,
-                  right: int = 3) -> list[dict[str, Any]]:
-    """The n highest activations (positions >= 1 of fixed-length rows) with their surrounding tokens."""
-    per_row = ids.shape[1] - 1
-    out = []
-    for flat in torch.argsort(values, descending=True)[:n].tolist():
-        if values[flat] <= 0:
-            break
-        row, pos = divmod(flat, per_row)
-        pos += 1
-        seq = ids[row].tolist()
-        out.append({"activation": float(values[flat]), "left": tokenizer.decode(seq[max(0, pos - left):pos]),
-                    "token": tokenizer.decode(seq[pos:pos + 1]), "right": tokenizer.decode(seq[pos + 1:pos + 1 + right])})
-    return out
