@@ -34,6 +34,24 @@ def add_common_args(p: argparse.ArgumentParser, script: str) -> None:
     p.add_argument("--cache_dir", default="checkpoints", help="corpus and token caches")
 
 
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    """--device: where the LM and tensors run (default cuda when torch sees a GPU, else cpu)."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device for the LM and tensors (default: cuda if available, else cpu)")
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the device's queued work, so that a wall time covers it (nothing to wait for on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clock(device: str | torch.device) -> float:
+    """time.perf_counter() once the device's queued work is done."""
+    synchronize(device)
+    return time.perf_counter()
+
+
 def apply_threads(args: argparse.Namespace) -> None:
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
@@ -47,14 +65,16 @@ def environment() -> dict:
             "load_average_at_end": list(os.getloadavg())}
 
 
-def timed(fn: Callable[[], object], repeats: int = 3, warmup: int = 0) -> list[float]:
-    """Wall seconds of `repeats` calls of fn() after `warmup` untimed calls."""
+def timed(fn: Callable[[], object], repeats: int = 3, warmup: int = 0, device: str = "cpu") -> list[float]:
+    """Wall seconds of `repeats` calls of fn() after `warmup` untimed calls (each waiting for `device`)."""
     for _ in range(warmup):
         fn()
     out = []
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         fn()
+        synchronize(device)
         out.append(time.perf_counter() - start)
     return out
 

@@ -12,6 +12,8 @@
    exists, else the seed-0 random SAE), plus the cosine between the fp32- and bf16-path
    reconstructions and activations token by token.
 
+Everything runs on --device (default cuda when torch sees a GPU, else cpu).
+
 Run from the repository root:  python benchmarks/harvest.py [--sequences 16] [--saes 3]
 Bigger runs: --sequences 64 --metric_sequences 128 --ce_sequences 32.
 Prints `name: ours X, baseline Y, ratio Z` lines and writes benchmarks/results/harvest.json.
@@ -24,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, add_common_args, apply_threads, compare, token_splits, write_result
+from common import ROOT, add_common_args, add_device_arg, apply_threads, compare, synchronize, token_splits, write_result
 
 import torch
 
@@ -51,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trained_sae", type=Path, default=TRAINED_SAE,
                    help="SAE for the bf16 metric comparison (random seed-0 SAE if missing)")
     add_common_args(p, "harvest")
+    add_device_arg(p)
     return p.parse_args(argv)
 
 
@@ -78,11 +81,14 @@ def part_sharing(args: argparse.Namespace, lm: torch.nn.Module, batches: list[to
     # warm-up (allocator, kernels), untimed; not of the shared path, so that ours pays its first
     # weights digest (~1 s, remembered afterwards) inside the timing
     naive_features(lm, saes[:1], batches[:1], args.layer)
+    synchronize(args.device)
     start = time.perf_counter()
     base = naive_features(lm, saes, batches, args.layer)
+    synchronize(args.device)
     base_s = time.perf_counter() - start
     start = time.perf_counter()
     ours = shared_features(lm, saes, batches, args.layer)
+    synchronize(args.device)
     ours_s = time.perf_counter() - start
     for a, b in zip(ours, base):
         torch.testing.assert_close(a, b)  # fp32 tolerances; the hooked output is the same tensor math
@@ -95,11 +101,13 @@ def part_sharing(args: argparse.Namespace, lm: torch.nn.Module, batches: list[to
 
 
 @torch.inference_mode()
-def time_harvest(lm: torch.nn.Module, batches: list[torch.Tensor], layer: int) -> float:
+def time_harvest(lm: torch.nn.Module, batches: list[torch.Tensor], layer: int, device: str) -> float:
     harvest(lm, batches[0], layer)  # warm-up
+    synchronize(device)
     start = time.perf_counter()
     for ids in batches:
         harvest(lm, ids, layer)
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -127,14 +135,14 @@ def reconstruction_agreement(lm32, lm16, codec, batches: list[torch.Tensor], lay
 
 
 def part_bf16(args: argparse.Namespace, lm32: torch.nn.Module, eval_ids: torch.Tensor, saes: list) -> dict:
-    lm16 = load_model(args.model, dtype="bfloat16", cache_dir=args.model_cache_dir)
+    lm16 = load_model(args.model, dtype="bfloat16", cache_dir=args.model_cache_dir).to(args.device)
     batches = list(eval_ids[: args.sequences].split(args.batch_size))
     tokens = sum(int(ids[:, 1:].numel()) for ids in batches)
-    t32, t16 = time_harvest(lm32, batches, args.layer), time_harvest(lm16, batches, args.layer)
+    t32, t16 = (time_harvest(lm, batches, args.layer, args.device) for lm in (lm32, lm16))
     speed = compare("harvest_bf16_vs_fp32", tokens / t16, tokens / t32, "tok/s", higher_is_better=True, fmt=".0f",
                     tokens=tokens, note="ours = bfloat16 LM forward, baseline = float32; both stop after the block")
     if args.trained_sae.is_dir():
-        sae, meta = load_sae(args.trained_sae)
+        sae, meta = load_sae(args.trained_sae, device=args.device)
         codec, label = sae_codec(sae), str(args.trained_sae.relative_to(ROOT) if args.trained_sae.is_relative_to(ROOT)
                                             else args.trained_sae)
         if meta.get("hook_layer", args.layer) != args.layer:
@@ -164,9 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     n_eval = max(args.sequences, args.metric_sequences)
     dm = token_splits(args.model, args.corpus, seq_len=SEQ_LEN, train_tokens=SEQ_LEN, eval_tokens=n_eval * SEQ_LEN,
                       batch_size=args.batch_size, cache_dir=args.cache_dir, model_cache_dir=args.model_cache_dir)
-    eval_ids = dm.eval_ids[:n_eval]
-    lm = load_model(args.model, cache_dir=args.model_cache_dir)
-    saes = [build_training_sae(SAESettings(), lm.config.hidden_size, seed).eval() for seed in range(args.saes)]
+    eval_ids = dm.eval_ids[:n_eval].to(args.device)
+    lm = load_model(args.model, cache_dir=args.model_cache_dir).to(args.device)
+    saes = [build_training_sae(SAESettings(), lm.config.hidden_size, seed).eval().to(args.device)
+            for seed in range(args.saes)]
     batches = list(eval_ids[: args.sequences].split(args.batch_size))
     result = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "corpus": dm.provenance, "sharing": part_sharing(args, lm, batches, saes),

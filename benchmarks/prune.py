@@ -16,6 +16,8 @@ Flags for bigger runs:
                   condition): dense; magnitude and Wanda at 10..60%; 2:4 for both (~20 minutes).
   --quick         a small table instead (dense, magnitude 50%, Wanda 50%; smaller calibration).
 
+The model runs on --device (default cuda when torch sees a GPU, else cpu).
+
 Run from the repository root:  python benchmarks/prune.py [--prune_total] [--perplexity [--quick]]
 Prints `name: ours X s, baseline Y s, ratio Z` lines and writes benchmarks/results/prune.json
 (prune_quick.json with --quick). Exit status 1 if any mask differs.
@@ -30,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from common import RESULTS, add_common_args, apply_threads, compare, median, token_splits, write_result
+from common import RESULTS, add_common_args, add_device_arg, apply_threads, clock, compare, median, token_splits, write_result
 
 import torch
 
@@ -71,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small perplexity table: dense, magnitude 50%%, Wanda 50%%")
     p.add_argument("--skip_selection", action="store_true", help="skip the mask-selection benchmarks")
     add_common_args(p, "prune")
+    add_device_arg(p)
     args = p.parse_args(argv)
     quick = {"eval_sequences": 8, "calibration_sequences": 8, "calibration_seq_len": 128}
     full = {"eval_sequences": 64, "calibration_sequences": 32, "calibration_seq_len": 256}
@@ -95,7 +98,7 @@ def load_data(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, dic
 
 
 @contextmanager
-def routed_selection(select: Callable, record_inputs: bool = True) -> Iterator[dict]:
+def routed_selection(select: Callable, device: str, record_inputs: bool = True) -> Iterator[dict]:
     """Route Wanda's per-Linear mask function through `select`, timing it (and recording its inputs)."""
     record: dict = {"seconds": 0.0, "calls": []}
     original = wanda_module.wanda_mask
@@ -103,9 +106,9 @@ def routed_selection(select: Callable, record_inputs: bool = True) -> Iterator[d
     def timed(weight: torch.Tensor, sq: torch.Tensor, sparsity: float) -> torch.Tensor:
         if record_inputs:  # the weights are still dense here: apply_masks runs after the block
             record["calls"].append((weight.detach().clone(), sq.detach().clone()))
-        start = time.perf_counter()
+        start = clock(device)
         mask = select(weight, sq, sparsity)
-        record["seconds"] += time.perf_counter() - start
+        record["seconds"] += clock(device) - start
         return mask
 
     wanda_module.wanda_mask = timed  # `wanda_masks` looks the name up at call time
@@ -115,30 +118,30 @@ def routed_selection(select: Callable, record_inputs: bool = True) -> Iterator[d
         wanda_module.wanda_mask = original
 
 
-def time_selection(select: Callable, calls: list, repeats: int) -> tuple[list[float], list[torch.Tensor]]:
+def time_selection(select: Callable, calls: list, repeats: int, device: str) -> tuple[list[float], list[torch.Tensor]]:
     """Seconds per pass of select over every recorded (weight, sq) call, and the last pass's masks."""
     seconds, masks = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock(device)
         masks = [select(*call) for call in calls]
-        seconds.append(time.perf_counter() - start)
+        seconds.append(clock(device) - start)
     return seconds, masks
 
 
 def wanda_selection(args: argparse.Namespace, model: torch.nn.Module, calibration: torch.Tensor) -> dict:
     """Part 1: one sequential Wanda run records the inputs; both selections are timed on them."""
-    start = time.perf_counter()
-    with routed_selection(wanda_mask) as record:
+    start = clock(args.device)
+    with routed_selection(wanda_mask, args.device) as record:
         pipeline_masks = wanda_masks(model, calibration, args.sparsity, None, args.batch_size,
                                      args.calibration_seq_len, progress=False)
-    prune_seconds = time.perf_counter() - start
+    prune_seconds = clock(args.device) - start
     calls = [(w, sq, args.sparsity) for w, sq in record["calls"]]
     ours_s, base_s = [], []
     for _ in range(args.repeats):  # interleaved, so load changes hit both paths alike
-        ours_s += time_selection(wanda_mask, calls, 1)[0]
-        base_s += time_selection(wanda_mask_reference, calls, 1)[0]
-    ours_masks = time_selection(wanda_mask, calls, 1)[1]
-    base_masks = time_selection(wanda_mask_reference, calls, 1)[1]
+        ours_s += time_selection(wanda_mask, calls, 1, args.device)[0]
+        base_s += time_selection(wanda_mask_reference, calls, 1, args.device)[0]
+    ours_masks = time_selection(wanda_mask, calls, 1, args.device)[1]
+    base_masks = time_selection(wanda_mask_reference, calls, 1, args.device)[1]
     names = list(pipeline_masks)
     differing = [n for n, a, b, p in zip(names, ours_masks, base_masks, pipeline_masks.values())
                  if not (torch.equal(a, b) and torch.equal(a, p))]
@@ -163,12 +166,12 @@ def magnitude_selection(args: argparse.Namespace, model: torch.nn.Module) -> dic
     linears = prunable_linears(model)
     ours_s, base_s = [], []
     for _ in range(args.repeats):
-        start = time.perf_counter()
+        start = clock(args.device)
         ours = magnitude_masks(model, args.sparsity, "matrix")
-        ours_s.append(time.perf_counter() - start)
-        start = time.perf_counter()
+        ours_s.append(clock(args.device) - start)
+        start = clock(args.device)
         base = {n: magnitude_reference(lin.weight, args.sparsity) for n, lin in linears.items()}
-        base_s.append(time.perf_counter() - start)
+        base_s.append(clock(args.device) - start)
     differing = [n for n in base if not torch.equal(ours[n], base[n])]
     row = compare("magnitude_mask_selection", median(ours_s), median(base_s), "s", matrices=len(base),
                   ours_seconds=ours_s, baseline_seconds=base_s, masks_identical=not differing,
@@ -181,12 +184,12 @@ def prune_total(args: argparse.Namespace, calibration: torch.Tensor) -> dict:
     """Whole sequential Wanda with our selection vs the full-sort reference, on fresh models."""
     runs, masks = {}, {}
     for name, select in (("ours", wanda_mask), ("baseline", wanda_mask_reference)):
-        model = load_model(args.model, cache_dir=args.model_cache_dir)
-        with routed_selection(select, record_inputs=False):
-            start = time.perf_counter()
+        model = load_model(args.model, cache_dir=args.model_cache_dir).to(args.device)
+        with routed_selection(select, args.device, record_inputs=False):
+            start = clock(args.device)
             masks[name] = wanda_masks(model, calibration, args.sparsity, None, args.batch_size,
                                       args.calibration_seq_len, progress=False)
-            runs[name] = time.perf_counter() - start
+            runs[name] = clock(args.device) - start
         del model
     same = all(torch.equal(masks["ours"][k], masks["baseline"][k]) for k in masks["ours"])
     return compare("wanda_prune_total", runs["ours"], runs["baseline"], "s", masks_identical=same)
@@ -205,20 +208,20 @@ def conditions(quick: bool) -> list[dict]:
 
 def run_condition(args: argparse.Namespace, cond: dict, eval_ids: torch.Tensor, calibration: torch.Tensor) -> dict:
     """One row: a fresh model, pruned (unless dense), and its eval perplexity."""
-    model = load_model(args.model, cache_dir=args.model_cache_dir)
-    start, realised = time.perf_counter(), 0.0
+    model = load_model(args.model, cache_dir=args.model_cache_dir).to(args.device)
+    start, realised = clock(args.device), 0.0
     if cond["method"] != "dense":
         masks = prune_model(model, cond["method"], cond["sparsity"], cond["nm"],
                             calibration_ids=calibration if cond["method"] == "wanda" else None,
                             batch_size=args.batch_size, max_seq_len=args.calibration_seq_len, progress=True)
         rows = sparsity_report(model, masks)
         realised = sum(r["pruned"] for r in rows) / sum(r["numel"] for r in rows)
-    prune_seconds = time.perf_counter() - start
-    start = time.perf_counter()
+    prune_seconds = clock(args.device) - start
+    start = clock(args.device)
     ppl = perplexity(model, eval_ids, args.batch_size, progress=True)
     label = f"{cond['nm'][0]}:{cond['nm'][1]}" if cond["nm"] else f"{cond['sparsity']:.0%}"
     return {**cond, "label": label, "realised_sparsity": realised, "perplexity": ppl,
-            "prune_seconds": prune_seconds, "eval_seconds": time.perf_counter() - start}
+            "prune_seconds": prune_seconds, "eval_seconds": clock(args.device) - start}
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -245,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     identical = True
     if not args.skip_selection:
-        model = load_model(args.model, cache_dir=args.model_cache_dir)
+        model = load_model(args.model, cache_dir=args.model_cache_dir).to(args.device)
         result["magnitude_mask_selection"] = magnitude_selection(args, model)  # dense model first
         result["wanda_mask_selection"] = wanda_selection(args, model, calibration)  # prunes `model`
         del model

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from common import RESULTS, write_result
+from common import RESULTS, add_device_arg, synchronize, write_result
 
 import torch
 from sae_lens.saes.sae import TrainStepInput
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dead_fraction", type=float, default=0.1, help="share of latents marked dead in *_dead runs")
     p.add_argument("--steps", type=int, default=3, help="timed steps per path and condition (after 1 warm-up)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=RESULTS / "sae_step.json")
     return p.parse_args(argv)
@@ -64,8 +64,7 @@ def time_path(sae: torch.nn.Module, step: Callable[[torch.Tensor], torch.Tensor]
         opt.zero_grad()
         step(x).backward()
         opt.step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        synchronize(device)
         if i:
             times.append(time.perf_counter() - start)
     return times

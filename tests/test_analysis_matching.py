@@ -18,7 +18,7 @@ from lit_prune.analysis.matching import (
     shared_fraction,
     unit_rows,
 )
-from lit_prune.analysis.matching_candidates import top_candidates
+from lit_prune.analysis.matching_candidates import row_topk, top_candidates
 from lit_prune.errors import LitPruneError
 
 R2 = math.sqrt(2.0)
@@ -235,13 +235,11 @@ def test_exact_duals_certify_optimality():
 
 
 def test_row_topk_by_groups_equals_full_topk():
-    from lit_prune.analysis.matching_exact import _row_topk
-
     c = torch.randn(40, 320, generator=torch.Generator().manual_seed(3))
     c[0, 64:70] = 5.0 + torch.arange(6.0)  # one row's whole top-k inside a single group
     c[1] = 1.0  # all ties: any k entries are a valid answer
     c[2, ::32] = 9.0  # the top-k spread over k different groups
-    values, idx = _row_topk(c, 5)
+    values, idx = row_topk(c, 5)
     assert torch.equal(values, c.topk(5, dim=1).values)
     assert torch.equal(c.gather(1, idx), values)
     assert idx[0].tolist() == [69, 68, 67, 66, 65]

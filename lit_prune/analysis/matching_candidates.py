@@ -1,6 +1,7 @@
 """Candidate graphs for sparse matching: the top-k cosines of every row and column of C = a b^T
 without materialising C (`top_candidates`), and the exact maximum-cosine matching on such a
-graph (`solve_candidates`). Used by the "sparse" and "exact" solvers of `matching`."""
+graph (`solve_candidates`); `row_topk` is the exact row top-k of a strip already in memory.
+Used by the "sparse" and "exact" solvers of `matching`."""
 
 from __future__ import annotations
 
@@ -52,6 +53,19 @@ def one_thread_per_worker():
         yield n
     finally:
         torch.set_num_threads(n)
+
+
+def row_topk(c: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k (values, indices) of every row of c [m, n]. When n splits into groups of
+    _GROUP, only the k groups with the largest maxima are searched: each of a row's top-k
+    entries lies in one of them, and a max per group is a cheaper pass than a full top-k."""
+    m, n = c.shape
+    if n % _GROUP or n // _GROUP <= k:
+        return c.topk(k, dim=1)
+    groups = c.view(m, n // _GROUP, _GROUP).amax(2).topk(k, dim=1).indices  # [m, k]
+    idx = (groups[:, :, None] * _GROUP + torch.arange(_GROUP)).view(m, -1)  # [m, k * _GROUP]
+    top = c.gather(1, idx).topk(k, dim=1)
+    return top.values, idx.gather(1, top.indices)
 
 
 def _scan_rows(ap: torch.Tensor, bp: torch.Tensor, s: int, n_a: int, n_b: int, k: int):

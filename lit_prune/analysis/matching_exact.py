@@ -27,24 +27,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from lit_prune.analysis.matching_candidates import _GROUP, one_thread_per_worker, solve_candidates
+from lit_prune.analysis.matching_candidates import one_thread_per_worker, row_topk, solve_candidates
 
 _ROWS = 256  # rows per pricing block (and least rows per GEMM strip)
 _STRIP_FLOATS = 2**25  # cosines in the GEMM strips of all workers together: 128 MiB
 _MIN_DEGREE = 4  # columns in fewer rows' candidate lists also get their own top-k
-
-
-def _row_topk(c: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k (values, indices) of every row of c [m, n]. When n splits into groups of
-    _GROUP, only the k groups with the largest maxima are searched: each of a row's top-k
-    entries lies in one of them, and a max per group is a cheaper pass than a full top-k."""
-    m, n = c.shape
-    if n % _GROUP or n // _GROUP <= k:
-        return c.topk(k, dim=1)
-    groups = c.view(m, n // _GROUP, _GROUP).amax(2).topk(k, dim=1).indices  # [m, k]
-    idx = (groups[:, :, None] * _GROUP + torch.arange(_GROUP)).view(m, -1)  # [m, k * _GROUP]
-    top = c.gather(1, idx).topk(k, dim=1)
-    return top.values, idx.gather(1, top.indices)
 
 
 def strip_candidates(a: torch.Tensor, b: torch.Tensor, k: int):
@@ -57,8 +44,9 @@ def strip_candidates(a: torch.Tensor, b: torch.Tensor, k: int):
     project's 2-core AMD machine, numpy's OpenBLAS ran these [m, d] x [d, n] float32 strips at
     140 GFLOPS against 80 for torch's MKL (measured in one process). Workers overlap one
     strip's reductions with another's GEMM. The row top-k is a cheap reduction next to the
-    GEMM at any d, unlike a column top-k (~6x slower), so columns only get the max. Returns rows, cols (int64), cos (float64) sorted by
-    row * n_b + col, row maxima, column maxima (float32) and the row k-th values.
+    GEMM at any d, unlike a column top-k (~6x slower), so columns only get the max. Returns
+    rows, cols (int64), cos (float64) sorted by row * n_b + col, row maxima, column maxima
+    (float32) and the row k-th values.
     """
     n_a, n_b = a.shape[0], b.shape[0]
     kr, kc = min(k, n_b), min(k, n_a)
@@ -66,7 +54,7 @@ def strip_candidates(a: torch.Tensor, b: torch.Tensor, k: int):
 
     def scan(s: int):
         c = torch.from_numpy(a_np[s : s + strip] @ b_t)  # [m, n_b]
-        return (*_row_topk(c, kr), c.amax(dim=0))
+        return (*row_topk(c, kr), c.amax(dim=0))
 
     def scan_cols(t: int):
         top = torch.nn.functional.linear(b[low[t : t + _ROWS]], a).topk(kc, dim=1)
