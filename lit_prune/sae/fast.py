@@ -92,7 +92,7 @@ def fast_topk_training_forward(
                                   bool(cfg.apply_b_dec_to_input))
     acts = hidden_main.relu()  # TopK keeps the k largest, then ReLU (negative top-k values give 0)
     inv_norm = 1 / norm if norm is not None else None
-    coef = acts * inv_norm[main.idx] if inv_norm is not None else acts  # sae-lens' act_times_W_dec
+    coef = acts * _at(inv_norm, main.idx) if inv_norm is not None else acts  # sae-lens' act_times_W_dec
     sae_out = _Decode.apply(coef, sae.W_dec, main) + sae.b_dec
     mse_loss = F.mse_loss(sae_out, x, reduction="none").sum(dim=-1).mean()
 
@@ -102,7 +102,7 @@ def fast_topk_training_forward(
         codes, values, scale = aux
         hidden_aux = _EncodeAt.apply(values, sae_in, sae.b_dec, sae.W_enc, sae.b_enc, norm, codes,
                                      bool(cfg.apply_b_dec_to_input))
-        coef_aux = hidden_aux * inv_norm[codes.idx] if inv_norm is not None else hidden_aux  # no ReLU here
+        coef_aux = hidden_aux * _at(inv_norm, codes.idx) if inv_norm is not None else hidden_aux  # no ReLU here
         recons = _Decode.apply(coef_aux, sae.W_dec, codes)  # no b_dec: it is already in the residual
         residual = (x - sae_out).detach()
         aux_loss = cfg.aux_loss_coefficient * scale * (recons - residual).pow(2).sum(dim=-1).mean()
@@ -140,6 +140,13 @@ def _aux_selection(
     top = sub.topk(min(k_aux, num_dead), dim=-1, sorted=False)
     codes = _Codes(top.indices, cols, hidden.shape[1], dense_threshold)
     return codes, codes.arrange(top.values), scale
+
+
+def _at(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """values[idx] for a 1-D values [d_sae] and idx [n, m], through index_select: its backward
+    sums with index_add_, whereas the backward of values[idx] accumulates with CPU atomics in
+    thread order (W_dec's gradient then differed in its last bits from run to run)."""
+    return values.index_select(0, idx.flatten()).view(idx.shape)
 
 
 class _Codes:
