@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, add_common_args, add_device_arg, apply_threads, compare, synchronize, token_splits, write_result
+from common import ROOT, add_common_args, add_device_arg, apply_threads, clock, compare, token_splits, write_result
 
 import torch
 
@@ -81,15 +81,12 @@ def part_sharing(args: argparse.Namespace, lm: torch.nn.Module, batches: list[to
     # warm-up (allocator, kernels), untimed; not of the shared path, so that ours pays its first
     # weights digest (~1 s, remembered afterwards) inside the timing
     naive_features(lm, saes[:1], batches[:1], args.layer)
-    synchronize(args.device)
-    start = time.perf_counter()
+    start = clock(args.device)
     base = naive_features(lm, saes, batches, args.layer)
-    synchronize(args.device)
-    base_s = time.perf_counter() - start
-    start = time.perf_counter()
+    base_s = clock(args.device) - start
+    start = clock(args.device)
     ours = shared_features(lm, saes, batches, args.layer)
-    synchronize(args.device)
-    ours_s = time.perf_counter() - start
+    ours_s = clock(args.device) - start
     for a, b in zip(ours, base):
         torch.testing.assert_close(a, b)  # fp32 tolerances; the hooked output is the same tensor math
     max_diff = max(float((a - b).abs().max()) for a, b in zip(ours, base))
@@ -103,12 +100,10 @@ def part_sharing(args: argparse.Namespace, lm: torch.nn.Module, batches: list[to
 @torch.inference_mode()
 def time_harvest(lm: torch.nn.Module, batches: list[torch.Tensor], layer: int, device: str) -> float:
     harvest(lm, batches[0], layer)  # warm-up
-    synchronize(device)
-    start = time.perf_counter()
+    start = clock(device)
     for ids in batches:
         harvest(lm, ids, layer)
-    synchronize(device)
-    return time.perf_counter() - start
+    return clock(device) - start
 
 
 @torch.inference_mode()

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from common import RESULTS, add_device_arg, synchronize, write_result
+from common import RESULTS, add_device_arg, clock, write_result
 
 import torch
 from sae_lens.saes.sae import TrainStepInput
@@ -60,13 +60,13 @@ def time_path(sae: torch.nn.Module, step: Callable[[torch.Tensor], torch.Tensor]
     opt = torch.optim.Adam(sae.parameters(), lr=3e-4)
     times = []
     for i, x in enumerate(xs):
-        start = time.perf_counter()
+        start = clock(device)
         opt.zero_grad()
         step(x).backward()
         opt.step()
-        synchronize(device)
+        seconds = clock(device) - start
         if i:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
     return times
 
 
