@@ -1,5 +1,6 @@
 """The Lightning layer end to end on tiny models: fit, export, DDP, configs, CLI errors."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from sae_lens import SAE
 
 from conftest import ROOT, run_cli
 from lit_prune.cli import lightning_cli
+from lit_prune.sae.fast import fast_topk_training_forward
 
 
 def _fit_args(tmp_path, model, corpus, model_cache, *extra):
@@ -123,3 +125,26 @@ def test_lr_schedule_spans_every_sae_step_not_lm_batches(tmp_path, local_corpus,
     assert abs(sae_steps(lm_batches, dm.hparams.batch_size * (dm.hparams.seq_len - 1), 64) - taken) <= 1
     factor = module.lr_schedulers().lr_lambdas[0]
     assert factor(taken // 2) == 1.0 and factor(taken - 2) > 0  # still training near the end
+
+
+def test_fused_adam_step_equals_plain_adam(tmp_path, local_corpus, model_cache):
+    """The module's fused Adam gives the update of the textbook (for-loop) Adam from the same state."""
+    cli = lightning_cli(_fit_args(tmp_path, "tiny-llama", local_corpus, model_cache, "--trainer.enable_checkpointing=false"))
+    module = cli.model
+    fused = module.optimizers().optimizer
+    assert fused.defaults["fused"] is True
+    fused.param_groups[0]["lr"] = 1e-3  # the schedule ended at 0
+    ref_sae = copy.deepcopy(module.sae)
+    plain = torch.optim.Adam(ref_sae.parameters(), lr=1e-3, foreach=False)
+    plain.load_state_dict(copy.deepcopy(fused.state_dict()))  # moments and step counts (not aliased)
+    plain.param_groups[0].update(fused=None, foreach=False)  # load_state_dict copied the flags too
+    x = module.harvest(cli.datamodule.train_ids[:2]) * module.norm_scale.float()
+    dead = module.tokens_since_fired > module.hparams.dead_window_tokens
+    before = module.sae.W_enc.detach().clone()
+    module.sae_step(x)
+    assert not torch.equal(module.sae.W_enc, before)
+    plain.zero_grad()
+    fast_topk_training_forward(ref_sae, x, dead).loss.backward()
+    plain.step()
+    for name, value in ref_sae.named_parameters():
+        torch.testing.assert_close(getattr(module.sae, name), value, rtol=1e-5, atol=1e-6)

@@ -103,7 +103,11 @@ class SAEModule(L.LightningModule):
         self.ensure_norm_scale()
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.Adam(self.sae.parameters(), lr=self.hparams.lr)
+        params = list(self.sae.parameters())
+        # fused: one kernel per parameter instead of ~10 elementwise passes (the same update up to
+        # rounding); Adam was 15% of a CPU SAE step at 2,304 latents
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        opt = torch.optim.Adam(params, lr=self.hparams.lr, fused=fused)
         # The schedule counts SAE steps, not LM batches: one batch of batch_size x (seq_len - 1)
         # harvested tokens feeds that many / sae_batch_tokens steps.
         dm = getattr(self.trainer, "datamodule", None)
