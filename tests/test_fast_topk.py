@@ -149,17 +149,13 @@ def test_gradients_do_not_depend_on_the_thread_count():
     # Run-to-run reproducibility: every reduction in the step has a fixed order, so the gradients
     # with 2 threads equal the single-threaded ones bit for bit (values[idx]'s backward used CPU
     # atomics in thread order, and W_dec's gradient varied in its last bits).
-    from lit_prune.sae.build import build_training_sae
-
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2048, 64, generator=g) * 3
-    dead = torch.rand(1024, generator=g) < 0.1
+    x, dead = _data(2048, 64, 1024, n_dead=102)
     grads = []
     threads = torch.get_num_threads()
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            sae = build_training_sae(SAESettings(d_sae=1024, k=16), 64, seed=0)
+            sae = _sae(64, 1024, 16)
             fast_topk_training_forward(sae, x, dead).loss.backward()
             grads.append({name: p.grad.clone() for name, p in sae.named_parameters()})
     finally:
