@@ -73,6 +73,35 @@ def test_shards_partition_the_owned_steps_and_pull_in_dependencies(tmp_path):
     assert [s.key for s in runner.selected((0, 1), lambda s: owner[s.condition])] == [s.key for s in steps]
 
 
+def test_steps_another_process_holds_are_skipped_until_free(tmp_path):
+    import threading
+
+    from lit_prune.study.runner import _try_lock, _unlock
+
+    log: list[str] = []
+    steps = _steps(log)
+    steps[1].shares = steps[2].shares = "c1"  # c1's steps read the same activations: one process runs both
+    runner = Runner(tmp_path, steps)
+    other = _try_lock(tmp_path / ".shares-c1.lock")  # held as another process would
+    thread = threading.Thread(target=runner.run, args=(steps,), kwargs={"progress": False, "poll": 0.02})
+    thread.start()
+    for _ in range(500):
+        if len(log) == 2:
+            break
+        time.sleep(0.02)
+    time.sleep(0.2)
+    assert log == ["dense/a", "c2/b"]  # c2/b went ahead of c1, which waits on the other process
+    _unlock(other)
+    thread.join(10)
+    assert log == ["dense/a", "c2/b", "c1/b", "c1/c"]
+
+
+def test_steps_whose_dependencies_nobody_runs_are_refused(tmp_path):
+    steps = _steps([])
+    with pytest.raises(ValueError, match="neither given nor done"):
+        Runner(tmp_path, steps).run(steps[1:], progress=False)
+
+
 @pytest.mark.parametrize("text", ["2/2", "-1/2", "a/b", "1", "0/0"])
 def test_bad_shard_is_one_line_error(text):
     with pytest.raises(LitPruneError, match="--shard"):
@@ -123,6 +152,31 @@ def _results(study: Path) -> dict[str, object]:
     for path in sorted(study.glob("*/gallery/gallery.json")):
         out[str(path.relative_to(study))] = json.loads(path.read_text())
     return out
+
+
+def _assert_results_close(study: Path, reference: Path, rel: float = 1e-5) -> None:
+    """The results of two studies agree: the same rows, arrays and gallery, floats to `rel`."""
+    import math
+
+    import torch
+
+    got, want = _results(study), _results(reference)
+    assert got.keys() == want.keys()
+    close = lambda a, b: a == b or (isinstance(a, float) and isinstance(b, float)  # noqa: E731
+                                    and (math.isclose(a, b, rel_tol=rel, abs_tol=1e-6) or math.isnan(a) == math.isnan(b) == True))
+    for key, rows in want.items():
+        if key.endswith(".safetensors"):
+            arrays, expected = read_arrays(study / key), read_arrays(reference / key)
+            assert arrays.keys() == expected.keys(), key
+            for name, value in expected.items():
+                torch.testing.assert_close(arrays[name], value, rtol=rel, atol=1e-7, equal_nan=True, msg=f"{key}:{name}")
+        elif key.endswith("gallery.json"):
+            assert got[key] == rows, key
+        else:
+            assert [{k: v for k, v in r.items() if k != "value"} for r in got[key]] == \
+                   [{k: v for k, v in r.items() if k != "value"} for r in rows], key
+            for a, b in zip(got[key], rows):
+                assert close(a["value"], b["value"]), (key, a["metric"], a["value"], b["value"])
 
 
 def _ran(study: Path) -> list[list[str]]:
@@ -208,6 +262,21 @@ def test_shards_and_report_equal_one_unsharded_run(reference_study, tmp_path, lo
     assert (study / "report" / "report.md").is_file() and (study / "report" / "report.html").is_file()
 
 
+def test_workers_share_the_steps_and_reproduce_one_process(reference_study, tmp_path, local_corpus, model_cache):
+    result = run_cli(*_study_args(tmp_path, local_corpus, model_cache, "--report=false", "--study.workers=2"),
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = tmp_path / "checkpoints" / "tiny"
+    # Workers have one thread each: torch splits long sums differently, so values move in the last bits
+    _assert_results_close(study, reference_study)
+    first, second = json.loads((study / "runs.jsonl").read_text())["workers"]
+    assert first and second
+    assert sorted(first + second) == sorted(_ran(study)[0])  # every step ran, once
+    assert len(set(first + second)) == len(first + second) == len(list(reference_study.glob("*/*/done.json")))
+    for cond in ("dense", "magnitude-0.5", "wanda-0.5"):  # a condition's fits share one worker's cache
+        assert {f"{cond}/seed0", f"{cond}/seed1"} <= set(first) or {f"{cond}/seed0", f"{cond}/seed1"} <= set(second)
+
+
 def test_study_help_explains_the_grid():
     result = run_cli("study", "--help", cwd=ROOT)
     assert result.returncode == 0
@@ -220,6 +289,7 @@ def test_study_help_explains_the_grid():
     ("--study.sparsities=[1.5]", "study.sparsities"),
     ("--study.sparsities=[0.0]", "no pruned conditions"),
     ("--shard=3/2", "--shard"),
+    ("--study.workers=0", "study.workers"),
     ("--study.model={no_such_option: 1}", "study.model.no_such_option"),
 ])
 def test_study_bad_input_is_one_line_error_and_writes_nothing(tmp_path, local_corpus, model_cache, override, field):
@@ -227,6 +297,14 @@ def test_study_bad_input_is_one_line_error_and_writes_nothing(tmp_path, local_co
     assert result.returncode == 2, result.stderr[-2000:]
     assert field in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "checkpoints" / "tiny").exists()
+
+
+def test_workers_with_multi_device_fits_is_one_line_error():
+    from lit_prune.commands.study import context_from_args
+
+    with pytest.raises(LitPruneError, match="study.workers=2 is invalid"):
+        context_from_args(["--config", str(ROOT / "configs" / "smollm2.yaml"), "--study.workers=2",
+                           "--trainer={devices: 2}"])
 
 
 def test_report_of_unknown_directory_is_one_line_error(tmp_path):

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -50,6 +52,8 @@ def build_parser():
     parser.add_class_arguments(StudySettings, "study")
     parser.add_argument("--shard", type=str | None, default=None,
                         help="i/n: run the conditions with index %% n == i (the dense model runs once, locked).")
+    parser.add_argument("--worker", type=int | None, default=None,
+                        help="Internal: set by the study on its worker processes (study.workers > 1).")
     parser.add_argument("--report", type=bool, default=True,
                         help="Write <study>/report/ at the end (unsharded runs only; shards: use `report`).")
     parser.add_argument("--progress", type=bool, default=True, help="Show the progress bar over the grid.")
@@ -91,11 +95,16 @@ def context_from_args(argv: list[str]):
     ref = settings.reference_sae
     if ref is not None and not ref.startswith(PRETRAINED_PREFIX) and not Path(ref).is_dir():
         raise invalid("study.reference_sae", ref, "an SAE directory or sae-lens:<release>:<sae_id>")
+    if settings.workers > 1:
+        from lit_prune.study.fit_worker import fit_processes
+
+        if fit_processes(dict(cfg.trainer or {})) > 1:
+            raise invalid("study.workers", settings.workers, "1 when each fit uses several devices (trainer.devices)")
     configs = cfg.get("config") or []
     name = settings.name or (Path(str(configs[0])).stem if configs else "study")
     ctx = StudyContext(name=name, settings=settings, model=model, data=data, trainer=dict(cfg.trainer or {}),
                        seed_everything=int(cfg.seed_everything))
-    return ctx, parse_shard(cfg.shard), {"report": cfg.report, "progress": cfg.progress}
+    return ctx, parse_shard(cfg.shard), {"report": cfg.report, "progress": cfg.progress, "worker": cfg.worker}
 
 
 def _check_identity(ctx, root: Path) -> None:
@@ -143,16 +152,32 @@ def run_study(argv: list[str]) -> Path:
     runner = Runner(root, steps)
     order = {c.name: i for i, c in enumerate(ctx.settings.conditions())}
     selected = runner.selected(shard, lambda step: 0 if step.condition == DENSE else order[step.condition])
+    if options["worker"] is not None:  # one of the study's worker processes: its steps, nothing else
+        started: list[str] = []
+
+        def tell(step) -> None:  # what the parent shows and records
+            started.append(step.key)
+            _write_json(root / WORKERS_DIR / f"{options['worker']}.json", {"started": started})
+
+        with sharing_activations(int(ctx.settings.cache_gb * (1 << 30))):
+            runner.run(selected, progress=False, on_start=tell)
+        return root
     root.mkdir(parents=True, exist_ok=True)
     _write_json(root / STUDY_FILE, {"name": ctx.name, "settings": asdict(ctx.settings), "model": ctx.model,
                                     "data": ctx.data, "trainer": ctx.trainer, "seed_everything": ctx.seed_everything,
                                     "corpus": dm.provenance, "versions": versions(),
                                     "steps": {s.key: runner.hashes[s.key] for s in steps}})
-    with sharing_activations(int(ctx.settings.cache_gb * (1 << 30))):
-        status = runner.run(selected, progress=options["progress"])
+    per_worker = None
+    if ctx.settings.workers > 1:
+        status, per_worker = run_workers(argv, ctx.settings.workers, runner, selected, options["progress"])
+    else:
+        with sharing_activations(int(ctx.settings.cache_gb * (1 << 30))):
+            status = runner.run(selected, progress=options["progress"])
     record = {"shard": f"{shard[0]}/{shard[1]}", "started": started, "seconds": time.time() - started,
               "ran": sorted(k for k, v in status.items() if v == "ran"),
               "skipped": sorted(k for k, v in status.items() if v == "done")}
+    if per_worker is not None:
+        record["workers"] = per_worker  # the steps each worker ran, in order
     with (root / RUNS_FILE).open("a") as handle:
         handle.write(json.dumps(record) + "\n")
     print(f"study {ctx.name}: {len(record['ran'])} steps ran, {len(record['skipped'])} already done, "
@@ -162,6 +187,75 @@ def run_study(argv: list[str]) -> Path:
 
         print(f"report: {write_report(root)}")
     return root
+
+
+WORKERS_DIR = ".workers"
+
+
+def run_workers(argv: list[str], workers: int, runner, steps: list, progress: bool) -> tuple[dict[str, str], list[list[str]]]:
+    """Run `steps` in `workers` child processes (`study ... --worker i`), each with its share of the
+    CPU threads, and show their progress; returns ({key: "done" | "ran"} like Runner.run, the keys
+    each worker ran, in order). A failed worker stops the others and is reported in one line, with the
+    end of its log printed above."""
+    import subprocess
+
+    import torch
+    from tqdm.auto import tqdm
+
+    threads = max(1, torch.get_num_threads() // workers)
+    folder = runner.root / WORKERS_DIR
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    done_before = {s.key for s in steps if runner.is_done(s.key)}
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+    command = [sys.executable, "-m", "lit_prune", "study", *argv, "--progress=false", "--report=false"]
+    procs = []
+    for i in range(workers):
+        with (folder / f"{i}.log").open("w") as log:
+            procs.append(subprocess.Popen([*command, f"--worker={i}"], stdout=log, stderr=subprocess.STDOUT, env=env))
+    total = sum(s.cost for s in steps if s.key not in done_before)
+    bar = tqdm(total=round(total, 3), disable=not progress, unit="cost", dynamic_ncols=True,
+               bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
+    try:
+        while any(p.poll() is None for p in procs):
+            failed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
+            if failed:
+                _worker_failed(folder, failed[0], procs[failed[0]].returncode)
+            finished = [s for s in steps if s.key not in done_before and runner.is_done(s.key)]
+            bar.update(round(sum(s.cost for s in finished), 3) - bar.n)
+            running = [ran[-1] for ran in _started(folder, workers) if ran and not runner.is_done(ran[-1])]
+            bar.set_description(f"study ({workers} workers): {', '.join(running) or 'waiting'}")
+            bar.set_postfix_str(f"{len(done_before) + len(finished)} of {len(steps)} steps finished")
+            time.sleep(1.0)
+        failed = [i for i, p in enumerate(procs) if p.returncode != 0]
+        if failed:
+            _worker_failed(folder, failed[0], procs[failed[0]].returncode)
+    finally:
+        bar.close()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    left = [s.key for s in steps if not runner.is_done(s.key)]
+    if left:
+        raise LitPruneError(f"study workers exited leaving {len(left)} steps unfinished ({left[0]}, ...); "
+                            f"see {folder}/*.log")
+    return {s.key: "done" if s.key in done_before else "ran" for s in steps}, _started(folder, workers)
+
+
+def _started(folder: Path, workers: int) -> list[list[str]]:
+    """The steps each worker has started, in order."""
+    paths = [folder / f"{i}.json" for i in range(workers)]
+    return [json.loads(p.read_text())["started"] if p.is_file() else [] for p in paths]
+
+
+def _worker_failed(folder: Path, worker: int, code: int) -> None:
+    log = folder / f"{worker}.log"
+    tail = log.read_text(errors="replace").splitlines()[-20:] if log.is_file() else []
+    print("\n".join(tail), file=sys.stderr)
+    raise LitPruneError(f"study worker {worker} exited with status {code}; its output is in {log}")
 
 
 def main(argv: list[str]) -> int:

@@ -60,6 +60,12 @@ class StudySettings:
     cache_gb: float = 4.0
     """Memory for activations shared between the runs of one process (0 disables sharing). A multi-device
     fit runs in child processes (one per rank) that each have their own cache of this size."""
+    workers: int = 1
+    """Processes that share the study's steps on this machine, each with an equal share of the CPU
+    threads. Results do not depend on it. On a small CPU two single-threaded workers finish sooner
+    than one two-threaded process (the LM's GEMMs scale sublinearly with threads, the SAE steps'
+    Python and small kernels not at all). Each worker has its own cache_gb. Must be 1 when a fit uses
+    several devices; keep it 1 on a single GPU, which the workers would share."""
     checkpoints: str = "checkpoints"
     """Root of the study's artefacts."""
     logs: str = "logs"
@@ -86,6 +92,8 @@ class StudySettings:
                           "a positive integer / a non-negative integer / a positive integer")
         if self.epochs < 1:
             raise invalid("study.epochs", self.epochs, "an integer >= 1")
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise invalid("study.workers", self.workers, "an integer >= 1")
         if self.cache_gb < 0:
             raise invalid("study.cache_gb", self.cache_gb, "a non-negative number")
         if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):

@@ -5,12 +5,13 @@ hash of the step's inputs (its settings plus the hashes of the steps it reads). 
 a temp directory beside that and is renamed into place only when complete, so a killed study
 leaves either the old complete result or none. A rerun skips steps whose recorded hash equals
 the current one and redoes the others (and, through the hashes, everything downstream).
-Steps take an exclusive file lock, so shards that share a step (the dense model) never both run it.
+Steps take an exclusive file lock, so processes that share a step (shards, workers) never both run
+it; a process skips a step another one holds and takes the next ready one instead. Steps that
+read the same cached activations (a condition's SAE fits) all go to the process that took the first.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
@@ -19,7 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import IO, Any, Callable
 
 from tqdm.auto import tqdm
 
@@ -44,6 +45,9 @@ class Step:
     """Keys (condition/name) of the steps whose results this one reads."""
     cost: float = 1.0
     """Rough relative cost, for the progress bar's time estimate."""
+    shares: str | None = None
+    """Steps with the same value read the same activations (shared through a process's cache): when
+    several processes run a study, the one that takes the first of them runs them all."""
 
     @property
     def key(self) -> str:
@@ -107,38 +111,68 @@ class Runner:
                 want(step.key)
         return [s for s in self.steps.values() if s.key in wanted]
 
-    def run(self, steps: list[Step], progress: bool = True) -> dict[str, str]:
-        """Run `steps`; returns {key: "done" | "ran"}. Time left is estimated from the steps' costs."""
+    def run(self, steps: list[Step], progress: bool = True, poll: float = 0.5,
+            on_start: Callable[[Step], None] | None = None) -> dict[str, str]:
+        """Run `steps`; returns {key: "done" | "ran"}. Time left is estimated from the steps' costs.
+
+        Other processes may run the same steps at the same time (shards, study workers): each time
+        this one takes the first step in order whose dependencies are done and that no other process
+        holds, and it polls every `poll` s while all that is left waits on the others."""
+        keys = {s.key for s in steps}
+        for step in steps:
+            lost = [d for d in step.deps if d not in keys and not self.is_done(d)]
+            if lost:
+                raise ValueError(f"step {step.key} depends on {lost}, which are neither given nor done")
         status: dict[str, str] = {}
+        pending = list(steps)
+        groups: dict[str, IO[str]] = {}  # `shares` groups this process has taken, with their held locks
         todo = sum(s.cost for s in steps if not self.is_done(s.key))
         bar = tqdm(total=round(todo, 3), disable=not progress, unit="cost", dynamic_ncols=True,
                    bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
         try:
-            for n, step in enumerate(steps):
+            while pending:
+                taken = self._take(pending, groups)
+                if taken is None:
+                    time.sleep(poll)
+                    continue
+                step, lock = taken
+                pending.remove(step)
                 bar.set_description(f"study: {step.key}")
-                bar.set_postfix_str(f"{n} of {len(steps)} steps finished, {len(steps) - n - 1} left after this")
-                with self._lock(step.key):
+                bar.set_postfix_str(f"{len(status)} of {len(steps)} steps finished, {len(pending)} left after this")
+                try:
                     if self.is_done(step.key):
                         status[step.key] = "done"
-                        continue
-                    self._execute(step)
-                    status[step.key] = "ran"
-                bar.update(step.cost)
+                    else:
+                        if on_start is not None:
+                            on_start(step)
+                        self._execute(step)
+                        status[step.key] = "ran"
+                        bar.update(step.cost)
+                finally:
+                    _unlock(lock)
+                for name in [g for g in groups if not any(s.shares == g for s in pending)]:
+                    _unlock(groups.pop(name))
             bar.set_postfix_str(f"{len(steps)} of {len(steps)} steps finished")
         finally:
             bar.close()
+            for lock in groups.values():
+                _unlock(lock)
         return status
 
-    @contextlib.contextmanager
-    def _lock(self, key: str) -> Iterator[None]:
-        path = self.directory(key).parent / f".{self.steps[key].name}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    def _take(self, pending: list[Step], groups: dict[str, IO[str]]) -> tuple[Step, IO[str]] | None:
+        """The first pending step that is ready and free, with its lock held; None if there is none."""
+        for step in pending:
+            if not all(self.is_done(d) for d in step.deps):
+                continue
+            if step.shares is not None and step.shares not in groups:
+                group = _try_lock(self.root / f".shares-{step.shares}.lock")
+                if group is None:
+                    continue  # another process runs this group
+                groups[step.shares] = group
+            lock = _try_lock(self.directory(step.key).parent / f".{step.name}.lock")
+            if lock is not None:
+                return step, lock
+        return None
 
     def _execute(self, step: Step) -> None:
         final = self.directory(step.key)
@@ -157,3 +191,21 @@ class Runner:
             os.replace(final, old)  # the old result stays complete until the new one is
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _try_lock(path: Path) -> IO[str] | None:
+    """An exclusive lock on path (created if missing), or None if another process holds it. The
+    lock goes with the process: a killed one leaves nothing held."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+def _unlock(handle: IO[str]) -> None:
+    fcntl.flock(handle, fcntl.LOCK_UN)
+    handle.close()

@@ -125,8 +125,9 @@ def build_steps(ctx: StudyContext, corpus_fingerprint: str) -> list[Step]:
     ref_key = f"{DENSE}/seed{st.reference_seed}"
     reference = {"reference_sae": st.reference_sae or ref_key}
     fit_cost = 10.0
-    steps = [Step(DENSE, f"seed{s}", {**base, "seed": s, "epochs": st.epochs}, lambda out, s=s: fit_step(ctx, out, s, None), cost=fit_cost)
-             for s in st.seeds]
+    # a model's fits read the same training activations: shared through one process's cache
+    steps = [Step(DENSE, f"seed{s}", {**base, "seed": s, "epochs": st.epochs}, lambda out, s=s: fit_step(ctx, out, s, None),
+                  cost=fit_cost, shares=DENSE) for s in st.seeds]
     steps.append(Step(DENSE, "perplexity", {**base, "n": st.perplexity_sequences},
                       lambda out: perplexity_step(ctx, out, None), cost=1))
     steps.append(Step(DENSE, "rq5", {**base, **reference, "ablation": st.ablation},
@@ -144,7 +145,7 @@ def build_steps(ctx: StudyContext, corpus_fingerprint: str) -> list[Step]:
             inputs = {**base, **reference, "seed": s, "epochs": st.epochs, "survival": st.survival,
                       "transfer": st.transfer if s == st.reference_seed else None}
             steps.append(Step(cond.name, f"seed{s}", inputs, lambda out, s=s, c=cond: fit_step(ctx, out, s, c),
-                              deps=[f"{cond.name}/prune", ref_key], cost=fit_cost + 4))
+                              deps=[f"{cond.name}/prune", ref_key], cost=fit_cost + 4, shares=cond.name))
         if len(st.seeds) > 1:
             steps.append(Step(cond.name, "rq1", {"seeds": st.seeds}, lambda out, c=cond: rq1_step(ctx, out, c.name),
                               deps=[f"{cond.name}/seed{s}" for s in st.seeds], cost=0.5))
