@@ -277,6 +277,19 @@ def test_workers_share_the_steps_and_reproduce_one_process(reference_study, tmp_
         assert {f"{cond}/seed0", f"{cond}/seed1"} <= set(first) or {f"{cond}/seed0", f"{cond}/seed1"} <= set(second)
 
 
+def test_a_failing_worker_stops_the_study_with_its_one_line_error(tmp_path, local_corpus, model_cache):
+    empty = tmp_path / "not_an_sae"
+    empty.mkdir()  # passes the up-front check (a directory), fails when the first step loads it
+    result = run_cli(*_study_args(tmp_path, local_corpus, model_cache, "--study.workers=2",
+                                  f"--study.reference_sae={empty}"), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: study worker ") and "sae_path=" in last, last
+    assert "Traceback" not in result.stderr
+    study = tmp_path / "checkpoints" / "tiny"
+    assert not list(study.glob("*/rq5/done.json")) and not (study / "runs.jsonl").exists()
+
+
 def test_study_help_explains_the_grid():
     result = run_cli("study", "--help", cwd=ROOT)
     assert result.returncode == 0

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -52,7 +50,7 @@ def build_parser():
     parser.add_class_arguments(StudySettings, "study")
     parser.add_argument("--shard", type=str | None, default=None,
                         help="i/n: run the conditions with index %% n == i (the dense model runs once, locked).")
-    parser.add_argument("--worker", type=int | None, default=None,
+    parser.add_argument("--worker", type=str | None, default=None,
                         help="Internal: set by the study on its worker processes (study.workers > 1).")
     parser.add_argument("--report", type=bool, default=True,
                         help="Write <study>/report/ at the end (unsharded runs only; shards: use `report`).")
@@ -139,40 +137,34 @@ def _quiet_lightning() -> None:
 def run_study(argv: list[str]) -> Path:
     from lit_prune.models.activation_cache import sharing_activations
     from lit_prune.sae.io import versions
-    from lit_prune.study.runner import Runner
-    from lit_prune.study.steps import DENSE, build_steps
+    from lit_prune.study.workers import WorkerPool
 
     ctx, shard, options = context_from_args(argv)
     _quiet_lightning()
     root = ctx.root
     _check_identity(ctx, root)
-    started = time.time()
-    dm = ctx.datamodule()  # validates the corpus and fixes the tokens before any expensive work
-    steps = build_steps(ctx, dm.provenance["fingerprint"])
-    runner = Runner(root, steps)
-    order = {c.name: i for i, c in enumerate(ctx.settings.conditions())}
-    selected = runner.selected(shard, lambda step: 0 if step.condition == DENSE else order[step.condition])
-    if options["worker"] is not None:  # one of the study's worker processes: its steps, nothing else
-        started: list[str] = []
-
-        def tell(step) -> None:  # what the parent shows and records
-            started.append(step.key)
-            _write_json(root / WORKERS_DIR / f"{options['worker']}.json", {"started": started})
-
-        with sharing_activations(int(ctx.settings.cache_gb * (1 << 30))):
-            runner.run(selected, progress=False, on_start=tell)
+    if options["worker"] is not None:
+        _work(ctx, shard, options["worker"])
         return root
-    root.mkdir(parents=True, exist_ok=True)
-    _write_json(root / STUDY_FILE, {"name": ctx.name, "settings": asdict(ctx.settings), "model": ctx.model,
-                                    "data": ctx.data, "trainer": ctx.trainer, "seed_everything": ctx.seed_everything,
-                                    "corpus": dm.provenance, "versions": versions(),
-                                    "steps": {s.key: runner.hashes[s.key] for s in steps}})
-    per_worker = None
-    if ctx.settings.workers > 1:
-        status, per_worker = run_workers(argv, ctx.settings.workers, runner, selected, options["progress"])
-    else:
-        with sharing_activations(int(ctx.settings.cache_gb * (1 << 30))):
-            status = runner.run(selected, progress=options["progress"])
+    started = time.time()
+    pool = WorkerPool(argv, ctx.settings.workers) if ctx.settings.workers > 1 else None  # imports overlap the set-up
+    try:
+        dm, runner, selected = _plan(ctx, shard)
+        root.mkdir(parents=True, exist_ok=True)
+        _write_json(root / STUDY_FILE, {"name": ctx.name, "settings": asdict(ctx.settings), "model": ctx.model,
+                                        "data": ctx.data, "trainer": ctx.trainer, "seed_everything": ctx.seed_everything,
+                                        "corpus": dm.provenance, "versions": versions(),
+                                        "steps": {key: runner.hashes[key] for key in runner.steps}})
+        per_worker = None
+        if pool is not None:
+            pool.release()
+            status, per_worker = pool.run(runner, selected, options["progress"])
+        else:
+            with sharing_activations(int(ctx.settings.cache_gb * (1 << 30))):
+                status = runner.run(selected, progress=options["progress"])
+    finally:
+        if pool is not None:
+            pool.close()
     record = {"shard": f"{shard[0]}/{shard[1]}", "started": started, "seconds": time.time() - started,
               "ran": sorted(k for k, v in status.items() if v == "ran"),
               "skipped": sorted(k for k, v in status.items() if v == "done")}
@@ -189,73 +181,34 @@ def run_study(argv: list[str]) -> Path:
     return root
 
 
-WORKERS_DIR = ".workers"
+def _plan(ctx, shard: tuple[int, int]):
+    """(datamodule, runner, the steps of this shard): validates the corpus and fixes the tokens
+    (building them if needed) before any expensive work."""
+    from lit_prune.study.runner import Runner
+    from lit_prune.study.steps import DENSE, build_steps
+
+    dm = ctx.datamodule()
+    runner = Runner(ctx.root, build_steps(ctx, dm.provenance["fingerprint"]))
+    order = {c.name: i for i, c in enumerate(ctx.settings.conditions())}
+    return dm, runner, runner.selected(shard, lambda step: 0 if step.condition == DENSE else order[step.condition])
 
 
-def run_workers(argv: list[str], workers: int, runner, steps: list, progress: bool) -> tuple[dict[str, str], list[list[str]]]:
-    """Run `steps` in `workers` child processes (`study ... --worker i`), each with its share of the
-    CPU threads, and show their progress; returns ({key: "done" | "ran"} like Runner.run, the keys
-    each worker ran, in order). A failed worker stops the others and is reported in one line, with the
-    end of its log printed above."""
-    import subprocess
+def _work(ctx, shard: tuple[int, int], worker: str) -> None:
+    """One of the study's worker processes: once released, run the shard's steps beside the others."""
+    from lit_prune.models.activation_cache import sharing_activations
+    from lit_prune.study.workers import parse_worker, tell_started, wait_for_release
 
-    import torch
-    from tqdm.auto import tqdm
+    index, folder = parse_worker(worker)
+    wait_for_release(folder)
+    _, runner, selected = _plan(ctx, shard)
+    started: list[str] = []
 
-    threads = max(1, torch.get_num_threads() // workers)
-    folder = runner.root / WORKERS_DIR
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    done_before = {s.key for s in steps if runner.is_done(s.key)}
-    package_root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
-    command = [sys.executable, "-m", "lit_prune", "study", *argv, "--progress=false", "--report=false"]
-    procs = []
-    for i in range(workers):
-        with (folder / f"{i}.log").open("w") as log:
-            procs.append(subprocess.Popen([*command, f"--worker={i}"], stdout=log, stderr=subprocess.STDOUT, env=env))
-    total = sum(s.cost for s in steps if s.key not in done_before)
-    bar = tqdm(total=round(total, 3), disable=not progress, unit="cost", dynamic_ncols=True,
-               bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
-    try:
-        while any(p.poll() is None for p in procs):
-            failed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
-            if failed:
-                _worker_failed(folder, failed[0], procs[failed[0]].returncode)
-            finished = [s for s in steps if s.key not in done_before and runner.is_done(s.key)]
-            bar.update(round(sum(s.cost for s in finished), 3) - bar.n)
-            running = [ran[-1] for ran in _started(folder, workers) if ran and not runner.is_done(ran[-1])]
-            bar.set_description(f"study ({workers} workers): {', '.join(running) or 'waiting'}")
-            bar.set_postfix_str(f"{len(done_before) + len(finished)} of {len(steps)} steps finished")
-            time.sleep(1.0)
-        failed = [i for i, p in enumerate(procs) if p.returncode != 0]
-        if failed:
-            _worker_failed(folder, failed[0], procs[failed[0]].returncode)
-    finally:
-        bar.close()
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    left = [s.key for s in steps if not runner.is_done(s.key)]
-    if left:
-        raise LitPruneError(f"study workers exited leaving {len(left)} steps unfinished ({left[0]}, ...); "
-                            f"see {folder}/*.log")
-    return {s.key: "done" if s.key in done_before else "ran" for s in steps}, _started(folder, workers)
+    def tell(step) -> None:
+        started.append(step.key)
+        tell_started(folder, index, started)
 
-
-def _started(folder: Path, workers: int) -> list[list[str]]:
-    """The steps each worker has started, in order."""
-    paths = [folder / f"{i}.json" for i in range(workers)]
-    return [json.loads(p.read_text())["started"] if p.is_file() else [] for p in paths]
-
-
-def _worker_failed(folder: Path, worker: int, code: int) -> None:
-    log = folder / f"{worker}.log"
-    tail = log.read_text(errors="replace").splitlines()[-20:] if log.is_file() else []
-    print("\n".join(tail), file=sys.stderr)
-    raise LitPruneError(f"study worker {worker} exited with status {code}; its output is in {log}")
+    with sharing_activations(int(ctx.settings.cache_gb * (1 << 30))):
+        runner.run(selected, progress=False, on_start=tell)
 
 
 def main(argv: list[str]) -> int:

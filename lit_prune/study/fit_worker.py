@@ -88,7 +88,7 @@ def fit_in_worker(ctx: Any, out: Path, seed: int, cond: Any) -> dict[str, Any]:
     return result
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: get SIGKILL when the parent (the study, or rank 0 for the other ranks) dies, so a
     killed study leaves no rank writing into its temp directory or waiting in a collective."""
     if not sys.platform.startswith("linux"):
@@ -105,7 +105,7 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str]) -> int:
-    _die_with_parent()
+    die_with_parent()
     if len(argv) != 1:
         print("usage: python -m lit_prune.study.fit_worker SPEC.json", file=sys.stderr)
         return 2

@@ -125,22 +125,20 @@ def build_steps(ctx: StudyContext, corpus_fingerprint: str) -> list[Step]:
     ref_key = f"{DENSE}/seed{st.reference_seed}"
     reference = {"reference_sae": st.reference_sae or ref_key}
     fit_cost = 10.0
-    # a model's fits read the same training activations: shared through one process's cache
+    # In dependency order; for several workers also the steps the rest waits on first (the dense
+    # fits, the pruned models) and short ones last, to fill the gaps. A model's fits read the same
+    # training activations: `shares` keeps them in one process's cache.
     steps = [Step(DENSE, f"seed{s}", {**base, "seed": s, "epochs": st.epochs}, lambda out, s=s: fit_step(ctx, out, s, None),
                   cost=fit_cost, shares=DENSE) for s in st.seeds]
-    steps.append(Step(DENSE, "perplexity", {**base, "n": st.perplexity_sequences},
-                      lambda out: perplexity_step(ctx, out, None), cost=1))
-    steps.append(Step(DENSE, "rq5", {**base, **reference, "ablation": st.ablation},
-                      lambda out: rq5_step(ctx, out), deps=[ref_key], cost=4))
-    if len(st.seeds) > 1:
-        steps.append(Step(DENSE, "rq1", {"seeds": st.seeds}, lambda out: rq1_step(ctx, out, DENSE),
-                          deps=[f"{DENSE}/seed{s}" for s in st.seeds], cost=0.5))
-    gallery = gallery_condition(st)
     for cond in st.conditions():
         prune_inputs = {**base, "method": cond.method, "sparsity": cond.sparsity, "nm": cond.nm,
                         "n": st.perplexity_sequences}
         steps.append(Step(cond.name, "prune", prune_inputs, lambda out, c=cond: perplexity_step(ctx, out, c),
                           cost=3 if cond.method == "wanda" else 1))
+    steps.append(Step(DENSE, "rq5", {**base, **reference, "ablation": st.ablation},
+                      lambda out: rq5_step(ctx, out), deps=[ref_key], cost=4))
+    gallery = gallery_condition(st)
+    for cond in st.conditions():
         for s in st.seeds:
             inputs = {**base, **reference, "seed": s, "epochs": st.epochs, "survival": st.survival,
                       "transfer": st.transfer if s == st.reference_seed else None}
@@ -154,6 +152,11 @@ def build_steps(ctx: StudyContext, corpus_fingerprint: str) -> list[Step]:
                                                      "sequences": st.gallery_sequences},
                               lambda out, c=cond: gallery_step(ctx, out, c),
                               deps=[f"{cond.name}/prune", f"{cond.name}/seed{st.reference_seed}", ref_key], cost=1))
+    if len(st.seeds) > 1:
+        steps.append(Step(DENSE, "rq1", {"seeds": st.seeds}, lambda out: rq1_step(ctx, out, DENSE),
+                          deps=[f"{DENSE}/seed{s}" for s in st.seeds], cost=0.5))
+    steps.append(Step(DENSE, "perplexity", {**base, "n": st.perplexity_sequences},
+                      lambda out: perplexity_step(ctx, out, None), cost=1))
     return steps
 
 
