@@ -145,17 +145,19 @@ def test_unsupported_normalisation_is_refused():
         fast_topk_training_forward(sae, torch.randn(8, 16))
 
 
-def test_gradients_do_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("n, d_in, d_sae, k, n_dead", [(2048, 64, 1024, 16, 102), (1024, 576, 2304, 32, 7)])
+def test_gradients_do_not_depend_on_the_thread_count(n, d_in, d_sae, k, n_dead):
     # Run-to-run reproducibility: every reduction in the step has a fixed order, so the gradients
     # with 2 threads equal the single-threaded ones bit for bit (values[idx]'s backward used CPU
-    # atomics in thread order, and W_dec's gradient varied in its last bits).
-    x, dead = _data(2048, 64, 1024, n_dead=102)
+    # atomics in thread order, and W_dec's gradient varied in its last bits). With a few dead
+    # latents the auxiliary codes take the dense layout, whose products MKL split by thread count.
+    x, dead = _data(n, d_in, d_sae, n_dead=n_dead)
     grads = []
     threads = torch.get_num_threads()
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            sae = _sae(64, 1024, 16)
+            sae = _sae(d_in, d_sae, k)
             fast_topk_training_forward(sae, x, dead).loss.backward()
             grads.append({name: p.grad.clone() for name, p in sae.named_parameters()})
     finally:

@@ -19,8 +19,10 @@ faster than the sparse kernels, so `_Codes` picks one of two equivalent layouts.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +144,22 @@ def _aux_selection(
     return codes, codes.arrange(top.values), scale
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run the dense-layout products on one thread. With few columns (7 dead latents in a real
+    fit) MKL splits their long inner dimension over threads, so their last bits, and from there
+    the whole SAE, followed the thread count. They are small: one thread costs little."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _at(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """values[idx] for a 1-D values [d_sae] and idx [n, m], through index_select: its backward
     sums with index_add_, whereas the backward of values[idx] accumulates with CPU atomics in
@@ -185,13 +203,15 @@ class _Codes:
     def combine(self, coef: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """[n, d]: row i = sum_j coef_ij weight[idx_ij]; coef [n, m], weight [d_sae, d]."""
         if self.dense:
-            return self._scatter(coef) @ self._rows(weight)
+            with _one_thread():
+                return self._scatter(coef) @ self._rows(weight)
         return F.embedding_bag(self.idx, weight.contiguous(), mode="sum", per_sample_weights=coef)
 
     def sample_dots(self, grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """[n, m]: grad_i . weight[idx_ij]; grad [n, d], weight [d_sae, d]."""
         if self.dense:
-            return (grad @ self._rows(weight).t()).gather(1, self.local)
+            with _one_thread():
+                return (grad @ self._rows(weight).t()).gather(1, self.local)
         n, m = self.idx.shape
         if grad.dtype in (torch.float32, torch.float64):
             with warnings.catch_warnings():
@@ -208,7 +228,8 @@ class _Codes:
     def weight_grad(self, coef: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """[d_sae, d]: row j = sum over pairs (i, j) of coef_ij rows_i; coef [n, m], rows [n, d]."""
         if self.dense:
-            part = self._scatter(coef).t() @ rows
+            with _one_thread():
+                part = self._scatter(coef).t() @ rows
             if self.cols is None:
                 return part
             return rows.new_zeros(self.d_sae, rows.shape[1]).index_copy_(0, self.cols, part)
