@@ -155,8 +155,8 @@ def test_gradients_do_not_depend_on_the_thread_count(n, d_in, d_sae, k, n_dead):
     grads = []
     threads = torch.get_num_threads()
     try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
+        for count in (1, 2):
+            torch.set_num_threads(count)
             sae = _sae(d_in, d_sae, k)
             fast_topk_training_forward(sae, x, dead).loss.backward()
             grads.append({name: p.grad.clone() for name, p in sae.named_parameters()})

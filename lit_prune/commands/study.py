@@ -196,7 +196,7 @@ def _plan(ctx, shard: tuple[int, int]):
 def _work(ctx, shard: tuple[int, int], worker: str) -> None:
     """One of the study's worker processes: once released, run the shard's steps beside the others."""
     from lit_prune.models.activation_cache import sharing_activations
-    from lit_prune.study.workers import parse_worker, tell_started, wait_for_release
+    from lit_prune.study.workers import parse_worker, started_file, wait_for_release
 
     index, folder = parse_worker(worker)
     wait_for_release(folder)
@@ -205,7 +205,7 @@ def _work(ctx, shard: tuple[int, int], worker: str) -> None:
 
     def tell(step) -> None:
         started.append(step.key)
-        tell_started(folder, index, started)
+        _write_json(started_file(folder, index), {"started": started})
 
     with sharing_activations(int(ctx.settings.cache_gb * (1 << 30))):
         runner.run(selected, progress=False, on_start=tell)

@@ -62,7 +62,8 @@ class StudySettings:
     fit runs in child processes (one per rank) that each have their own cache of this size."""
     workers: int = 1
     """Processes that share the study's steps on this machine, each with an equal share of the CPU
-    threads. Results do not depend on it. On a small CPU two single-threaded workers finish sooner
+    threads. An SAE training step gives the same bits on 1 and 2 threads (tested); long metric sums
+    add in another order, so metrics may move in their last bits. On a small CPU two single-threaded workers finish sooner
     than one two-threaded process (the LM's GEMMs scale sublinearly with threads, the SAE steps'
     Python and small kernels not at all). Each worker has its own cache_gb. Must be 1 when a fit uses
     several devices; keep it 1 on a single GPU, which the workers would share."""

@@ -74,10 +74,8 @@ def fit_in_worker(ctx: Any, out: Path, seed: int, cond: Any) -> dict[str, Any]:
     spec_path.write_text(json.dumps(spec, indent=1))
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()  # the ranks need the memory this process's earlier steps cached
-    package_root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
     command = [sys.executable, "-m", __name__, str(spec_path)]
-    code = subprocess.run(command, env=env).returncode
+    code = subprocess.run(command, env=child_env()).returncode
     result_path = out / RESULT
     if code != 0 or not result_path.is_file():
         why = f"exited with status {code}" if code != 0 else f"wrote no {RESULT}"
@@ -86,6 +84,14 @@ def fit_in_worker(ctx: Any, out: Path, seed: int, cond: Any) -> dict[str, Any]:
     spec_path.unlink()
     result_path.unlink()
     return result
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment plus `extra`, with this package first on PYTHONPATH (a source
+    checkout run without installing still imports the same code in the child)."""
+    package_root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, **extra, "PYTHONPATH": path}
 
 
 def die_with_parent() -> None:

@@ -126,9 +126,7 @@ class Runner:
         status: dict[str, str] = {}
         pending = list(steps)
         groups: dict[str, IO[str]] = {}  # `shares` groups this process has taken, with their held locks
-        todo = sum(s.cost for s in steps if not self.is_done(s.key))
-        bar = tqdm(total=round(todo, 3), disable=not progress, unit="cost", dynamic_ncols=True,
-                   bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
+        bar = progress_bar(sum(s.cost for s in steps if not self.is_done(s.key)), progress)
         try:
             while pending:
                 taken = self._take(pending, groups)
@@ -191,6 +189,12 @@ class Runner:
             os.replace(final, old)  # the old result stays complete until the new one is
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def progress_bar(total_cost: float, show: bool) -> tqdm:
+    """The study's progress bar over step costs (its time left is estimated from them)."""
+    return tqdm(total=round(total_cost, 3), disable=not show, unit="cost", dynamic_ncols=True,
+                bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
 
 
 def _try_lock(path: Path) -> IO[str] | None:

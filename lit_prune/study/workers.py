@@ -11,7 +11,6 @@ directory) holds what each worker has started and its output; it is kept only if
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -39,11 +38,11 @@ class WorkerPool:
     def __init__(self, argv: list[str], workers: int) -> None:
         import torch
 
+        from lit_prune.study.fit_worker import child_env
+
         self.folder = Path(tempfile.mkdtemp(prefix="lit_prune-workers-"))
-        threads = max(1, torch.get_num_threads() // workers)
-        package_root = str(Path(__file__).resolve().parents[2])
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-               "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+        threads = str(max(1, torch.get_num_threads() // workers))
+        env = child_env(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         command = [sys.executable, "-m", "lit_prune", "study", *argv, "--progress=false", "--report=false"]
         self.procs = []
         self.failed = False
@@ -63,12 +62,11 @@ class WorkerPool:
         """Wait for the workers to run `steps`, showing their progress; returns ({key: "done" | "ran"}
         like Runner.run, the keys each worker ran, in order). A failed worker stops the others and is
         reported in one line, with the end of its output printed above."""
-        from tqdm.auto import tqdm
+        from lit_prune.study.runner import progress_bar
 
         done_before = {s.key for s in steps if runner.is_done(s.key)}
         total = sum(s.cost for s in steps if s.key not in done_before)
-        bar = tqdm(total=round(total, 3), disable=not progress, unit="cost", dynamic_ncols=True,
-                   bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
+        bar = progress_bar(total, progress)
         shown, drawn = None, 0.0
         try:
             while any(p.poll() is None for p in self.procs):
@@ -95,7 +93,7 @@ class WorkerPool:
 
     def started(self) -> list[list[str]]:
         """The steps each worker has started, in order."""
-        paths = [self.folder / f"{i}.json" for i in range(len(self.procs))]
+        paths = [started_file(self.folder, i) for i in range(len(self.procs))]
         return [json.loads(p.read_text())["started"] if p.is_file() else [] for p in paths]
 
     def _check(self) -> None:
@@ -128,8 +126,6 @@ def wait_for_release(folder: Path) -> None:
         time.sleep(0.2)
 
 
-def tell_started(folder: Path, worker: int, keys: list[str]) -> None:
-    """In a worker: record the steps it has started (the last one is running)."""
-    tmp = folder / f".{worker}.json.tmp"
-    tmp.write_text(json.dumps({"started": keys}))
-    os.replace(tmp, folder / f"{worker}.json")
+def started_file(folder: Path, worker: int) -> Path:
+    """Where a worker records {"started": the keys of the steps it has started (the last is running)}."""
+    return folder / f"{worker}.json"
