@@ -11,6 +11,11 @@
    --ce_sequences sequences) for a trained SAE (default checkpoints/smollm2/version_0/sae if it
    exists, else the seed-0 random SAE), plus the cosine between the fp32- and bf16-path
    reconstructions and activations token by token.
+3. spliced_ce_resume: the three spliced forwards of spliced CE (clean, SAE reconstruction spliced
+   in, zero-ablated) per batch of the first --sequences sequences, seed-0 SAE. Baseline: three full
+   forwards with the splice hooked into block --layer. Ours: block --layer's output captured once
+   (later blocks never run), then three forwards that resume after it (`resume_after`: the first
+   layer+1 blocks are skipped). The logits must be bit-identical.
 
 Everything runs on --device (default cuda when torch sees a GPU, else cpu).
 
@@ -31,7 +36,9 @@ from common import ROOT, add_common_args, add_device_arg, apply_threads, clock, 
 import torch
 
 from lit_prune.analysis.evaluate import evaluate_sae, harvest, sae_codec
+from lit_prune.analysis.metrics import spliced_forward
 from lit_prune.models.activation_cache import sharing_activations
+from lit_prune.models.hooks import capture_resid_post, valid_positions
 from lit_prune.models.registry import load_model
 from lit_prune.sae.build import SAESettings, build_training_sae
 from lit_prune.sae.io import load_sae
@@ -160,6 +167,36 @@ def part_bf16(args: argparse.Namespace, lm32: torch.nn.Module, eval_ids: torch.T
             "metrics": metrics, "bf16_minus_fp32": diff, "agreement": agree}
 
 
+@torch.inference_mode()
+def spliced_logits(lm: torch.nn.Module, batches: list[torch.Tensor], layer: int, codec, resume: bool) -> list:
+    """Per batch: clean, SAE-spliced and zero-ablated logits, with or without resuming after `layer`."""
+    out = []
+    for ids in batches:
+        mask = torch.ones_like(ids)
+        valid = valid_positions(mask)
+        resid = capture_resid_post(lm, ids, layer, mask) if resume else None
+        out.append([spliced_forward(lm, ids, mask, layer, valid, replace, resid)
+                    for replace in (None, lambda x: codec(x.float())[1], torch.zeros_like)])
+    return out
+
+
+def part_resume(args: argparse.Namespace, lm: torch.nn.Module, eval_ids: torch.Tensor, sae) -> dict:
+    batches = list(eval_ids[: args.sequences].split(args.batch_size))
+    codec = sae_codec(sae)
+    spliced_logits(lm, batches[:1], args.layer, codec, False)  # warm-up, untimed
+    start = clock(args.device)
+    base = spliced_logits(lm, batches, args.layer, codec, False)
+    base_s = clock(args.device) - start
+    start = clock(args.device)
+    ours = spliced_logits(lm, batches, args.layer, codec, True)
+    ours_s = clock(args.device) - start
+    identical = all(torch.equal(a, b) for x, y in zip(ours, base) for a, b in zip(x, y))
+    print(f"spliced_ce_resume_bit_identical: {identical}")
+    tokens = sum(int(ids.numel()) for ids in batches)
+    return compare("spliced_ce_resume", ours_s, base_s, "s", tokens=tokens, forwards_per_batch=3,
+                   logits_bit_identical=identical, note=f"ours resumes after block {args.layer}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     apply_threads(args)
@@ -174,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     batches = list(eval_ids[: args.sequences].split(args.batch_size))
     result = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "corpus": dm.provenance, "sharing": part_sharing(args, lm, batches, saes),
-              "bf16": part_bf16(args, lm, eval_ids, saes)}
+              "bf16": part_bf16(args, lm, eval_ids, saes), "resume": part_resume(args, lm, eval_ids, saes[0])}
     write_result(args.output, result, start)
-    return 0
+    return 0 if result["resume"]["logits_bit_identical"] else 1
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from lit_prune.analysis.metrics import (
     ReconstructionMetrics, SplicedCEMetrics, ce_recovered, kl_score, loss_positions, next_token_ce, next_token_kl,
     spliced_forward,
 )
-from lit_prune.models.hooks import valid_positions
+from lit_prune.models.hooks import capture_resid_post, valid_positions
 from lit_prune.models.registry import load_model
 
 
@@ -76,6 +76,18 @@ def test_zero_reconstruction_recovers_nothing(tiny_lm):
     out = _spliced_metrics(tiny_lm, torch.zeros_like)
     assert out["ce_recovered"].item() == pytest.approx(0.0, abs=1e-9)
     assert out["kl_score"].item() == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("replace", [None, torch.zeros_like, lambda x: x * 0.7 + 0.1])
+def test_spliced_forward_from_the_captured_resid_is_bit_identical(tiny_lm, replace):
+    ids = torch.randint(3, tiny_lm.config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[2, 12:] = 0
+    valid = valid_positions(mask)
+    resid = capture_resid_post(tiny_lm, ids, 1, mask)
+    full = spliced_forward(tiny_lm, ids, mask, 1, valid, replace)
+    resumed = spliced_forward(tiny_lm, ids, mask, 1, valid, replace, resid)
+    torch.testing.assert_close(resumed, full, rtol=0, atol=0)
 
 
 def test_loss_positions_skip_position_zero_and_padding():

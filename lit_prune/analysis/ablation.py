@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from lit_prune.analysis.metrics import loss_positions, next_token_ce, next_token_kl
 from lit_prune.analysis.stats import benjamini_hochberg, mann_whitney, spearman
 from lit_prune.errors import invalid
-from lit_prune.models.hooks import capture_resid_post, splice_resid_post, valid_positions
+from lit_prune.models.hooks import capture_resid_post, resume_after, splice_resid_post, valid_positions
 
 SCOPES = ("firing", "all")
 GROUPS = ("top", "random", "rare")
@@ -70,18 +70,25 @@ def feature_delta(parts: SAEParts, feats: Tensor, features: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _encode(lm: nn.Module, layer: int, ids: Tensor, mask: Tensor, parts: SAEParts) -> tuple[Tensor, Tensor]:
-    """Features [b, seq, d_sae] (0 at invalid positions) and the valid mask [b, seq]."""
+def _encode(lm: nn.Module, layer: int, ids: Tensor, mask: Tensor, parts: SAEParts) -> tuple[Tensor, Tensor, Tensor]:
+    """Features [b, seq, d_sae] (0 at invalid positions), the valid mask [b, seq] and block `layer`'s
+    resid_post [b, seq, d_model]."""
     valid = valid_positions(mask)
     x = capture_resid_post(lm, ids, layer, mask)
     encoded = parts.encode(x[valid].float())
     feats = encoded.new_zeros(*ids.shape, encoded.shape[-1])
     feats[valid] = encoded
-    return feats, valid
+    return feats, valid, x
 
 
-def _logits(lm: nn.Module, ids: Tensor, mask: Tensor, layer: int, delta: Tensor | None = None) -> Tensor:
-    """Logits [b, seq, vocab]; with `delta` ([b, seq, d_model]) block `layer` outputs x - delta."""
+def _logits(lm: nn.Module, ids: Tensor, mask: Tensor, layer: int, delta: Tensor | None = None,
+            resid: Tensor | None = None) -> Tensor:
+    """Logits [b, seq, vocab]; with `delta` ([b, seq, d_model]) block `layer` outputs x - delta.
+
+    With `resid`, block `layer`'s output x for these ids, the forward resumes after that block."""
+    if resid is not None:
+        with resume_after(lm, layer, resid if delta is None else resid - delta.to(resid.dtype)):
+            return lm(input_ids=ids, attention_mask=mask, use_cache=False).logits
     if delta is None:
         return lm(input_ids=ids, attention_mask=mask, use_cache=False).logits
     with splice_resid_post(lm, layer, lambda x: x - delta.to(x.dtype)):
@@ -110,7 +117,7 @@ def ablated_logits(lm: nn.Module, layer: int, ids: Tensor, parts: SAEParts, feat
                    attention_mask: Tensor | None = None) -> Tensor:
     """Logits [b, seq, vocab] with feature `feature` ablated (error term kept) at block `layer`."""
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask
-    feats, valid = _encode(lm, layer, ids, mask, parts)
+    feats, valid, _ = _encode(lm, layer, ids, mask, parts)
     index = torch.full(ids.shape, feature, dtype=torch.long, device=ids.device)
     delta = feature_delta(parts, feats.flatten(0, 1), index.flatten()).view(*ids.shape, -1)
     return _logits(lm, ids, mask, layer, torch.where(valid[..., None], delta, torch.zeros_like(delta)))
@@ -125,7 +132,7 @@ def ablate_feature_effect(lm: nn.Module, layer: int, ids: Tensor, parts: SAEPart
     """
     _check_scope(scope)
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask
-    feats, valid = _encode(lm, layer, ids, mask, parts)
+    feats, valid, _ = _encode(lm, layer, ids, mask, parts)
     fires = (feats[..., feature] > 0) & valid
     rows = fires.any(1)
     if not rows.any():
@@ -154,16 +161,16 @@ def ablate_features(lm: nn.Module, layer: int, ids: Tensor, parts: SAEParts, fea
     sums = {k: torch.zeros(len(features), dtype=torch.float64, device=ids.device) for k in keys}
     for start in range(0, ids.shape[0], batch_size):
         chunk, mask = ids[start:start + batch_size], mask_all[start:start + batch_size]
-        feats, valid = _encode(lm, layer, chunk, mask, parts)
+        feats, valid, x = _encode(lm, layer, chunk, mask, parts)
         fires = (feats[..., features] > 0) & valid[..., None]  # [c, seq, m]
-        clean = _logits(lm, chunk, mask, layer)
+        clean = _logits(lm, chunk, mask, layer, resid=x)  # every forward resumes after block `layer`
         pairs = fires.any(1).nonzero()  # [(row, feature slot)]
         for p in range(0, pairs.shape[0], batch_size):
             row, slot = pairs[p:p + batch_size].unbind(1)
             seq = chunk.shape[1]
             delta = feature_delta(parts, feats[row].flatten(0, 1), features[slot].repeat_interleave(seq))
             delta = torch.where(valid[row][..., None], delta.view(len(row), seq, -1), 0.0)
-            ablated = _logits(lm, chunk[row], mask[row], layer, delta)
+            ablated = _logits(lm, chunk[row], mask[row], layer, delta, resid=x[row])
             effects = _row_effects(chunk[row], valid[row], fires[row, :, slot], clean[row], ablated)
             for k in keys:
                 sums[k].index_add_(0, slot, effects[k].double())
@@ -179,7 +186,7 @@ def firing_rates(lm: nn.Module, layer: int, ids: Tensor, parts: SAEParts, batch_
     fires, n = None, 0
     for start in range(0, ids.shape[0], batch_size):
         chunk = ids[start:start + batch_size]
-        feats, valid = _encode(lm, layer, chunk, torch.ones_like(chunk), parts)
+        feats, valid, _ = _encode(lm, layer, chunk, torch.ones_like(chunk), parts)
         count = (feats[valid] > 0).sum(0).double()
         fires = count if fires is None else fires + count
         n += int(valid.sum())

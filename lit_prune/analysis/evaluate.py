@@ -66,10 +66,13 @@ class SAEEvaluator(nn.Module):
             self.recon.update(x.float(), x_hat, feats)
             return x_hat
 
-        # clean and zero-ablated logits do not depend on the SAE: shared when activations are
-        clean = cached(lm, ids, "clean", lambda: spliced_forward(lm, ids, mask, layer, valid, None))
-        sae = spliced_forward(lm, ids, mask, layer, valid, reconstruct)
-        zero = cached(lm, ids, f"zero@{layer}", lambda: spliced_forward(lm, ids, mask, layer, valid, torch.zeros_like))
+        # Every forward resumes from block `layer`'s output, run once. Clean and zero-ablated logits
+        # do not depend on the SAE: shared, like the activations, when a cache is active.
+        resid = cached(lm, ids, f"resid@{layer}", lambda: capture_resid_post(lm, ids, layer, mask))
+        clean = cached(lm, ids, "clean", lambda: spliced_forward(lm, ids, mask, layer, valid, None, resid))
+        sae = spliced_forward(lm, ids, mask, layer, valid, reconstruct, resid)
+        zero = cached(lm, ids, f"zero@{layer}",
+                      lambda: spliced_forward(lm, ids, mask, layer, valid, torch.zeros_like, resid))
         self.spliced.update(ids, loss_positions(valid), clean, sae, zero)
 
     def compute(self) -> dict[str, float]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import Metric
 
-from lit_prune.models.hooks import splice_resid_post
+from lit_prune.models.hooks import resume_after, splice_resid_post
 
 Reconstruct = Callable[[torch.Tensor], torch.Tensor]
 
@@ -116,22 +116,26 @@ def loss_positions(valid: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def spliced_forward(
     model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor, layer: int,
-    valid: torch.Tensor, replace: Reconstruct | None,
+    valid: torch.Tensor, replace: Reconstruct | None, resid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits with `replace(x[valid])` ([n, d_model] -> [n, d_model]) spliced in at block `layer`.
 
-    `replace=None` gives the clean logits.
+    `replace=None` gives the clean logits. With `resid`, block `layer`'s resid_post for these ids
+    (`capture_resid_post`), the blocks up to `layer` are not run again: the same logits, cheaper.
     """
-    if replace is None:
+    if resid is None:
+        if replace is None:
+            return model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
+        with splice_resid_post(model, layer, lambda x: _splice(x, valid, replace)):
+            return model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
+    with resume_after(model, layer, resid if replace is None else _splice(resid, valid, replace)):
         return model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
 
-    def splice(x: torch.Tensor) -> torch.Tensor:
-        x_new = x.clone()  # position 0 and padding keep their clean values
-        x_new[valid] = replace(x[valid]).to(x.dtype)
-        return x_new
 
-    with splice_resid_post(model, layer, splice):
-        return model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
+def _splice(x: torch.Tensor, valid: torch.Tensor, replace: Reconstruct) -> torch.Tensor:
+    x_new = x.clone()  # position 0 and padding keep their clean values
+    x_new[valid] = replace(x[valid]).to(x.dtype)
+    return x_new
 
 
 class SplicedCEMetrics(Metric):

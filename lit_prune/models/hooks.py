@@ -47,6 +47,11 @@ def valid_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+# Whether a decoder-block class returns a tuple (older transformers) or the hidden states alone,
+# as seen by `capture_resid_post`: `resume_after` stands in for skipped blocks in that form.
+_RETURNS_TUPLE: dict[type, bool] = {}
+
+
 def _hidden(output: object) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
@@ -66,7 +71,8 @@ def capture_resid_post(
     """resid_post of `layer`: [batch, seq, d_model]. With `stop`, blocks after `layer` never run."""
     captured: list[torch.Tensor] = []
 
-    def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+    def hook(module: nn.Module, _inputs: object, output: object) -> None:
+        _RETURNS_TUPLE[type(module)] = isinstance(output, tuple)
         captured.append(_hidden(output))
         if stop:
             raise _StopForward
@@ -95,3 +101,33 @@ def splice_resid_post(
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def resume_after(model: nn.Module, layer: int, resid: torch.Tensor) -> Iterator[None]:
+    """Within the context, block `layer` outputs `resid` ([batch, seq, d_model]) and it and the
+    blocks before it do not run, so a forward costs only the later blocks and the head.
+
+    Pass the ids `resid` was captured from (`capture_resid_post`, possibly then edited): the
+    later blocks see exactly the input a full forward gives them, so the logits are the same
+    bits. A block class `capture_resid_post` has not seen yet runs every block instead.
+    """
+    layers = decoder_layers(model)
+    as_tuple = _RETURNS_TUPLE.get(type(layers[layer]))
+    if as_tuple is None:
+        with splice_resid_post(model, layer, lambda _x: resid):
+            yield
+        return
+    wrap = (lambda h: (h,)) if as_tuple else (lambda h: h)
+    saved = [block.__dict__.get("forward") for block in layers[:layer + 1]]
+    for block in layers[:layer]:
+        block.forward = lambda hidden_states, *_args, **_kwargs: wrap(hidden_states)
+    layers[layer].forward = lambda *_args, **_kwargs: wrap(resid.clone())  # later blocks may not write into it
+    try:
+        yield
+    finally:
+        for block, forward in zip(layers, saved):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
