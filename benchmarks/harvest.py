@@ -195,7 +195,8 @@ def part_resume(args: argparse.Namespace, lm: torch.nn.Module, eval_ids: torch.T
             times[resume] += timed(lambda: run(resume), 1, 0, args.device)
     tokens = sum(int(ids.numel()) for ids in batches)
     return compare("spliced_ce_resume", median(times[True]), median(times[False]), "s", tokens=tokens,
-                   forwards_per_batch=3, runs={"ours": times[True], "baseline": times[False]}, logits_bit_identical=identical,
+                   forwards_per_batch=3, runs={"ours": times[True], "baseline": times[False]},
+                   logits_bit_identical=identical,
                    note=f"median of 3 interleaved runs; ours resumes after block {args.layer}")
 
 
