@@ -189,14 +189,13 @@ def part_resume(args: argparse.Namespace, lm: torch.nn.Module, eval_ids: torch.T
     base, ours = run(False), run(True)  # also the warm-up
     identical = all(torch.equal(a, b) for x, y in zip(ours, base) for a, b in zip(x, y))
     print(f"spliced_ce_resume_bit_identical: {identical}")
-    times = {False: [], True: []}
+    times = {"baseline": [], "ours": []}
     for _ in range(3):  # interleaved, so that a slow spell of the machine hits both paths alike
-        for resume in (False, True):
-            times[resume] += timed(lambda: run(resume), 1, 0, args.device)
+        for name, resume in (("baseline", False), ("ours", True)):
+            times[name] += timed(lambda: run(resume), 1, 0, args.device)
     tokens = sum(int(ids.numel()) for ids in batches)
-    return compare("spliced_ce_resume", median(times[True]), median(times[False]), "s", tokens=tokens,
-                   forwards_per_batch=3, runs={"ours": times[True], "baseline": times[False]},
-                   logits_bit_identical=identical,
+    return compare("spliced_ce_resume", median(times["ours"]), median(times["baseline"]), "s", tokens=tokens,
+                   forwards_per_batch=3, runs=times, logits_bit_identical=identical,
                    note=f"median of 3 interleaved runs; ours resumes after block {args.layer}")
 
 

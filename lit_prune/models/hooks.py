@@ -115,14 +115,14 @@ def resume_after(model: nn.Module, layer: int, resid: torch.Tensor) -> Iterator[
     layers = decoder_layers(model)
     as_tuple = _RETURNS_TUPLE.get(type(layers[layer]))
     if as_tuple is None:
-        with splice_resid_post(model, layer, lambda _x: resid):
+        with splice_resid_post(model, layer, lambda _x: resid.clone()):  # later blocks may not write into it
             yield
         return
     wrap = (lambda h: (h,)) if as_tuple else (lambda h: h)
     saved = [block.__dict__.get("forward") for block in layers[:layer + 1]]
     for block in layers[:layer]:
         block.forward = lambda hidden_states, *_args, **_kwargs: wrap(hidden_states)
-    layers[layer].forward = lambda *_args, **_kwargs: wrap(resid.clone())  # later blocks may not write into it
+    layers[layer].forward = lambda *_args, **_kwargs: wrap(resid.clone())  # as above
     try:
         yield
     finally:
