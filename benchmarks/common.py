@@ -58,11 +58,13 @@ def apply_threads(args: argparse.Namespace) -> None:
 
 
 def environment() -> dict:
-    """What the numbers depend on: versions, torch threads, CPU count and load when measured."""
+    """What the numbers depend on: versions, torch threads, CPU count and load, and any GPU."""
     from lit_prune.sae.io import versions
 
+    gpu = ({"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda}
+           if torch.cuda.is_available() else {})
     return {"versions": versions(), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "load_average_at_end": list(os.getloadavg())}
+            "load_average_at_end": list(os.getloadavg()), **gpu}
 
 
 def timed(fn: Callable[[], object], repeats: int = 3, warmup: int = 0, device: str = "cpu") -> list[float]:

@@ -9,7 +9,7 @@ from scipy import stats as sps
 
 from conftest import ROOT
 from lit_prune.analysis.ablation import (
-    SAEParts, ablate_feature_effect, ablate_features, ablated_logits, bh_correct, firing_rates,
+    SAEParts, ablate_feature_effect, ablate_features, ablated_logits, bh_correct, decoder_directions, firing_rates,
     gradient_attribution, importance_vs_survival, sae_parts, select_features,
 )
 from lit_prune.analysis.evaluate import sae_codec
@@ -219,3 +219,14 @@ def test_callback_in_fit_writes_rows_equal_to_arrays(tmp_path, local_corpus, mod
     assert "rq5/exact_vs_attribution" in events.Tags()["images"]
     (logged,) = events.Scalars("rq5/ablation_ce_firing_mean/top")
     assert logged.value == pytest.approx(rows[("ablation_ce_firing_mean", "top")]["value"], rel=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 128, 1024])
+def test_decoder_directions_in_any_chunking_equal_decoding_the_whole_identity(chunk):
+    """d_i = dec(e_i) - dec(0), decoded chunk by chunk, equals decoding the full [d_sae, d_sae] eye."""
+    sae, parts = _sae(), sae_parts(_sae(), scale=2.0)
+    eye = torch.eye(sae.cfg.d_sae)
+    expected = parts.decode(eye) - parts.decode(torch.zeros(1, sae.cfg.d_sae))
+    directions = decoder_directions(parts, sae.cfg.d_sae, sae.W_dec, chunk)
+    torch.testing.assert_close(directions, expected, rtol=0, atol=0)
+    assert not torch.equal(directions[0], directions[1])

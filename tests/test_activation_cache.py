@@ -5,6 +5,7 @@ import copy
 import torch
 
 from lit_prune.analysis.evaluate import harvest
+from lit_prune.models import activation_cache
 from lit_prune.models.activation_cache import sharing_activations, weights_digest
 from lit_prune.models.tiny import TINY_ARCHS
 
@@ -71,3 +72,14 @@ def test_transfer_metrics_of_one_sae_on_one_lm_are_measured_once():
         other_k.load_state_dict(sae.state_dict())
         assert callback._evaluate(trainer, module, lm, other_k, ce=2)["l0"] != first["l0"]
         assert callback._evaluate(trainer, module, lm, sae, ce=1) != first  # fewer CE rows: another entry
+
+
+def test_chunked_weight_statistics_equal_whole_float64_sums(monkeypatch):
+    """Off CPU fp32 (here: bf16) the sums of squares go through bounded float64 chunks."""
+    monkeypatch.setattr(activation_cache, "_STATS_CHUNK", 7)
+    p = torch.randn(5, 9, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    whole = p.double().reshape(-1)
+    stats = activation_cache._compute_stats(p)
+    torch.testing.assert_close(stats, torch.stack([whole.sum(), whole.pow(2).sum()]), rtol=1e-15, atol=0)
+    empty = activation_cache._compute_stats(torch.empty(0, 3, dtype=torch.bfloat16))
+    assert torch.equal(empty, torch.zeros(2, dtype=torch.float64))

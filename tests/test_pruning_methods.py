@@ -30,7 +30,7 @@ from lit_prune.pruning import (
     wanda_masks,
     wanda_scores,
 )
-from lit_prune.pruning.masks import select_lowest
+from lit_prune.pruning.masks import select_lowest, select_lowest_sorted
 
 SMALL = dict(
     vocab_size=256,
@@ -244,8 +244,9 @@ def test_wanda_mask_bit_identical_to_sort_on_model_shapes(sparsity: float) -> No
             assert torch.equal(~fast, _stable_lowest(wanda_scores(weight, sq), count_pruned(d_in, sparsity)))
 
 
-def test_select_lowest_same_on_numpy_and_kthvalue_paths() -> None:
-    # fp32 rows go through np.partition, bf16 rows through torch.kthvalue: same answer as the sort.
+def test_select_lowest_same_on_numpy_kthvalue_and_gpu_sort_paths() -> None:
+    # fp32 rows go through np.partition, bf16 rows through torch.kthvalue, GPU rows through a
+    # stable sort (run here on CPU): same answer as the sort, tied scores included.
     gen = torch.Generator().manual_seed(6)
     scores = (torch.randint(0, 6, (50, 96), generator=gen).float() / 2).abs()
     for k in (1, 17, 48, 95):
@@ -253,6 +254,9 @@ def test_select_lowest_same_on_numpy_and_kthvalue_paths() -> None:
         assert torch.equal(select_lowest(scores, k), want)
         assert torch.equal(select_lowest(scores.bfloat16(), k), want)  # values 0..2.5 are exact in bf16
         assert torch.equal(select_lowest(scores.t().contiguous().t(), k), want)  # strided input
+        assert torch.equal(select_lowest_sorted(scores, k), want)
+        one_row = scores.reshape(1, -1)  # a per-matrix (magnitude) selection
+        assert torch.equal(select_lowest_sorted(one_row, 50 * k), _stable_lowest(one_row, 50 * k))
 
 
 def test_magnitude_mask_equals_stable_sort_on_tied_weights() -> None:

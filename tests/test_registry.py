@@ -5,7 +5,7 @@ import torch
 
 from lit_prune.errors import LitPruneError
 from lit_prune.models import registry
-from lit_prune.models.registry import load_model, load_tokenizer, model_dir
+from lit_prune.models.registry import load_model, load_tokenizer, model_dir, move_outside_inference
 
 
 def test_local_directory_loads_each_architecture(tiny_dir):
@@ -50,3 +50,38 @@ def test_missing_embedded_package_says_how_to_install(monkeypatch, tmp_path):
 def test_unknown_dtype_is_rejected(tiny_dir):
     with pytest.raises(LitPruneError, match="dtype='float8'"):
         load_model(str(tiny_dir), dtype="float8")
+
+
+def test_models_loaded_or_moved_in_inference_mode_keep_autograd_weights(tiny_dir):
+    """Lightning validates under inference_mode; a GPU move there (a dtype move stands in for it on
+    CPU) must not turn the LM's weights into inference tensors that autograd refuses."""
+    plain, moved = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    with torch.inference_mode():
+        model = load_model(str(tiny_dir))
+        plain.to(torch.float64)
+        move_outside_inference(moved, torch.float64)
+        moved_lm = move_outside_inference(model, torch.float64)
+    assert plain.weight.is_inference()  # what the helper prevents
+    assert moved_lm is model and model.dtype == torch.float64
+    assert not any(p.is_inference() for p in model.parameters())
+    assert not moved.weight.is_inference() and moved.weight.dtype == torch.float64
+    x = torch.ones(1, 2, dtype=torch.float64, requires_grad=True)
+    moved(x).sum().backward()
+    assert torch.equal(x.grad, moved.weight.sum(0, keepdim=True).detach())
+
+
+def test_resolve_device_checks_what_torch_sees(monkeypatch):
+    assert registry.resolve_device("cpu") == torch.device("cpu")
+    for bad in ("tpu", "cuda:x", "", "cuda:-1"):
+        with pytest.raises(LitPruneError, match=r"^device=.*auto, cpu, cuda or cuda:N"):
+            registry.resolve_device(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert registry.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(LitPruneError, match="torch sees no GPU"):
+        registry.resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert registry.resolve_device("auto") == torch.device("cuda")
+    assert registry.resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(LitPruneError, match=r"cuda:0 to cuda:1 \(torch sees 2 GPUs\)"):
+        registry.resolve_device("cuda:2", field="study.device")

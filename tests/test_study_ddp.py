@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, run_cli
 from lit_prune.analysis.results import read_arrays
@@ -96,6 +97,29 @@ def test_fit_processes(trainer, processes):
     from lit_prune.study.fit_worker import fit_processes
 
     assert fit_processes(trainer) == processes
+
+
+@pytest.mark.parametrize("devices, ids", [
+    (1, None), ("2", None), ("auto", None), ([2], [2]), ("2,", [2]), ("0, 3", [0, 3]), ((1, "2"), [1, 2]),
+])
+def test_device_ids_and_the_device_of_steps_outside_lightning(monkeypatch, devices, ids):
+    from lit_prune.study.fit_worker import device_ids
+    from lit_prune.study.steps import StudyContext
+
+    assert device_ids({"devices": devices}) == ids
+    ctx = StudyContext(name="s", settings=None, model={}, data={}, trainer={"devices": devices}, seed_everything=0)
+    assert ctx.device == "cpu"  # no GPU here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert ctx.device == (f"cuda:{ids[0]}" if ids else "cuda")
+    ctx.trainer["accelerator"] = "cpu"
+    assert ctx.device == "cpu"
+
+
+def test_device_ids_that_are_not_numbers_are_one_line_errors():
+    from lit_prune.study.fit_worker import device_ids
+
+    with pytest.raises(LitPruneError, match=r"trainer.devices.*list of device ids"):
+        device_ids({"devices": ["cuda:0"]})
 
 
 def test_failed_worker_is_one_line_error_naming_the_step(tmp_path, monkeypatch):

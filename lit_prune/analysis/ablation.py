@@ -216,8 +216,10 @@ def select_features(firing_rate: Tensor, n_top: int = 64, n_random: int = 64, n_
 def decoder_directions(parts: SAEParts, d_sae: int, like: Tensor, chunk: int = 1024) -> Tensor:
     """d_i = dec(e_i) - dec(0) for every feature: [d_sae, d_model] (raw space, exact for linear decoders)."""
     zero = parts.decode(like.new_zeros(1, d_sae))
-    rows = [parts.decode(torch.eye(d_sae, dtype=like.dtype, device=like.device)[s:s + chunk]) - zero
-            for s in range(0, d_sae, chunk)]
+    # one chunk of the identity at a time: a whole [d_sae, d_sae] eye is 1 GiB at 16,384 latents
+    basis = lambda s: nn.functional.one_hot(  # noqa: E731
+        torch.arange(s, min(s + chunk, d_sae), device=like.device), d_sae)
+    rows = [parts.decode(basis(s).to(like.dtype)) - zero for s in range(0, d_sae, chunk)]
     return torch.cat(rows)
 
 

@@ -35,7 +35,8 @@ def harvest(lm: nn.Module, ids: torch.Tensor, layer: int) -> torch.Tensor:
 
     Shared through `sharing_activations` when that is active (then callers must not modify it)."""
     mask = torch.ones_like(ids)
-    return cached(lm, ids, layer, lambda: capture_resid_post(lm, ids, layer, mask)[valid_positions(mask)].float())
+    # no padding: positions >= 1 are a slice (boolean indexing would wait for the GPU)
+    return cached(lm, ids, layer, lambda: capture_resid_post(lm, ids, layer, mask)[:, 1:].flatten(0, 1).float())
 
 
 class SAEEvaluator(nn.Module):

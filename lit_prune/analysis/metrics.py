@@ -50,8 +50,8 @@ class ReconstructionMetrics(Metric):
         self.add_state("max_act", torch.zeros(d_sae, dtype=torch.float64), dist_reduce_fx="max")
 
     def update(self, x: torch.Tensor, x_hat: torch.Tensor, feats: torch.Tensor) -> None:
-        x, x_hat, feats = x.double(), x_hat.double(), feats.double()
-        active = feats > 0
+        x, x_hat = x.double(), x_hat.double()
+        active = feats > 0  # comparison and max are exact in feats' own dtype: no [n, d_sae] float64 copy
         self.n += x.shape[0]
         self.sse += ((x - x_hat) ** 2).sum()
         self.sum_sq += (x * x).sum()
@@ -59,7 +59,7 @@ class ReconstructionMetrics(Metric):
         self.l0 += active.sum()
         self.cos += F.cosine_similarity(x, x_hat, dim=-1).sum()
         self.fires += active.sum(0)
-        self.max_act = torch.maximum(self.max_act, feats.amax(0))
+        self.max_act = torch.maximum(self.max_act, feats.amax(0).double())
 
     def compute(self) -> dict[str, torch.Tensor]:
         rate = self.fires / self.n

@@ -114,6 +114,8 @@ class PearsonAccumulator:
     Keeps count, means, centred sums of squares and co-moment in float64 and merges
     chunks with Chan et al.'s pairwise update, which avoids the cancellation of the
     naive sum-of-squares formula when a feature's mean is large against its spread.
+    The state stays on the device of the chunks (copying [tokens, d_sae] chunks to the
+    host would cost a GPU far more than the sums); compute() returns a CPU tensor.
     """
 
     def __init__(self) -> None:
@@ -124,8 +126,8 @@ class PearsonAccumulator:
 
     def update(self, f_a: torch.Tensor, f_b: torch.Tensor) -> None:
         """Add one chunk: f_a, f_b [tokens, n_features] for the same tokens."""
-        f_a = torch.as_tensor(f_a).detach().to("cpu", torch.float64)
-        f_b = torch.as_tensor(f_b).detach().to("cpu", torch.float64)
+        f_a = torch.as_tensor(f_a).detach().to(torch.float64)
+        f_b = torch.as_tensor(f_b).detach().to(f_a.device, torch.float64)
         if f_a.shape != f_b.shape or f_a.ndim != 2:
             raise invalid("chunk shapes", (tuple(f_a.shape), tuple(f_b.shape)),
                           "two equal [tokens, n_features] shapes")
@@ -165,7 +167,7 @@ class PearsonAccumulator:
         denom = torch.sqrt(self.m2_a * self.m2_b)
         defined = ~(flat_a | flat_b) & (denom > 0)
         r = torch.where(defined, self.c_ab / denom, torch.full_like(denom, float("nan")))
-        return r.clamp(-1.0, 1.0).float()
+        return r.clamp(-1.0, 1.0).float().cpu()
 
 
 class FunctionalSurvival(NamedTuple):
@@ -192,7 +194,7 @@ def survival_from_accumulator(
 ) -> FunctionalSurvival:
     """Finish a streamed functional-survival measurement."""
     r = acc.compute()
-    alive = acc.fired_a > 0
+    alive = acc.fired_a.cpu() > 0
     frac = float((r[alive] >= threshold).double().mean()) if alive.any() else float("nan")
     return FunctionalSurvival(r, frac, alive)
 

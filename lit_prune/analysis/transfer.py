@@ -157,8 +157,8 @@ def paired_features(dense_lm: nn.Module, lm: nn.Module, layer: int, encode: Call
         f_a = encode(harvest(dense_lm, ids.to(next(dense_lm.parameters()).device), layer))
         f_b = encode(harvest(lm, ids.to(next(lm.parameters()).device), layer).to(f_a.device))
         acc.update(f_a, f_b)
-        fired = (f_b > 0).sum(0).cpu().double()
+        fired = (f_b > 0).sum(0)
         fired_b = fired if fired_b is None else fired_b + fired
     if acc.n == 0:
         raise invalid("eval_ids", tuple(eval_ids.shape), "at least one sequence of at least 2 tokens")
-    return PairedPass(acc, acc.fired_a.double() / acc.n, fired_b / acc.n, acc.n)
+    return PairedPass(acc, acc.fired_a.cpu().double() / acc.n, fired_b.cpu().double() / acc.n, acc.n)

@@ -61,6 +61,8 @@ class PruneOptions:
         progress: Show progress bars for Wanda and perplexity.
         model_cache_dir: Where converted / built models are cached.
         cache_dir: Where corpora and tokenized splits are cached.
+        device: Where the model runs (calibration, pruning, perplexity): auto (cuda when torch sees a
+            GPU, else cpu), cpu, cuda or cuda:N. The model is saved in float32 either way.
     """
 
     output: str
@@ -80,6 +82,7 @@ class PruneOptions:
     progress: bool = True
     model_cache_dir: str = "checkpoints/models"
     cache_dir: str = "checkpoints"
+    device: str = "auto"
 
 
 @dataclass
@@ -129,8 +132,10 @@ def parse_nm(nm: str | None) -> tuple[int, int] | None:
 
 def check_options(o: PruneOptions) -> tuple[float, tuple[int, int] | None, str]:
     """Validate everything that needs no model: returns (sparsity, nm, group) as pruning will use them."""
+    from lit_prune.models.registry import resolve_device
     from lit_prune.pruning import METHODS, resolve_group, resolve_sparsity
 
+    resolve_device(o.device)
     if o.method not in METHODS:
         raise invalid("method", o.method, "one of " + ", ".join(METHODS))
     sparsity, nm = resolve_sparsity(o.sparsity, parse_nm(o.nm))
@@ -190,13 +195,13 @@ def run_prune(o: PruneOptions) -> PruneResult:
     from lit_prune.analysis.perplexity import perplexity
     from lit_prune.data.calibration_file import read_calibration_file
     from lit_prune.data.tokens import tokens_fingerprint
-    from lit_prune.models.registry import load_model, load_tokenizer, model_dir
+    from lit_prune.models.registry import load_model, load_tokenizer, model_dir, resolve_device
     from lit_prune.pruning import check_nm_shape, prunable_linears, prune_model, verify_masks
 
     start = time.perf_counter()
     sparsity, nm, group = check_options(o)
     tokenizer = load_tokenizer(o.model, o.model_cache_dir)
-    model = load_model(o.model, cache_dir=o.model_cache_dir)
+    model = load_model(o.model, cache_dir=o.model_cache_dir).to(resolve_device(o.device))
     if nm is not None:  # M must divide every d_in: fail before any expensive work
         for name, linear in prunable_linears(model).items():
             check_nm_shape(nm, tuple(linear.weight.shape), name)

@@ -32,7 +32,7 @@ from torch import nn
 
 from lit_prune.analysis.results import Condition, read_rows, write_rows
 from lit_prune.errors import LitPruneError
-from lit_prune.models.registry import load_model
+from lit_prune.models.registry import load_model, move_outside_inference
 from lit_prune.sae.io import check_compatible, hook_name, load_sae
 
 _DENSE_ATTR = "_analysis_dense_lm"  # on the module, via object.__setattr__: not a submodule
@@ -48,7 +48,7 @@ def dense_lm(module: L.LightningModule) -> nn.Module:
         hp = module.hparams
         lm = load_model(hp.model_name, dtype=hp.get("lm_dtype", "float32"), cache_dir=hp.model_cache_dir)
         object.__setattr__(module, _DENSE_ATTR, lm)
-    return lm.to(module.device)
+    return move_outside_inference(lm, module.device)
 
 
 def release_dense_lm(module: L.LightningModule) -> None:
@@ -103,12 +103,12 @@ class ReferenceSAECallback(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and trainer.is_global_zero:
-            self.reference.to(pl_module.device)
+            move_outside_inference(self.reference, pl_module.device)
             self.measure(trainer, pl_module, "validation")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at_fit_end and trainer.is_global_zero:
-            self.reference.to(pl_module.device)
+            move_outside_inference(self.reference, pl_module.device)
             self.measure(trainer, pl_module, "fit_end")
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

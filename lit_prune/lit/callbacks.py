@@ -58,9 +58,10 @@ class PruningCallback(L.Callback):
             info["perplexity_dense"] = perplexity(lm, eval_ids)
         started = time.perf_counter()
         if self.masks is None:
-            self.masks = prune_model(lm, self.method, self.sparsity, nm=self.nm, group=self.group,
-                                     calibration_ids=dm.calibration_ids, batch_size=self.calibration_batch_size,
-                                     max_seq_len=dm.hparams.calibration_seq_len, progress=False)
+            masks = prune_model(lm, self.method, self.sparsity, nm=self.nm, group=self.group,
+                                calibration_ids=dm.calibration_ids, batch_size=self.calibration_batch_size,
+                                max_seq_len=dm.hparams.calibration_seq_len, progress=False)
+            self.masks = {name: mask.cpu() for name, mask in masks.items()}  # 1 byte per weight: not on the GPU
         else:
             apply_masks(lm, self.masks)  # given or resumed: those masks, exactly
         info["seconds"] = time.perf_counter() - started

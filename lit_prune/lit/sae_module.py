@@ -14,7 +14,7 @@ from sae_lens.saes.sae import TrainStepInput
 from lit_prune.analysis.evaluate import SAEEvaluator, harvest, sae_codec
 from lit_prune.errors import invalid
 from lit_prune.models.hooks import check_layer
-from lit_prune.models.registry import load_model
+from lit_prune.models.registry import load_model, move_outside_inference
 from lit_prune.sae.buffer import ActivationBuffer, fit_norm_scale
 from lit_prune.sae.build import SAESettings, build_training_sae
 from lit_prune.sae.fast import StepOutput, fast_topk_training_forward
@@ -88,7 +88,7 @@ class SAEModule(L.LightningModule):
     # --- set-up ---------------------------------------------------------------------------
     def lm_on_device(self) -> torch.nn.Module:
         if next(self.lm.parameters()).device != self.device:
-            self.lm.to(self.device)
+            move_outside_inference(self.lm, self.device)
         return self.lm
 
     def ensure_norm_scale(self) -> float:
@@ -164,7 +164,7 @@ class SAEModule(L.LightningModule):
     @torch.no_grad()
     def _after_step(self, x: torch.Tensor, out: StepOutput) -> torch.Tensor:
         self.tokens_since_fired += x.shape[0]
-        self.tokens_since_fired[out.fired] = 0
+        self.tokens_since_fired.masked_fill_(out.fired, 0)  # no boolean indexing: no GPU sync
         self.tokens_trained += x.shape[0]
         residual = (x - out.sae_out).pow(2).sum()
         fvu = residual / (x - x.mean(0)).pow(2).sum()
@@ -174,7 +174,8 @@ class SAEModule(L.LightningModule):
                 "train/lr": self.optimizers().param_groups[0]["lr"], "train/tokens": self.tokens_trained.float()}
         logs.update({f"train/{k}": v for k, v in out.losses.items()})
         if self.logger is not None:  # direct: one point per SAE step, several may share a training_step
-            self.logger.log_metrics({k: float(v) for k, v in logs.items()}, step=self.global_step)
+            values = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=x.device) for v in logs.values()])
+            self.logger.log_metrics(dict(zip(logs, values.tolist())), step=self.global_step)  # one GPU sync
         return fvu
 
     # --- validation -----------------------------------------------------------------------

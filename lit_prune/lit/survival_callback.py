@@ -90,7 +90,7 @@ def survival_measurements(ref_dec: torch.Tensor, module_dec: torch.Tensor, init_
               "bin": firing_rate_bins(p, n_bins), "alive": alive, "partner_init_cosine": partner_init,
               "init_cosine": init_cos.float(),
               # RQ4's other fragility predictors (METHODS §4): on the dense model, per reference feature
-              "max_activation": paired.acc.max_a.float(), "decoder_norm": ref_dec.double().norm(dim=-1).float()}
+              "max_activation": paired.acc.max_a.float().cpu(), "decoder_norm": ref_dec.double().norm(dim=-1).float()}
     return SurvivalResult(metrics, arrays)
 
 

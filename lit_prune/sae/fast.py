@@ -111,8 +111,8 @@ def fast_topk_training_forward(
 
     with torch.no_grad():
         active = acts > 0
-        fired = torch.zeros(cfg.d_sae, dtype=torch.bool, device=x.device)
-        fired[main.idx[active]] = True
+        fired = torch.zeros(cfg.d_sae, dtype=torch.uint8, device=x.device)  # OR over tokens, no GPU sync:
+        fired = fired.scatter_reduce_(0, main.idx.flatten(), active.flatten().to(torch.uint8), "amax").bool()
         l0 = active.float().sum(-1).mean()
     losses = {"mse_loss": mse_loss, "auxiliary_reconstruction_loss": aux_loss}
     return StepOutput(mse_loss + aux_loss, losses, sae_out, fired, l0)
@@ -134,10 +134,12 @@ def _aux_selection(
 
     hidden: [n, d_sae] pre-activations (no autograd). Returns (codes, values [n, k_aux], loss scale).
     """
-    if dead is None or (num_dead := int(dead.sum())) == 0:
+    if dead is None:
+        return None
+    cols = dead.nonzero().squeeze(1)  # ascending, so sorting local ids sorts the latent ids too
+    if (num_dead := len(cols)) == 0:
         return None
     scale = min(num_dead / k_aux, 1.0)
-    cols = dead.nonzero().squeeze(1)  # ascending, so sorting local ids sorts the latent ids too
     sub = hidden.index_select(1, cols)  # [n, num_dead]; same set as topk over where(dead, h, -inf)
     top = sub.topk(min(k_aux, num_dead), dim=-1, sorted=False)
     codes = _Codes(top.indices, cols, hidden.shape[1], dense_threshold)

@@ -58,8 +58,9 @@ class StudySettings:
     gallery_sequences: int = 128
     """Eval sequences searched for the gallery's top-activating contexts."""
     cache_gb: float = 4.0
-    """Memory for activations shared between the runs of one process (0 disables sharing). A multi-device
-    fit runs in child processes (one per rank) that each have their own cache of this size."""
+    """Memory for activations shared between the runs of one process (0 disables sharing); it is held
+    where they are computed, so on a GPU this is GPU memory. A multi-device fit runs in child
+    processes (one per rank) that each have their own cache of this size."""
     workers: int = 1
     """Processes that share the study's steps on this machine, each with an equal share of the CPU
     threads. An SAE training step gives the same bits on 1 and 2 threads (tested); long metric sums

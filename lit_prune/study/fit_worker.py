@@ -23,8 +23,23 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from lit_prune.errors import invalid
+
 SPEC = "fit_spec.json"
 RESULT = "fit_result.json"
+
+
+def device_ids(trainer: dict[str, Any]) -> list[int] | None:
+    """The device ids the trainer names (Lightning's devices: [2] or "0,2" or "2,"), or None when it
+    gives a count or "auto"."""
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, str) and "," in devices:
+        devices = [d for d in devices.split(",") if d.strip()]
+    if not isinstance(devices, (list, tuple)):
+        return None
+    if not all(str(d).strip().isdigit() for d in devices):
+        raise invalid("trainer.devices", devices, "a device count, \"auto\", or a list of device ids like [0, 2]")
+    return [int(d) for d in devices]
 
 
 def fit_processes(trainer: dict[str, Any]) -> int:
@@ -35,16 +50,11 @@ def fit_processes(trainer: dict[str, Any]) -> int:
     CPU "auto" is one process; more CPU processes need an explicit devices: n)."""
     import torch
 
+    ids = device_ids(trainer)
     devices = trainer.get("devices", 1)
-    if isinstance(devices, str):
-        text = devices.strip()
-        if text.lstrip("-").isdigit():
-            devices = int(text)
-        elif text != "auto":
-            devices = [d for d in text.split(",") if d.strip()]  # "0,1": device ids
-    if isinstance(devices, (list, tuple)):
-        count = len(devices)
-    elif devices in ("auto", -1):
+    if ids is not None:
+        count = len(ids)
+    elif str(devices).strip() in ("auto", "-1"):
         gpu = trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda")
         count = torch.cuda.device_count() if gpu and torch.cuda.is_available() else 1
     else:

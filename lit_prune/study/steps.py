@@ -42,7 +42,7 @@ from lit_prune.pruning import prune_model, save_masks
 from lit_prune.sae.build import SAESettings
 from lit_prune.sae.io import hook_name, load_sae
 from lit_prune.study.config import PruneCondition, StudySettings
-from lit_prune.study.fit_worker import fit_in_worker, fit_processes
+from lit_prune.study.fit_worker import device_ids, fit_in_worker, fit_processes
 from lit_prune.study.gallery import gallery_condition, gallery_step
 from lit_prune.study.runner import Step
 
@@ -79,8 +79,13 @@ class StudyContext:
 
     @property
     def device(self) -> str:
+        """Where the steps outside Lightning run: the first device the trainer names (devices: [2]), cuda
+        when the accelerator may be a GPU and one is visible, else the CPU."""
         gpu = self.trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda")
-        return "cuda" if gpu and torch.cuda.is_available() else "cpu"
+        if not (gpu and torch.cuda.is_available()):
+            return "cpu"
+        ids = device_ids(self.trainer)
+        return f"cuda:{ids[0]}" if ids else "cuda"
 
     def datamodule(self) -> TokenDataModule:
         dm = TokenDataModule(**self.data)
@@ -200,7 +205,8 @@ def run_fit(ctx: StudyContext, out: Path, seed: int, cond: PruneCondition | None
         placement = {"devices": ctx.trainer.get("devices", 1), "num_nodes": ctx.trainer.get("num_nodes", 1),
                      "strategy": ctx.trainer.get("strategy") or "ddp"}
     else:
-        placement = {"devices": 1}
+        device = torch.device(ctx.device)
+        placement = {"devices": [device.index] if device.index is not None else 1}  # the GPU named, if any
     trainer = L.Trainer(max_epochs=st.epochs, check_val_every_n_epoch=st.epochs, logger=ctx.logger(f"seed{seed}", cond.name if cond else DENSE),
                         callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, **placement,
