@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, run_cli
 from lit_prune.analysis.results import read_arrays
@@ -368,3 +369,18 @@ def test_paper_configs_run_end_to_end_on_tiny_local_copies(config, arch, tmp_pat
     study = tmp_path / "checkpoints" / config
     assert (study / "wanda-2of4" / "seed0" / "results" / "rq3_transfer.json").is_file()  # the config's N:M condition
     assert (study / "report" / "report.html").is_file()
+
+
+def test_workers_take_the_visible_gpus_in_turn(monkeypatch):
+    from lit_prune.study.workers import worker_gpus
+
+    assert worker_gpus("cpu", 2) == [None, None]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert worker_gpus("cuda", 2) == [None, None]  # one GPU: shared
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert worker_gpus("cuda", 4) == ["0", "1", "2", "0"]
+    assert worker_gpus("cuda:1", 2) == [None, None]  # a GPU named by trainer.devices: every worker there
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5, 7")
+    assert worker_gpus("cuda", 3) == ["5", "7", "5"]

@@ -147,7 +147,8 @@ def run_study(argv: list[str]) -> Path:
         _work(ctx, shard, options["worker"])
         return root
     started = time.time()
-    pool = WorkerPool(argv, ctx.settings.workers) if ctx.settings.workers > 1 else None  # imports overlap the set-up
+    # started first: their imports overlap the set-up
+    pool = WorkerPool(argv, ctx.settings.workers, ctx.device) if ctx.settings.workers > 1 else None
     try:
         dm, runner, selected = _plan(ctx, shard)
         root.mkdir(parents=True, exist_ok=True)

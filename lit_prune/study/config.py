@@ -67,7 +67,8 @@ class StudySettings:
     add in another order, so metrics may move in their last bits. On a small CPU two single-threaded workers finish sooner
     than one two-threaded process (the LM's GEMMs scale sublinearly with threads, the SAE steps'
     Python and small kernels not at all). Each worker has its own cache_gb. Must be 1 when a fit uses
-    several devices; keep it 1 on a single GPU, which the workers would share."""
+    several devices. On several GPUs each worker takes one of them in turn (unless trainer.devices names
+    one); on a single GPU the workers would share it, so keep it 1 there."""
     checkpoints: str = "checkpoints"
     """Root of the study's artefacts."""
     logs: str = "logs"

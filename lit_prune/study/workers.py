@@ -11,6 +11,7 @@ directory) holds what each worker has started and its output; it is kept only if
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -32,10 +33,23 @@ def parse_worker(text: str) -> tuple[int, Path]:
     return int(index), Path(folder)
 
 
-class WorkerPool:
-    """`workers` worker processes of the study run by `argv`, started at once and waiting for `release`."""
+def worker_gpus(device: str, workers: int) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES of each worker: the visible GPUs in turn when the steps run on "cuda" (no
+    GPU named) and torch sees several; else None (every worker sees what the study sees)."""
+    import torch
 
-    def __init__(self, argv: list[str], workers: int) -> None:
+    if device != "cuda" or not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return [None] * workers
+    listed = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    visible = listed or [str(i) for i in range(torch.cuda.device_count())]
+    return [visible[i % len(visible)] for i in range(workers)]
+
+
+class WorkerPool:
+    """`workers` worker processes of the study run by `argv`, started at once and waiting for `release`.
+    On several GPUs (device "cuda") each worker gets one of them, in turn."""
+
+    def __init__(self, argv: list[str], workers: int, device: str = "cpu") -> None:
         import torch
 
         from lit_prune.study.fit_worker import child_env
@@ -46,10 +60,11 @@ class WorkerPool:
         command = [sys.executable, "-m", "lit_prune", "study", *argv, "--progress=false", "--report=false"]
         self.procs = []
         self.failed = False
-        for i in range(workers):
+        for i, gpu in enumerate(worker_gpus(device, workers)):
             with self.log(i).open("w") as log:
                 self.procs.append(subprocess.Popen([*command, f"--worker={i}:{self.folder}"], stdout=log,
-                                                   stderr=subprocess.STDOUT, env=env))
+                                                   stderr=subprocess.STDOUT,
+                                                   env=env if gpu is None else {**env, "CUDA_VISIBLE_DEVICES": gpu}))
 
     def log(self, worker: int) -> Path:
         return self.folder / f"{worker}.log"
