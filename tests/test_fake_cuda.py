@@ -290,6 +290,9 @@ def test_dense_fit_then_wanda_fit_with_analysis_callbacks_bf16(tmp_path, local_c
         pruned, probe = _fit(tmp_path, local_corpus, model_cache, "pruned", "--config", str(callbacks),
                              "--model.seed=1", "--data.shuffle_seed=1", "--model.lm_dtype=bfloat16",
                              "--model.dead_window_tokens=0")  # every latent silent in a step is dead: aux loss
+        # at_fit_end measured on the device after Lightning's teardown, not by taking the LM to the CPU
+        assert {p.device.type for p in pruned.model.lm.parameters()} == {"cuda"}
+        assert {p.device.type for p in pruned.model.sae.parameters()} == {"cpu"}  # as Lightning left it
     _assert_on_cuda(probe)
     assert probe.devices["activation buffer"] == {"cuda"}  # (a one-batch fit clears it before the batch ends)
     assert probe.lm_dtypes == {torch.bfloat16}

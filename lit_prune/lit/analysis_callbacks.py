@@ -108,8 +108,14 @@ class ReferenceSAECallback(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at_fit_end and trainer.is_global_zero:
-            move_outside_inference(self.reference, pl_module.device)
-            self.measure(trainer, pl_module, "fit_end")
+            # Lightning has moved the module back to the CPU by now: measure on the accelerator
+            device = trainer.strategy.root_device
+            pl_module.to(device)
+            try:
+                move_outside_inference(self.reference, device)
+                self.measure(trainer, pl_module, "fit_end")
+            finally:
+                pl_module.cpu()
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """One measurement; stage is "validation" or "fit_end" (rows: epoch None at fit_end)."""
