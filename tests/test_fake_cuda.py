@@ -350,3 +350,40 @@ def test_tiny_study_on_the_device(tmp_path, local_corpus, model_cache, step_spy,
         _finite(json.loads((root / cond / "seed1" / "results" / "rq2_survival.json").read_text()), "mean_cosine")
         _finite(json.loads((root / cond / "seed0" / "results" / "rq3_transfer.json").read_text()), "fvu")
     _finite(json.loads((root / "dense" / "rq5" / "results" / "rq5_ablation.json").read_text()), "attribution_mean")
+
+
+def test_validate_with_gradient_attribution_moves_the_lm_outside_inference_mode(tmp_path, local_corpus, model_cache):
+    """`validate` first moves the LM to the GPU inside Lightning's inference mode; a plain `.to` there
+    would give inference-tensor weights that RQ5's gradient attribution cannot backpropagate through."""
+    from lit_prune.cli import lightning_cli
+
+    callbacks = tmp_path / "callbacks.yaml"
+    callbacks.write_text("trainer:\n  callbacks+:\n    - class_path: lit_prune.lit.ablation_callback.AblationCallback\n"
+                         "      init_args: {n_top: 4, n_random: 4, n_rare: 4, eval_sequences: 4}\n")
+    with fake_cuda():
+        cli = lightning_cli([
+            "--config", str(ROOT / "configs" / "tiny.yaml"), "--config", str(callbacks),
+            f"--model.model_cache_dir={model_cache}", f"--data.corpus={local_corpus}",
+            f"--data.cache_dir={tmp_path / 'cache'}", "--data.train_tokens=2048", "--data.eval_tokens=512",
+            "--model.ce_eval_sequences=4", "--model.norm_scale=1.0", f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", "--trainer.enable_progress_bar=false",
+            "--trainer.accelerator=gpu"], run=False)
+        cli.trainer.validate(cli.model, datamodule=cli.datamodule)
+        assert {(p.device.type, p.is_inference()) for p in cli.model.lm.parameters()} == {("cuda", False)}
+    rows = json.loads((Path(cli.trainer.log_dir) / "results" / "rq5_ablation.json").read_text())
+    _finite(rows, "attribution_mean")
+
+
+def test_prune_command_on_the_device(tmp_path, local_corpus, model_cache):
+    from lit_prune.commands.prune import PruneOptions, run_prune
+
+    with fake_cuda():
+        result = run_prune(PruneOptions(
+            output=str(tmp_path / "out"), model="tiny-llama", corpus=str(local_corpus), sparsity=0.5,
+            calibration_sequences=4, calibration_seq_len=32, eval_sequences=2, batch_size=2, progress=False,
+            model_cache_dir=str(model_cache), cache_dir=str(tmp_path / "cache"), device="cuda"))
+        assert {p.device.type for p in result.model.parameters()} == {"cuda"}
+    report = result.report
+    assert report["realised_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert all(math.isfinite(report["perplexity"][k]) for k in ("before", "after"))
+    assert (tmp_path / "out" / "masks.safetensors").is_file()
