@@ -384,3 +384,6 @@ def test_workers_take_the_visible_gpus_in_turn(monkeypatch):
     assert worker_gpus("cuda:1", 2) == [None, None]  # a GPU named by trainer.devices: every worker there
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5, 7")
     assert worker_gpus("cuda", 3) == ["5", "7", "5"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,-1,2")  # CUDA stops at the first invalid entry
+    assert worker_gpus("cuda", 3) == ["0", "1", "0"]

@@ -118,8 +118,12 @@ def test_device_ids_and_the_device_of_steps_outside_lightning(monkeypatch, devic
 def test_device_ids_that_are_not_numbers_are_one_line_errors():
     from lit_prune.study.fit_worker import device_ids
 
+    from lit_prune.study.fit_worker import fit_processes
+
     with pytest.raises(LitPruneError, match=r"trainer.devices.*list of device ids"):
         device_ids({"devices": ["cuda:0"]})
+    with pytest.raises(LitPruneError, match=r"^trainer.devices='x' is invalid"):
+        fit_processes({"devices": "x"})
 
 
 def test_failed_worker_is_one_line_error_naming_the_step(tmp_path, monkeypatch):

@@ -113,9 +113,11 @@ def _compute_stats(p: torch.Tensor) -> torch.Tensor:
         a = p.detach().reshape(-1).numpy()
         return torch.tensor([np.add.reduce(a, dtype=np.float64), np.einsum("i,i->", a, a, dtype=np.float64)],
                             dtype=torch.float64)
-    flat = p.detach().reshape(-1)
-    squares = sum((c.double().pow(2).sum() for c in flat.split(_STATS_CHUNK)), flat.new_zeros((), dtype=torch.float64))
-    return torch.stack([flat.sum(dtype=torch.float64), squares]).cpu()
+    total = squares = p.new_zeros((), dtype=torch.float64)
+    for chunk in p.detach().reshape(-1).split(_STATS_CHUNK):  # sum(dtype=float64) would copy all of p too
+        wide = chunk.double()
+        total, squares = total + wide.sum(), squares + wide.pow(2).sum()
+    return torch.stack([total, squares]).cpu()
 
 
 @torch.no_grad()

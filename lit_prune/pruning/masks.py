@@ -61,7 +61,7 @@ def select_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     array = numpy_view(scores)
     if array is not None:
         return torch.from_numpy(select_lowest_numpy(array, k))
-    if scores.device.type != "cpu":
+    if scores.device.type != "cpu" and n < 2**31:  # CUDA sorts rows of at most INT_MAX elements
         return select_lowest_sorted(scores, k)
     kth = scores.kthvalue(k, dim=1, keepdim=True).values
     below = scores < kth

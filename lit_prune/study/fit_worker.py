@@ -57,8 +57,10 @@ def fit_processes(trainer: dict[str, Any]) -> int:
     elif str(devices).strip() in ("auto", "-1"):
         gpu = trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda")
         count = torch.cuda.device_count() if gpu and torch.cuda.is_available() else 1
-    else:
+    elif str(devices).strip().isdigit():
         count = int(devices)
+    else:
+        raise invalid("trainer.devices", devices, "a device count, \"auto\", or a list of device ids like [0, 2]")
     return max(count, 1) * max(int(trainer.get("num_nodes", 1) or 1), 1)
 
 

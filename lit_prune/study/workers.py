@@ -41,7 +41,7 @@ def worker_gpus(device: str, workers: int) -> list[str | None]:
     if device != "cuda" or not torch.cuda.is_available() or torch.cuda.device_count() < 2:
         return [None] * workers
     listed = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    visible = listed or [str(i) for i in range(torch.cuda.device_count())]
+    visible = (listed or [str(i) for i in range(torch.cuda.device_count())])[:torch.cuda.device_count()]
     return [visible[i % len(visible)] for i in range(workers)]
 
 
