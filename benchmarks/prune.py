@@ -7,8 +7,8 @@ Default (about 1-2 minutes on 2 idle cores):
    dropped) and the naive `wanda_mask_reference` (full stable sort per row) are then timed side
    by side on exactly those inputs, and every mask must be identical.
 2. Magnitude mask selection at 50% (per matrix): our `magnitude_masks` against a naive stable
-   argsort of each flattened matrix, on the dense model; masks must be identical. On a GPU ours
-   is a stable sort too (`select_lowest_sorted`): expect a ratio near 1 there.
+   argsort of each flattened matrix, on the dense model; masks must be identical.
+On a GPU both of ours are stable sorts too (`select_lowest_sorted`): expect ratios near 1 there.
 
 Flags for bigger runs:
   --prune_total   also time the whole sequential Wanda twice (ours / reference selection inside),
