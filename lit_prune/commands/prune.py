@@ -130,12 +130,12 @@ def parse_nm(nm: str | None) -> tuple[int, int] | None:
     return int(match[1]), int(match[2])
 
 
-def check_options(o: PruneOptions) -> tuple[float, tuple[int, int] | None, str]:
-    """Validate everything that needs no model: returns (sparsity, nm, group) as pruning will use them."""
+def check_options(o: PruneOptions) -> tuple[float, tuple[int, int] | None, str, torch.device]:
+    """Validate everything that needs no model: returns (sparsity, nm, group, device) as pruning will use them."""
     from lit_prune.models.registry import resolve_device
     from lit_prune.pruning import METHODS, resolve_group, resolve_sparsity
 
-    resolve_device(o.device)
+    device = resolve_device(o.device)
     if o.method not in METHODS:
         raise invalid("method", o.method, "one of " + ", ".join(METHODS))
     sparsity, nm = resolve_sparsity(o.sparsity, parse_nm(o.nm))
@@ -154,7 +154,7 @@ def check_options(o: PruneOptions) -> tuple[float, tuple[int, int] | None, str]:
             raise invalid("calibration_file", o.calibration_file, "an existing file")
         if path.stat().st_size == 0:
             raise invalid("calibration_file", o.calibration_file, "a non-empty file")
-    return sparsity, nm, group
+    return sparsity, nm, group, device
 
 
 def check_output(output: Path, overwrite: bool) -> None:
@@ -195,13 +195,13 @@ def run_prune(o: PruneOptions) -> PruneResult:
     from lit_prune.analysis.perplexity import perplexity
     from lit_prune.data.calibration_file import read_calibration_file
     from lit_prune.data.tokens import tokens_fingerprint
-    from lit_prune.models.registry import load_model, load_tokenizer, model_dir, resolve_device
+    from lit_prune.models.registry import load_model, load_tokenizer, model_dir
     from lit_prune.pruning import check_nm_shape, prunable_linears, prune_model, verify_masks
 
     start = time.perf_counter()
-    sparsity, nm, group = check_options(o)
+    sparsity, nm, group, device = check_options(o)
     tokenizer = load_tokenizer(o.model, o.model_cache_dir)
-    model = load_model(o.model, cache_dir=o.model_cache_dir).to(resolve_device(o.device))
+    model = load_model(o.model, cache_dir=o.model_cache_dir).to(device)
     if nm is not None:  # M must divide every d_in: fail before any expensive work
         for name, linear in prunable_linears(model).items():
             check_nm_shape(nm, tuple(linear.weight.shape), name)

@@ -111,7 +111,8 @@ def fast_topk_training_forward(
 
     with torch.no_grad():
         active = acts > 0
-        fired = torch.zeros(cfg.d_sae, dtype=torch.uint8, device=x.device)  # OR over tokens, no GPU sync:
+        # OR over tokens without boolean indexing, which would wait for the GPU
+        fired = torch.zeros(cfg.d_sae, dtype=torch.uint8, device=x.device)
         fired = fired.scatter_reduce_(0, main.idx.flatten(), active.flatten().to(torch.uint8), "amax").bool()
         l0 = active.float().sum(-1).mean()
     losses = {"mse_loss": mse_loss, "auxiliary_reconstruction_loss": aux_loss}

@@ -27,6 +27,7 @@ from lit_prune.errors import invalid
 
 SPEC = "fit_spec.json"
 RESULT = "fit_result.json"
+_DEVICES_ALLOWED = 'a device count, "auto", or a list of device ids like [0, 2]'
 
 
 def device_ids(trainer: dict[str, Any]) -> list[int] | None:
@@ -38,7 +39,7 @@ def device_ids(trainer: dict[str, Any]) -> list[int] | None:
     if not isinstance(devices, (list, tuple)):
         return None
     if not all(str(d).strip().isdigit() for d in devices):
-        raise invalid("trainer.devices", devices, "a device count, \"auto\", or a list of device ids like [0, 2]")
+        raise invalid("trainer.devices", devices, _DEVICES_ALLOWED)
     return [int(d) for d in devices]
 
 
@@ -60,7 +61,7 @@ def fit_processes(trainer: dict[str, Any]) -> int:
     elif str(devices).strip().isdigit():
         count = int(devices)
     else:
-        raise invalid("trainer.devices", devices, "a device count, \"auto\", or a list of device ids like [0, 2]")
+        raise invalid("trainer.devices", devices, _DEVICES_ALLOWED)
     return max(count, 1) * max(int(trainer.get("num_nodes", 1) or 1), 1)
 
 

@@ -38,10 +38,11 @@ def worker_gpus(device: str, workers: int) -> list[str | None]:
     GPU named) and torch sees several; else None (every worker sees what the study sees)."""
     import torch
 
-    if device != "cuda" or not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+    count = torch.cuda.device_count() if device == "cuda" and torch.cuda.is_available() else 0
+    if count < 2:
         return [None] * workers
     listed = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    visible = (listed or [str(i) for i in range(torch.cuda.device_count())])[:torch.cuda.device_count()]
+    visible = (listed or [str(i) for i in range(count)])[:count]  # CUDA stops at the first invalid entry
     return [visible[i % len(visible)] for i in range(workers)]
 
 
