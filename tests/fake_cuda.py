@@ -14,6 +14,15 @@ of ops on them, and raises `DeviceMismatch` where CUDA would refuse the call:
   device than its input. The mode does not see what runs inside the autograd engine, so custom
   backwards are re-entered under it, their incoming gradients marked like the forward's outputs.
 
+With `torch.use_deterministic_algorithms(True)` (Lightning's `deterministic=True`) it raises
+`NondeterministicOnCuda` for the CUDA ops that torch's documentation says raise then (float cumsum,
+bincount with weights, histc, median with indices, scatter_reduce "prod", put_, NLL / cross-entropy).
+
+`mode.host_waits` lists the calls that would make the host wait for a real GPU (a stream sync): reading
+a value (`item`, `bool`, `tolist`), ops whose output size depends on the data (`nonzero`, boolean masks,
+`bincount`, `unique`), copies to the host, and blocking copies to the device (non-blocking ones from
+pinned memory do not wait).
+
 Moves (`.to`, `.cuda`, `.cpu`, `copy_`, `Module.to`) cross devices freely and copy, as on a GPU (on CPU,
 `x.to("cpu")` returns x itself; code relying on that aliasing behaves here as on a GPU). Lightning
 takes `accelerator="gpu"`: `torch.cuda.is_available`, `device_count`, `set_device` and the device name
@@ -37,6 +46,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import BackwardCFunction, Function, FunctionCtx
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils._pytree import tree_flatten, tree_map
@@ -47,6 +57,10 @@ CPU = torch.device("cpu")
 
 class DeviceMismatch(RuntimeError):
     """A call that real CUDA would reject for mixing devices."""
+
+
+class NondeterministicOnCuda(RuntimeError):
+    """A call that real CUDA would reject in deterministic mode (it has no deterministic kernel)."""
 
 
 def is_cuda(t: object) -> bool:
@@ -129,9 +143,9 @@ def _to_numpy(func: Callable, args: tuple, kwargs: dict) -> Any:
     return func(*args, **kwargs)
 
 
-def _to(func: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
-    """Tensor.to(device / dtype / other tensor, ...): the target device is emulated, the rest is torch's."""
-    t, rest, target = args[0], list(args[1:]), None
+def _to_target(args: tuple, kwargs: dict) -> tuple[bool | None, list, dict]:
+    """Tensor.to's target (True: cuda, False: cpu, None: stays) and its arguments with CPU as the device."""
+    rest, target = list(args[1:]), None
     for i, a in enumerate(rest):
         if isinstance(a, torch.Tensor):  # to(other): other's dtype and device
             target, rest[i] = is_cuda(a), a.dtype
@@ -139,6 +153,13 @@ def _to(func: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
             target, rest[i] = _names_cuda(a), CPU
     if _names_cuda(kwargs.get("device")) is not None:
         target, kwargs = _names_cuda(kwargs["device"]), {**kwargs, "device": CPU}
+    return target, rest, kwargs
+
+
+def _to(func: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
+    """Tensor.to(device / dtype / other tensor, ...): the target device is emulated, the rest is torch's."""
+    t = args[0]
+    target, rest, kwargs = _to_target(args, kwargs)
     out = func(t, *rest, **kwargs)
     if target is None or target == is_cuda(t):
         return out if out is t else _mark(out, is_cuda(t))
@@ -205,16 +226,106 @@ _HANDLERS: dict[Callable, Callable[[Callable, tuple, dict], Any]] = {
     torch.Tensor.__setitem__: _setitem,
     torch.Tensor.index_put_: _index_put,
     torch.Tensor.index_put: _index_put,
+    torch.Tensor.pin_memory: lambda f, a, k: _mark(a[0].clone(), False),  # a page-locked host copy
     torch.Tensor.numpy: _to_numpy,
     torch.Tensor.__array__: _to_numpy,
 }
 
 
+# --- host waits ---------------------------------------------------------------------------------
+T = torch.Tensor
+_WAIT_ON_CUDA_INPUT = {  # the host needs a value (or an output size) computed on the device
+    T.item, T.tolist, T.__bool__, T.__float__, T.__int__, T.__index__, T.__format__, T.nonzero, torch.nonzero,
+    T.argwhere, torch.argwhere, T.masked_select, torch.masked_select, T.unique, torch.unique,
+    T.unique_consecutive, torch.unique_consecutive, T.bincount, torch.bincount, T.equal, torch.equal,
+    T.allclose, torch.allclose,
+}
+_INDEXING = {T.__getitem__, T.__setitem__, T.index_put_, T.index_put}
+_FROM_DATA = {torch.tensor, torch.as_tensor}  # torch.tensor(data, device="cuda"): a blocking copy
+
+
+def _host_wait(func: Callable, args: tuple, kwargs: dict) -> str | None:
+    """Why, on a real GPU, this call would make the host wait for the device (a stream sync), or None.
+
+    Non-blocking host-to-device copies count as no wait: true for pinned sources, which is how the
+    project makes them (a pageable source may still be staged synchronously by the driver).
+    """
+    name, non_blocking = _name(func), bool(kwargs.get("non_blocking"))
+    if func in _WAIT_ON_CUDA_INPUT or (func is torch.where and len(args) == 1) or \
+            (func in (T.repeat_interleave, torch.repeat_interleave) and kwargs.get("output_size") is None
+             and isinstance(args[1] if len(args) > 1 else kwargs.get("repeats"), torch.Tensor)):
+        return name if any(is_cuda(t) for t in tree_flatten((args, kwargs))[0]) else None
+    if func in _INDEXING and is_cuda(args[0]):
+        index = [t for t in tree_flatten(args[1])[0] if isinstance(t, torch.Tensor) and t.dim() > 0]
+        values = args[2] if len(args) > 2 else kwargs.get("values")
+        if any(t.dtype == torch.bool for t in index):
+            return f"{name} with a boolean mask"
+        if any(not is_cuda(t) for t in index):
+            return f"{name} with CPU indices"
+        if isinstance(values, torch.Tensor) and values.dim() > 0 and not is_cuda(values):
+            return f"{name} of CPU values"
+        return None
+    if func is T.to:
+        target = _to_target(args, kwargs)[0]
+        source, non_blocking = is_cuda(args[0]), non_blocking or (len(args) > 2 and args[2] is True)
+        moved = target is not None and target != source
+        return f"{name} to {_where(target)}" if moved and (source or not non_blocking) else None
+    if func is T.cpu:
+        return name if is_cuda(args[0]) else None
+    if func is T.cuda:
+        return name if not is_cuda(args[0]) and not non_blocking else None
+    if func is T.copy_:
+        non_blocking = non_blocking or (len(args) > 2 and bool(args[2]))
+        crossing = is_cuda(args[0]) != is_cuda(args[1])
+        return name if crossing and (is_cuda(args[1]) or not non_blocking) else None
+    if func in _FROM_DATA and _names_cuda(kwargs.get("device")) and not is_cuda(args[0]):
+        return f"{name}(device=cuda)"
+    if func is T.new_tensor and is_cuda(args[0]) and not is_cuda(args[1]):
+        return name
+    return None
+
+
+# --- deterministic mode -------------------------------------------------------------------------
+def _refused_when_deterministic(func: Callable, args: tuple, kwargs: dict) -> str | None:
+    """Why CUDA would raise for this call under `torch.use_deterministic_algorithms(True)` (Lightning's
+    `deterministic=True`), or None: the ops of that function's list that the mode sees, for torch 2.13."""
+    if not torch.are_deterministic_algorithms_enabled() or torch.is_deterministic_algorithms_warn_only_enabled():
+        return None
+    if not any(is_cuda(t) for t in tree_flatten((args, kwargs))[0]):
+        return None
+    arg = lambda i, key: args[i] if len(args) > i else kwargs.get(key)  # noqa: E731
+    if func in (torch.cumsum, T.cumsum, T.cumsum_):
+        dtype = kwargs.get("dtype") or args[0].dtype
+        return "cumsum of a floating-point tensor" if dtype.is_floating_point or dtype.is_complex else None
+    if func in (torch.bincount, T.bincount) and arg(1, "weights") is not None:
+        return "bincount with weights"
+    if func in (torch.median, T.median) and arg(1, "dim") is not None:
+        return "median with indices"
+    if func in (torch.scatter_reduce, T.scatter_reduce, T.scatter_reduce_) and arg(4, "reduce") == "prod":
+        return "scatter_reduce with reduce='prod'"
+    if func in (torch.histc, T.histc, T.put_, T.put, F.nll_loss, F.cross_entropy):
+        return _name(func)
+    return None
+
+
 class FakeCudaMode(TorchFunctionMode):
-    """The TorchFunctionMode behind `fake_cuda()` (use that: it also patches torch.cuda and autograd)."""
+    """The TorchFunctionMode behind `fake_cuda()` (use that: it also patches torch.cuda and autograd).
+
+    `host_waits` lists, in order, every call seen that would make the host wait for a real GPU.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.host_waits: list[str] = []
 
     def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
-        return _HANDLERS.get(func, _generic)(func, args, kwargs or {})
+        kwargs = kwargs or {}
+        if (refused := _refused_when_deterministic(func, args, kwargs)) is not None:
+            raise NondeterministicOnCuda(f"{refused} does not have a deterministic implementation on CUDA, "
+                                         "but use_deterministic_algorithms(True) is set [fake_cuda]")
+        if (why := _host_wait(func, args, kwargs)) is not None:
+            self.host_waits.append(why)
+        return _HANDLERS.get(func, _generic)(func, args, kwargs)
 
 
 # --- custom autograd Functions -------------------------------------------------------------------

@@ -7,6 +7,7 @@ tiny study, all with `accelerator=gpu`.
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import logging
@@ -150,6 +151,83 @@ def test_module_moves_and_trains_on_the_device(move):
             clone(torch.ones(2, 5))
         assert {p.device.type for p in model.cpu().parameters()} == {"cpu"}
         model(torch.ones(2, 5))
+
+
+def _bool_mask() -> torch.Tensor:
+    x = torch.arange(4.0, device="cuda")
+    return x[x > 1]
+
+
+WAITS = {  # name: (call, the wait it records): what makes the host wait for a real GPU
+    "item": (lambda: _cuda_ones(1).item(), "TensorBase.item"),
+    "float()": (lambda: float(_cuda_ones(1)), "TensorBase.__float__"),
+    "if tensor": (lambda: 1 if _cuda_ones(2).any() else 0, "TensorBase.__bool__"),
+    "boolean mask": (_bool_mask, "TensorBase.__getitem__ with a boolean mask"),
+    "nonzero": (lambda: _cuda_ones(3).nonzero(), "TensorBase.nonzero"),
+    "bincount": (lambda: torch.bincount(torch.zeros(3, dtype=torch.long, device="cuda")),
+                 "_VariableFunctionsClass.bincount"),
+    "cpu indices into cuda": (lambda: _cuda_ones(4)[torch.tensor([0, 2])], "TensorBase.__getitem__ with CPU indices"),
+    "blocking copy to cuda": (lambda: torch.ones(3).to("cuda"), "TensorBase.to to cuda:0"),
+    "copy to the host": (lambda: _cuda_ones(3).cpu(), "TensorBase.cpu"),
+    "tensor from data on cuda": (lambda: torch.tensor([1.0], device="cuda"), "_VariableFunctionsClass.tensor(device=cuda)"),
+    "new_tensor on cuda": (lambda: _cuda_ones(1).new_tensor(0.0), "TensorBase.new_tensor"),
+}
+NO_WAITS = {
+    "pinned non-blocking copy": lambda: torch.ones(3).pin_memory().to("cuda", non_blocking=True),
+    "sort, searchsorted, topk": lambda: torch.searchsorted(_cuda_ones(4).sort().values, _cuda_ones(2).topk(1).values),
+    "masked_fill_ and scatter_reduce_": lambda: _cuda_ones(3).masked_fill_(_cuda_ones(3) > 0, 0).scatter_reduce_(
+        0, torch.zeros(3, dtype=torch.long, device="cuda"), _cuda_ones(3), "amax"),
+    "new_zeros(())": lambda: _cuda_ones(1).new_zeros(()),
+    "host-only work": lambda: torch.ones(3)[torch.ones(3) > 0].nonzero().tolist(),
+}
+
+
+@pytest.mark.parametrize("name", WAITS)
+def test_host_waits_are_recorded(name):
+    call, wait = WAITS[name]
+    with fake_cuda() as mode:
+        call()
+    assert mode.host_waits == [wait]
+
+
+@pytest.mark.parametrize("name", NO_WAITS)
+def test_device_side_work_records_no_wait(name):
+    with fake_cuda() as mode:
+        NO_WAITS[name]()
+    assert mode.host_waits == []
+
+
+@pytest.fixture()
+def deterministic_flags(monkeypatch):
+    """Restores what Lightning's `deterministic=True` changes for the whole process."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+REFUSED_WHEN_DETERMINISTIC = {
+    "float cumsum": lambda: _cuda_ones(3).cumsum(0),
+    "bincount with weights": lambda: torch.bincount(torch.zeros(3, dtype=torch.long, device="cuda"), _cuda_ones(3)),
+    "scatter_reduce prod": lambda: _cuda_ones(3).scatter_reduce(0, torch.zeros(3, dtype=torch.long, device="cuda"),
+                                                               _cuda_ones(3), "prod"),
+    "cross_entropy": lambda: torch.nn.functional.cross_entropy(_cuda_ones(2, 3), torch.zeros(2, dtype=torch.long,
+                                                                                            device="cuda")),
+}
+
+
+@pytest.mark.parametrize("name", REFUSED_WHEN_DETERMINISTIC)
+def test_deterministic_mode_refuses_what_cuda_refuses(name, deterministic_flags):
+    from fake_cuda import NondeterministicOnCuda
+
+    with fake_cuda():
+        REFUSED_WHEN_DETERMINISTIC[name]()  # fine by default
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(NondeterministicOnCuda):
+            REFUSED_WHEN_DETERMINISTIC[name]()
+        torch.ones(3).cumsum(0)  # CPU tensors: no refusal
+        _cuda_ones(3).long().cumsum(0)  # integer cumsum has a deterministic kernel
 
 
 def test_everything_is_restored_on_exit_even_after_an_error():
@@ -315,8 +393,42 @@ def test_dense_fit_then_wanda_fit_with_analysis_callbacks_bf16(tmp_path, local_c
     _finite(rq5, "attribution_mean")
 
 
+def test_sae_steps_wait_for_the_device_only_to_count_dead_latents(tmp_path, local_corpus, model_cache, monkeypatch):
+    """A GPU runs ahead of the host only where the host does not wait for it. Over a fit, a buffer draw never
+    waits; an SAE step waits once, for the number of dead latents (the auxiliary loss's shapes follow it),
+    plus once per log_every_n_steps steps for the training scalars, and the first step once more."""
+    import lit_prune.lit.sae_module as sae_module
+    from lit_prune.sae.buffer import ActivationBuffer
+
+    waits: dict[str, list[list[str]]] = {"pop": [], "sae_step": []}
+
+    def recorded(owner, name):
+        real = getattr(owner, name)
+
+        def call(self, *args):
+            before = len(mode.host_waits)
+            out = real(self, *args)
+            waits[name].append(mode.host_waits[before:])
+            return out
+        monkeypatch.setattr(owner, name, call)
+
+    with fake_cuda() as mode:
+        recorded(ActivationBuffer, "pop")
+        recorded(sae_module.SAEModule, "sae_step")
+        cli, probe = _fit(tmp_path, local_corpus, model_cache, "dense", "--model.sae_batch_tokens=64",
+                          "--model.dead_window_tokens=0", "--trainer.log_every_n_steps=4")
+    _assert_on_cuda(probe)
+    steps = len(waits["sae_step"])
+    assert steps == cli.model.global_step > 8
+    assert waits["pop"] == [[]] * steps
+    assert waits["sae_step"][0][0] == "TensorBase.item"  # tokens_trained, read once per fit
+    counts = collections.Counter(w for step in waits["sae_step"] for w in step)
+    assert counts == {"TensorBase.item": 1, "TensorBase.nonzero": steps, "TensorBase.tolist": steps // 4}
+
+
 # --- the tiny study ---------------------------------------------------------------------------
-def test_tiny_study_on_the_device(tmp_path, local_corpus, model_cache, step_spy, monkeypatch):
+def test_tiny_study_on_the_device(tmp_path, local_corpus, model_cache, step_spy, monkeypatch, deterministic_flags):
+    """The whole tiny study, in deterministic mode: no step uses an op that CUDA refuses then."""
     import lit_prune.study.steps as steps
     from lit_prune.commands.study import run_study
 
@@ -335,10 +447,12 @@ def test_tiny_study_on_the_device(tmp_path, local_corpus, model_cache, step_spy,
             root = run_study(["--config", str(ROOT / "configs" / "tiny.yaml"), f"--data.corpus={local_corpus}",
                               f"--data.cache_dir={tmp_path / 'cache'}", f"--model.model_cache_dir={model_cache}",
                               f"--study.checkpoints={tmp_path / 'checkpoints'}", f"--study.logs={tmp_path / 'logs'}",
-                              "--progress=false", "--report=false", "--trainer.accelerator=gpu"])
+                              "--progress=false", "--report=false", "--trainer.accelerator=gpu",
+                              "--trainer.deterministic=true"])
     finally:
         for name, level in loggers.items():
             logging.getLogger(name).setLevel(level)
+    assert torch.are_deterministic_algorithms_enabled()  # the study's trainers asked for it
     assert seen == {"perplexity": {"cuda"}, "rq5": {"cuda"}}
     assert step_spy and {(x, loss) for x, loss, _, _ in step_spy} == {("cuda", "cuda")}
     run = json.loads((root / "runs.jsonl").read_text())

@@ -148,3 +148,26 @@ def test_fused_adam_step_equals_plain_adam(tmp_path, local_corpus, model_cache):
     plain.step()
     for name, value in ref_sae.named_parameters():
         torch.testing.assert_close(getattr(module.sae, name), value, rtol=1e-5, atol=1e-6)
+
+
+def test_training_scalars_one_point_per_sae_step(tmp_path, local_corpus, model_cache):
+    """Written log_every_n_steps at a time, yet every SAE step has its point, at its step, with its values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cli = lightning_cli(_fit_args(tmp_path, "tiny-llama", local_corpus, model_cache, "--model.sae_batch_tokens=64",
+                                  "--trainer.log_every_n_steps=3", "--trainer.enable_checkpointing=false"))
+    module = cli.model
+    events = EventAccumulator(cli.trainer.log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    points = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+              if tag.startswith("train/")}
+    steps = list(range(1, module.global_step + 1))
+    assert module.global_step % 3 != 0  # some points were still pending when training ended
+    assert {tag: [s for s, _ in p] for tag, p in points.items()} == {tag: steps for tag in points}
+    tokens = [v for _, v in points["train/tokens"]]
+    assert tokens[-1] == module.tokens_trained.item()
+    assert all(0 < b - a <= 64 for a, b in zip([0.0, *tokens], tokens))
+    factor = module.lr_schedulers().lr_lambdas[0]
+    assert [v for _, v in points["train/lr"]] == pytest.approx([module.hparams.lr * factor(s) for s in steps])
+    parts = [a + b for (_, a), (_, b) in zip(points["train/mse_loss"], points["train/auxiliary_reconstruction_loss"])]
+    assert [v for _, v in points["train/loss"]] == pytest.approx(parts, rel=1e-6)

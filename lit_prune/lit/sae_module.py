@@ -84,6 +84,10 @@ class SAEModule(L.LightningModule):
         self.buffer = ActivationBuffer(sae_batch_tokens * buffer_batches, seed)
         self.evaluator = SAEEvaluator(d_model, self.sae.cfg.d_sae)
         self.pruning_info: dict[str, Any] = {"method": "dense", "sparsity": 0.0}
+        # Host-side state, so that an SAE step on a GPU need not wait for it: a copy of tokens_trained
+        # (read once per fit) and the training scalars not yet written to the logger.
+        self._tokens_trained_host: int | None = None
+        self._pending_logs: list[tuple[int, dict[str, float], list[str], torch.Tensor]] = []
 
     # --- set-up ---------------------------------------------------------------------------
     def lm_on_device(self) -> torch.nn.Module:
@@ -100,6 +104,7 @@ class SAEModule(L.LightningModule):
         return self.norm_scale.item()
 
     def on_fit_start(self) -> None:
+        self._tokens_trained_host = None  # tokens_trained may have been loaded since the last fit
         self.ensure_norm_scale()
 
     def configure_optimizers(self) -> Any:
@@ -135,7 +140,9 @@ class SAEModule(L.LightningModule):
     def sae_step(self, x: torch.Tensor) -> torch.Tensor:
         """One optimizer step on scaled activations x: [n, d_model]; returns the batch FVU."""
         opt, sched = self.optimizers(), self.lr_schedulers()
-        if self.tokens_trained.item() == 0 and hasattr(self.sae, "b_dec"):
+        if self._tokens_trained_host is None:
+            self._tokens_trained_host = int(self.tokens_trained.item())
+        if self._tokens_trained_host == 0 and hasattr(self.sae, "b_dec"):
             mean = x.mean(0)
             if dist.is_available() and dist.is_initialized():  # every replica starts from the same b_dec
                 dist.all_reduce(mean)
@@ -166,17 +173,43 @@ class SAEModule(L.LightningModule):
         self.tokens_since_fired += x.shape[0]
         self.tokens_since_fired.masked_fill_(out.fired, 0)  # no boolean indexing: no GPU sync
         self.tokens_trained += x.shape[0]
+        self._tokens_trained_host += x.shape[0]
         residual = (x - out.sae_out).pow(2).sum()
         fvu = residual / (x - x.mean(0)).pow(2).sum()
-        logs = {"train/loss": out.loss, "train/fvu": fvu, "train/mse": residual / x.numel(),
-                "train/l0": out.l0,
-                "train/dead_fraction": (self.tokens_since_fired > self.hparams.dead_window_tokens).float().mean(),
-                "train/lr": self.optimizers().param_groups[0]["lr"], "train/tokens": self.tokens_trained.float()}
-        logs.update({f"train/{k}": v for k, v in out.losses.items()})
-        if self.logger is not None:  # direct: one point per SAE step, several may share a training_step
-            values = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=x.device) for v in logs.values()])
-            self.logger.log_metrics(dict(zip(logs, values.tolist())), step=self.global_step)  # one GPU sync
+        if self.logger is not None and self.trainer.is_global_zero:
+            logs = {"train/loss": out.loss, "train/fvu": fvu, "train/mse": residual / x.numel(), "train/l0": out.l0,
+                    "train/dead_fraction": (self.tokens_since_fired > self.hparams.dead_window_tokens).float().mean(),
+                    "train/lr": self.optimizers().param_groups[0]["lr"], "train/tokens": self.tokens_trained}
+            logs.update({f"train/{k}": v for k, v in out.losses.items()})
+            on_device = {k: v for k, v in logs.items() if isinstance(v, torch.Tensor)}
+            on_host = {k: float(v) for k, v in logs.items() if k not in on_device}
+            values = torch.stack([v.detach().to(torch.float64).reshape(()) for v in on_device.values()])
+            self._pending_logs.append((self.global_step, on_host, list(on_device), values))
+            if len(self._pending_logs) >= self.trainer.log_every_n_steps:
+                self._flush_train_logs()
         return fvu
+
+    def _flush_train_logs(self) -> None:
+        """Write the pending training scalars, one point per SAE step, with a single device-to-host copy
+        (on a GPU each copy waits for the device; steps are logged directly, since several may share a
+        training_step). Up to log_every_n_steps - 1 points are lost if the process dies in between."""
+        if not self._pending_logs:
+            return
+        values = torch.cat([v for *_, v in self._pending_logs]).tolist()
+        start = 0
+        for step, on_host, names, _ in self._pending_logs:
+            self.logger.log_metrics({**dict(zip(names, values[start:start + len(names)])), **on_host}, step=step)
+            start += len(names)
+        self._pending_logs.clear()
+
+    def on_validation_start(self) -> None:
+        self._flush_train_logs()
+
+    def on_train_epoch_end(self) -> None:
+        self._flush_train_logs()
+
+    def on_train_end(self) -> None:
+        self._flush_train_logs()
 
     # --- validation -----------------------------------------------------------------------
     def encode_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,6 +250,7 @@ class SAEModule(L.LightningModule):
         checkpoint["activation_buffer"] = self.buffer.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._tokens_trained_host = None
         if "activation_buffer" in checkpoint:
             self.buffer.load_state_dict(checkpoint["activation_buffer"])
 

@@ -61,13 +61,18 @@ class ActivationBuffer:
         assert self.storage is not None
         n = self.n
         b = min(batch_size, n)
-        take = torch.randperm(n, generator=self.generator)[:b].to(self.storage.device)
-        batch = self.storage[take]
+        # The indices are worked out on the host, where the generator is, and reach the device in one
+        # copy that the host need not wait for (boolean indexing on a GPU would wait three times).
+        take = torch.randperm(n, generator=self.generator)[:b]
         first_tail = n - b  # rows [first_tail, n) move into the holes left below first_tail
         in_tail = take >= first_tail
-        untaken_tail = torch.ones(b, dtype=torch.bool, device=take.device)
+        untaken_tail = torch.ones(b, dtype=torch.bool)
         untaken_tail[take[in_tail] - first_tail] = False
-        self.storage[take[~in_tail]] = self.storage[first_tail + untaken_tail.nonzero().squeeze(1)]
+        holes, fillers = take[~in_tail], first_tail + untaken_tail.nonzero().squeeze(1)
+        take, holes, fillers = _to_device(torch.cat([take, holes, fillers]), self.storage.device) \
+            .split([b, len(holes), len(fillers)])
+        batch = self.storage[take]
+        self.storage[holes] = self.storage[fillers]
         self.n = first_tail
         return batch
 
@@ -80,3 +85,10 @@ class ActivationBuffer:
         rows = state["rows"]
         self.storage, self.n = rows, 0 if rows is None else rows.shape[0]  # type: ignore[assignment,union-attr]
         self.generator.set_state(state["generator"])  # type: ignore[arg-type]
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU from page-locked memory without the host waiting for the copy."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

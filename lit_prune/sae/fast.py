@@ -99,7 +99,7 @@ def fast_topk_training_forward(
     mse_loss = F.mse_loss(sae_out, x, reduction="none").sum(dim=-1).mean()
 
     if aux is None:
-        aux_loss = sae_out.new_tensor(0.0)
+        aux_loss = sae_out.new_zeros(())  # not new_tensor(0.0): a copy from the host that a GPU waits for
     else:
         codes, values, scale = aux
         hidden_aux = _EncodeAt.apply(values, sae_in, sae.b_dec, sae.W_enc, sae.b_enc, norm, codes,
@@ -191,13 +191,12 @@ class _Codes:
         self.local = local
         self.idx = cols[local] if cols is not None else local
         if not self.dense:
-            flat = self.idx.flatten()
-            # Bags by latent: the pairs of latent j are order[offsets[j] : offsets[j + 1]].
-            self.order = torch.argsort(flat, stable=True)
+            # Bags by latent: the pairs of latent j are order[offsets[j] : offsets[j + 1]]. The offsets
+            # come from a search in the sorted ids, not bincount, which waits for a GPU to size its output.
+            by_latent, self.order = self.idx.flatten().sort(stable=True)
             self.token = self.order // m
-            counts = torch.bincount(flat, minlength=d_sae)
-            self.offsets = counts.cumsum(0) - counts
-            self.crow = torch.arange(0, n * m + 1, m, device=flat.device)
+            self.offsets = torch.searchsorted(by_latent, torch.arange(d_sae, device=by_latent.device))
+            self.crow = torch.arange(0, n * m + 1, m, device=by_latent.device)
 
     def arrange(self, values: torch.Tensor) -> torch.Tensor:
         """values [n, m] given in the order of `local` at construction -> in the order of idx."""
