@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -22,6 +23,7 @@ from lit_prune.pruning import (
     sparsity_report,
     wanda_mask,
     wanda_mask_reference,
+    wanda_scores,
 )
 
 # 4x8 weights with exact ties in |W|: 0.0 (x2), 0.1 (x3), 0.2 (x4), 0.3 (x5 incl. a whole group of row 2).
@@ -123,6 +125,21 @@ def test_wanda_mask_equals_full_sort_reference(sparsity: float) -> None:
         fast = wanda_mask(weight, norms, sparsity)
         assert torch.equal(fast, wanda_mask_reference(weight, norms, sparsity))
         assert torch.equal((~fast).sum(dim=1), torch.full((24,), count_pruned(40, sparsity)))
+
+
+def test_wanda_scores_take_the_correctly_rounded_sqrt() -> None:
+    """sqrt(282.26858) = 16.8008499 < sqrt(282.26862) = 16.8008518 in float32, one ulp apart; a float32
+    sqrt that rounds the first up (torch 2.13's on CPU did) ties them, and the tie then prunes column 0."""
+    sq = torch.tensor([282.26861572265625, 282.2685852050781])  # column 1 has the lower score
+    weight = torch.ones(1, 2)
+    expected_root = torch.from_numpy(np.sqrt(sq.numpy()))  # numpy's float32 sqrt is correctly rounded
+    assert torch.equal(wanda_scores(weight, sq)[0], expected_root) and expected_root[1] < expected_root[0]
+    for mask in (wanda_mask(weight, sq, 0.5), wanda_mask_reference(weight, sq, 0.5)):
+        assert mask.tolist() == [[True, False]]
+    assert nm_mask(wanda_scores(weight.repeat(1, 2), sq.repeat(2)), 2, 4).tolist() == [[True, False, True, False]]
+    wide = torch.from_numpy(np.random.default_rng(0).integers(1, 0x7F800000, 1_000_000, dtype=np.uint32)
+                            .view(np.float32))  # positive finite floats of every exponent
+    assert torch.equal(wanda_scores(torch.ones(1, wide.numel()), wide)[0], torch.from_numpy(np.sqrt(wide.numpy())))
 
 
 def test_count_pruned_reads_sparsity_as_decimal() -> None:

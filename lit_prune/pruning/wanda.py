@@ -45,15 +45,18 @@ def wanda_scores(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Ten
     `input_sq_norm: [d_in]` (sum or mean of x_j^2 over calibration tokens; rank-equivalent per row)."""
     if tuple(input_sq_norm.shape) != (weight.shape[1],):
         raise invalid("input_sq_norm.shape", tuple(input_sq_norm.shape), f"({weight.shape[1]},) = d_in of the weight")
-    return weight.detach().abs().float() * input_sq_norm.detach().float().sqrt()
+    # The float32 sqrt correctly rounded, through float64: torch's float32 CPU sqrt is not (2.13 was one
+    # ulp off for ~20% of inputs), which reordered near-equal scores and so changed masks.
+    root = input_sq_norm.detach().float().double().sqrt().float()
+    return weight.detach().abs().float() * root
 
 
 def wanda_mask(weight: torch.Tensor, input_sq_norm: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep-mask [d_out, d_in]: per output row the floor(d_in * s) lowest scores are pruned
     (ties: lower column first). k-th value by introselect (`select_lowest`), no full sort.
 
-    On CPU the scores are computed in numpy, bit for bit as `wanda_scores` does (|W| and sqrt
-    are exact / correctly rounded in float32 in both), so no torch op runs at all."""
+    On CPU the scores are computed in numpy, bit for bit as `wanda_scores` does (|W| is exact, and
+    both take the correctly rounded float32 sqrt), so no torch op runs at all."""
     sparsity = check_sparsity(sparsity)
     k = count_pruned(weight.shape[1], sparsity)
     w, sq = numpy_view(weight), numpy_view(input_sq_norm)
