@@ -6,9 +6,10 @@
 #
 # It installs the bundle's wheels into a temporary folder, gives SmolLM2-135M's architecture random
 # weights (the real ones do not travel; the shapes, and so the speeds, are the same), and runs, on
-# the GPU: the four benchmarks; a fit of configs/smollm2.yaml with an fp32 and with a bf16 LM; and
-# the whole default study. Results, the log, and summary.txt (every `name: ours X, baseline Y,
-# ratio Z` line plus the wall times) go to $OUT, else benchmarks/results/gpu/.
+# the GPU: a fit of configs/smollm2.yaml with an fp32 LM, with bf16 LM weights and under bf16
+# autocast (trainer.precision bf16-mixed); the four benchmarks; and the whole default study.
+# Results, the log, and summary.txt (every `name: ours X, baseline Y, ratio Z` line plus the wall
+# times) go to $OUT, else benchmarks/results/gpu/.
 # DEVICE=cpu ACCELERATOR=cpu QUICK=1 runs the same steps, small, on a CPU (to check this script).
 set -euo pipefail
 
@@ -43,11 +44,11 @@ timed() {  # timed NAME COMMAND...: runs it, goes on if it fails, adds "NAME_wal
     echo "${name}_wall: $((SECONDS - start)) s$([[ $status == 0 ]] || echo " (failed: exit $status)")" \
         | tee -a "$WORK/walls.txt"
 }
-fit() {  # fit DTYPE: configs/smollm2.yaml on the random model with that LM dtype
+fit() {  # fit DTYPE PRECISION: configs/smollm2.yaml on the random model, LM weights in DTYPE
     "$PY" -m lit_prune fit --config configs/smollm2.yaml --model.model_name="$MODEL" --model.lm_dtype="$1" \
-        --trainer.accelerator="$ACCELERATOR" --trainer.enable_progress_bar=false \
-        --trainer.default_root_dir="$WORK/fit-$1" --trainer.logger.init_args.save_dir="$WORK/fit-$1/logs" \
-        --model.export_dir="$WORK/fit-$1/sae" "${FIT_ARGS[@]}"
+        --trainer.precision="$2" --trainer.accelerator="$ACCELERATOR" --trainer.enable_progress_bar=false \
+        --trainer.default_root_dir="$WORK/fit-$1-$2" --trainer.logger.init_args.save_dir="$WORK/fit-$1-$2/logs" \
+        --model.export_dir="$WORK/fit-$1-$2/sae" "${FIT_ARGS[@]}"
 }
 
 {
@@ -57,10 +58,11 @@ fit() {  # fit DTYPE: configs/smollm2.yaml on the random model with that LM dtyp
     "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
           torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
     "$PY" benchmarks/random_model.py "$BUNDLE/smollm2-135m" "$MODEL"
-    timed fit_float32 fit float32
-    timed fit_bfloat16 fit bfloat16
+    timed fit_fp32 fit float32 32-true
+    timed fit_bf16_weights fit bfloat16 32-true
+    timed fit_bf16_autocast fit float32 bf16-mixed
     timed sae_step "$PY" benchmarks/sae_step.py --device "$DEVICE" "${STEP_ARGS[@]}" --output "$RESULTS/sae_step.json"
-    timed harvest "$PY" benchmarks/harvest.py --device "$DEVICE" --model "$MODEL" --trained_sae "$WORK/fit-float32/sae" \
+    timed harvest "$PY" benchmarks/harvest.py --device "$DEVICE" --model "$MODEL" --trained_sae "$WORK/fit-float32-32-true/sae" \
         "${HARVEST_ARGS[@]}" --output "$RESULTS/harvest.json"
     timed prune "$PY" benchmarks/prune.py --device "$DEVICE" --model "$MODEL" "${PRUNE_ARGS[@]}" --output "$RESULTS/prune.json"
     timed study_parts "$PY" benchmarks/study_parts.py --device "$DEVICE" --output "$RESULTS/study_parts.json"

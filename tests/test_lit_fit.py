@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,7 @@ def test_ddp_two_cpu_processes(tmp_path, local_corpus, model_cache):
     ("--model.hook_layer=99", "hook_layer=99 is invalid: expected a block index in [0, 3]"),
     ("--model.sae.architecture=gated", "sae.architecture='gated' is invalid"),
     ("--data.corpus=/no/such/corpus", "corpus"),
+    ("--trainer.precision=16-true", "trainer.precision='16-true' is invalid: expected 32-true or bf16-mixed"),
 ])
 def test_bad_input_is_one_line_error(tmp_path, local_corpus, model_cache, override, message):
     result = run_cli(*_fit_args(tmp_path, "tiny-llama", local_corpus, model_cache, override), cwd=tmp_path)
@@ -171,3 +173,38 @@ def test_training_scalars_one_point_per_sae_step(tmp_path, local_corpus, model_c
     assert [v for _, v in points["train/lr"]] == pytest.approx([module.hparams.lr * factor(s) for s in steps])
     parts = [a + b for (_, a), (_, b) in zip(points["train/mse_loss"], points["train/auxiliary_reconstruction_loss"])]
     assert [v for _, v in points["train/loss"]] == pytest.approx(parts, rel=1e-6)
+
+
+def test_bf16_mixed_runs_the_lm_under_autocast_and_the_sae_in_fp32(tmp_path, local_corpus, model_cache, monkeypatch):
+    """trainer.precision=bf16-mixed: Lightning's autocast covers the training and validation steps; the LM
+    forward uses it, the SAE step, its state and the metrics do not."""
+    import lit_prune.lit.sae_module as sae_module
+
+    seen: dict[str, set] = {"harvest": set(), "step": set(), "loss": set(), "codec": set()}
+    real_harvest, real_step, real_codec = sae_module.harvest, sae_module.fast_topk_training_forward, sae_module.sae_codec
+
+    def harvest(lm, ids, layer):
+        seen["harvest"].add(torch.is_autocast_enabled("cpu"))
+        return real_harvest(lm, ids, layer)
+
+    def step(sae, x, dead=None, **kwargs):
+        seen["step"].add(torch.is_autocast_enabled("cpu"))
+        out = real_step(sae, x, dead, **kwargs)
+        seen["loss"].add(out.loss.dtype)
+        return out
+
+    def codec(sae, scale):
+        run = real_codec(sae, scale)
+        return lambda x: (seen["codec"].add(torch.is_autocast_enabled("cpu")), run(x))[1]
+
+    for name, spy in (("harvest", harvest), ("fast_topk_training_forward", step), ("sae_codec", codec)):
+        monkeypatch.setattr(sae_module, name, spy)
+    cli = lightning_cli(_fit_args(tmp_path, "tiny-llama", local_corpus, model_cache, "--trainer.precision=bf16-mixed",
+                                  "--trainer.enable_checkpointing=false"))
+    module = cli.model
+    assert seen == {"harvest": {True, False}, "step": {False}, "loss": {torch.float32}, "codec": {False}}
+    # (False: the norm scale is fitted in on_fit_start, outside the steps' autocast)
+    assert {t.dtype for t in [*module.sae.parameters(), module.tokens_since_fired]} == {torch.float32}
+    assert module.norm_scale.dtype == torch.float64 and module.tokens_trained.item() > 0
+    assert all(math.isfinite(v) for v in module.last_val.values()) and module.last_val["fvu"] < 1.0
+    assert SAE.load_from_disk(tmp_path / "sae").W_dec.dtype == torch.float32

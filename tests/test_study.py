@@ -305,6 +305,7 @@ def test_study_help_explains_the_grid():
     ("--shard=3/2", "--shard"),
     ("--study.workers=0", "study.workers"),
     ("--study.model={no_such_option: 1}", "study.model.no_such_option"),
+    ("--trainer.precision=bf16-true", "trainer.precision='bf16-true' is invalid"),
 ])
 def test_study_bad_input_is_one_line_error_and_writes_nothing(tmp_path, local_corpus, model_cache, override, field):
     result = run_cli(*_study_args(tmp_path, local_corpus, model_cache, override), cwd=tmp_path)

@@ -72,6 +72,7 @@ def context_from_args(argv: list[str]):
     """Parse argv into (StudyContext, shard, options)."""
     from jsonargparse import ArgumentError, Namespace
 
+    from lit_prune.lit.sae_module import check_precision
     from lit_prune.sae.build import SAESettings
     from lit_prune.sae.io import PRETRAINED_PREFIX
     from lit_prune.study.config import StudySettings
@@ -90,6 +91,8 @@ def context_from_args(argv: list[str]):
     data = _merge(plain(cfg.data), settings.data, "study.data")
     data["model_name"], data["model_cache_dir"] = model["model_name"], model["model_cache_dir"]
     SAESettings(**model["sae"])  # one-line errors for bad SAE settings before any work
+    if (cfg.trainer or {}).get("precision") is not None:
+        check_precision(cfg.trainer["precision"])
     ref = settings.reference_sae
     if ref is not None and not ref.startswith(PRETRAINED_PREFIX) and not Path(ref).is_dir():
         raise invalid("study.reference_sae", ref, "an SAE directory or sae-lens:<release>:<sae_id>")

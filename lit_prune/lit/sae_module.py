@@ -22,6 +22,11 @@ from lit_prune.sae.io import export_sae
 from lit_prune.sae.schedule import sae_steps, warmup_decay
 
 
+PRECISIONS = ("32-true", "bf16-mixed")
+"""Trainer precisions a fit takes. bf16-mixed runs the LM forwards of the training and validation steps
+under autocast; the SAE, its optimizer state, its input scale and the metrics stay fp32 either way."""
+
+
 class SAEModule(L.LightningModule):
     """Trains one SAE on resid_post of block `hook_layer` of a frozen causal LM.
 
@@ -103,6 +108,9 @@ class SAEModule(L.LightningModule):
             self.norm_scale.fill_(fit_norm_scale(acts))
         return self.norm_scale.item()
 
+    def setup(self, stage: str) -> None:
+        check_precision(self.trainer.precision)
+
     def on_fit_start(self) -> None:
         self._tokens_trained_host = None  # tokens_trained may have been loaded since the last fit
         self.ensure_norm_scale()
@@ -139,6 +147,10 @@ class SAEModule(L.LightningModule):
 
     def sae_step(self, x: torch.Tensor) -> torch.Tensor:
         """One optimizer step on scaled activations x: [n, d_model]; returns the batch FVU."""
+        with _without_autocast(x):
+            return self._sae_step(x)
+
+    def _sae_step(self, x: torch.Tensor) -> torch.Tensor:
         opt, sched = self.optimizers(), self.lr_schedulers()
         if self._tokens_trained_host is None:
             self._tokens_trained_host = int(self.tokens_trained.item())
@@ -214,7 +226,8 @@ class SAEModule(L.LightningModule):
     # --- validation -----------------------------------------------------------------------
     def encode_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw activations x: [n, d_model] -> (features [n, d_sae], reconstruction [n, d_model])."""
-        return sae_codec(self.sae, self.norm_scale.item())(x)
+        with _without_autocast(x):
+            return sae_codec(self.sae, self.norm_scale.item())(x)
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -253,6 +266,18 @@ class SAEModule(L.LightningModule):
         self._tokens_trained_host = None
         if "activation_buffer" in checkpoint:
             self.buffer.load_state_dict(checkpoint["activation_buffer"])
+
+
+def check_precision(value: object) -> None:
+    """A one-line error unless Lightning's trainer.precision (32, "bf16", "bf16-mixed", ...) is in PRECISIONS."""
+    if {"32": "32-true", "bf16": "bf16-mixed"}.get(str(value), str(value)) not in PRECISIONS:
+        raise invalid("trainer.precision", value, " or ".join(PRECISIONS) + " (the SAE trains in fp32; "
+                      "model.lm_dtype: bfloat16 casts the LM alone)")
+
+
+def _without_autocast(x: torch.Tensor) -> torch.autocast:
+    """fp32 SAE work inside a bf16-mixed step, whose autocast is meant for the LM forward."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def _default_export_dir(trainer: L.Trainer) -> Path:
