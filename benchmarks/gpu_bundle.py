@@ -22,13 +22,13 @@ import sys
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from random_model import TOKENIZER_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 NEVER = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*)$")  # the GPU machine's own build
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64")
-MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "chat_template.jinja")
+MODEL_FILES = ("config.json", *TOKENIZER_FILES)
 
 
 def normalise(name: str) -> str:

@@ -263,7 +263,6 @@ class SAEModule(L.LightningModule):
         checkpoint["activation_buffer"] = self.buffer.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._tokens_trained_host = None
         if "activation_buffer" in checkpoint:
             self.buffer.load_state_dict(checkpoint["activation_buffer"])
 
