@@ -321,16 +321,21 @@ def step_spy(monkeypatch):
     return steps
 
 
-def _fit(tmp_path: Path, corpus: Path, model_cache: Path, name: str, *extra: str):
-    """A tiny fit on the emulated GPU with a DeviceProbe: (cli, probe)."""
+def _tiny_cli(tmp_path: Path, corpus: Path, model_cache: Path, name: str, *extra: str):
+    """The tiny config's LightningCLI with accelerator=gpu, not run (call inside fake_cuda())."""
     from lit_prune.cli import lightning_cli
 
-    cli = lightning_cli([
+    return lightning_cli([
         "--config", str(ROOT / "configs" / "tiny.yaml"), f"--model.model_cache_dir={model_cache}",
         f"--data.corpus={corpus}", f"--data.cache_dir={tmp_path / 'cache'}", "--data.train_tokens=2048",
         "--data.eval_tokens=512", "--model.ce_eval_sequences=4", f"--trainer.default_root_dir={tmp_path}",
         f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", f"--model.export_dir={tmp_path / name}",
         "--trainer.enable_progress_bar=false", "--trainer.accelerator=gpu", *extra], run=False)
+
+
+def _fit(tmp_path: Path, corpus: Path, model_cache: Path, name: str, *extra: str):
+    """A tiny fit on the emulated GPU with a DeviceProbe: (cli, probe)."""
+    cli = _tiny_cli(tmp_path, corpus, model_cache, name, *extra)
     probe = DeviceProbe()
     cli.trainer.callbacks.append(probe)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -469,19 +474,12 @@ def test_tiny_study_on_the_device(tmp_path, local_corpus, model_cache, step_spy,
 def test_validate_with_gradient_attribution_moves_the_lm_outside_inference_mode(tmp_path, local_corpus, model_cache):
     """`validate` first moves the LM to the GPU inside Lightning's inference mode; a plain `.to` there
     would give inference-tensor weights that RQ5's gradient attribution cannot backpropagate through."""
-    from lit_prune.cli import lightning_cli
-
     callbacks = tmp_path / "callbacks.yaml"
     callbacks.write_text("trainer:\n  callbacks+:\n    - class_path: lit_prune.lit.ablation_callback.AblationCallback\n"
                          "      init_args: {n_top: 4, n_random: 4, n_rare: 4, eval_sequences: 4}\n")
     with fake_cuda():
-        cli = lightning_cli([
-            "--config", str(ROOT / "configs" / "tiny.yaml"), "--config", str(callbacks),
-            f"--model.model_cache_dir={model_cache}", f"--data.corpus={local_corpus}",
-            f"--data.cache_dir={tmp_path / 'cache'}", "--data.train_tokens=2048", "--data.eval_tokens=512",
-            "--model.ce_eval_sequences=4", "--model.norm_scale=1.0", f"--trainer.default_root_dir={tmp_path}",
-            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", "--trainer.enable_progress_bar=false",
-            "--trainer.accelerator=gpu"], run=False)
+        cli = _tiny_cli(tmp_path, local_corpus, model_cache, "sae", "--config", str(callbacks),
+                        "--model.norm_scale=1.0")
         cli.trainer.validate(cli.model, datamodule=cli.datamodule)
         assert {(p.device.type, p.is_inference()) for p in cli.model.lm.parameters()} == {("cuda", False)}
     rows = json.loads((Path(cli.trainer.log_dir) / "results" / "rq5_ablation.json").read_text())

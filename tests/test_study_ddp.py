@@ -116,9 +116,7 @@ def test_device_ids_and_the_device_of_steps_outside_lightning(monkeypatch, devic
 
 
 def test_device_ids_that_are_not_numbers_are_one_line_errors():
-    from lit_prune.study.fit_worker import device_ids
-
-    from lit_prune.study.fit_worker import fit_processes
+    from lit_prune.study.fit_worker import device_ids, fit_processes
 
     with pytest.raises(LitPruneError, match=r"trainer.devices.*list of device ids"):
         device_ids({"devices": ["cuda:0"]})
