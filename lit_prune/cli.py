@@ -51,7 +51,28 @@ def main(argv: list[str] | None = None) -> int:
             module, function = EXTRA_COMMANDS[argv[0]].split(":")
             return getattr(importlib.import_module(module), function)(argv[1:]) or 0
         lightning_cli(None if from_shell else argv)  # LightningCLI reads sys.argv itself
-    except LitPruneError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted: finished results are kept; the same command resumes a study", file=sys.stderr)
+        return 130
+    except Exception as err:
+        ours = _our_error(err)
+        if ours is None:
+            raise
+        where = "" if isinstance(ours, LitPruneError) else "trainer settings: "  # Lightning's own message
+        print(f"error: {where}{str(ours).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     return 0
+
+
+def _our_error(err: BaseException) -> Exception | None:
+    """The user-facing error that caused `err`, if any: ours (jsonargparse wraps the one a callback's
+    constructor raises in a many-line ValueError), or Lightning's for trainer settings it refuses."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, (LitPruneError, MisconfigurationException)):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

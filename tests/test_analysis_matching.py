@@ -19,6 +19,7 @@ from lit_prune.analysis.matching import (
     unit_rows,
 )
 from lit_prune.analysis.matching_candidates import row_topk, top_candidates
+from lit_prune.analysis.fragility import breaking_points, survival_by_bin
 from lit_prune.errors import LitPruneError
 
 R2 = math.sqrt(2.0)
@@ -301,6 +302,17 @@ def test_shared_fraction_over_alive_only():
     alive = torch.tensor([True, True, False, False, False])
     assert shared_fraction(cos, (0.7, 0.9), alive) == pytest.approx({0.7: 1.0, 0.9: 0.5})
     assert math.isnan(shared_fraction(cos, (0.7,), torch.zeros(5, dtype=torch.bool))[0.7])
+
+
+def test_a_cosine_at_tau_is_judged_alike_everywhere():
+    """float32(0.7) = 0.699999988 < 0.7: not shared, not surviving in a bin, broken at once, and
+    float32(0.7) + 1 ulp is shared everywhere (the fragility module compares in float64)."""
+    at, above = torch.tensor([0.7] * 2), torch.tensor([np.nextafter(np.float32(0.7), np.float32(1))] * 2)
+    p = torch.tensor([0.1, 0.1])
+    for cos, shared in ((at, 0.0), (above, 1.0)):
+        assert shared_fraction(cos, (0.7,)) == {0.7: shared}
+        assert survival_by_bin(cos, p, 0.7, 1) == [shared]
+        assert breaking_points({0.5: cos}, 0.7).tolist() == [0.5 if shared == 0 else math.inf] * 2
 
 
 def test_bad_inputs_raise_one_line_errors():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -365,3 +366,30 @@ def test_errors_name_the_field(tmp_path):
         list(docs)
     with pytest.raises(LitPruneError, match=r"^corpus='x'"):
         list(require_documents(["", " \n"], "x"))
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\nnot json\n')
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not a parquet file")
+    for name in ("broken.jsonl", "broken.parquet"):
+        with pytest.raises(LitPruneError, match=rf"^corpus='.*{name}' is invalid: expected a readable corpus \(Arrow"):
+            list(load_documents(str(tmp_path / name)))
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'org/name' on the Hub (LocalEntryNotFoundError)")
+    import datasets
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets, "load_dataset", offline)
+        with pytest.raises(LitPruneError, match=r"^corpus='hf:org/name' is invalid: .*ConnectionError: Couldn't reach"):
+            load_documents("hf:org/name")
+
+
+def test_token_cache_key_follows_an_edited_local_corpus(tmp_path):
+    from lit_prune.lit.datamodule import TokenDataModule
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "one"}\n')
+    dm = lambda source: TokenDataModule(model_name="tiny-llama", corpus=source, cache_dir=str(tmp_path))  # noqa: E731
+    before = dm(str(corpus))._cache_key()
+    assert dm(str(corpus))._cache_key() == before
+    corpus.write_text('{"text": "two"}\n')  # the same size: the modification time tells
+    os.utime(corpus, ns=(corpus.stat().st_atime_ns, corpus.stat().st_mtime_ns + 1_000_000_000))
+    assert dm(str(corpus))._cache_key() != before
+    assert dm("python-docs")._cache_key() == dm("python-docs")._cache_key()  # no files to stat

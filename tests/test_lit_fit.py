@@ -98,12 +98,52 @@ def test_ddp_two_cpu_processes(tmp_path, local_corpus, model_cache):
     ("--model.sae.architecture=gated", "sae.architecture='gated' is invalid"),
     ("--data.corpus=/no/such/corpus", "corpus"),
     ("--trainer.precision=16-true", "trainer.precision='16-true' is invalid: expected 32-true or bf16-mixed"),
+    ("--model.norm_sequences=0", "model.norm_sequences=0 is invalid"),
+    ("--model.warmup_steps=-5", "model.warmup_steps=-5 is invalid"),
+    ("--model.sae_batch_tokens=100000", "model.sae_batch_tokens=100000 is invalid"),  # no step would be taken
+    ("--trainer.devices=0", "error: trainer settings: "),  # Lightning's refusal, in one line
+    # a callback's own check, which jsonargparse wraps in a many-line error
+    ("--trainer.callbacks+={class_path: lit_prune.lit.callbacks.PruningCallback, init_args: {method: magnitude, "
+     "sparsity: 1.5}}", "error: sparsity=1.5 is invalid"),
 ])
 def test_bad_input_is_one_line_error(tmp_path, local_corpus, model_cache, override, message):
     result = run_cli(*_fit_args(tmp_path, "tiny-llama", local_corpus, model_cache, override), cwd=tmp_path)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_export_replaces_only_an_earlier_export_of_a_trained_sae(tmp_path, local_corpus, model_cache):
+    from lit_prune.errors import LitPruneError
+
+    def args(target, *extra):  # later flags override earlier ones: this export_dir wins
+        return _fit_args(tmp_path, "tiny-llama", local_corpus, model_cache, "--trainer.enable_checkpointing=false",
+                         *extra, f"--model.export_dir={target}")
+
+    precious, a_file = tmp_path / "precious", tmp_path / "a_file"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    a_file.write_text("mine")
+    for target in (precious, a_file, a_file / "sae"):
+        with pytest.raises(LitPruneError, match="model.export_dir="):
+            lightning_cli(args(target))
+    assert (precious / "notes.txt").read_text() == "mine" and a_file.read_text() == "mine"
+    lightning_cli(args(tmp_path / "sae"))
+    good = (tmp_path / "sae" / "sae_weights.safetensors").read_bytes()
+    cli = lightning_cli(args(tmp_path / "sae", "--trainer.max_epochs=0", "--model.seed=3"))  # trains nothing
+    assert int(cli.model.tokens_trained) == 0
+    assert (tmp_path / "sae" / "sae_weights.safetensors").read_bytes() == good
+    assert json.loads((tmp_path / "sae" / "lit_prune.json").read_text())["seed"] == 0
+
+
+def test_runs_without_a_logger_export_to_new_directories(tmp_path, local_corpus, model_cache):
+    args = [a for a in _fit_args(tmp_path, "tiny-llama", local_corpus, model_cache, "--trainer.logger=false",
+                                 "--trainer.enable_checkpointing=false") if not a.startswith(("--model.export_dir",
+                                                                                              "--trainer.logger."))]
+    for seed in (0, 1):
+        lightning_cli(args + [f"--model.seed={seed}"])
+    seeds = [json.loads((tmp_path / "sae" / f"version_{n}" / "lit_prune.json").read_text())["seed"] for n in (0, 1)]
+    assert seeds == [0, 1]
 
 
 def test_empty_corpus_is_one_line_error(tmp_path, model_cache):

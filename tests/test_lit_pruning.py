@@ -105,3 +105,45 @@ def test_bad_pruning_settings_are_one_line_errors():
         PruningCallback(sparsity=1.0)
     with pytest.raises(LitPruneError, match="sparsity=0.3"):
         PruningCallback(sparsity=0.3, nm=[2, 4])
+    with pytest.raises(LitPruneError, match="pruning.perplexity_sequences=-5"):
+        PruningCallback(perplexity_sequences=-5)
+    with pytest.raises(LitPruneError, match="pruning.calibration_batch_size=0"):
+        PruningCallback(calibration_batch_size=0)
+
+
+def test_check_pattern_tells_rows_and_nm_groups_apart():
+    from lit_prune.pruning import SparsityMismatch, check_pattern
+
+    # keep-masks [2, 8], both pruning 8 of 16: 4 per row and 2 per group of 4 inputs ...
+    even = {"w": torch.tensor([[0, 0, 1, 1, 0, 1, 0, 1], [1, 0, 0, 1, 1, 1, 0, 0]], dtype=torch.bool)}
+    # ... or 5 / 3 per row and 2, 3, 0, 3 per group
+    uneven = {"w": torch.tensor([[0, 0, 1, 1, 0, 1, 0, 0], [1, 1, 1, 1, 0, 0, 1, 0]], dtype=torch.bool)}
+    check_pattern(even, 0.5, "row")
+    check_pattern(even, 0.5, nm=(2, 4))
+    check_pattern(uneven, 0.5, "matrix")  # a magnitude mask may be uneven
+    with pytest.raises(SparsityMismatch, match="2 of 2 rows do not have exactly 4"):
+        check_pattern(uneven, 0.5, "row")
+    with pytest.raises(SparsityMismatch, match="3 of 4 groups of 4 do not have exactly 2"):
+        check_pattern(uneven, 0.5, nm=(2, 4))
+
+
+def test_saved_masks_of_another_method_are_refused(pruned_fit, model_cache, tmp_path):
+    from lit_prune.errors import LitPruneError
+    from lit_prune.pruning import prune_model, save_masks
+
+    cli, callback, _ = pruned_fit
+    magnitude = tmp_path / "magnitude.safetensors"
+    save_masks(prune_model(load_model("tiny-llama", cache_dir=model_cache), "magnitude", 0.5, progress=False), magnitude)
+    wanda = tmp_path / "wanda.safetensors"
+    save_masks(callback.masks, wanda)
+    for path, method, nm, message in ((magnitude, "wanda", None, "rows do not have exactly"),
+                                      (wanda, "magnitude", [2, 4], "groups of 4 do not have exactly 2")):
+        object.__setattr__(cli.model, "lm", load_model("tiny-llama", cache_dir=model_cache))
+        given = PruningCallback(method=method, sparsity=0.0 if nm else 0.5, nm=nm, perplexity_sequences=0,
+                                masks_path=str(path))
+        with pytest.raises(LitPruneError, match=f"pruning.masks_path=.* is invalid: expected masks of method={method}.*{message}"):
+            given.on_fit_start(cli.trainer, cli.model)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    with pytest.raises(LitPruneError, match="pruning.masks_path=.*a masks file written by save_masks"):
+        PruningCallback(masks_path=str(garbage))

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from lit_prune.analysis.metrics import (
-    ReconstructionMetrics, SplicedCEMetrics, ce_recovered, kl_score, loss_positions, next_token_ce, next_token_kl,
+    ReconstructionMetrics, SplicedCEMetrics, ce_recovered, fvu, kl_score, loss_positions, next_token_ce, next_token_kl,
     spliced_forward,
 )
 from lit_prune.models.hooks import capture_resid_post, valid_positions
@@ -46,6 +46,13 @@ def test_fvu_end_points_and_streaming():
 def test_ce_recovered_and_kl_score_formulas():
     assert ce_recovered(ce_clean=2.0, ce_sae=2.5, ce_zero=12.0) == pytest.approx(0.95)
     assert kl_score(kl_sae=0.5, kl_zero=10.0) == pytest.approx(0.95)
+    # undefined when ablating the hook costs nothing: NaN, never -inf or a ZeroDivisionError
+    assert math.isnan(ce_recovered(ce_clean=2.0, ce_sae=2.5, ce_zero=2.0))
+    assert math.isnan(kl_score(kl_sae=0.0, kl_zero=0.0))
+    t = torch.tensor
+    assert torch.isnan(ce_recovered(t(2.0, dtype=torch.float64), t(2.5, dtype=torch.float64), t(2.0, dtype=torch.float64)))
+    assert kl_score(t(0.5), t(10.0)).item() == pytest.approx(0.95)
+    assert torch.isnan(fvu(t(1.0), t(4.0), t([2.0]), t(1.0)))  # constant activations: no variance
 
 
 @pytest.fixture(scope="module")

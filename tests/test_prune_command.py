@@ -51,8 +51,9 @@ def as_argv(o: PruneOptions) -> list[str]:
 
 
 def eval_ids(o: PruneOptions) -> torch.Tensor:
-    """The first eval_sequences x 128 tokens of a TokenDataModule's eval split on the same corpus."""
-    dm = TokenDataModule(model_name=o.model, corpus=o.corpus, seq_len=128, train_tokens=256, eval_tokens=128 * EVAL,
+    """The first eval_sequences x eval_seq_len tokens of a TokenDataModule's eval split on the same corpus."""
+    n = o.eval_seq_len
+    dm = TokenDataModule(model_name=o.model, corpus=o.corpus, seq_len=n, train_tokens=2 * n, eval_tokens=n * EVAL,
                          calibration_sequences=0, model_cache_dir=o.model_cache_dir, cache_dir=o.cache_dir)
     dm.prepare_data()
     dm.setup()
@@ -69,10 +70,11 @@ def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith(".out-"))
 
 
-@pytest.mark.parametrize("model,method,sparsity", [("tiny-llama", "wanda", 0.3), ("tiny-gemma2", "magnitude", 0.7),
-                                                   ("tiny-gemma3", "wanda", 0.5)])
-def test_output_reloads_to_the_pruned_model_with_true_report(options, model, method, sparsity):
-    o = options(model=model, method=method, sparsity=sparsity)
+@pytest.mark.parametrize("model,method,sparsity,seq_len", [("tiny-llama", "wanda", 0.3, 128),
+                                                           ("tiny-gemma2", "magnitude", 0.7, 128),
+                                                           ("tiny-gemma3", "wanda", 0.5, 48)])
+def test_output_reloads_to_the_pruned_model_with_true_report(options, model, method, sparsity, seq_len):
+    o = options(model=model, method=method, sparsity=sparsity, eval_seq_len=seq_len)
     result = run_prune(o)
     out = Path(o.output)
     saved = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -93,7 +95,8 @@ def test_output_reloads_to_the_pruned_model_with_true_report(options, model, met
     assert torch.equal(dense.get_input_embeddings().weight, saved.get_input_embeddings().weight)
     ids = eval_ids(o)
     ppl = report["perplexity"]
-    assert ppl["eval_tokens"] == ids.numel() == EVAL * 128 and ppl["eval_fingerprint"] == tokens_fingerprint(ids)
+    assert ppl["eval_tokens"] == ids.numel() == EVAL * seq_len and ppl["eval_fingerprint"] == tokens_fingerprint(ids)
+    assert (ppl["eval_seq_len"], ppl["eval_predictions"]) == (seq_len, EVAL * (seq_len - 1))
     assert ppl["before"] == pytest.approx(perplexity(dense, ids, 4), rel=1e-9)
     assert ppl["after"] == pytest.approx(perplexity(saved, ids, 4), rel=1e-9)
     assert (report["method"], report["sparsity"]) == (method, sparsity)
@@ -178,6 +181,7 @@ BAD = {
     "gpu_not_there": (["--device", "cuda:99"], "device"),
     "wanda_group_matrix": (["--group", "matrix"], "group"),
     "zero_calibration_samples": (["--calibration_sequences", "0"], "calibration_sequences"),
+    "eval_window_without_a_prediction": (["--eval_seq_len", "1"], "eval_seq_len"),
     "ids_out_of_vocab": ([_bad_ids], "calibration_file"),
     "missing_file": ([lambda p: str(p / "nope.pt")], "calibration_file"),
     "unreadable_pt": ([_file("junk.pt", b"not a torch file")], "calibration_file"),
@@ -204,6 +208,15 @@ def test_bad_input_is_one_line_exit_2_and_no_output(options, tmp_path, capsys, c
     assert errors[0].startswith(f"error: {field}=") or errors[0].startswith("error: arguments: ") \
         and f'"{field}"' in errors[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no temp dir
+
+
+def test_unwritable_outputs_are_refused_before_pruning(options, tmp_path, capsys, monkeypatch):
+    (tmp_path / "a_file").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    for output, extra in ((tmp_path / "a_file" / "out", []), (Path("."), ["--overwrite"])):
+        assert cli.main(["prune", *as_argv(options(output=str(output))), *extra]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: output='{output}' is invalid")
+    assert (tmp_path / "a_file").read_text() == "mine" and not list(tmp_path.glob(".*-old-*"))
 
 
 def test_overwrite_replaces_only_after_the_new_output_is_complete(options, tmp_path, capsys, monkeypatch):

@@ -16,6 +16,7 @@ from lit_prune.analysis.stats import spearman
 from lit_prune.errors import LitPruneError
 from lit_prune.study import report as R
 from lit_prune.study import report_analysis as A
+from lit_prune.study import report_tables as T
 from lit_prune.study.report_claims import headline
 from lit_prune.study.report_data import load_study
 
@@ -184,6 +185,21 @@ def test_headline_verdicts(study):
     assert "wanda: up to 0.5" in claims[3]["ours"] and "magnitude: up to 0.25" in claims[3]["ours"]
     assert verdicts[4] in ("reproduced", "partly", "not reproduced") and "of 4 conditions" in claims[4]["ours"]
     assert "0.400" in claims[5]["ours"]
+
+
+def test_labels_name_the_study_functional_threshold(study, monkeypatch):
+    data = load_study(study)
+    for r0, other in ((0.7, 0.6), (0.6, 0.7)):
+        monkeypatch.setitem(data.study["settings"], "survival", {"functional_threshold": r0})
+        _, blocks, figures = R.build_report(data)
+        tables = {b.name: b for b in blocks if isinstance(b, T.Table)}
+        assert f"r >= {r0:g}" in tables["fragility_bins_functional"].title
+        assert f"Pearson r >= {r0:g}" in tables["survival"].note
+        assert f"Pearson r >= {r0:g}" in repr(tables["headline"].rows[1])  # the functional rare-features claim
+        legends = [t.get_text() for ax in figures["survival"].axes if ax.get_legend()
+                   for t in ax.get_legend().get_texts()]
+        assert any(f"r ≥ {r0:g}" in t for t in legends)
+        assert not any(f"r ≥ {other:g}" in t for t in legends)
 
 
 def test_every_figure_has_labels_title_and_legend(study):

@@ -63,6 +63,33 @@ def test_failed_step_keeps_the_previous_good_result(tmp_path):
     assert not runner.is_done("c1/b")  # but it is no longer current
 
 
+def test_a_damaged_done_record_reruns_its_step(tmp_path):
+    log: list[str] = []
+    steps = _steps(log)
+    Runner(tmp_path, steps).run(steps, progress=False)
+    (tmp_path / "c2" / "b" / "done.json").write_text('{"trunc')
+    log.clear()
+    Runner(tmp_path, steps).run(steps, progress=False)
+    assert log == ["c2/b"]
+
+
+def test_model_identity_follows_rewritten_weights(tmp_path, model_cache):
+    """Weights rewritten at the same size are a new model: its steps' inputs change."""
+    import os
+    from types import SimpleNamespace
+
+    from lit_prune.models.tiny import build_tiny
+    from lit_prune.study.steps import model_digest
+
+    build_tiny("tiny-llama", tmp_path / "m")
+    ctx = SimpleNamespace(model={"model_name": str(tmp_path / "m"), "model_cache_dir": str(model_cache)})
+    before = model_digest(ctx)
+    weights = next((tmp_path / "m").glob("*.safetensors"))
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert model_digest(ctx) != before and weights.stat().st_size == stat.st_size
+
+
 def test_shards_partition_the_owned_steps_and_pull_in_dependencies(tmp_path):
     steps = _steps([])
     runner = Runner(tmp_path, steps)
@@ -116,10 +143,25 @@ def test_bad_shard_is_one_line_error(text):
     ({"methods": ["sparsegpt"]}, "study.methods"),
     ({"seeds": []}, "study.seeds"),
     ({"nm": [[4, 2]]}, "study.nm"),
+    ({"magnitude_group": "layer"}, "study.magnitude_group"),
+    ({"survival": {"taus": [0.5, 0.9]}}, "study.survival.taus"),  # the report needs 0.7
+    ({"ablation": {"n_tops": 3}}, "study.ablation.n_tops"),
+    ({"ablation": {"eval_sequences": 0}}, "study.ablation.eval_sequences"),
+    ({"seeds": [-1]}, "study.seeds"),
+    ({"sparsities": [0.1234561, 0.1234562]}, "study.sparsities"),  # both would be magnitude-0.123456
+    ({"cache_gb": float("inf")}, "study.cache_gb"),
 ])
 def test_bad_grid_is_rejected(kwargs, field):
     with pytest.raises(LitPruneError, match=field):
         StudySettings(**kwargs)
+
+
+def test_rq1_matches_seeds_with_the_survival_settings():
+    assert StudySettings().rq1_options() == {}
+    survival = {"taus": [0.5, 0.6, 0.7, 0.9], "seed_baseline_tau": 0.6, "matching": "hungarian", "candidates": 4,
+                "n_boot": 10}
+    assert StudySettings(survival=survival).rq1_options() == {"taus": [0.5, 0.6, 0.7, 0.9], "stability_tau": 0.6,
+                                                              "method": "hungarian", "candidates": 4}
 
 
 def test_grid_without_pruned_conditions_is_rejected():
@@ -233,6 +275,25 @@ def test_rerun_does_nothing_and_a_changed_setting_reruns_only_what_it_touches(re
                                                      "wanda-0.5/rq1", "wanda-0.5/seed0"]
 
 
+def test_magnitude_group_reprunes_only_magnitude(reference_study, tmp_path, local_corpus, model_cache):
+    import shutil
+
+    from lit_prune.pruning import load_masks
+
+    study = tmp_path / "checkpoints" / "tiny"
+    shutil.copytree(reference_study, study)
+    result = run_cli(*_study_args(tmp_path, local_corpus, model_cache, "--report=false",
+                                  "--study.magnitude_group=global"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(_ran(study)[-1]) == ["magnitude-0.5/prune", "magnitude-0.5/rq1", "magnitude-0.5/seed0",
+                                       "magnitude-0.5/seed1"]
+    masks = load_masks(study / "magnitude-0.5" / "prune" / "masks.safetensors")
+    pruned = {name: int((~m).sum()) for name, m in masks.items()}
+    total = sum(m.numel() for m in masks.values())
+    assert sum(pruned.values()) == total // 2  # one global ranking: exact overall, uneven per matrix
+    assert len({round(pruned[n] / masks[n].numel(), 3) for n in masks}) > 1
+
+
 def test_sigkilled_study_resumes_to_identical_results(reference_study, tmp_path, local_corpus, model_cache):
     import os
 
@@ -306,6 +367,12 @@ def test_study_help_explains_the_grid():
     ("--study.workers=0", "study.workers"),
     ("--study.model={no_such_option: 1}", "study.model.no_such_option"),
     ("--trainer.precision=bf16-true", "trainer.precision='bf16-true' is invalid"),
+    ("--study.survival={matching: greedy}", "study.survival.matching='greedy' is invalid"),
+    ("--study.transfer={no_such_option: 1}", "study.transfer.no_such_option"),
+    ("--seed_everything=-5", "seed_everything=-5 is invalid"),
+    ("--study.reference_sae=sae-lens:foo", "study.reference_sae='sae-lens:foo' is invalid"),
+    ("--study.workers=abc", "Got value: abc"),  # jsonargparse's whole message, in one line
+    ("--study.logs=/dev/null/logs", "study.logs='/dev/null/logs' is invalid"),
 ])
 def test_study_bad_input_is_one_line_error_and_writes_nothing(tmp_path, local_corpus, model_cache, override, field):
     result = run_cli(*_study_args(tmp_path, local_corpus, model_cache, override), cwd=tmp_path)

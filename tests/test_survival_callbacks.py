@@ -58,6 +58,16 @@ def test_bad_callback_settings_are_one_line_errors(tmp_path):
         TransferabilityCallback("x", sae_prune_levels=(0.5, 1.0))
     with pytest.raises(LitPruneError, match="taus"):
         FeatureSurvivalCallback("x", taus=(0.7, 1.5))
+    with pytest.raises(LitPruneError, match="matching='greedy'"):
+        FeatureSurvivalCallback("x", matching="greedy")
+    with pytest.raises(LitPruneError, match="candidates=0"):
+        FeatureSurvivalCallback("x", candidates=0)
+    with pytest.raises(LitPruneError, match="functional_threshold=5.0"):
+        FeatureSurvivalCallback("x", functional_threshold=5.0)
+    with pytest.raises(LitPruneError, match="seed_baseline=0.0"):
+        FeatureSurvivalCallback("x", seed_baseline=0.0)
+    with pytest.raises(LitPruneError, match=r"ce_factor, fvu_factor=\(-1.0, 2.0\)"):
+        TransferabilityCallback("x", ce_factor=-1.0)
 
 
 def test_rows_of_the_same_condition_and_epoch_are_replaced_not_duplicated(tmp_path):
@@ -139,6 +149,9 @@ def test_survival_on_a_hand_made_condition():
     assert torch.equal(result.arrays["max_activation"], f_dense.amax(0)) and result.arrays["decoder_norm"].tolist() == [1] * 4
     assert [result.metrics[0.9][f"survival_bin{b}"] for b in range(3)] == [0.0, 1.0, 1.0]
     assert result.metrics[0.9]["rho_bin"] == pytest.approx(math.sqrt(3) / 2)  # ranks (1,2,3) vs (1,2.5,2.5)
+    for matching in ("hungarian", "exact", "sparse"):  # every solver finds this optimum
+        other = survival_measurements(ref, module, module, paired, n_bins=3, n_boot=20, matching=matching, candidates=2)
+        assert torch.equal(other.arrays["partner"], result.arrays["partner"]) and other.metrics[0.9]["S"] == 2 / 3
 
 
 # --- end to end: export a dense SAE, then fit on a Wanda-pruned model with both callbacks ----

@@ -35,7 +35,7 @@ from lit_prune.errors import invalid
 
 HUNGARIAN_MAX = 16_384  # "auto" on rectangular inputs: sparse solver above this many latents
 EXACT_MIN = 1_024  # "auto" on square inputs: "exact" above this many latents (below, dense is as fast)
-_METHODS = ("auto", "hungarian", "sparse", "exact")
+MATCH_METHODS = ("auto", "hungarian", "sparse", "exact")
 
 
 @dataclass
@@ -192,8 +192,8 @@ def match_features(
     candidates: top-k per row (and column) of the candidate graph of "sparse" and "exact"
     (for "exact" only a speed setting).
     """
-    if method not in _METHODS:
-        raise invalid("method", method, " | ".join(_METHODS))
+    if method not in MATCH_METHODS:
+        raise invalid("method", method, " | ".join(MATCH_METHODS))
     if candidates < 1:
         raise invalid("candidates", candidates, "an integer >= 1")
     _check_dims(dec_a, dec_b)
@@ -207,11 +207,13 @@ def shared_fraction(
 ) -> dict[float, float]:
     """Fraction of (alive) features whose matched cosine [n] is >= tau, per tau.
 
-    NaN cosines (unmatched) count as not shared. No alive feature -> NaN.
+    NaN cosines (unmatched) count as not shared. No alive feature -> NaN. The comparison is
+    exact (float64), as in `fragility`: a float32 cosine of 0.7 is 0.699999988 < 0.7.
     """
     c = _as_float(cosine)
     if alive is not None:
         c = c[torch.as_tensor(alive, dtype=torch.bool)]
     if c.numel() == 0:
         return {float(t): float("nan") for t in taus}
+    c = c.double()
     return {float(t): float((c >= t).double().mean()) for t in taus}

@@ -25,15 +25,24 @@ Reconstruct = Callable[[torch.Tensor], torch.Tensor]
 def fvu(sse: torch.Tensor, sum_sq: torch.Tensor, sum_x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """Fraction of variance unexplained from streamed sums (sum_x: [d_model])."""
     total_variance = sum_sq - (sum_x * sum_x).sum() / n
-    return sse / total_variance
+    return _ratio(sse, total_variance)
+
+
+def _ratio(num, den):
+    """num / den for floats or tensors; NaN ("undefined", never +-inf) where den is 0."""
+    if isinstance(den, torch.Tensor):
+        return torch.where(den != 0, num / den, torch.full_like(den, float("nan")))
+    return num / den if den != 0 else float("nan")
 
 
 def ce_recovered(ce_clean: float, ce_sae: float, ce_zero: float) -> float:
-    return (ce_zero - ce_sae) / (ce_zero - ce_clean)
+    """NaN when zero-ablating the hook costs nothing (CE_zero = CE_clean): nothing to recover."""
+    return _ratio(ce_zero - ce_sae, ce_zero - ce_clean)
 
 
 def kl_score(kl_sae: float, kl_zero: float) -> float:
-    return 1.0 - kl_sae / kl_zero
+    """NaN when the zero-ablated model's KL is 0."""
+    return 1.0 - _ratio(kl_sae, kl_zero)
 
 
 class ReconstructionMetrics(Metric):

@@ -68,8 +68,8 @@ def seed_stability(
                 "mmcs_ji": float(m.best_b.mean()),
                 "mean_cosine": _mean_cosine(m.cosine, masks[i]),
             })
-            hits[i] += (m.cosine >= stability_tau).float()
-            hits[j] += (_b_side_cosine(m, decoders[j].shape[0]) >= stability_tau).float()
+            hits[i] += (m.cosine.double() >= stability_tau).float()  # exact, as shared_fraction
+            hits[j] += (_b_side_cosine(m, decoders[j].shape[0]).double() >= stability_tau).float()
     n_pairs = len(decoders) - 1  # every SAE takes part in one pair with each other SAE
     return {"pairs": pairs, "stability": [h / n_pairs for h in hits]}
 
@@ -195,7 +195,7 @@ def survival_from_accumulator(
     """Finish a streamed functional-survival measurement."""
     r = acc.compute()
     alive = acc.fired_a.cpu() > 0
-    frac = float((r[alive] >= threshold).double().mean()) if alive.any() else float("nan")
+    frac = float((r[alive].double() >= threshold).double().mean()) if alive.any() else float("nan")
     return FunctionalSurvival(r, frac, alive)
 
 

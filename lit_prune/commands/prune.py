@@ -25,7 +25,6 @@ from torch import nn
 
 from lit_prune.errors import LitPruneError, invalid
 
-EVAL_SEQ_LEN = 128
 MASKS_FILE = "masks.safetensors"
 REPORT_FILE = "prune_report.json"
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -54,8 +53,10 @@ class PruneOptions:
         corpus: Corpus for the calibration sample (when no file is given) and for the eval perplexity:
             python-docs, a local .txt/.jsonl/.parquet file, folder or glob, or hf:org/name.
         seed: Seed of the calibration sample drawn from the corpus.
-        eval_sequences: Sequences of 128 tokens from the eval split on which perplexity is measured before
-            and after pruning.
+        eval_sequences: Sequences from the eval split on which perplexity is measured before and after
+            pruning.
+        eval_seq_len: Tokens per eval sequence (perplexity is over the eval_seq_len - 1 next-token
+            predictions of each).
         batch_size: Sequences per forward pass (calibration and perplexity).
         overwrite: Replace an existing output (only once the new one is complete).
         progress: Show progress bars for Wanda and perplexity.
@@ -77,6 +78,7 @@ class PruneOptions:
     corpus: str = "python-docs"
     seed: int = 0
     eval_sequences: int = 64
+    eval_seq_len: int = 128
     batch_size: int = 8
     overwrite: bool = False
     progress: bool = True
@@ -140,7 +142,8 @@ def check_options(o: PruneOptions) -> tuple[float, tuple[int, int] | None, str, 
         raise invalid("method", o.method, "one of " + ", ".join(METHODS))
     sparsity, nm = resolve_sparsity(o.sparsity, parse_nm(o.nm))
     group = resolve_group(o.method, o.group, nm)
-    minimum = {"calibration_seq_len": 2, "eval_sequences": 1, "batch_size": 1, "calibration_sequences": 0}
+    minimum = {"calibration_seq_len": 2, "eval_sequences": 1, "eval_seq_len": 2, "batch_size": 1,
+               "calibration_sequences": 0}
     for name, low in minimum.items():
         value = getattr(o, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -158,18 +161,23 @@ def check_options(o: PruneOptions) -> tuple[float, tuple[int, int] | None, str, 
 
 
 def check_output(output: Path, overwrite: bool) -> None:
-    """An existing output is an error unless `overwrite`."""
+    """An existing output is an error unless `overwrite`; so is one that could never be written."""
     if (output.exists() or output.is_symlink()) and not overwrite:
         raise invalid("output", str(output), "a path that does not exist yet (or pass --overwrite to replace it)")
+    if not str(output).strip() or output.resolve() == Path.cwd().resolve():
+        raise invalid("output", str(output), "a directory other than the current one (it is replaced as a whole)")
+    parent = next((p for p in output.absolute().parents if p.exists()), None)
+    if parent is not None and not (parent.is_dir() and os.access(parent, os.W_OK)):
+        raise invalid("output", str(output), f"a path under a writable directory ({parent} is not one)")
 
 
 def load_splits(o: PruneOptions, calibration: bool):
     """The TokenDataModule's eval split (seq_len 128) and, if asked, its calibration sample."""
     from lit_prune.lit.datamodule import TokenDataModule
 
-    dm = TokenDataModule(model_name=o.model, corpus=o.corpus, seq_len=EVAL_SEQ_LEN, batch_size=o.batch_size,
-                         train_tokens=EVAL_SEQ_LEN,  # the train split is not used here
-                         eval_tokens=o.eval_sequences * EVAL_SEQ_LEN,
+    dm = TokenDataModule(model_name=o.model, corpus=o.corpus, seq_len=o.eval_seq_len, batch_size=o.batch_size,
+                         train_tokens=o.eval_seq_len,  # the train split is not used here
+                         eval_tokens=o.eval_sequences * o.eval_seq_len,
                          calibration_sequences=o.calibration_sequences if calibration else 0,
                          calibration_seq_len=o.calibration_seq_len, shuffle_seed=o.seed,
                          cache_dir=o.cache_dir, model_cache_dir=o.model_cache_dir)
@@ -228,8 +236,8 @@ def run_prune(o: PruneOptions) -> PruneResult:
         "nm": list(nm) if nm else None, "group": group,
         "realised_sparsity": pruned / numel, "pruned": pruned, "prunable": numel, "layers": layers,
         "perplexity": {"before": before, "after": after, "eval_sequences": int(eval_ids.shape[0]),
-                       "eval_seq_len": EVAL_SEQ_LEN, "eval_tokens": int(eval_ids.numel()),
-                       "eval_predictions": int(eval_ids.shape[0] * (EVAL_SEQ_LEN - 1)),
+                       "eval_seq_len": o.eval_seq_len, "eval_tokens": int(eval_ids.numel()),
+                       "eval_predictions": int(eval_ids.shape[0] * (o.eval_seq_len - 1)),
                        "eval_fingerprint": tokens_fingerprint(eval_ids)},
         "calibration": calibration_record(calibration_ids, None if calibration_ids is None else
                                           f"file:{o.calibration_file}" if file_ids is not None

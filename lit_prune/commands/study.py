@@ -11,6 +11,7 @@ device the trainer settings give (`--trainer.devices=4`: a Lightning DDP run in 
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import tempfile
@@ -72,9 +73,7 @@ def context_from_args(argv: list[str]):
     """Parse argv into (StudyContext, shard, options)."""
     from jsonargparse import ArgumentError, Namespace
 
-    from lit_prune.lit.sae_module import check_precision
     from lit_prune.sae.build import SAESettings
-    from lit_prune.sae.io import PRETRAINED_PREFIX
     from lit_prune.study.config import StudySettings
     from lit_prune.study.runner import parse_shard
     from lit_prune.study.steps import StudyContext
@@ -83,7 +82,7 @@ def context_from_args(argv: list[str]):
     try:
         cfg = parser.parse_args(argv)
     except ArgumentError as err:
-        raise LitPruneError(str(err).splitlines()[0]) from None
+        raise LitPruneError(" ".join(str(err).split())) from None  # one line, with the value and the type
     plain = lambda ns: ns.as_dict() if isinstance(ns, Namespace) else dict(ns)  # noqa: E731
     study_fields = plain(cfg.study)
     settings = StudySettings(**study_fields)
@@ -91,21 +90,59 @@ def context_from_args(argv: list[str]):
     data = _merge(plain(cfg.data), settings.data, "study.data")
     data["model_name"], data["model_cache_dir"] = model["model_name"], model["model_cache_dir"]
     SAESettings(**model["sae"])  # one-line errors for bad SAE settings before any work
-    if (cfg.trainer or {}).get("precision") is not None:
-        check_precision(cfg.trainer["precision"])
-    ref = settings.reference_sae
-    if ref is not None and not ref.startswith(PRETRAINED_PREFIX) and not Path(ref).is_dir():
-        raise invalid("study.reference_sae", ref, "an SAE directory or sae-lens:<release>:<sae_id>")
-    if settings.workers > 1:
-        from lit_prune.study.fit_worker import fit_processes
-
-        if fit_processes(dict(cfg.trainer or {})) > 1:
-            raise invalid("study.workers", settings.workers, "1 when each fit uses several devices (trainer.devices)")
+    _check_callback_options(settings)
+    _check_run_settings(settings, dict(cfg.trainer or {}), int(cfg.seed_everything))
     configs = cfg.get("config") or []
     name = settings.name or (Path(str(configs[0])).stem if configs else "study")
     ctx = StudyContext(name=name, settings=settings, model=model, data=data, trainer=dict(cfg.trainer or {}),
                        seed_everything=int(cfg.seed_everything))
     return ctx, parse_shard(cfg.shard), {"report": cfg.report, "progress": cfg.progress, "worker": cfg.worker}
+
+
+def _check_run_settings(settings, trainer: dict[str, Any], seed_everything: int) -> None:
+    """One-line errors, before any work, for what would otherwise fail after the first steps."""
+    from lit_prune.lit.sae_module import check_precision
+    from lit_prune.sae.io import PRETRAINED_PREFIX
+
+    if trainer.get("precision") is not None:
+        check_precision(trainer["precision"])
+    ref = settings.reference_sae
+    release, _, sae_id = (ref or "")[len(PRETRAINED_PREFIX):].partition(":")
+    if ref is not None and (not (release and sae_id) if ref.startswith(PRETRAINED_PREFIX) else not Path(ref).is_dir()):
+        raise invalid("study.reference_sae", ref, "an SAE directory or sae-lens:<release>:<sae_id>")
+    for name in ("checkpoints", "logs"):
+        path = Path(getattr(settings, name)).absolute()
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            raise invalid(f"study.{name}", str(path), f"a directory path ({existing} is a file)")
+    if seed_everything < 0 or seed_everything + max(settings.seeds) >= 2**32:  # a run's seed is their sum
+        raise invalid("seed_everything", seed_everything, "an integer >= 0 with seed_everything + max(study.seeds) "
+                      "< 2**32")
+    if settings.workers > 1:
+        from lit_prune.study.fit_worker import fit_processes
+
+        if fit_processes(trainer) > 1:
+            raise invalid("study.workers", settings.workers, "1 when each fit uses several devices (trainer.devices)")
+
+
+def _check_callback_options(settings) -> None:
+    """study.survival / study.transfer build the RQ callbacks of every pruned fit: check them now,
+    not after the dense fits."""
+    from lit_prune.lit.survival_callback import FeatureSurvivalCallback
+    from lit_prune.lit.transfer_callback import TransferabilityCallback
+
+    for name, cls in (("survival", FeatureSurvivalCallback), ("transfer", TransferabilityCallback)):
+        options = getattr(settings, name)
+        allowed = [p for p in inspect.signature(cls).parameters if p not in ("reference_sae", "output_dir")]
+        for key, value in options.items():
+            if key not in allowed:
+                raise invalid(f"study.{name}.{key}", value, "a key among " + ", ".join(allowed))
+        try:
+            cls("", **options)
+        except LitPruneError as err:
+            raise LitPruneError(f"study.{name}.{err}") from None
+        except (TypeError, ValueError):
+            raise invalid(f"study.{name}", options, f"the argument types of {cls.__name__} (see its docstring)") from None
 
 
 def _check_identity(ctx, root: Path) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from lit_prune.data import python_docs
-from lit_prune.errors import invalid
+from lit_prune.errors import LitPruneError, invalid
 
 PYTHON_DOCS = "python-docs"
 HUB_PREFIX = "hf:"
@@ -184,6 +184,14 @@ def _jsonl_texts(path: Path) -> Iterator[str]:
             yield json.loads(line)["text"]
 
 
+def files_identity(source: str) -> list[list] | None:
+    """[path, size, mtime_ns] of each file of a local corpus (None for python-docs and hub sources):
+    part of every cache key built from its text, so that an edited file is read again."""
+    if source == PYTHON_DOCS or source.startswith(HUB_PREFIX):
+        return None
+    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in resolve_files(source)]
+
+
 def resolve_files(source: str) -> list[Path]:
     """The readable corpus files a path, folder or glob names, sorted (hidden files skipped)."""
     path = Path(source).expanduser()
@@ -231,10 +239,15 @@ def _local_texts(files: list[Path], text_field: str, streaming: bool, source: st
         group = [str(f) for f in files if _BUILDERS[f.suffix.lower()] == builder]
         if group:
             kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-            ds = datasets.load_dataset(builder, data_files=group, split="train",
-                                       streaming=streaming, **kwargs)
-            # The text loader always names its column `text`.
-            streams.append(_texts(ds, "text" if builder == "text" else text_field, source))
+            try:
+                ds = datasets.load_dataset(builder, data_files=group, split="train",
+                                           streaming=streaming, **kwargs)
+                # The text loader always names its column `text`.
+                streams.append(_texts(ds, "text" if builder == "text" else text_field, source))
+            except LitPruneError:
+                raise
+            except Exception as err:  # malformed JSON, not parquet, ...: pyarrow raises many types
+                raise _unreadable(source, err) from None
     return chain.from_iterable(streams)
 
 
@@ -258,19 +271,33 @@ def load_documents(source: str, *, text_field: str = "text",
             raise invalid("corpus", source, "'hf:org/name' with a hub dataset name")
         import datasets
 
-        ds = datasets.load_dataset(name, hub_config, split=hub_split, streaming=streaming)
+        try:
+            ds = datasets.load_dataset(name, hub_config, split=hub_split, streaming=streaming)
+        except Exception as err:  # offline, unknown name, bad config: datasets raises many types
+            raise _unreadable(source, err) from None
         texts = _texts(ds, text_field, source)
     else:
         texts = _local_texts(resolve_files(source), text_field, streaming, source)
     return require_documents((t.strip() for t in texts), source)
 
 
+def _unreadable(source: str, err: Exception) -> LitPruneError:
+    first = str(err).strip().splitlines()
+    return invalid("corpus", source, f"a readable corpus ({type(err).__name__}: {first[0] if first else ''})")
+
+
 def require_documents(documents: Iterable[str], source: str) -> Iterator[str]:
-    """Yield the non-empty documents; raise once exhausted if there were none."""
+    """Yield the non-empty documents; raise once exhausted if there were none, or one line if a
+    file turns out unreadable while streaming (malformed JSON, not parquet, ...)."""
     count = 0
-    for text in documents:
-        if text and text.strip():
-            count += 1
-            yield text
+    try:
+        for text in documents:
+            if text and text.strip():
+                count += 1
+                yield text
+    except LitPruneError:
+        raise
+    except Exception as err:
+        raise _unreadable(source, err) from None
     if count == 0:
         raise invalid("corpus", source, "a corpus with at least one non-empty document")

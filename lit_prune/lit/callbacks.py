@@ -11,7 +11,9 @@ import torch
 
 from lit_prune.analysis.perplexity import perplexity
 from lit_prune.errors import invalid
-from lit_prune.pruning import apply_masks, load_masks, prune_model, resolve_sparsity, verify_masks
+from lit_prune.pruning import (
+    SparsityMismatch, apply_masks, load_masks, prune_model, resolve_sparsity, verify_masks,
+)
 
 
 class PruningCallback(L.Callback):
@@ -40,13 +42,22 @@ class PruningCallback(L.Callback):
             raise invalid("pruning.method", method, "magnitude or wanda")
         self.sparsity, self.nm = resolve_sparsity(sparsity, tuple(nm) if nm else None)
         self.method, self.group = method, group
+        for name, value, low in (("calibration_batch_size", calibration_batch_size, 1),
+                                 ("perplexity_sequences", perplexity_sequences, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise invalid(f"pruning.{name}", value, f"an integer >= {low}")
         self.calibration_batch_size = calibration_batch_size
         self.perplexity_sequences = perplexity_sequences
         self.masks: dict[str, torch.Tensor] | None = None
+        self.masks_path = masks_path
         if masks_path is not None:
             if not Path(masks_path).is_file():
                 raise invalid("pruning.masks_path", masks_path, "an existing masks.safetensors file")
-            self.masks = load_masks(masks_path)
+            try:
+                self.masks = load_masks(masks_path)
+            except Exception as err:  # safetensors raises several types for a file that is not one
+                raise invalid("pruning.masks_path", masks_path, f"a masks file written by save_masks "
+                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.ensure_norm_scale()  # c is fitted on the dense model, never on the pruned one
@@ -65,7 +76,13 @@ class PruningCallback(L.Callback):
         else:
             apply_masks(lm, self.masks)  # given or resumed: those masks, exactly
         info["seconds"] = time.perf_counter() - started
-        report = verify_masks(lm, self.masks, self.method, self.sparsity, self.nm, self.group)
+        try:
+            report = verify_masks(lm, self.masks, self.method, self.sparsity, self.nm, self.group)
+        except SparsityMismatch as err:
+            if self.masks_path is None:
+                raise  # masks computed here or resumed from a checkpoint: a bug, not bad input
+            raise invalid("pruning.masks_path", self.masks_path, f"masks of method={self.method} sparsity="
+                          f"{self.sparsity:g} nm={self.nm} group={self.group} ({err})") from None
         if self.perplexity_sequences:
             info["perplexity_pruned"] = perplexity(lm, eval_ids)
         info["realised_sparsity"] = sum(r["pruned"] for r in report) / sum(r["numel"] for r in report)

@@ -10,9 +10,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from lit_prune.data.corpora import load_documents
+from lit_prune.data.corpora import files_identity, load_documents
 from lit_prune.data.splits import documents_of_split
 from lit_prune.data.tokens import pack_documents, shuffled, tokens_fingerprint
 from lit_prune.errors import LitPruneError, invalid
@@ -81,12 +82,16 @@ class TokenDataModule(L.LightningDataModule):
         model_cache_dir: str = "checkpoints/models",
     ) -> None:
         super().__init__()
-        for field, value in dict(seq_len=seq_len, batch_size=batch_size, train_tokens=train_tokens,
-                                 eval_tokens=eval_tokens, calibration_seq_len=calibration_seq_len).items():
+        for field, value in dict(seq_len=seq_len, eval_tokens=eval_tokens, calibration_seq_len=calibration_seq_len).items():
             if value < 2:
                 raise invalid(f"data.{field}", value, "an integer >= 2")
-        if calibration_sequences < 0:
-            raise invalid("data.calibration_sequences", calibration_sequences, "an integer >= 0")
+        if batch_size < 1:
+            raise invalid("data.batch_size", batch_size, "an integer >= 1")
+        if train_tokens < seq_len:
+            raise invalid("data.train_tokens", train_tokens, f"at least data.seq_len={seq_len} (one sequence)")
+        for field, value in dict(calibration_sequences=calibration_sequences, num_workers=num_workers).items():
+            if value < 0:
+                raise invalid(f"data.{field}", value, "an integer >= 0")
         self.save_hyperparameters()
         self.fractions = {"eval": eval_fraction, "calibration": calibration_fraction}
         self.train_ids = self.eval_ids = self.calibration_ids = torch.empty(0, seq_len, dtype=torch.long)
@@ -100,6 +105,16 @@ class TokenDataModule(L.LightningDataModule):
         if self.train_ids.numel() == 0:
             self.train_ids, self.eval_ids, self.calibration_ids = self._splits()
             self.provenance = self._provenance()
+            self._warn_if_short()
+
+    def _warn_if_short(self) -> None:
+        """The corpus ran out before the token budget: say so (the run goes on with what there is)."""
+        hp = self.hparams
+        for name, ids, asked in (("train_tokens", self.train_ids, hp.train_tokens // hp.seq_len * hp.seq_len),
+                                 ("eval_tokens", self.eval_ids, -(-hp.eval_tokens // hp.seq_len) * hp.seq_len)):
+            if ids.numel() < asked:
+                rank_zero_warn(f"data.{name}={getattr(hp, name):,}: the corpus {hp.corpus!r} has only "
+                               f"{ids.numel():,} tokens for this split, so the run uses those")
 
     def _docs(self, split: str):
         hp = self.hparams
@@ -130,6 +145,9 @@ class TokenDataModule(L.LightningDataModule):
 
     def _cache_key(self) -> str:
         settings = {k: v for k, v in self.hparams.items() if k not in ("batch_size", "num_workers", "cache_dir")}
+        files = files_identity(self.hparams.corpus)
+        if files is not None:  # only then, so that the keys of the other corpora stay as they were
+            settings["corpus_files"] = files
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def _provenance(self) -> dict[str, Any]:

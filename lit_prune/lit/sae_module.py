@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
 from sae_lens.saes.sae import TrainStepInput
 
 from lit_prune.analysis.evaluate import SAEEvaluator, harvest, sae_codec
@@ -18,7 +19,7 @@ from lit_prune.models.registry import load_model, move_outside_inference
 from lit_prune.sae.buffer import ActivationBuffer, fit_norm_scale
 from lit_prune.sae.build import SAESettings, build_training_sae
 from lit_prune.sae.fast import StepOutput, fast_topk_training_forward
-from lit_prune.sae.io import export_sae
+from lit_prune.sae.io import check_export_target, export_sae
 from lit_prune.sae.schedule import sae_steps, warmup_decay
 
 
@@ -74,7 +75,10 @@ class SAEModule(L.LightningModule):
     ) -> None:
         super().__init__()
         _validate(lr=lr, decay_fraction=decay_fraction, sae_batch_tokens=sae_batch_tokens,
-                  buffer_batches=buffer_batches, norm_scale=norm_scale, ce_eval_sequences=ce_eval_sequences)
+                  buffer_batches=buffer_batches, norm_scale=norm_scale, ce_eval_sequences=ce_eval_sequences,
+                  warmup_steps=warmup_steps, dead_window_tokens=dead_window_tokens, norm_sequences=norm_sequences)
+        if export_dir is not None:
+            check_export_target(export_dir, "model.export_dir")
         self.save_hyperparameters()
         self.settings = sae
         self.automatic_optimization = False
@@ -110,6 +114,17 @@ class SAEModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         check_precision(self.trainer.precision)
+        dm = getattr(self.trainer, "datamodule", None)
+        context = getattr(self.lm.config, "max_position_embeddings", None)
+        for name in ("seq_len", "calibration_seq_len"):
+            value = getattr(getattr(dm, "hparams", None), name, None)
+            if context and value and value > context:
+                raise invalid(f"data.{name}", value, f"at most the model's context of {context} tokens")
+        if stage == "fit" and dm is not None:
+            harvested = (dm.hparams.train_tokens // dm.hparams.seq_len) * (dm.hparams.seq_len - 1)
+            if self.hparams.sae_batch_tokens > 2 * harvested:  # the last batch trains on >= half a step
+                raise invalid("model.sae_batch_tokens", self.hparams.sae_batch_tokens,
+                              f"at most twice the {harvested:,} tokens data.train_tokens yields, or no SAE step is taken")
 
     def on_fit_start(self) -> None:
         self._tokens_trained_host = None  # tokens_trained may have been loaded since the last fit
@@ -250,6 +265,9 @@ class SAEModule(L.LightningModule):
         if not self.trainer.is_global_zero:
             return
         target = Path(self.hparams.export_dir or _default_export_dir(self.trainer))
+        if int(self.tokens_trained) == 0:  # e.g. max_epochs 0: an untrained SAE must not replace a trained one
+            rank_zero_warn(f"no SAE step was taken, so nothing is exported to {target}")
+            return
         dm = self.trainer.datamodule
         export_sae(self.sae, target, self.norm_scale.item(), {
             "model": self.hparams.model_name, "hook_layer": self.hparams.hook_layer, "seed": self.hparams.seed,
@@ -282,8 +300,12 @@ def _without_autocast(x: torch.Tensor) -> torch.autocast:
 def _default_export_dir(trainer: L.Trainer) -> Path:
     """checkpoints/<logger name>/version_<n>/sae: mirrors the TensorBoard run, never overwrites another."""
     logger = trainer.logger
-    if logger is None:
-        return Path(trainer.default_root_dir) / "sae"
+    if logger is None or logger.version in (None, ""):  # no run directory to mirror: a fresh numbered one
+        root = Path(trainer.default_root_dir) / "sae"
+        n = 0
+        while (root / f"version_{n}").exists():
+            n += 1
+        return root / f"version_{n}"
     return Path("checkpoints") / str(logger.name) / f"version_{logger.version}" / "sae"
 
 
@@ -319,6 +341,9 @@ def _validate(**values: Any) -> None:
         "buffer_batches": (lambda v: v >= 1, "a positive integer"),
         "norm_scale": (lambda v: v is None or v > 0, "a positive float or null"),
         "ce_eval_sequences": (lambda v: v >= 0, "a non-negative integer"),
+        "warmup_steps": (lambda v: v >= 0, "a non-negative integer"),
+        "dead_window_tokens": (lambda v: v >= 0, "a non-negative integer"),
+        "norm_sequences": (lambda v: v >= 1, "a positive integer"),
     }
     for name, value in values.items():
         ok, allowed = rules[name]

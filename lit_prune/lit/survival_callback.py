@@ -11,7 +11,7 @@ import torch
 from matplotlib.figure import Figure
 
 from lit_prune.analysis.fragility import firing_rate_analysis, firing_rate_bins
-from lit_prune.analysis.matching import unit_rows
+from lit_prune.analysis.matching import MATCH_METHODS, unit_rows
 from lit_prune.analysis.results import make_rows, write_arrays
 from lit_prune.analysis.survival import geometric_survival, normalised_survival, survival_from_accumulator
 from lit_prune.analysis.transfer import PairedPass, paired_features
@@ -45,7 +45,8 @@ def _rq4(prefix: str, analysis: dict, with_feature: bool) -> dict[str, float]:
 def survival_measurements(ref_dec: torch.Tensor, module_dec: torch.Tensor, init_dec: torch.Tensor, paired: PairedPass,
                           taus: tuple[float, ...] = (0.5, 0.7, 0.9), functional_threshold: float = 0.7,
                           n_bins: int = 5, n_boot: int = 1000, seed_baseline: float | None = None,
-                          seed_baseline_tau: float = 0.7, near_init: float = 0.9) -> SurvivalResult:
+                          seed_baseline_tau: float = 0.7, near_init: float = 0.9, matching: str = "auto",
+                          candidates: int = 8) -> SurvivalResult:
     """RQ2 + RQ4 for one condition (no Lightning).
 
     ref_dec [n, d]: reference (dense-model) decoder; module_dec, init_dec [n', d]: the run's SAE
@@ -55,11 +56,12 @@ def survival_measurements(ref_dec: torch.Tensor, module_dec: torch.Tensor, init_
     threshold (NaN r = lost). RQ4: firing-rate bins of log10 p on the dense model, survival per
     bin, rho_bin and the feature-level Spearman(log10 p, c) with p-values and bootstrap CIs.
     `init_cosine` is each module feature's cosine to its own init (near-init latents "survive"
-    trivially against a same-seed reference).
+    trivially against a same-seed reference). matching / candidates: the one-to-one matching's
+    solver and sparse candidate count (`lit_prune.analysis.matching.match_features`).
     """
     p = paired.rate_dense
     alive = p > 0
-    geo = geometric_survival(ref_dec, module_dec, alive, taus)
+    geo = geometric_survival(ref_dec, module_dec, alive, taus, matching, candidates)
     func = survival_from_accumulator(paired.acc, functional_threshold)
     init_cos = (unit_rows(module_dec) * unit_rows(init_dec)).sum(1)
     partner = geo["partner"]
@@ -117,6 +119,10 @@ class FeatureSurvivalCallback(ReferenceSAECallback):
         seed_baseline_tau: the tau at which seed_baseline was measured.
         n_bins: firing-rate quantile bins (RQ4).
         n_boot: bootstrap resamples for the RQ4 confidence intervals.
+        matching: one-to-one matching solver: auto (equal widths above 1,024 latents: exact, the
+            Hungarian optimum without the dense matrix; otherwise dense Hungarian up to 16,384 latents
+            and the sparse candidate solver above), hungarian, exact or sparse.
+        candidates: candidate partners per feature of the sparse / exact solvers.
         log_figures: log the matched-cosine, survival-by-bin and firing-rate figures.
         output_dir: where results/ is written; null: the trainer's log dir.
         batch_size: eval sequences per forward; null: the datamodule's batch size.
@@ -131,10 +137,19 @@ class FeatureSurvivalCallback(ReferenceSAECallback):
                  functional_sequences: int | None = None, functional_threshold: float = 0.7,
                  seed_baseline: float | None = None, seed_baseline_tau: float = 0.7, n_bins: int = 5,
                  n_boot: int = 1000, log_figures: bool = True, output_dir: str | None = None,
-                 batch_size: int | None = None, at_fit_end: bool = False) -> None:
+                 batch_size: int | None = None, at_fit_end: bool = False, matching: str = "auto",
+                 candidates: int = 8) -> None:
         super().__init__(reference_sae, output_dir, batch_size, at_fit_end)
+        if matching not in MATCH_METHODS:
+            raise invalid("matching", matching, " | ".join(MATCH_METHODS))
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+            raise invalid("candidates", candidates, "a positive integer")
         if not taus or any(not -1 <= t <= 1 for t in taus):
             raise invalid("taus", taus, "a non-empty list of cosines in [-1, 1]")
+        if not -1 <= functional_threshold <= 1:
+            raise invalid("functional_threshold", functional_threshold, "a Pearson r in [-1, 1]")
+        if seed_baseline is not None and not 0 < seed_baseline <= 1:
+            raise invalid("seed_baseline", seed_baseline, "a shared fraction in (0, 1] or null")
         if functional_sequences is not None and functional_sequences < 1:
             raise invalid("functional_sequences", functional_sequences, "a positive integer or null")
         if n_bins < 1 or n_boot < 1:
@@ -143,6 +158,7 @@ class FeatureSurvivalCallback(ReferenceSAECallback):
         self.functional_sequences, self.functional_threshold = functional_sequences, functional_threshold
         self.seed_baseline, self.seed_baseline_tau = seed_baseline, seed_baseline_tau
         self.n_bins, self.n_boot, self.log_figures = n_bins, n_boot, log_figures
+        self.matching, self.candidates = matching, candidates
         self.init_decoder: torch.Tensor | None = None
         self._cache: tuple[str, PairedPass] | None = None
         self.last: SurvivalResult | None = None
@@ -176,7 +192,7 @@ class FeatureSurvivalCallback(ReferenceSAECallback):
         result = survival_measurements(
             self.reference.W_dec.detach().cpu(), module.sae.W_dec.detach().cpu(), self._init(module), paired,
             self.taus, self.functional_threshold, self.n_bins, self.n_boot, self.seed_baseline,
-            self.seed_baseline_tau)
+            self.seed_baseline_tau, matching=self.matching, candidates=self.candidates)
         self.last = result
         epoch = trainer.current_epoch if stage == "validation" else None
         cond, same = self.condition(module), self.same_seed(module)

@@ -62,6 +62,8 @@ class TransferabilityCallback(ReferenceSAECallback):
         self.sae_prune_levels = tuple(check_sparsity(s, "sae_prune_levels") for s in sae_prune_levels)
         if ce_sequences is not None and ce_sequences < 0:
             raise invalid("ce_sequences", ce_sequences, "a non-negative integer or null")
+        if not (ce_factor > 0 and fvu_factor > 0):
+            raise invalid("ce_factor, fvu_factor", (ce_factor, fvu_factor), "positive numbers")
         if calibration_sequences < 1:
             raise invalid("calibration_sequences", calibration_sequences, "a positive integer")
         self.ce_sequences, self.calibration_sequences = ce_sequences, calibration_sequences

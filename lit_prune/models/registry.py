@@ -61,7 +61,7 @@ def load_model(
 ) -> PreTrainedModel:
     """The causal LM in eval mode with frozen weights."""
     if dtype not in DTYPES:
-        raise invalid("dtype", dtype, f"one of {', '.join(DTYPES)}")
+        raise invalid("model.lm_dtype", dtype, f"one of {', '.join(DTYPES)}")
     source = model_dir(name, cache_dir)
     try:
         with torch.inference_mode(False):  # may be called from a validation hook: see move_outside_inference
@@ -106,7 +106,7 @@ def load_tokenizer(name: str, cache_dir: str | Path = DEFAULT_CACHE) -> PreTrain
     source = model_dir(name, cache_dir)
     try:
         return AutoTokenizer.from_pretrained(source)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: a directory with weights but no tokenizer files
         raise LitPruneError(f"model_name={name!r}: tokenizer could not be loaded ({_first_line(err)})") from err
 
 

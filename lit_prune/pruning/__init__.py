@@ -21,6 +21,7 @@ from lit_prune.pruning.masks import (
     Masks,
     SparsityMismatch,
     apply_masks,
+    check_pattern,
     check_realised,
     check_sparsity,
     count_pruned,
@@ -122,4 +123,5 @@ def verify_masks(
     group = resolve_group(method, group, nm)
     report = sparsity_report(model, masks, sparsity)
     check_realised(report, sparsity, group, nm)
+    check_pattern(masks, sparsity, group, nm)
     return report

@@ -223,6 +223,25 @@ def check_realised(
             raise SparsityMismatch(f"global: realised {pruned}/{total} != expected {count_pruned(total, target)}/{total}")
 
 
+def check_pattern(masks: Masks, target: float, group: str = "matrix", nm: tuple[int, int] | None = None) -> None:
+    """Raise SparsityMismatch unless the pruned positions follow the method's pattern: exactly N of
+    every M consecutive inputs (N:M), or the same count in every output row (`row`). The counts per
+    matrix (`check_realised`) cannot tell a magnitude mask from a Wanda one."""
+    for name, keep in masks.items():
+        pruned = ~keep.bool()
+        if nm is not None:
+            n, m = nm
+            counts, want = pruned.reshape(pruned.shape[0], -1, m).sum(-1), n
+        elif group == "row":
+            counts, want = pruned.sum(1), count_pruned(pruned.shape[1], target)
+        else:
+            continue
+        bad = int((counts != want).sum())
+        if bad:
+            unit = f"groups of {nm[1]}" if nm else "rows"
+            raise SparsityMismatch(f"{name}: {bad} of {counts.numel()} {unit} do not have exactly {want} pruned weights")
+
+
 def save_masks(masks: Masks, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Write masks to a safetensors file (bool stored as uint8), atomically (temp file + rename)."""
     path = Path(path)

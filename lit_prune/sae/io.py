@@ -42,9 +42,22 @@ def hook_name(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
 
-def export_sae(sae: TrainingSAE, path: str | Path, norm_scale: float, metadata: dict[str, Any]) -> Path:
-    """Write the inference SAE (scale folded in) and metadata; replaces `path` only when complete."""
+def check_export_target(path: str | Path, field: str = "export_dir") -> None:
+    """An SAE may be exported to `path`: it is new, or an earlier export (which it replaces), never a
+    file or a directory of other things, and its parent can be a directory."""
     path = Path(path)
+    if path.is_file() or (path.is_dir() and any(path.iterdir()) and not (path / "cfg.json").is_file()):
+        raise invalid(field, str(path), "a new directory or an earlier SAE export (one with cfg.json), which is replaced")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise invalid(field, str(path), f"a path whose parent can be a directory ({parent} is a file)")
+
+
+def export_sae(sae: TrainingSAE, path: str | Path, norm_scale: float, metadata: dict[str, Any]) -> Path:
+    """Write the inference SAE (scale folded in) and metadata; replaces `path` only when complete, and
+    only if it is an earlier export (`check_export_target`)."""
+    path = Path(path)
+    check_export_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     folded = copy.deepcopy(sae).cpu()
     folded.fold_activation_norm_scaling_factor(norm_scale)

@@ -12,9 +12,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from lit_prune.analysis.survival import TAUS as REPORT_TAUS
 from lit_prune.errors import LitPruneError, invalid
+from lit_prune.pruning import GROUPS
 
 METHODS = ("magnitude", "wanda")
+ABLATION_MINIMUM = {"n_top": 0, "n_random": 0, "n_rare": 0, "eval_sequences": 1, "batch_size": 1}
+"""study.ablation's options and the least value of each."""
 
 
 @dataclass
@@ -30,6 +34,9 @@ class StudySettings:
     """Unstructured sparsities in (0, 1), each run with every method (the dense model is always run)."""
     nm: list[list[int]] = field(default_factory=list)
     """Extra semi-structured conditions [N, M] (e.g. [[2, 4]]), each run with every method."""
+    magnitude_group: str = "matrix"
+    """What magnitude pruning ranks |W| within for the unstructured conditions: matrix (each matrix
+    to the exact sparsity), row (each output row) or global (all decoder-block matrices together)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     """SAE seeds trained on every model; the first is the reference seed (RQ1 needs two or more)."""
     epochs: int = 1
@@ -43,7 +50,9 @@ class StudySettings:
     data: dict[str, Any] = field(default_factory=dict)
     """Overrides of the config's data section for the study's runs."""
     survival: dict[str, Any] = field(default_factory=dict)
-    """Extra arguments of FeatureSurvivalCallback (e.g. functional_sequences, n_boot)."""
+    """Extra arguments of FeatureSurvivalCallback (e.g. functional_sequences, n_boot, matching). RQ1
+    uses the same taus, matching and candidates, and seed_baseline_tau as its stability threshold.
+    taus must include the report's 0.5, 0.7 and 0.9 (METHODS §3; others may be added)."""
     transfer: dict[str, Any] = field(default_factory=dict)
     """Extra arguments of TransferabilityCallback (e.g. sae_prune_levels, ce_sequences)."""
     ablation: dict[str, Any] = field(default_factory=dict)
@@ -87,18 +96,33 @@ class StudySettings:
                 raise invalid("study.nm", self.nm, "a list of [N, M] pairs with 0 < N < M")
         if len({tuple(p) for p in self.nm}) != len(self.nm):
             raise invalid("study.nm", self.nm, "a list without duplicates")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise invalid("study.seeds", self.seeds, "a non-empty list of distinct integers")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise invalid("study.seeds", self.seeds, "a non-empty list of distinct integers >= 0")
+        names = [c.name for c in self._grid()]
+        if len(set(names)) != len(names):
+            raise invalid("study.sparsities", self.sparsities, "values that differ in their first 6 significant "
+                          "digits (each names a directory, e.g. magnitude-0.123456)")
         if self.perplexity_sequences < 1 or self.gallery_features < 0 or self.gallery_sequences < 1:
             raise invalid("study.perplexity_sequences / gallery_features / gallery_sequences",
                           (self.perplexity_sequences, self.gallery_features, self.gallery_sequences),
                           "a positive integer / a non-negative integer / a positive integer")
+        if self.magnitude_group not in GROUPS:
+            raise invalid("study.magnitude_group", self.magnitude_group, "one of " + ", ".join(GROUPS))
+        taus = self.survival.get("taus", REPORT_TAUS)
+        if not isinstance(taus, (list, tuple)) or not set(REPORT_TAUS) <= {float(t) for t in taus
+                                                                          if isinstance(t, (int, float))}:
+            raise invalid("study.survival.taus", taus, "a list that includes 0.5, 0.7 and 0.9 (the report's thresholds)")
+        for key, value in self.ablation.items():
+            if key not in ABLATION_MINIMUM:
+                raise invalid(f"study.ablation.{key}", value, "a key among " + ", ".join(ABLATION_MINIMUM))
+            if isinstance(value, bool) or not isinstance(value, int) or value < ABLATION_MINIMUM[key]:
+                raise invalid(f"study.ablation.{key}", value, f"an integer >= {ABLATION_MINIMUM[key]}")
         if self.epochs < 1:
             raise invalid("study.epochs", self.epochs, "an integer >= 1")
         if not isinstance(self.workers, int) or self.workers < 1:
             raise invalid("study.workers", self.workers, "an integer >= 1")
-        if self.cache_gb < 0:
-            raise invalid("study.cache_gb", self.cache_gb, "a non-negative number")
+        if not (math.isfinite(self.cache_gb) and self.cache_gb >= 0):
+            raise invalid("study.cache_gb", self.cache_gb, "a finite non-negative number")
         if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
             raise invalid("study.name", self.name, "a non-empty name without '/' that does not start with '.'")
 
@@ -106,10 +130,22 @@ class StudySettings:
     def reference_seed(self) -> int:
         return self.seeds[0]
 
+    def _grid(self) -> list[PruneCondition]:
+        out = [PruneCondition(m, float(s)) for m in self.methods for s in sorted(self.sparsities) if s > 0]
+        return out + [PruneCondition(m, p[0] / p[1], (p[0], p[1])) for m in self.methods for p in self.nm]
+
+    def rq1_options(self) -> dict[str, Any]:
+        """seed_stability's options that the survival settings set (RQ1 and RQ2 must agree)."""
+        args = {"taus": "taus", "seed_baseline_tau": "stability_tau", "matching": "method", "candidates": "candidates"}
+        return {arg: self.survival[key] for key, arg in args.items() if key in self.survival}
+
+    def magnitude_group_of(self, cond: PruneCondition) -> str | None:
+        """The group prune_model gets for a condition: only unstructured magnitude has one."""
+        return self.magnitude_group if cond.method == "magnitude" and cond.nm is None else None
+
     def conditions(self) -> list[PruneCondition]:
         """Every pruned condition of the grid (the dense model is implicit), in a fixed order."""
-        out = [PruneCondition(m, float(s)) for m in self.methods for s in sorted(self.sparsities) if s > 0]
-        out += [PruneCondition(m, p[0] / p[1], (p[0], p[1])) for m in self.methods for p in self.nm]
+        out = self._grid()
         if not out:
             raise LitPruneError("study grid has no pruned conditions: give study.sparsities > 0 or study.nm")
         return out

@@ -81,6 +81,7 @@ def build_report(data: StudyData) -> tuple[str, list[Block], dict[str, Figure]]:
     transfer, baseline = A.transfer(data), A.seed_baseline(data)
     viable, importance, fragile = A.viability(transfer), A.importance(data), A.fragility_by_method(data)
     pairs = [p for c in data.conditions for p in A.seed_pairs(data, c)]
+    r0 = float(st.get("survival", {}).get("functional_threshold", 0.7))
     figures: dict[str, Figure] = {}
     captions: dict[str, str] = {}
 
@@ -102,19 +103,19 @@ def build_report(data: StudyData) -> tuple[str, list[Block], dict[str, Figure]]:
              + ("" if len(data.seeds) > 1 or st.get("reference_sae") else
                 " This study has one SAE seed, so no cross-seed SAE: geometric survival, fragility and the RQ5 "
                 "survival tests need two or more seeds (study.seeds).")),
-        T.headline_table(headline(surv, viable, importance["attribution"], baseline, reference)),
+        T.headline_table(headline(surv, viable, importance["attribution"], baseline, reference, r0)),
         Heading("Perplexity"), T.perplexity_table(ppl),
         *figure("perplexity", F.perplexity_figure(ppl), "Perplexity vs sparsity per method (log scale)"),
         Heading("SAE quality on each model"), T.sae_table(sae),
         Heading("RQ1: seed stability"), T.rq1_table(pairs),
-        Heading("RQ2: feature survival"), T.survival_table(surv),
-        *figure("survival", F.survival_figure(surv, baseline),
+        Heading("RQ2: feature survival"), T.survival_table(surv, r0),
+        *figure("survival", F.survival_figure(surv, baseline, r0),
                 "Survival vs sparsity: geometric (cross-seed, τ = 0.7) and functional, with the seed baseline band"),
         Heading("RQ3: SAE transferability"), T.transfer_table(transfer),
         *figure("transfer", F.transfer_figure(transfer),
                 "Transfer metrics of the dense-model SAE vs sparsity, with the viability limits"),
-        Heading("RQ4: feature fragility"), *T.bins_tables(surv),
-        *figure("survival_bins", F.bins_figure(surv), "Survival by firing-rate bin per condition (bin 0 = rarest)"),
+        Heading("RQ4: feature fragility"), *T.bins_tables(surv, r0),
+        *figure("survival_bins", F.bins_figure(surv, r0), "Survival by firing-rate bin per condition (bin 0 = rarest)"),
         T.fragility_table(fragile),
         *figure("fragility", F.fragility_figure(fragile),
                 "Fragility F of each reference feature vs its firing rate on the dense model, per method"),

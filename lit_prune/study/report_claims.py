@@ -17,10 +17,10 @@ def _f(v: float | None, digits: int = 2) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
-def rare_features_claim(rows: list[dict[str, Any]], functional: bool) -> dict[str, str]:
+def rare_features_claim(rows: list[dict[str, Any]], functional: bool, r0: float = 0.7) -> dict[str, str]:
     key = "functional_rho_bin" if functional else "rho_bin"
     k, n = count_rho_minus_one(r[key] for r in rows)
-    kind = "functional, Pearson r >= 0.7" if functional else f"geometric, cross-seed, τ = {TAU:g}"
+    kind = f"functional, Pearson r >= {r0:g}" if functional else f"geometric, cross-seed, τ = {TAU:g}"
     per = ", ".join(f"{r['condition']} {_f(r[key])}" for r in rows if r[key] is not None)
     avg = mean(r[key] for r in rows)
     if n == 0:
@@ -125,6 +125,7 @@ def context_rows(baseline: dict[str, Any], rows: list[dict[str, Any]]) -> list[d
 
 
 def headline(rows: list[dict[str, Any]], viable: dict[str, dict[str, Any]], importance: list[dict[str, Any]],
-             baseline: dict[str, Any], reference: str) -> list[dict[str, str]]:
-    return [rare_features_claim(rows, False), rare_features_claim(rows, True), wanda_claim(rows),
+             baseline: dict[str, Any], reference: str, r0: float = 0.7) -> list[dict[str, str]]:
+    """r0: the functional-survival threshold of the study."""
+    return [rare_features_claim(rows, False), rare_features_claim(rows, True, r0), wanda_claim(rows),
             viability_claim(viable, reference), importance_claim(importance), *context_rows(baseline, rows)]

@@ -160,7 +160,7 @@ class StudyData:
         path = self.root / key / "results" / filename
         if not self.done(key) or not path.is_file():
             return []
-        rows = read_rows(path)
+        rows = _parsed(path, read_rows)
         return rows if all_measurements else latest(rows)
 
     def arrays(self, key: str, filename: str) -> dict[str, torch.Tensor] | None:
@@ -173,7 +173,7 @@ class StudyData:
         path = self.root / key / filename
         if not self.done(key) or not path.is_file():
             return None
-        return json.loads(path.read_text(encoding="utf-8"))
+        return _parsed(path, lambda p: json.loads(p.read_text(encoding="utf-8")))
 
     def fits(self, cond: Cond) -> list[Fit]:
         """The finished SAE fits of a condition, in seed order."""
@@ -229,6 +229,15 @@ def load_study(root: str | Path) -> StudyData:
         raise invalid("study_dir", str(root), f"{STUDY_HELP} and at least one finished step (none of its "
                       f"{len(study['steps'])} steps has a current done.json yet)")
     return data
+
+
+def _parsed(path: Path, read: Any) -> Any:
+    """read(path), or a one-line error naming a damaged file of a finished step."""
+    try:
+        return read(path)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise invalid("results file", str(path), "valid JSON: delete its step directory and rerun the study "
+                      "to redo that step") from None
 
 
 def _done_record(path: Path) -> dict[str, Any] | None:

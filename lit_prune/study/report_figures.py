@@ -77,7 +77,7 @@ def perplexity_figure(rows: list[dict[str, Any]]) -> Figure | None:
     return fig
 
 
-def survival_figure(rows: list[dict[str, Any]], baseline: dict[str, Any]) -> Figure | None:
+def survival_figure(rows: list[dict[str, Any]], baseline: dict[str, Any], r0: float = 0.7) -> Figure | None:
     geo, func = _series(rows, f"S@{TAU:g}"), _series(rows, "functional_S")
     if not geo and not func:
         return None
@@ -100,7 +100,7 @@ def survival_figure(rows: list[dict[str, Any]], baseline: dict[str, Any]) -> Fig
         if label in func:
             xs, ys = func[label]
             xs, ys = ([0.0, *xs], [1.0, *ys]) if start else (xs, ys)
-            ax.plot(xs, ys, marker="s", ls="--", color=color(label), label=f"{label}: functional (r ≥ 0.7)")
+            ax.plot(xs, ys, marker="s", ls="--", color=color(label), label=f"{label}: functional (r ≥ {r0:g})")
     ax.set_ylim(-0.02, 1.05)
     ax.set(xlabel=SPARSITY, ylabel="surviving reference features (fraction of alive)",
            title="RQ2: feature survival vs sparsity")
@@ -108,8 +108,8 @@ def survival_figure(rows: list[dict[str, Any]], baseline: dict[str, Any]) -> Fig
     return fig
 
 
-def bins_figure(rows: list[dict[str, Any]]) -> Figure | None:
-    panels = [("bins", f"geometric, τ = {TAU:g}, cross-seed"), ("functional_bins", "functional, r ≥ 0.7")]
+def bins_figure(rows: list[dict[str, Any]], r0: float = 0.7) -> Figure | None:
+    panels = [("bins", f"geometric, τ = {TAU:g}, cross-seed"), ("functional_bins", f"functional, r ≥ {r0:g}")]
     panels = [(k, t) for k, t in panels if any(any(v is not None for v in r[k]) for r in rows)]
     if not panels:
         return None

@@ -159,7 +159,7 @@ def rq1_table(pairs: list[dict[str, Any]]) -> Table:
                  note="shared@τ: fraction of alive features of seed_a whose one-to-one matched cosine in seed_b is >= τ.")
 
 
-def survival_table(rows: list[dict[str, Any]]) -> Table:
+def survival_table(rows: list[dict[str, Any]], r0: float = 0.7) -> Table:
     pairs = [("condition", "condition"), ("method", "method"), ("sparsity", "sparsity"),
              *[(f"S@{t:g}", f"S@{t:g}") for t in TAUS], *[(f"S_same@{t:g}", f"S_same@{t:g}") for t in TAUS],
              ("functional_S", "functional_S"), ("S_seed", "S_seed"), ("S/S_seed", "S_tilde"),
@@ -172,15 +172,15 @@ def survival_table(rows: list[dict[str, Any]]) -> Table:
                  note="S@τ: fraction of alive reference features whose matched cosine to an SAE trained with another "
                       "seed on the pruned model is >= τ (cross-seed, the primary measure); S_same: same seed as the "
                       "reference (inflated by latents that stay near their shared init); functional_S: fraction with "
-                      "Pearson r >= 0.7 between the reference's activations on the dense and the pruned model; S_seed: "
+                      f"Pearson r >= {r0:g} between the reference's activations on the dense and the pruned model; S_seed: "
                       "dense cross-seed shared@0.7 of the same seed pair (RQ1).")
 
 
-def bins_tables(rows: list[dict[str, Any]]) -> list[Table]:
+def bins_tables(rows: list[dict[str, Any]], r0: float = 0.7) -> list[Table]:
     """RQ4 survival per firing-rate bin: geometric (cross-seed, tau 0.7) and functional, one table each."""
     out = []
     for prefix, key, what in (("", "bins", "geometric, τ = 0.7, cross-seed"),
-                              ("functional_", "functional_bins", "functional, r >= 0.7")):
+                              ("functional_", "functional_bins", f"functional, r >= {r0:g}")):
         n = max([len(r[key]) for r in rows] + [0])
         cols = ["condition", "method", "sparsity", f"{prefix}rho_bin", "p", "95% CI", *[f"bin{b}" for b in range(n)]]
         if not prefix:

@@ -87,7 +87,10 @@ class Runner:
 
     def record(self, key: str) -> dict[str, Any] | None:
         path = self.directory(key) / DONE
-        return json.loads(path.read_text()) if path.is_file() else None
+        try:
+            return json.loads(path.read_text()) if path.is_file() else None
+        except (json.JSONDecodeError, UnicodeDecodeError):  # damaged by hand or disk: run the step again
+            return None
 
     def is_done(self, key: str) -> bool:
         record = self.record(key)

@@ -112,11 +112,13 @@ class StudyContext:
 
 
 def model_digest(ctx: StudyContext) -> str:
-    """The model's identity for the input hashes: its config and the sizes of its weight files."""
+    """The model's identity for the input hashes: its config and the size and modification time of
+    its weight files (a rewritten file is a new model; hashing GBs of weights at every start is not)."""
     path = Path(model_dir(ctx.model["model_name"], ctx.model.get("model_cache_dir", "checkpoints/models")))
     if not path.is_dir():  # a hub id resolved by transformers itself
         return str(ctx.model["model_name"])
-    parts = [(path / "config.json").read_text()] + [f"{f.name}:{f.stat().st_size}" for f in sorted(path.glob("*.safetensors"))]
+    parts = [(path / "config.json").read_text()] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+                                                    for f in sorted(path.glob("*.safetensors"))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -129,6 +131,9 @@ def build_steps(ctx: StudyContext, corpus_fingerprint: str) -> list[Step]:
             "model_files": model_digest(ctx), "corpus": corpus_fingerprint}
     ref_key = f"{DENSE}/seed{st.reference_seed}"
     reference = {"reference_sae": st.reference_sae or ref_key}
+    if st.reference_sae and Path(st.reference_sae).is_dir():  # a pretrained SAE on disk: its files, as the model's
+        reference["reference_files"] = [[f.name, f.stat().st_size, f.stat().st_mtime_ns]
+                                        for f in sorted(Path(st.reference_sae).iterdir()) if f.is_file()]
     fit_cost = 10.0
     # In dependency order; for several workers also the steps the rest waits on first (the dense
     # fits, the pruned models) and short ones last, to fill the gaps. A model's fits read the same
@@ -138,6 +143,8 @@ def build_steps(ctx: StudyContext, corpus_fingerprint: str) -> list[Step]:
     for cond in st.conditions():
         prune_inputs = {**base, "method": cond.method, "sparsity": cond.sparsity, "nm": cond.nm,
                         "n": st.perplexity_sequences}
+        if st.magnitude_group_of(cond) not in (None, "matrix"):  # only then, so that older studies stay done
+            prune_inputs["group"] = st.magnitude_group_of(cond)
         steps.append(Step(cond.name, "prune", prune_inputs, lambda out, c=cond: perplexity_step(ctx, out, c),
                           cost=3 if cond.method == "wanda" else 1))
     steps.append(Step(DENSE, "rq5", {**base, **reference, "ablation": st.ablation},
@@ -150,7 +157,8 @@ def build_steps(ctx: StudyContext, corpus_fingerprint: str) -> list[Step]:
             steps.append(Step(cond.name, f"seed{s}", inputs, lambda out, s=s, c=cond: fit_step(ctx, out, s, c),
                               deps=[f"{cond.name}/prune", ref_key], cost=fit_cost + 4, shares=cond.name))
         if len(st.seeds) > 1:
-            steps.append(Step(cond.name, "rq1", {"seeds": st.seeds}, lambda out, c=cond: rq1_step(ctx, out, c.name),
+            steps.append(Step(cond.name, "rq1", {"seeds": st.seeds, **st.rq1_options()},
+                              lambda out, c=cond: rq1_step(ctx, out, c.name),
                               deps=[f"{cond.name}/seed{s}" for s in st.seeds], cost=0.5))
         if cond == gallery and st.gallery_features:
             steps.append(Step(cond.name, "gallery", {**base, **reference, "n": st.gallery_features,
@@ -158,7 +166,7 @@ def build_steps(ctx: StudyContext, corpus_fingerprint: str) -> list[Step]:
                               lambda out, c=cond: gallery_step(ctx, out, c),
                               deps=[f"{cond.name}/prune", f"{cond.name}/seed{st.reference_seed}", ref_key], cost=1))
     if len(st.seeds) > 1:
-        steps.append(Step(DENSE, "rq1", {"seeds": st.seeds}, lambda out: rq1_step(ctx, out, DENSE),
+        steps.append(Step(DENSE, "rq1", {"seeds": st.seeds, **st.rq1_options()}, lambda out: rq1_step(ctx, out, DENSE),
                           deps=[f"{DENSE}/seed{s}" for s in st.seeds], cost=0.5))
     steps.append(Step(DENSE, "perplexity", {**base, "n": st.perplexity_sequences},
                       lambda out: perplexity_step(ctx, out, None), cost=1))
@@ -196,7 +204,7 @@ def run_fit(ctx: StudyContext, out: Path, seed: int, cond: PruneCondition | None
         kwargs["norm_scale"] = json.loads(dense_ref.read_text())["norm_scale"]  # c is fitted on the dense model
         masks = ctx.root / cond.name / "prune" / "masks.safetensors"
         callbacks.append(PruningCallback(cond.method, 0.0 if cond.nm else cond.sparsity, list(cond.nm) if cond.nm else None,
-                                         masks_path=str(masks), perplexity_sequences=0))
+                                         group=st.magnitude_group_of(cond), masks_path=str(masks), perplexity_sequences=0))
         callbacks.append(FeatureSurvivalCallback(ctx.reference(), output_dir=str(out), **st.survival))
         if seed == st.reference_seed:
             callbacks.append(TransferabilityCallback(ctx.reference(), output_dir=str(out), **st.transfer))
@@ -229,6 +237,7 @@ def perplexity_step(ctx: StudyContext, out: Path, cond: PruneCondition | None) -
     if cond is not None:
         started = time.perf_counter()
         masks = prune_model(lm, cond.method, 0.0 if cond.nm else cond.sparsity, nm=cond.nm,
+                            group=ctx.settings.magnitude_group_of(cond),
                             calibration_ids=dm.calibration_ids, max_seq_len=dm.hparams.calibration_seq_len,
                             progress=False)
         metrics["prune_seconds"] = time.perf_counter() - started
@@ -274,7 +283,7 @@ def rq1_step(ctx: StudyContext, out: Path, condition_name: str) -> dict[str, Any
         sae, _ = load_sae(fit / "sae")
         decoders.append(sae.W_dec.detach().float())
         alive.append(read_arrays(fit / "results" / "sae_firing_rates.safetensors")["firing_rate"] > 0)
-    result = seed_stability(decoders, alive=alive)
+    result = seed_stability(decoders, alive=alive, **ctx.settings.rq1_options())
     method, sparsity = _method_of(ctx, condition_name)
     rows = []
     for pair in result["pairs"]:
