@@ -8,3 +8,9 @@ class LitPruneError(ValueError):
 def invalid(field: str, value: object, allowed: str) -> LitPruneError:
     """Build the standard message: `field=value is invalid: expected allowed`."""
     return LitPruneError(f"{field}={value!r} is invalid: expected {allowed}")
+
+
+def described(err: BaseException) -> str:
+    """`TypeName: first line of the message`: a library's error inside one of ours."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"

@@ -102,13 +102,12 @@ def context_from_args(argv: list[str]):
 def _check_run_settings(settings, trainer: dict[str, Any], seed_everything: int) -> None:
     """One-line errors, before any work, for what would otherwise fail after the first steps."""
     from lit_prune.lit.sae_module import check_precision
-    from lit_prune.sae.io import PRETRAINED_PREFIX
+    from lit_prune.sae.io import PRETRAINED_PREFIX, pretrained_id
 
     if trainer.get("precision") is not None:
         check_precision(trainer["precision"])
     ref = settings.reference_sae
-    release, _, sae_id = (ref or "")[len(PRETRAINED_PREFIX):].partition(":")
-    if ref is not None and (not (release and sae_id) if ref.startswith(PRETRAINED_PREFIX) else not Path(ref).is_dir()):
+    if ref is not None and (pretrained_id(ref) is None if ref.startswith(PRETRAINED_PREFIX) else not Path(ref).is_dir()):
         raise invalid("study.reference_sae", ref, "an SAE directory or sae-lens:<release>:<sae_id>")
     for name in ("checkpoints", "logs"):
         path = Path(getattr(settings, name)).absolute()

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from lit_prune.data import python_docs
-from lit_prune.errors import LitPruneError, invalid
+from lit_prune.errors import LitPruneError, described, invalid
 
 PYTHON_DOCS = "python-docs"
 HUB_PREFIX = "hf:"
@@ -282,8 +282,7 @@ def load_documents(source: str, *, text_field: str = "text",
 
 
 def _unreadable(source: str, err: Exception) -> LitPruneError:
-    first = str(err).strip().splitlines()
-    return invalid("corpus", source, f"a readable corpus ({type(err).__name__}: {first[0] if first else ''})")
+    return invalid("corpus", source, f"a readable corpus ({described(err)})")
 
 
 def require_documents(documents: Iterable[str], source: str) -> Iterator[str]:

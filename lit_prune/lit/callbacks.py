@@ -10,7 +10,7 @@ import lightning as L
 import torch
 
 from lit_prune.analysis.perplexity import perplexity
-from lit_prune.errors import invalid
+from lit_prune.errors import described, invalid
 from lit_prune.pruning import (
     SparsityMismatch, apply_masks, load_masks, prune_model, resolve_sparsity, verify_masks,
 )
@@ -56,8 +56,8 @@ class PruningCallback(L.Callback):
             try:
                 self.masks = load_masks(masks_path)
             except Exception as err:  # safetensors raises several types for a file that is not one
-                raise invalid("pruning.masks_path", masks_path, f"a masks file written by save_masks "
-                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+                raise invalid("pruning.masks_path", masks_path,
+                              f"a masks file written by save_masks ({described(err)})") from None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.ensure_norm_scale()  # c is fitted on the dense model, never on the pruned one

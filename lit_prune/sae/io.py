@@ -21,7 +21,7 @@ from typing import Any
 from sae_lens import SAE
 from sae_lens.saes.sae import TrainingSAE
 
-from lit_prune.errors import LitPruneError, invalid
+from lit_prune.errors import LitPruneError, described, invalid
 
 METADATA_FILE = "lit_prune.json"
 _PACKAGES = ("lit_prune", "torch", "transformers", "sae-lens", "lightning", "datasets")
@@ -93,22 +93,26 @@ def load_sae(path: str | Path, device: str = "cpu") -> tuple[SAE, dict[str, Any]
     try:
         sae = SAE.load_from_disk(path, device=device)
     except Exception as err:  # sae-lens raises many types for corrupt files; report one line
-        raise LitPruneError(f"sae_path={str(path)!r} is not a loadable sae-lens SAE ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else ''})") from err
+        raise LitPruneError(f"sae_path={str(path)!r} is not a loadable sae-lens SAE ({described(err)})") from err
     meta_file = path / METADATA_FILE
     metadata = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     return sae, metadata
 
 
-def _load_pretrained(spec: str, device: str) -> SAE:
+def pretrained_id(spec: str) -> tuple[str, str] | None:
+    """(release, sae_id) of "sae-lens:<release>:<sae_id>"; None if either part is missing."""
     release, _, sae_id = spec[len(PRETRAINED_PREFIX):].partition(":")
-    if not release or not sae_id:
+    return (release, sae_id) if release and sae_id else None
+
+
+def _load_pretrained(spec: str, device: str) -> SAE:
+    parts = pretrained_id(spec)
+    if parts is None:
         raise invalid("sae_path", spec, "sae-lens:<release>:<sae_id> (names from sae-lens' pretrained_saes.yaml)")
     try:
-        return SAE.from_pretrained(release, sae_id, device=device)
+        return SAE.from_pretrained(*parts, device=device)
     except Exception as err:  # unknown release / id, no network: one line
-        raise LitPruneError(f"sae_path={spec!r} could not be loaded through sae-lens ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else ''})") from err
+        raise LitPruneError(f"sae_path={spec!r} could not be loaded through sae-lens ({described(err)})") from err
 
 
 def check_compatible(sae: SAE, metadata: dict[str, Any], d_model: int, layer: int, field: str = "reference_sae") -> None:

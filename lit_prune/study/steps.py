@@ -143,8 +143,9 @@ def build_steps(ctx: StudyContext, corpus_fingerprint: str) -> list[Step]:
     for cond in st.conditions():
         prune_inputs = {**base, "method": cond.method, "sparsity": cond.sparsity, "nm": cond.nm,
                         "n": st.perplexity_sequences}
-        if st.magnitude_group_of(cond) not in (None, "matrix"):  # only then, so that older studies stay done
-            prune_inputs["group"] = st.magnitude_group_of(cond)
+        group = st.magnitude_group_of(cond)
+        if group not in (None, "matrix"):  # only then, so that older studies stay done
+            prune_inputs["group"] = group
         steps.append(Step(cond.name, "prune", prune_inputs, lambda out, c=cond: perplexity_step(ctx, out, c),
                           cost=3 if cond.method == "wanda" else 1))
     steps.append(Step(DENSE, "rq5", {**base, **reference, "ablation": st.ablation},
