@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from lit_prune.errors import LitPruneError
+from lit_prune.errors import LitPruneError, invalid
 
 EXTRA_COMMANDS: dict[str, str] = {  # name -> "module:function"
     "prune": "lit_prune.commands.prune:main",
@@ -26,7 +26,8 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
     from lightning.pytorch.cli import LightningCLI
 
     from lit_prune.lit.datamodule import TokenDataModule
-    from lit_prune.lit.sae_module import SAEModule
+    from lit_prune.lit.sae_module import RESUME_FREE, SAEModule, check_resumed_settings
+    from lit_prune.lit.trainer_settings import checked_trainer
     from lit_prune.study.config import StudySettings
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -36,6 +37,25 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
             parser.link_arguments("model.model_name", "data.model_name")
             parser.link_arguments("model.model_cache_dir", "data.model_cache_dir")
             parser.add_class_arguments(StudySettings, "study")  # read by `study`, ignored by fit
+
+        def parse_arguments(self, parser, args) -> None:
+            super().parse_arguments(parser, args)
+            config = self.config.get(self.config.get("subcommand")) or self.config
+            seed = config.get("seed_everything")
+            if not isinstance(seed, bool) and isinstance(seed, int) and not 0 <= seed < 2**32:
+                raise invalid("seed_everything", seed, "an integer from 0 to 2**32 - 1, true (a random one) or false")
+            self.given_model = config.get("model").clone() if config.get("model") is not None else None
+
+        def before_instantiate_classes(self) -> None:
+            # with --ckpt_path, Lightning has just replaced the model settings by the checkpoint's
+            config = self.config.get(self.config.get("subcommand")) or self.config
+            if config.get("ckpt_path") and self.given_model is not None:
+                for key in RESUME_FREE:  # this run's settings, not the checkpoint's
+                    config["model"][key] = self.given_model[key]
+                check_resumed_settings(self.given_model.as_dict(), config["model"].as_dict())
+
+        def instantiate_trainer(self, **kwargs):
+            return checked_trainer(lambda: super(LitPruneCLI, self).instantiate_trainer(**kwargs))
 
     return LitPruneCLI(SAEModule, TokenDataModule, args=args, run=run, save_config_kwargs={"overwrite": True})
 

@@ -230,3 +230,13 @@ def test_decoder_directions_in_any_chunking_equal_decoding_the_whole_identity(ch
     directions = decoder_directions(parts, sae.cfg.d_sae, sae.W_dec, chunk)
     torch.testing.assert_close(directions, expected, rtol=0, atol=0)
     assert not torch.equal(directions[0], directions[1])
+
+
+def test_groups_smaller_than_asked_are_warned_about():
+    from lit_prune.lit.ablation_callback import AblationCallback
+
+    callback = AblationCallback(n_top=4, n_random=3, n_rare=2)
+    metrics = {"n_features:top": 4.0, "n_features:random": 1.0, "n_features:rare": 2.0, "n_alive:all": 7.0}
+    with pytest.warns(UserWarning, match=r"ablation.n_random=3: only 1 alive features .* \(7 alive in all\)") as caught:
+        callback._warn_if_short(metrics)
+    assert len(caught) == 1

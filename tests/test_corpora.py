@@ -393,3 +393,14 @@ def test_token_cache_key_follows_an_edited_local_corpus(tmp_path):
     os.utime(corpus, ns=(corpus.stat().st_atime_ns, corpus.stat().st_mtime_ns + 1_000_000_000))
     assert dm(str(corpus))._cache_key() != before
     assert dm("python-docs")._cache_key() == dm("python-docs")._cache_key()  # no files to stat
+
+
+def test_a_cache_dir_that_cannot_be_a_directory_is_one_line_error(tmp_path, local_corpus, model_cache):
+    from lit_prune.lit.datamodule import TokenDataModule
+
+    (tmp_path / "file").write_text("")
+    dm = TokenDataModule(model_name="tiny-llama", corpus=str(local_corpus), cache_dir=str(tmp_path / "file" / "cache"),
+                         model_cache_dir=str(model_cache))
+    with pytest.raises(LitPruneError, match=r"^data.cache_dir='.*/file/cache' is invalid: expected a directory this "
+                                            r"user can create and write into \(.*: Not a directory\)$"):
+        dm.prepare_data()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from sae_lens import SAE
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli_in_process, run_cli
 from lit_prune.cli import lightning_cli
 from lit_prune.sae.fast import fast_topk_training_forward
 
@@ -39,6 +39,7 @@ def test_fit_trains_exports_and_checkpoint_round_trips(tmp_path, local_corpus, m
     assert meta["tokens_trained"] == int(module.tokens_trained) > 0
     assert meta["corpus"]["fingerprint"] == cli.datamodule.provenance["fingerprint"]
     assert meta["metrics"]["fvu"] < 1.0  # the SAE learned something on the eval split
+    assert meta["hparams"]["lr"] == 0.001 and "export_dir" not in meta["hparams"]  # the record is in it
     # the exported SAE on raw activations equals the module's scaled pipeline
     sae = SAE.load_from_disk(tmp_path / "sae")
     x = module.harvest(cli.datamodule.eval_ids[:2])
@@ -102,15 +103,19 @@ def test_ddp_two_cpu_processes(tmp_path, local_corpus, model_cache):
     ("--model.warmup_steps=-5", "model.warmup_steps=-5 is invalid"),
     ("--model.sae_batch_tokens=100000", "model.sae_batch_tokens=100000 is invalid"),  # no step would be taken
     ("--trainer.devices=0", "error: trainer settings: "),  # Lightning's refusal, in one line
+    ("--trainer.strategy=foo", "error: trainer settings: You selected an invalid strategy name"),  # a ValueError
+    ("--trainer.devices=abc", "error: trainer settings: `devices` selected with `CPUAccelerator`"),  # a TypeError
+    ("--trainer.strategy=ddp_spawn", "error: trainer.strategy=\"DDPStrategy(start_method='spawn')\" is invalid"),
+    ("--seed_everything=-1", "error: seed_everything=-1 is invalid"),
+    ("--data.cache_dir=/dev/null/cache", "error: data.cache_dir='/dev/null/cache' is invalid"),
     # a callback's own check, which jsonargparse wraps in a many-line error
     ("--trainer.callbacks+={class_path: lit_prune.lit.callbacks.PruningCallback, init_args: {method: magnitude, "
      "sparsity: 1.5}}", "error: sparsity=1.5 is invalid"),
 ])
 def test_bad_input_is_one_line_error(tmp_path, local_corpus, model_cache, override, message):
-    result = run_cli(*_fit_args(tmp_path, "tiny-llama", local_corpus, model_cache, override), cwd=tmp_path)
-    assert result.returncode != 0
-    assert message in result.stderr, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    code, stderr = cli_in_process(*_fit_args(tmp_path, "tiny-llama", local_corpus, model_cache, override), cwd=tmp_path)
+    assert code == 2
+    assert message in stderr, stderr[-2000:]
 
 
 def test_export_replaces_only_an_earlier_export_of_a_trained_sae(tmp_path, local_corpus, model_cache):
@@ -149,9 +154,8 @@ def test_runs_without_a_logger_export_to_new_directories(tmp_path, local_corpus,
 def test_empty_corpus_is_one_line_error(tmp_path, model_cache):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    result = run_cli(*_fit_args(tmp_path, "tiny-llama", empty, model_cache), cwd=tmp_path)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "corpus" in result.stderr.strip().splitlines()[-1]
+    code, stderr = cli_in_process(*_fit_args(tmp_path, "tiny-llama", empty, model_cache), cwd=tmp_path)
+    assert code == 2 and "corpus" in stderr.strip().splitlines()[-1]
 
 
 def test_lr_schedule_spans_every_sae_step_not_lm_batches(tmp_path, local_corpus, model_cache):

@@ -85,3 +85,9 @@ def test_resolve_device_checks_what_torch_sees(monkeypatch):
     assert registry.resolve_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(LitPruneError, match=r"cuda:0 to cuda:1 \(torch sees 2 GPUs\)"):
         registry.resolve_device("cuda:2", field="study.device")
+
+
+def test_a_model_cache_that_cannot_be_a_directory_is_one_line_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(LitPruneError, match=r"^model_cache_dir='.*/file' is invalid: .*File exists\)$"):
+        model_dir("tiny-llama", tmp_path / "file")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli_in_process, run_cli
 from lit_prune.analysis.results import read_arrays
 from lit_prune.errors import LitPruneError
 from lit_prune.study.config import StudySettings
@@ -373,11 +373,14 @@ def test_study_help_explains_the_grid():
     ("--study.reference_sae=sae-lens:foo", "study.reference_sae='sae-lens:foo' is invalid"),
     ("--study.workers=abc", "Got value: abc"),  # jsonargparse's whole message, in one line
     ("--study.logs=/dev/null/logs", "study.logs='/dev/null/logs' is invalid"),
+    ("--study.nm=[[3, 7]]", "study.nm=[3, 7] is invalid"),
+    ("--trainer.strategy=foo", "error: trainer settings: You selected an invalid strategy name"),
+    ("--trainer={devices: 2, strategy: ddp_spawn}", "trainer.strategy=\"DDPStrategy(start_method='spawn')\""),  # the tiny model's widths are not multiples of 7
 ])
 def test_study_bad_input_is_one_line_error_and_writes_nothing(tmp_path, local_corpus, model_cache, override, field):
-    result = run_cli(*_study_args(tmp_path, local_corpus, model_cache, override), cwd=tmp_path)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert field in result.stderr and "Traceback" not in result.stderr
+    code, stderr = cli_in_process(*_study_args(tmp_path, local_corpus, model_cache, override), cwd=tmp_path)
+    assert code == 2, stderr[-2000:]
+    assert field in stderr
     assert not (tmp_path / "checkpoints" / "tiny").exists()
 
 
@@ -390,8 +393,8 @@ def test_workers_with_multi_device_fits_is_one_line_error():
 
 
 def test_report_of_unknown_directory_is_one_line_error(tmp_path):
-    result = run_cli("report", str(tmp_path / "nowhere"), cwd=tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+    code, stderr = cli_in_process("report", str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert code == 2 and stderr.startswith("error: ")
 
 
 @pytest.mark.parametrize("name", ["smollm2", "llama", "gemma2", "gemma3"])
@@ -455,3 +458,14 @@ def test_workers_take_the_visible_gpus_in_turn(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,-1,2")  # CUDA stops at the first invalid entry
     assert worker_gpus("cuda", 3) == ["0", "1", "0"]
+
+
+def test_a_finished_step_keeps_only_its_own_tensorboard_run(tmp_path):
+    log: list[str] = []
+    steps = _steps(log)
+    runs = tmp_path / "logs" / "c1" / "b"
+    for n in (0, 1, 10):  # an earlier result's run, a killed attempt's, and (numbered last) this run's
+        (runs / f"version_{n}").mkdir(parents=True)
+    (runs / "notes").mkdir()
+    Runner(tmp_path / "study", steps, logs=tmp_path / "logs").run(steps, progress=False)
+    assert sorted(p.name for p in runs.iterdir()) == ["notes", "version_10"]

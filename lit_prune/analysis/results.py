@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from lit_prune.files import atomic_path, write_text_atomic
 
 ROW_KEYS = ("model", "hook", "method", "sparsity", "seed_a", "seed_b", "metric", "value")
 
@@ -44,23 +44,10 @@ def _finite(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_rows(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
     """Replace `path` with `rows` as a JSON list (temp file + rename: never half-written)."""
     path = Path(path)
-    data = json.dumps(list(rows), indent=1, sort_keys=True).encode()
-    _atomic_write(path, lambda handle: handle.write(data))
+    write_text_atomic(path, json.dumps(list(rows), indent=1, sort_keys=True))
     return path
 
 
@@ -79,15 +66,8 @@ def write_arrays(path: str | Path, **arrays: torch.Tensor) -> Path:
     """Per-feature arrays (e.g. matched cosines [d_sae]) as safetensors, atomically."""
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in arrays.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lit_prune.errors import LitPruneError, invalid
+from lit_prune.files import staging_dir
 
 MASKS_FILE = "masks.safetensors"
 REPORT_FILE = "prune_report.json"
@@ -259,10 +260,7 @@ def write_output(output: Path, model: nn.Module, tokenizer, masks: dict[str, tor
     from lit_prune.pruning import save_masks
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-new-", dir=output.parent))
-    umask = os.umask(0o022)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output should look like any directory
+    tmp = staging_dir(output.parent, f".{output.name}-new-")
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

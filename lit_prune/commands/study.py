@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from lit_prune.errors import LitPruneError, invalid
+from lit_prune.files import write_text_atomic
 
 STUDY_FILE = "study.json"
 RUNS_FILE = "runs.jsonl"
@@ -124,6 +123,17 @@ def _check_run_settings(settings, trainer: dict[str, Any], seed_everything: int)
             raise invalid("study.workers", settings.workers, "1 when each fit uses several devices (trainer.devices)")
 
 
+def _check_trainer(ctx) -> None:
+    """Build the fits' Trainer once, for Lightning's own checks of the trainer settings, before any work."""
+    from lit_prune.study.fit_worker import fit_processes
+    from lit_prune.study.steps import fit_trainer
+
+    _quiet_lightning()
+    distributed = fit_processes(ctx.trainer) > 1
+    strategy = ctx.trainer.get("strategy")  # one-device fits ignore it, but a misspelt one is still a mistake
+    fit_trainer(ctx, distributed, logger=False, **({"strategy": strategy} if strategy and not distributed else {}))
+
+
 def _check_callback_options(settings) -> None:
     """study.survival / study.transfer build the RQ callbacks of every pruned fit: check them now,
     not after the dense fits."""
@@ -157,10 +167,7 @@ def _check_identity(ctx, root: Path) -> None:
 
 
 def _write_json(path: Path, record: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(record, handle, indent=1, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(record, indent=1, sort_keys=True, default=str))
 
 
 def _quiet_lightning() -> None:
@@ -179,7 +186,7 @@ def run_study(argv: list[str]) -> Path:
     from lit_prune.study.workers import WorkerPool
 
     ctx, shard, options = context_from_args(argv)
-    _quiet_lightning()
+    _check_trainer(ctx)  # here, not in context_from_args: a GPU config parses on a CPU machine
     root = ctx.root
     _check_identity(ctx, root)
     if options["worker"] is not None:
@@ -227,10 +234,30 @@ def _plan(ctx, shard: tuple[int, int]):
     from lit_prune.study.runner import Runner
     from lit_prune.study.steps import DENSE, build_steps
 
+    _check_nm_shapes(ctx)
     dm = ctx.datamodule()
-    runner = Runner(ctx.root, build_steps(ctx, dm.provenance["fingerprint"]))
+    runner = Runner(ctx.root, build_steps(ctx, dm.provenance["fingerprint"]), Path(ctx.settings.logs) / ctx.name)
     order = {c.name: i for i, c in enumerate(ctx.settings.conditions())}
     return dm, runner, runner.selected(shard, lambda step: 0 if step.condition == DENSE else order[step.condition])
+
+
+def _check_nm_shapes(ctx) -> None:
+    """Every N:M pattern's M must divide the inputs of every pruned matrix: known from the model's
+    config, so checked before the dense fits rather than at the first N:M condition."""
+    if not ctx.settings.nm:
+        return
+    from lit_prune.models.registry import model_skeleton
+    from lit_prune.pruning import check_nm_shape, prunable_linears
+
+    shapes = {name: tuple(linear.weight.shape) for name, linear in
+              prunable_linears(model_skeleton(ctx.model["model_name"], ctx.model["model_cache_dir"])).items()}
+    for pattern in ctx.settings.nm:
+        for name, shape in shapes.items():
+            try:
+                check_nm_shape(tuple(pattern), shape, name)
+            except LitPruneError:
+                raise invalid("study.nm", pattern, f"N:M patterns whose M divides the inputs of every pruned matrix "
+                              f"({name} has {shape[1]})") from None
 
 
 def _work(ctx, shard: tuple[int, int], worker: str) -> None:

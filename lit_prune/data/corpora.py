@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import re
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -32,6 +31,7 @@ from typing import IO, Any
 
 from lit_prune.data import python_docs
 from lit_prune.errors import LitPruneError, described, invalid
+from lit_prune.files import atomic_path
 
 PYTHON_DOCS = "python-docs"
 HUB_PREFIX = "hf:"
@@ -140,15 +140,8 @@ def _count(records: list[python_docs.DocRecord],
 
 def _write_atomic(path: Path, write: Callable[[IO[str]], None]) -> None:
     """Write via a temp file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        write(f)
 
 
 def python_docs_path(cache_dir: str | Path = "checkpoints/corpora",

@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_prune.analysis.ablation import GROUPS, SCOPES, feature_importance, sae_parts
 from lit_prune.analysis.results import Condition, make_rows, write_arrays, write_rows
@@ -56,6 +57,7 @@ class AblationCallback(L.Callback):
             return
         arrays = self.measure(pl_module, trainer.datamodule.eval_ids[: self.eval_sequences])
         metrics = summarise(arrays)
+        self._warn_if_short(metrics)
         self._log(trainer, metrics, arrays)
         self._write(trainer, pl_module, arrays, metrics)
 
@@ -65,6 +67,14 @@ class AblationCallback(L.Callback):
         return feature_importance(pl_module.lm_on_device(), pl_module.hparams.hook_layer, ids.to(pl_module.device),
                                   parts, self.n_top, self.n_random, self.n_rare, self.seed,
                                   self.batch_size)
+
+    def _warn_if_short(self, metrics: dict[str, float]) -> None:
+        """Groups are drawn from the alive features only; say so when there were too few for a group."""
+        for group in GROUPS:
+            asked, got = getattr(self, f"n_{group}"), int(metrics[f"n_features:{group}"])
+            if got < asked:
+                rank_zero_warn(f"ablation.n_{group}={asked}: only {got} alive features were left for this group "
+                               f"({int(metrics['n_alive:all'])} alive in all); its RQ5 numbers use those")
 
     def _log(self, trainer: L.Trainer, metrics: dict[str, float], arrays: dict[str, torch.Tensor]) -> None:
         scalars = {f"rq5/{k.replace(':', '/')}": v for k, v in metrics.items()}

@@ -11,6 +11,7 @@ import torch
 
 from lit_prune.analysis.perplexity import perplexity
 from lit_prune.errors import described, invalid
+from lit_prune.lit.sae_module import check_same_pruning
 from lit_prune.pruning import (
     SparsityMismatch, apply_masks, load_masks, prune_model, resolve_sparsity, verify_masks,
 )
@@ -60,6 +61,8 @@ class PruningCallback(L.Callback):
                               f"a masks file written by save_masks ({described(err)})") from None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if getattr(pl_module, "resumed_pruning", None) is not None:  # before pruning, which may take minutes
+            check_same_pruning(pl_module.resumed_pruning, self.state_dict())
         pl_module.ensure_norm_scale()  # c is fitted on the dense model, never on the pruned one
         lm = pl_module.lm_on_device()
         dm = trainer.datamodule
@@ -101,7 +104,10 @@ class PruningCallback(L.Callback):
             apply_masks(pl_module.lm, self.masks)  # an optimizer step may have revived pruned weights
 
     def state_dict(self) -> dict[str, Any]:
-        return {"masks": self.masks, "method": self.method, "sparsity": self.sparsity, "nm": self.nm}
+        return {"masks": self.masks, "method": self.method, "sparsity": self.sparsity, "nm": self.nm,
+                "group": self.group}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        mine = {"method": self.method, "sparsity": self.sparsity, "nm": self.nm, "group": self.group}
+        check_same_pruning({**mine, **state_dict}, mine)  # checkpoints before "group" was saved: assume ours
         self.masks = state_dict["masks"]

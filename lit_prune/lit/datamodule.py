@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from lit_prune.data.corpora import files_identity, load_documents
 from lit_prune.data.splits import documents_of_split
 from lit_prune.data.tokens import pack_documents, shuffled, tokens_fingerprint
 from lit_prune.errors import LitPruneError, invalid
+from lit_prune.files import atomic_path, writing_into
 from lit_prune.models.registry import load_tokenizer, model_dir
 
 
@@ -118,8 +118,9 @@ class TokenDataModule(L.LightningDataModule):
 
     def _docs(self, split: str):
         hp = self.hparams
-        docs = load_documents(hp.corpus, text_field=hp.text_field, cache_dir=Path(hp.cache_dir) / "corpora",
-                              hub_config=hp.hub_config, hub_split=hp.hub_split)
+        with writing_into("data.cache_dir", hp.cache_dir):
+            docs = load_documents(hp.corpus, text_field=hp.text_field, cache_dir=Path(hp.cache_dir) / "corpora",
+                                  hub_config=hp.hub_config, hub_split=hp.hub_split)
         return documents_of_split(docs, split, self.fractions, hp.split_salt)
 
     def _splits(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -137,10 +138,8 @@ class TokenDataModule(L.LightningDataModule):
         for name, ids in (("train", train), ("eval", evaluation)):
             if ids.shape[0] == 0:
                 raise LitPruneError(f"data.corpus={hp.corpus!r} yielded no {name} sequences of {hp.seq_len} tokens")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save((train, evaluation, calibration), tmp)
-        os.replace(tmp, path)
+        with writing_into("data.cache_dir", hp.cache_dir), atomic_path(path) as tmp:
+            torch.save((train, evaluation, calibration), tmp)
         return train, evaluation, calibration
 
     def _cache_key(self) -> str:

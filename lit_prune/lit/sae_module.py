@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from sae_lens.saes.sae import TrainStepInput
 
 from lit_prune.analysis.evaluate import SAEEvaluator, harvest, sae_codec
-from lit_prune.errors import invalid
+from lit_prune.errors import LitPruneError, invalid
 from lit_prune.models.hooks import check_layer
 from lit_prune.models.registry import load_model, move_outside_inference
 from lit_prune.sae.buffer import ActivationBuffer, fit_norm_scale
@@ -21,6 +22,9 @@ from lit_prune.sae.build import SAESettings, build_training_sae
 from lit_prune.sae.fast import StepOutput, fast_topk_training_forward
 from lit_prune.sae.io import check_export_target, export_sae
 from lit_prune.sae.schedule import sae_steps, warmup_decay
+
+# the val/ metrics are reduced over the DDP ranks by torchmetrics before they are logged
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/.*sync_dist=True")
 
 
 PRECISIONS = ("32-true", "bf16-mixed")
@@ -96,6 +100,7 @@ class SAEModule(L.LightningModule):
         # Host-side state, so that an SAE step on a GPU need not wait for it: a copy of tokens_trained
         # (read once per fit) and the training scalars not yet written to the logger.
         self._tokens_trained_host: int | None = None
+        self.resumed_pruning: dict[str, Any] | None = None  # what the checkpoint's run was trained on
         self._pending_logs: list[tuple[int, dict[str, float], list[str], torch.Tensor]] = []
 
     # --- set-up ---------------------------------------------------------------------------
@@ -129,6 +134,8 @@ class SAEModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self._tokens_trained_host = None  # tokens_trained may have been loaded since the last fit
         self.ensure_norm_scale()
+        if self.resumed_pruning is not None:  # runs after the callbacks' on_fit_start: pruning_info is final
+            check_same_pruning(self.resumed_pruning, self.pruning_info)
 
     def configure_optimizers(self) -> Any:
         params = list(self.sae.parameters())
@@ -257,7 +264,7 @@ class SAEModule(L.LightningModule):
         # so the firing rates cover every rank's eval tokens, like the metrics (no-op on one process)
         with recon.sync_context():
             self.last_firing_rates = recon.firing_rates().cpu()
-        self.log_dict({f"val/{k}": v for k, v in self.last_val.items()}, sync_dist=False)
+        self.log_dict({f"val/{k}": v for k, v in self.last_val.items()}, sync_dist=False)  # already reduced
         self.evaluator.reset()
 
     # --- export ---------------------------------------------------------------------------
@@ -269,20 +276,63 @@ class SAEModule(L.LightningModule):
             rank_zero_warn(f"no SAE step was taken, so nothing is exported to {target}")
             return
         dm = self.trainer.datamodule
+        # not export_dir: the record lies in it, and a study renames it into place afterwards
+        hparams = {k: v for k, v in _plain(self.hparams).items() if k != "export_dir"}
         export_sae(self.sae, target, self.norm_scale.item(), {
             "model": self.hparams.model_name, "hook_layer": self.hparams.hook_layer, "seed": self.hparams.seed,
             "tokens_trained": int(self.tokens_trained), "pruning": self.pruning_info,
-            "corpus": getattr(dm, "provenance", {}), "hparams": _plain(self.hparams),
+            "corpus": getattr(dm, "provenance", {}), "hparams": hparams,
             "metrics": getattr(self, "last_val", {}),
         })
         self.print(f"SAE exported to {target}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["activation_buffer"] = self.buffer.state_dict()
+        checkpoint["pruning"] = pruning_identity(self.pruning_info)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "activation_buffer" in checkpoint:
             self.buffer.load_state_dict(checkpoint["activation_buffer"])
+        self.resumed_pruning = checkpoint.get("pruning")
+
+
+def pruning_identity(info: dict[str, Any]) -> dict[str, Any]:
+    """The settings that make an LM pruned the way `info` (a run's pruning_info) says."""
+    nm = info.get("nm")
+    return {"method": info.get("method", "dense"), "sparsity": float(info.get("sparsity", 0.0)),
+            "nm": list(nm) if nm else None, "group": info.get("group")}
+
+
+def check_same_pruning(resumed: dict[str, Any], current: dict[str, Any]) -> None:
+    """A resumed SAE keeps training on the LM it was trained on: the same pruning (or none)."""
+    theirs, mine = pruning_identity(resumed), pruning_identity(current)
+    if theirs != mine:
+        show = lambda p: "the dense LM" if p["method"] == "dense" else ", ".join(  # noqa: E731
+            f"{k}={v}" for k, v in p.items() if v is not None)
+        raise LitPruneError(f"--ckpt_path: its SAE was trained on {show(theirs)}, this run's LM is {show(mine)}; "
+                            "resume with the pruning callback settings of the run that wrote it")
+
+
+# what a resumed run may change (dotted keys of the model section): where files go and which of the
+# equivalent TopK implementations trains
+RESUME_FREE = ("model_cache_dir", "export_dir", "sae.fast")
+
+
+def check_resumed_settings(given: dict[str, Any], resumed: dict[str, Any]) -> None:
+    """`fit --ckpt_path` continues the checkpoint's run with its model settings (Lightning puts them
+    in place of the config's): a config that says otherwise is a one-line error, not silently ignored."""
+    def flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in settings.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    mine, theirs = flat(given), flat(resumed)
+    conflicts = [key for key in mine if key not in RESUME_FREE and key in theirs and mine[key] != theirs[key]]
+    if conflicts:
+        raise LitPruneError("--ckpt_path: the checkpoint's run has " + ", ".join(f"{k}={theirs[k]!r}" for k in conflicts)
+                            + ", not " + ", ".join(f"model.{k}={mine[k]!r}" for k in conflicts) + "; a resumed run "
+                            "keeps its settings: drop these options, or leave out --ckpt_path to start a new run")
 
 
 def check_precision(value: object) -> None:

@@ -15,14 +15,14 @@ import importlib.util
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TypeVar
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_prune.errors import LitPruneError, invalid
+from lit_prune.files import staging_dir, writing_into
 from lit_prune.models.tiny import TINY_ARCHS, build_tiny
 
 M = TypeVar("M", bound=torch.nn.Module)
@@ -72,6 +72,17 @@ def load_model(
     return model
 
 
+def model_skeleton(name: str, cache_dir: str | Path = DEFAULT_CACHE) -> PreTrainedModel:
+    """The model's modules on the meta device (shapes, no weights): checks that need no data."""
+    source = model_dir(name, cache_dir)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise LitPruneError(f"model_name={name!r}: its config could not be loaded ({_first_line(err)})") from err
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def resolve_device(device: str, field: str = "device") -> torch.device:
     """"auto" (cuda when torch sees a GPU, else cpu), "cpu", "cuda" or "cuda:N", checked against what torch sees."""
     if device == "auto":
@@ -119,8 +130,9 @@ def _cached_build(target: Path, build) -> Path:
     """Build into a temp dir next to `target`, then rename: a crash never leaves half a model."""
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    with writing_into("model_cache_dir", target.parent):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = staging_dir(target.parent, f".{target.name}-")
     try:
         build(tmp)
         try:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lit_prune.errors import invalid
+from lit_prune.files import atomic_path
 from lit_prune.models.hooks import decoder_layers
 
 Masks = dict[str, torch.Tensor]
@@ -244,17 +243,9 @@ def check_pattern(masks: Masks, target: float, group: str = "matrix", nm: tuple[
 
 def save_masks(masks: Masks, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Write masks to a safetensors file (bool stored as uint8), atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: mask.detach().to("cpu", torch.uint8).contiguous() for name, mask in masks.items()}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_masks(path: str | os.PathLike) -> Masks:

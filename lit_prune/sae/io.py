@@ -13,7 +13,6 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from sae_lens import SAE
 from sae_lens.saes.sae import TrainingSAE
 
 from lit_prune.errors import LitPruneError, described, invalid
+from lit_prune.files import staging_dir
 
 METADATA_FILE = "lit_prune.json"
 _PACKAGES = ("lit_prune", "torch", "transformers", "sae-lens", "lightning", "datasets")
@@ -63,7 +63,7 @@ def export_sae(sae: TrainingSAE, path: str | Path, norm_scale: float, metadata: 
     folded.fold_activation_norm_scaling_factor(norm_scale)
     folded.cfg.metadata.model_name = metadata.get("model")
     folded.cfg.metadata.hook_name = hook_name(metadata["hook_layer"])
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    tmp = staging_dir(path.parent, f".{path.name}-")
     try:
         folded.save_inference_model(tmp)
         record = {**metadata, "norm_scale": norm_scale, "norm_scale_folded": True, "versions": versions()}

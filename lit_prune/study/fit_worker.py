@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -140,8 +139,6 @@ def main(argv: list[str]) -> int:
     cond = None if c is None else PruneCondition(c["method"], c["sparsity"], tuple(c["nm"]) if c["nm"] else None)
     out = Path(spec["out"])
     _quiet_lightning()
-    # the module logs validation metrics that torchmetrics has already reduced over the ranks
-    warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level")
     with sharing_activations(int(ctx.settings.cache_gb * (1 << 30))):
         trainer, result = run_fit(ctx, out, int(spec["seed"]), cond, distributed=True)
     failed = 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from lit_prune.errors import invalid
+from lit_prune.files import staging_dir
 from lit_prune.study import report_analysis as A
 from lit_prune.study import report_figures as F
 from lit_prune.study import report_tables as T
@@ -38,11 +38,10 @@ def write_report(root: str | Path) -> Path:
     title, blocks, figures = build_report(data)
     root = Path(root)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{REPORT_DIR}-", dir=root))
+        tmp = staging_dir(root, f".{REPORT_DIR}-")
     except OSError as err:
         raise invalid("study_dir", str(root), f"a directory the report can be written into ({err.strerror})") from None
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the report is for everyone who can read the study
         (tmp / "figures").mkdir()
         (tmp / "tables").mkdir()
         images = {name: F.png(fig) for name, fig in figures.items()}

@@ -70,8 +70,9 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 class Runner:
     """Runs steps in order under <root>, skipping the ones already done with the same inputs."""
 
-    def __init__(self, root: Path, steps: list[Step]) -> None:
+    def __init__(self, root: Path, steps: list[Step], logs: Path | None = None) -> None:
         self.root = Path(root)
+        self.logs = logs  # <logs>/<condition>/<step>/version_<n>/: a step's TensorBoard runs
         self.steps = {s.key: s for s in steps}
         self.hashes: dict[str, str] = {}
         for step in steps:  # steps are given in dependency order
@@ -192,6 +193,16 @@ class Runner:
             os.replace(final, old)  # the old result stays complete until the new one is
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
+        if self.logs is not None:
+            keep_newest_run(self.logs / step.key)
+
+
+def keep_newest_run(folder: Path) -> None:
+    """Delete all but the newest version_<n> TensorBoard run in `folder`: the runs of results since
+    replaced, and of killed attempts. Called when a step has finished, so the newest run is its own."""
+    runs = sorted((p for p in folder.glob("version_*") if p.name[8:].isdigit()), key=lambda p: int(p.name[8:]))
+    for run in runs[:-1]:
+        shutil.rmtree(run, ignore_errors=True)
 
 
 def progress_bar(total_cost: float, show: bool) -> tqdm:

@@ -36,6 +36,7 @@ from lit_prune.lit.callbacks import PruningCallback
 from lit_prune.lit.datamodule import TokenDataModule
 from lit_prune.lit.sae_module import SAEModule
 from lit_prune.lit.survival_callback import FeatureSurvivalCallback
+from lit_prune.lit.trainer_settings import checked_trainer
 from lit_prune.lit.transfer_callback import TransferabilityCallback
 from lit_prune.models.registry import load_model, model_dir
 from lit_prune.pruning import prune_model, save_masks
@@ -210,16 +211,8 @@ def run_fit(ctx: StudyContext, out: Path, seed: int, cond: PruneCondition | None
         if seed == st.reference_seed:
             callbacks.append(TransferabilityCallback(ctx.reference(), output_dir=str(out), **st.transfer))
     module = SAEModule(**kwargs)
-    if distributed:
-        placement = {"devices": ctx.trainer.get("devices", 1), "num_nodes": ctx.trainer.get("num_nodes", 1),
-                     "strategy": ctx.trainer.get("strategy") or "ddp"}
-    else:
-        device = torch.device(ctx.device)
-        placement = {"devices": [device.index] if device.index is not None else 1}  # the GPU named, if any
-    trainer = L.Trainer(max_epochs=st.epochs, check_val_every_n_epoch=st.epochs, logger=ctx.logger(f"seed{seed}", cond.name if cond else DENSE),
-                        callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, **placement,
-                        **{k: v for k, v in ctx.trainer.items() if k in TRAINER_KEYS})
+    trainer = fit_trainer(ctx, distributed, logger=ctx.logger(f"seed{seed}", cond.name if cond else DENSE),
+                          callbacks=callbacks)
     trainer.fit(module, datamodule=TokenDataModule(**ctx.data))
     tokens = module.tokens_trained
     if distributed:
@@ -229,6 +222,23 @@ def run_fit(ctx: StudyContext, out: Path, seed: int, cond: PruneCondition | None
         write_rows(out / "results" / "sae_metrics.json", make_rows(condition, module.last_val, sae="own"))
         write_arrays(out / "results" / "sae_firing_rates.safetensors", firing_rate=module.last_firing_rates)
     return trainer, {"metrics": module.last_val, "tokens_trained": int(tokens)}
+
+
+def fit_trainer(ctx: StudyContext, distributed: bool, **kwargs: Any) -> L.Trainer:
+    """The Trainer of a study fit: the user's trainer settings (TRAINER_KEYS, and DDP_KEYS when
+    distributed) with the study's own (study.epochs, no checkpoints or progress bar); Lightning's
+    refusals are one-line errors."""
+    if distributed:
+        placement = {"devices": ctx.trainer.get("devices", 1), "num_nodes": ctx.trainer.get("num_nodes", 1),
+                     "strategy": ctx.trainer.get("strategy") or "ddp"}
+    else:
+        device = torch.device(ctx.device)
+        placement = {"devices": [device.index] if device.index is not None else 1}  # the GPU named, if any
+    epochs = ctx.settings.epochs
+    return checked_trainer(lambda: L.Trainer(
+        max_epochs=epochs, check_val_every_n_epoch=epochs, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, **placement,
+        **{k: v for k, v in ctx.trainer.items() if k in TRAINER_KEYS}, **kwargs))
 
 
 def perplexity_step(ctx: StudyContext, out: Path, cond: PruneCondition | None) -> dict[str, Any]:

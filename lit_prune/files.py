@@ -1,0 +1,105 @@
+"""Writing results so that a reader (or a crash) never sees half a file.
+
+Everything is written under a temporary name in the destination's folder and renamed into place.
+`tempfile` creates private files and folders (0600 / 0700); the results are given the modes any
+new file gets under the user's umask, so a shared study stays readable by whoever could read it.
+Temporary names carry their host and process id (`.<name>-<host>~<pid>~<random>`), so the next
+write of the same name removes what a killed process of this host left behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from lit_prune.errors import invalid
+
+# what a folder the user named but cannot write into looks like (not, say, a missing input file)
+_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yields a temporary path beside `path`; when the block ends normally it becomes `path`,
+    otherwise it is deleted."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{path.name}-"
+    _remove_abandoned(path.parent, prefix)
+    fd, tmp = tempfile.mkstemp(prefix=prefix + _owner(), suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+
+def staging_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new folder in `parent`, to be filled and then renamed into place, with an ordinary
+    folder's mode."""
+    _remove_abandoned(Path(parent), prefix)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix + _owner(), dir=parent))
+    tmp.chmod(0o777 & ~_umask())
+    return tmp
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}~{os.getpid()}~"
+
+
+def _remove_abandoned(parent: Path, prefix: str) -> None:
+    """Remove the temporaries `prefix` + `_owner()` + ... of processes of this host that have ended."""
+    host = socket.gethostname()
+    try:
+        entries = [e for e in os.scandir(parent) if e.name.startswith(prefix)]
+    except OSError:
+        return  # a folder not made yet, or unreadable: nothing to clean here
+    for entry in entries:
+        fields = entry.name[len(prefix):].split("~")
+        if len(fields) == 3 and fields[0] == host and fields[1].isdigit() and not _running(int(fields[1])):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                Path(entry.path).unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@contextmanager
+def writing_into(field: str, folder: str | os.PathLike) -> Iterator[None]:
+    """A folder that cannot be written into (or created) is a one-line error naming its field."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in _UNWRITABLE:
+            raise
+        raise invalid(field, str(folder), f"a directory this user can create and write into "
+                      f"({err.filename or folder}: {err.strerror})") from None
