@@ -339,9 +339,11 @@ def test_workers_share_the_steps_and_reproduce_one_process(reference_study, tmp_
         assert {f"{cond}/seed0", f"{cond}/seed1"} <= set(first) or {f"{cond}/seed0", f"{cond}/seed1"} <= set(second)
 
 
-def test_a_failing_worker_stops_the_study_with_its_one_line_error(tmp_path, local_corpus, model_cache):
+def test_a_failing_worker_stops_the_study_with_its_one_line_error(tmp_path, local_corpus, model_cache, monkeypatch):
     empty = tmp_path / "not_an_sae"
     empty.mkdir()  # passes the up-front check (a directory), fails when the first step loads it
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # where the workers' folder goes
+    (tmp_path / "tmp").mkdir()
     result = run_cli(*_study_args(tmp_path, local_corpus, model_cache, "--study.workers=2",
                                   f"--study.reference_sae={empty}"), cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
@@ -350,6 +352,7 @@ def test_a_failing_worker_stops_the_study_with_its_one_line_error(tmp_path, loca
     assert "Traceback" not in result.stderr
     study = tmp_path / "checkpoints" / "tiny"
     assert not list(study.glob("*/rq5/done.json")) and not (study / "runs.jsonl").exists()
+    assert list((tmp_path / "tmp").iterdir()) == []  # the one line says it all: no log folder is kept
 
 
 def test_study_help_explains_the_grid():

@@ -115,16 +115,17 @@ class WorkerPool:
     def _check(self) -> None:
         for i, proc in enumerate(self.procs):
             if proc.poll() not in (None, 0):
-                self.failed = True
                 tail = self.log(i).read_text(errors="replace").splitlines()[-20:]
-                if tail and tail[-1].startswith("error: "):  # the worker's own one-line error
+                if tail and tail[-1].startswith("error: "):  # the worker's own one-line error says it all
                     raise LitPruneError(f"study worker {i}: {tail[-1][len('error: '):]}")
+                self.failed = True  # keep the folder: the message points to the log
                 print("\n".join(tail), file=sys.stderr)
                 raise LitPruneError(f"study worker {i} exited with status {proc.returncode}; its output is in "
                                     f"{self.log(i)}")
 
     def close(self) -> None:
-        """Stop any worker still running; remove the folder unless a worker failed (its log is there)."""
+        """Stop any worker still running; remove the folder unless a worker failed without a one-line
+        error (the message points to its log there)."""
         for proc in self.procs:
             if proc.poll() is None:
                 proc.kill()
