@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from lit_prune.errors import LitPruneError, invalid
+from lit_prune.errors import LitPruneError, first_line, invalid
 
 EXTRA_COMMANDS: dict[str, str] = {  # name -> "module:function"
     "prune": "lit_prune.commands.prune:main",
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         if ours is None:
             raise
         where = "" if isinstance(ours, LitPruneError) else "trainer settings: "  # Lightning's own message
-        print(f"error: {where}{str(ours).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"error: {where}{first_line(ours)}", file=sys.stderr)
         return 2
     return 0
 

@@ -10,7 +10,12 @@ def invalid(field: str, value: object, allowed: str) -> LitPruneError:
     return LitPruneError(f"{field}={value!r} is invalid: expected {allowed}")
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message ("" for none)."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else ""
+
+
 def described(err: BaseException) -> str:
     """`TypeName: first line of the message`: a library's error inside one of ours."""
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+    return f"{type(err).__name__}: {first_line(err)}"

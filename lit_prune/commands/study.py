@@ -128,7 +128,6 @@ def _check_trainer(ctx) -> None:
     from lit_prune.study.fit_worker import fit_processes
     from lit_prune.study.steps import fit_trainer
 
-    _quiet_lightning()
     distributed = fit_processes(ctx.trainer) > 1
     strategy = ctx.trainer.get("strategy")  # one-device fits ignore it, but a misspelt one is still a mistake
     fit_trainer(ctx, distributed, logger=False, **({"strategy": strategy} if strategy and not distributed else {}))
@@ -186,16 +185,19 @@ def run_study(argv: list[str]) -> Path:
     from lit_prune.study.workers import WorkerPool
 
     ctx, shard, options = context_from_args(argv)
-    _check_trainer(ctx)  # here, not in context_from_args: a GPU config parses on a CPU machine
+    _quiet_lightning()
     root = ctx.root
     _check_identity(ctx, root)
-    if options["worker"] is not None:
+    if options["worker"] is not None:  # started by a study process, which has made the checks below
         _work(ctx, shard, options["worker"])
         return root
+    # here, not in context_from_args: a GPU config parses on a CPU machine
+    _check_trainer(ctx)
     started = time.time()
     # started first: their imports overlap the set-up
     pool = WorkerPool(argv, ctx.settings.workers, ctx.device) if ctx.settings.workers > 1 else None
     try:
+        _check_nm_shapes(ctx)
         dm, runner, selected = _plan(ctx, shard)
         root.mkdir(parents=True, exist_ok=True)
         _write_json(root / STUDY_FILE, {"name": ctx.name, "settings": asdict(ctx.settings), "model": ctx.model,
@@ -234,7 +236,6 @@ def _plan(ctx, shard: tuple[int, int]):
     from lit_prune.study.runner import Runner
     from lit_prune.study.steps import DENSE, build_steps
 
-    _check_nm_shapes(ctx)
     dm = ctx.datamodule()
     runner = Runner(ctx.root, build_steps(ctx, dm.provenance["fingerprint"]), Path(ctx.settings.logs) / ctx.name)
     order = {c.name: i for i, c in enumerate(ctx.settings.conditions())}

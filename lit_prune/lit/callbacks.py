@@ -108,6 +108,6 @@ class PruningCallback(L.Callback):
                 "group": self.group}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        mine = {"method": self.method, "sparsity": self.sparsity, "nm": self.nm, "group": self.group}
+        mine = self.state_dict()
         check_same_pruning({**mine, **state_dict}, mine)  # checkpoints before "group" was saved: assume ours
         self.masks = state_dict["masks"]

@@ -9,7 +9,7 @@ from typing import TypeVar
 import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from lit_prune.errors import LitPruneError, described, invalid
+from lit_prune.errors import LitPruneError, described, first_line, invalid
 
 T = TypeVar("T", bound=L.Trainer)
 
@@ -24,7 +24,7 @@ def checked_trainer(build: Callable[[], T]) -> T:
     except LitPruneError:
         raise
     except _REFUSALS as err:
-        message = described(err) if isinstance(err, ImportError) else str(err).strip().splitlines()[0]
+        message = described(err) if isinstance(err, ImportError) else first_line(err)
         raise LitPruneError(f"trainer settings: {message}") from None
     check_launcher(trainer)
     return trainer

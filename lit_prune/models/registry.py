@@ -21,7 +21,7 @@ from typing import TypeVar
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from lit_prune.errors import LitPruneError, invalid
+from lit_prune.errors import LitPruneError, first_line, invalid
 from lit_prune.files import staging_dir, writing_into
 from lit_prune.models.tiny import TINY_ARCHS, build_tiny
 
@@ -122,8 +122,7 @@ def load_tokenizer(name: str, cache_dir: str | Path = DEFAULT_CACHE) -> PreTrain
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+    return first_line(err) or type(err).__name__
 
 
 def _cached_build(target: Path, build) -> Path:
