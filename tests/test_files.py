@@ -52,6 +52,9 @@ def test_unwritable_folders_name_the_field_other_errors_pass_through(tmp_path):
     with pytest.raises(LitPruneError, match=r"^data.cache_dir='/x' is invalid: .*\(/x/y: Permission denied\)$"):
         with writing_into("data.cache_dir", "/x"):
             raise PermissionError(13, "Permission denied", "/x/y")
+    with pytest.raises(LitPruneError, match=r"^data.cache_dir='/x/y' is invalid: .*\(/x: No such file"):
+        with writing_into("data.cache_dir", "/x/y"):  # mkdir in /proc, say: the folder cannot be created
+            raise FileNotFoundError(2, "No such file or directory", "/x")
     with pytest.raises(FileNotFoundError):  # a missing input is not the folder's fault
         with writing_into("data.cache_dir", "/x"):
             raise FileNotFoundError(2, "No such file or directory", "/in.txt")

@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from sae_lens import SAE
 
 from conftest import ROOT, cli_in_process, run_cli
 from lit_prune.cli import lightning_cli
+from lit_prune.lit.sae_module import SAEModule
 from lit_prune.sae.fast import fast_topk_training_forward
 
 
@@ -57,7 +59,6 @@ def test_every_shipped_config_parses():
     from lightning.pytorch.cli import LightningCLI
 
     from lit_prune.lit.datamodule import TokenDataModule
-    from lit_prune.lit.sae_module import SAEModule
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -108,6 +109,8 @@ def test_ddp_two_cpu_processes(tmp_path, local_corpus, model_cache):
     ("--trainer.strategy=ddp_spawn", "error: trainer.strategy=\"DDPStrategy(start_method='spawn')\" is invalid"),
     ("--seed_everything=-1", "error: seed_everything=-1 is invalid"),
     ("--data.cache_dir=/dev/null/cache", "error: data.cache_dir='/dev/null/cache' is invalid"),
+    ("--model.model_cache_dir=/proc/lit_prune", "error: model.model_cache_dir='/proc/lit_prune' is invalid"),
+    ("--model.model_name=nope", "error: model.model_name='nope' is invalid"),  # named as fit spells it
     # a callback's own check, which jsonargparse wraps in a many-line error
     ("--trainer.callbacks+={class_path: lit_prune.lit.callbacks.PruningCallback, init_args: {method: magnitude, "
      "sparsity: 1.5}}", "error: sparsity=1.5 is invalid"),
@@ -252,3 +255,19 @@ def test_bf16_mixed_runs_the_lm_under_autocast_and_the_sae_in_fp32(tmp_path, loc
     assert module.norm_scale.dtype == torch.float64 and module.tokens_trained.item() > 0
     assert all(math.isfinite(v) for v in module.last_val.values()) and module.last_val["fvu"] < 1.0
     assert SAE.load_from_disk(tmp_path / "sae").W_dec.dtype == torch.float32
+
+
+def test_ctrl_c_during_training_exits_130_and_exports_nothing(tmp_path, local_corpus, model_cache, monkeypatch):
+    """Lightning turns the KeyboardInterrupt into its own exit(1) after a graceful shutdown; the
+    command still reports it as an interruption, with the shell's status for SIGINT."""
+    def interrupted(self, batch, batch_idx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SAEModule, "training_step", interrupted)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        code, stderr = cli_in_process(*_fit_args(tmp_path, "tiny-llama", local_corpus, model_cache), cwd=tmp_path)
+    finally:  # Lightning ignores SIGINT from its shutdown on; this process's later tests need it back
+        signal.signal(signal.SIGINT, handler)
+    assert code == 130 and stderr.strip().splitlines()[-1] == "interrupted", stderr[-2000:]
+    assert not (tmp_path / "sae").exists()

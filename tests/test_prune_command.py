@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import cli_in_process, run_cli
 from transformers import AutoModelForCausalLM
 
 import lit_prune.pruning
@@ -260,3 +260,14 @@ def test_cli_process_exit_code_and_one_line_stderr(tmp_path, model_cache):
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == "error: sparsity=1.5 is invalid: expected a number in [0, 1)"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("option, value", [("--model", "nope"), ("--cache_dir", "/proc/lit_prune"),
+                                           ("--model_cache_dir", "/proc/lit_prune")])
+def test_errors_of_shared_code_name_prunes_own_option(tmp_path, model_cache, option, value):
+    """The data module and the registry name fit's fields; prune's message names its own option."""
+    args = ["prune", "--output", str(tmp_path / "out"), "--method", "magnitude", "--sparsity", "0.5",
+            "--model", "tiny-llama", "--model_cache_dir", str(model_cache), option, value]
+    code, stderr = cli_in_process(*args, cwd=tmp_path)
+    assert code == 2 and stderr.splitlines()[-1].startswith(f"error: {option[2:]}={value!r} is invalid"), stderr
+    assert not (tmp_path / "out").exists()

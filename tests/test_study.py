@@ -400,6 +400,17 @@ def test_report_of_unknown_directory_is_one_line_error(tmp_path):
     assert code == 2 and stderr.startswith("error: ")
 
 
+def test_ctrl_c_in_a_study_says_that_the_same_command_resumes_it(tmp_path, monkeypatch):
+    import lit_prune.commands.study
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lit_prune.commands.study, "main", interrupted)
+    code, stderr = cli_in_process("study", cwd=tmp_path)
+    assert (code, stderr) == (130, "interrupted: finished steps are kept; the same command resumes the study\n")
+
+
 @pytest.mark.parametrize("name", ["smollm2", "llama", "gemma2", "gemma3"])
 def test_shipped_study_configs_parse(name):
     from lit_prune.commands.study import context_from_args
