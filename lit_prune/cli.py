@@ -19,6 +19,12 @@ OPTION_NAMES: dict[str, dict[str, str]] = {
 }
 
 
+DESCRIPTION = ("What does weight pruning do to the features a language model has learned? fit and validate "
+               "train and evaluate an SAE on a (pruned) LM's activations; the other commands are prune (write a "
+               "pruned model), study (the whole grid, resumable, with a report) and report (write a study's "
+               "report from its finished steps). `python -m lit_prune <command> --help` explains each option.")
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -38,6 +44,10 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
     class LitPruneCLI(LightningCLI):
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:  # an SAE has no test or predict step
+            return {name: skip for name, skip in LightningCLI.subcommands().items() if name in ("fit", "validate")}
+
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments("model.model_name", "data.model_name")
             parser.link_arguments("model.model_cache_dir", "data.model_cache_dir")
@@ -62,7 +72,8 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
         def instantiate_trainer(self, **kwargs):
             return checked_trainer(lambda: super(LitPruneCLI, self).instantiate_trainer(**kwargs))
 
-    return LitPruneCLI(SAEModule, TokenDataModule, args=args, run=run, save_config_kwargs={"overwrite": True})
+    return LitPruneCLI(SAEModule, TokenDataModule, args=args, run=run, save_config_kwargs={"overwrite": True},
+                       parser_kwargs={"prog": "python -m lit_prune", "description": DESCRIPTION})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if from_shell else argv
     _quiet_libraries()
     try:
+        if argv and not argv[0].startswith("-") and argv[0] not in ("fit", "validate", *EXTRA_COMMANDS):
+            raise invalid("command", argv[0], "one of fit, validate, " + ", ".join(EXTRA_COMMANDS))
         if argv and argv[0] in EXTRA_COMMANDS:
             import importlib
 

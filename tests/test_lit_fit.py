@@ -92,6 +92,8 @@ def test_ddp_two_cpu_processes(tmp_path, local_corpus, model_cache):
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((tmp_path / "sae" / "lit_prune.json").read_text())
     assert meta["tokens_trained"] > 0 and meta["metrics"]["tokens"] > 0
+    output = result.stdout + result.stderr  # Lightning's noise is silenced in both ranks
+    assert "💡 Tip" not in output and "LeafSpec" not in output, output[-3000:]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -271,3 +273,17 @@ def test_ctrl_c_during_training_exits_130_and_exports_nothing(tmp_path, local_co
         signal.signal(signal.SIGINT, handler)
     assert code == 130 and stderr.strip().splitlines()[-1] == "interrupted", stderr[-2000:]
     assert not (tmp_path / "sae").exists()
+
+
+@pytest.mark.parametrize("command", ["prnue", "test", "predict"])  # a typo; Lightning's steps an SAE lacks
+def test_unknown_command_is_one_line_error_naming_every_command(tmp_path, command):
+    code, stderr = cli_in_process(command, cwd=tmp_path)
+    assert (code, stderr) == (2, f"error: command='{command}' is invalid: expected one of fit, validate, prune, "
+                                 "study, report\n")
+
+
+def test_top_level_help_names_every_command(tmp_path, capsys):
+    code, _ = cli_in_process("--help", cwd=tmp_path)
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("usage: python -m lit_prune [-c CONFIG] {fit,validate} ...")
+    assert all(f"{name} (" in out.replace("\n", " ") for name in ("prune", "study", "report")), out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,11 @@ from lit_prune.sae.schedule import sae_steps, warmup_decay
 
 # the val/ metrics are reduced over the DDP ranks by torchmetrics before they are logged
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/.*sync_dist=True")
+# noise on every fit: Lightning's own use of a torch API torch 2.13 deprecates, and its tips to install
+# its cloud services' packages
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: not str(record.msg).startswith("💡"))
 
 
 PRECISIONS = ("32-true", "bf16-mixed")
