@@ -12,6 +12,7 @@ EXTRA_COMMANDS: dict[str, str] = {  # name -> "module:function"
     "study": "lit_prune.commands.study:main",
     "report": "lit_prune.commands.report:main",
 }
+LIGHTNING_COMMANDS = ("fit", "validate")  # LightningCLI's, but test and predict: an SAE has no such steps
 # shared code names the fields of fit and study's configs; how a command spells them, where it differs
 OPTION_NAMES: dict[str, dict[str, str]] = {
     "prune": {"model_name": "model", "data.cache_dir": "cache_dir"},
@@ -45,8 +46,8 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
 
     class LitPruneCLI(LightningCLI):
         @staticmethod
-        def subcommands() -> dict[str, set[str]]:  # an SAE has no test or predict step
-            return {name: skip for name, skip in LightningCLI.subcommands().items() if name in ("fit", "validate")}
+        def subcommands() -> dict[str, set[str]]:
+            return {name: skip for name, skip in LightningCLI.subcommands().items() if name in LIGHTNING_COMMANDS}
 
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments("model.model_name", "data.model_name")
@@ -81,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if from_shell else argv
     _quiet_libraries()
     try:
-        if argv and not argv[0].startswith("-") and argv[0] not in ("fit", "validate", *EXTRA_COMMANDS):
-            raise invalid("command", argv[0], "one of fit, validate, " + ", ".join(EXTRA_COMMANDS))
+        commands = (*LIGHTNING_COMMANDS, *EXTRA_COMMANDS)
+        if argv and not argv[0].startswith("-") and argv[0] not in commands:
+            raise invalid("command", argv[0], "one of " + ", ".join(commands))
         if argv and argv[0] in EXTRA_COMMANDS:
             import importlib
 
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _interrupted(argv: list[str]) -> int:
-    """Ctrl-C: one line, the shell's status for SIGINT. Nothing half-written is ever published."""
+    """Ctrl-C: one line and the shell's status for SIGINT."""
     resumes = ": finished steps are kept; the same command resumes the study" if argv[:1] == ["study"] else ""
     print(f"interrupted{resumes}", file=sys.stderr)
     return 130
