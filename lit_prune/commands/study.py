@@ -172,11 +172,9 @@ def _write_json(path: Path, record: dict[str, Any]) -> None:
 def _quiet_lightning() -> None:
     """Each step is a Lightning run; their start-up chatter would drown the study's progress bar."""
     import logging
-    import warnings
 
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 def run_study(argv: list[str]) -> Path:
