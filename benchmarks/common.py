@@ -36,8 +36,11 @@ def add_common_args(p: argparse.ArgumentParser, script: str) -> None:
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:
     """--device: where the LM and tensors run (default cuda when torch sees a GPU, else cpu)."""
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device for the LM and tensors (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device for the LM and tensors (default: cuda if available, else cpu)",
+    )
 
 
 def synchronize(device: str | torch.device) -> None:
@@ -61,10 +64,16 @@ def environment() -> dict:
     """What the numbers depend on: versions, torch threads, CPU count and load, and any GPU."""
     from lit_prune.sae.io import versions
 
-    gpu = ({"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda}
-           if torch.cuda.is_available() else {})
-    return {"versions": versions(), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "load_average_at_end": list(os.getloadavg()), **gpu}
+    gpu = (
+        {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda} if torch.cuda.is_available() else {}
+    )
+    return {
+        "versions": versions(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_at_end": list(os.getloadavg()),
+        **gpu,
+    }
 
 
 def timed(fn: Callable[[], object], repeats: int = 3, warmup: int = 0, device: str = "cpu") -> list[float]:
@@ -83,14 +92,23 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def compare(name: str, ours: float, baseline: float, unit: str = "s", higher_is_better: bool = False,
-            fmt: str = ".3f", **extra: object) -> dict:
+def compare(
+    name: str,
+    ours: float,
+    baseline: float,
+    unit: str = "s",
+    higher_is_better: bool = False,
+    fmt: str = ".3f",
+    **extra: object,
+) -> dict:
     """Print `name: ours X unit, baseline Y unit, ratio Z` and return it as a row.
 
     ratio > 1 means ours is better: baseline / ours for times, ours / baseline for rates.
     """
     ratio = ours / baseline if higher_is_better else baseline / ours
-    print(f"{name}: ours {ours:{fmt}} {unit}, baseline {baseline:{fmt}} {unit}, ratio {ratio:.2f}", flush=True)
+    print(
+        f"{name}: ours {ours:{fmt}} {unit}, baseline {baseline:{fmt}} {unit}, ratio {ratio:.2f}", flush=True
+    )
     return {"name": name, "ours": ours, "baseline": baseline, "unit": unit, "ratio": ratio, **extra}
 
 

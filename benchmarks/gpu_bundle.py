@@ -26,8 +26,13 @@ from random_model import TOKENIZER_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 NEVER = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*)$")  # the GPU machine's own build
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
-             "manylinux1_x86_64")
+PLATFORMS = (
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+)
 MODEL_FILES = ("config.json", *TOKENIZER_FILES)
 
 
@@ -37,9 +42,16 @@ def normalise(name: str) -> str:
 
 def dependencies(root: str, python: str, present: set[str]) -> dict[str, str]:
     """{distribution name: installed version} of root's dependencies that are to be packed."""
-    env = {"python_version": python, "python_full_version": f"{python}.0", "sys_platform": "linux",
-           "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython",
-           "platform_python_implementation": "CPython", "os_name": "posix"}
+    env = {
+        "python_version": python,
+        "python_full_version": f"{python}.0",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+        "os_name": "posix",
+    }
     packed: dict[str, str] = {}
     seen: set[tuple[str, frozenset[str]]] = set()
     todo: list[tuple[str, frozenset[str]]] = [(root, frozenset())]
@@ -66,8 +78,23 @@ def dependencies(root: str, python: str, present: set[str]) -> dict[str, str]:
 
 def download(name: str, version: str, python: str, wheels: Path) -> bool:
     platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
-           python, "--implementation", "cp", *platforms, "-d", str(wheels), f"{name}=={version}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        python,
+        "--implementation",
+        "cp",
+        *platforms,
+        "-d",
+        str(wheels),
+        f"{name}=={version}",
+    ]
     return subprocess.run(cmd, capture_output=True, text=True).returncode == 0
 
 
@@ -81,18 +108,27 @@ def main() -> None:
     p.add_argument("--python", default="3.12", help="the GPU machine's Python version (major.minor)")
     p.add_argument("--present", type=Path, help="file naming the packages the GPU machine already has")
     p.add_argument("--bundle", type=Path, default=ROOT / ".gpu_bundle", help="folder to write")
-    p.add_argument("--model_cache_dir", type=Path, default=ROOT / "checkpoints" / "models",
-                   help="where the converted SmolLM2 is")
+    p.add_argument(
+        "--model_cache_dir",
+        type=Path,
+        default=ROOT / "checkpoints" / "models",
+        help="where the converted SmolLM2 is",
+    )
     args = p.parse_args()
     source = args.model_cache_dir / "smollm2-135m"
     if not (source / "config.json").is_file():
-        raise SystemExit(f"model_cache_dir={str(args.model_cache_dir)!r}: no converted smollm2-135m there; "
-                         "run `python -m lit_prune fit --config configs/smollm2.yaml --trainer.fast_dev_run=true` first")
+        raise SystemExit(
+            f"model_cache_dir={str(args.model_cache_dir)!r}: no converted smollm2-135m there; "
+            "run `python -m lit_prune fit --config configs/smollm2.yaml --trainer.fast_dev_run=true` first"
+        )
     wheels = args.bundle / "wheels"
     shutil.rmtree(args.bundle, ignore_errors=True)
     wheels.mkdir(parents=True)
-    missing = [f"{n}=={v}" for n, v in sorted(dependencies("lit_prune", args.python, read_present(args.present)).items())
-               if not download(n, v, args.python, wheels)]
+    missing = [
+        f"{n}=={v}"
+        for n, v in sorted(dependencies("lit_prune", args.python, read_present(args.present)).items())
+        if not download(n, v, args.python, wheels)
+    ]
     (args.bundle / "smollm2-135m").mkdir()
     for name in MODEL_FILES:
         if (source / name).is_file():

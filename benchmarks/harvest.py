@@ -31,11 +31,19 @@ import sys
 import time
 from pathlib import Path
 
-from common import (
-    ROOT, add_common_args, add_device_arg, apply_threads, clock, compare, median, timed, token_splits, write_result,
-)
-
 import torch
+from common import (
+    ROOT,
+    add_common_args,
+    add_device_arg,
+    apply_threads,
+    clock,
+    compare,
+    median,
+    timed,
+    token_splits,
+    write_result,
+)
 
 from lit_prune.analysis.evaluate import evaluate_sae, harvest, sae_codec
 from lit_prune.analysis.metrics import spliced_forward
@@ -59,15 +67,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=8, help="sequences per LM forward")
     p.add_argument("--metric_sequences", type=int, default=32, help="eval sequences for the bf16 metrics")
     p.add_argument("--ce_sequences", type=int, default=8, help="of those, sequences with spliced CE / KL")
-    p.add_argument("--trained_sae", type=Path, default=TRAINED_SAE,
-                   help="SAE for the bf16 metric comparison (random seed-0 SAE if missing)")
+    p.add_argument(
+        "--trained_sae",
+        type=Path,
+        default=TRAINED_SAE,
+        help="SAE for the bf16 metric comparison (random seed-0 SAE if missing)",
+    )
     add_common_args(p, "harvest")
     add_device_arg(p)
     return p.parse_args(argv)
 
 
 @torch.inference_mode()
-def naive_features(lm: torch.nn.Module, saes: list, batches: list[torch.Tensor], layer: int) -> list[torch.Tensor]:
+def naive_features(
+    lm: torch.nn.Module, saes: list, batches: list[torch.Tensor], layer: int
+) -> list[torch.Tensor]:
     """Per SAE: full forward of every batch, hidden_states[layer + 1][:, 1:], encode -> [n, d_sae]."""
     out = []
     for sae in saes:
@@ -80,13 +94,17 @@ def naive_features(lm: torch.nn.Module, saes: list, batches: list[torch.Tensor],
 
 
 @torch.inference_mode()
-def shared_features(lm: torch.nn.Module, saes: list, batches: list[torch.Tensor], layer: int) -> list[torch.Tensor]:
+def shared_features(
+    lm: torch.nn.Module, saes: list, batches: list[torch.Tensor], layer: int
+) -> list[torch.Tensor]:
     """Per SAE: `harvest` (stop after the block; shared across SAEs), encode -> [n, d_sae]."""
     with sharing_activations():
         return [torch.cat([sae.encode(harvest(lm, ids, layer)) for ids in batches]) for sae in saes]
 
 
-def part_sharing(args: argparse.Namespace, lm: torch.nn.Module, batches: list[torch.Tensor], saes: list) -> dict:
+def part_sharing(
+    args: argparse.Namespace, lm: torch.nn.Module, batches: list[torch.Tensor], saes: list
+) -> dict:
     # warm-up (allocator, kernels), untimed; not of the shared path, so that ours pays its first
     # weights digest (~1 s, remembered afterwards) inside the timing
     naive_features(lm, saes[:1], batches[:1], args.layer)
@@ -100,10 +118,21 @@ def part_sharing(args: argparse.Namespace, lm: torch.nn.Module, batches: list[to
         torch.testing.assert_close(a, b)  # fp32 tolerances; the hooked output is the same tensor math
     max_diff = max(float((a - b).abs().max()) for a, b in zip(ours, base))
     tokens = sum(int(ids[:, 1:].numel()) for ids in batches)
-    print(f"harvest_features_allclose: True (max abs difference {max_diff:.3g}, {len(saes)} SAEs x {tokens} tokens)")
-    return compare(f"harvest_{len(saes)}_saes", ours_s, base_s, "s", tokens=tokens, saes=len(saes),
-                   ours_tokens_per_s=len(saes) * tokens / ours_s, baseline_tokens_per_s=len(saes) * tokens / base_s,
-                   features_allclose=True, max_abs_feature_difference=max_diff)
+    print(
+        f"harvest_features_allclose: True (max abs difference {max_diff:.3g}, {len(saes)} SAEs x {tokens} tokens)"
+    )
+    return compare(
+        f"harvest_{len(saes)}_saes",
+        ours_s,
+        base_s,
+        "s",
+        tokens=tokens,
+        saes=len(saes),
+        ours_tokens_per_s=len(saes) * tokens / ours_s,
+        baseline_tokens_per_s=len(saes) * tokens / base_s,
+        features_allclose=True,
+        max_abs_feature_difference=max_diff,
+    )
 
 
 @torch.inference_mode()
@@ -128,13 +157,21 @@ def reconstruction_agreement(lm32, lm16, codec, batches: list[torch.Tensor], lay
         rel.append((x16 - x32).norm(dim=-1) / x32.norm(dim=-1))
         a, b = f32 > 0, f16 > 0
         overlap.append((a & b).sum(-1) / (a | b).sum(-1).clamp(min=1))
-    cat = {k: torch.cat(v).double() for k, v in
-           {"activation_cosine": cos_x, "reconstruction_cosine": cos_r, "activation_relative_error": rel,
-            "active_set_jaccard": overlap}.items()}
+    cat = {
+        k: torch.cat(v).double()
+        for k, v in {
+            "activation_cosine": cos_x,
+            "reconstruction_cosine": cos_r,
+            "activation_relative_error": rel,
+            "active_set_jaccard": overlap,
+        }.items()
+    }
     out = {}
     for k, v in cat.items():
-        out[f"{k}_mean"], out[f"{k}_min" if "error" not in k else f"{k}_max"] = \
-            float(v.mean()), float(v.min() if "error" not in k else v.max())
+        out[f"{k}_mean"], out[f"{k}_min" if "error" not in k else f"{k}_max"] = (
+            float(v.mean()),
+            float(v.min() if "error" not in k else v.max()),
+        )
     return out
 
 
@@ -143,12 +180,26 @@ def part_bf16(args: argparse.Namespace, lm32: torch.nn.Module, eval_ids: torch.T
     batches = list(eval_ids[: args.sequences].split(args.batch_size))
     tokens = sum(int(ids[:, 1:].numel()) for ids in batches)
     t32, t16 = (time_harvest(lm, batches, args.layer, args.device) for lm in (lm32, lm16))
-    speed = compare("harvest_bf16_vs_fp32", tokens / t16, tokens / t32, "tok/s", higher_is_better=True, fmt=".0f",
-                    tokens=tokens, note="ours = bfloat16 LM forward, baseline = float32; both stop after the block")
+    speed = compare(
+        "harvest_bf16_vs_fp32",
+        tokens / t16,
+        tokens / t32,
+        "tok/s",
+        higher_is_better=True,
+        fmt=".0f",
+        tokens=tokens,
+        note="ours = bfloat16 LM forward, baseline = float32; both stop after the block",
+    )
     if args.trained_sae.is_dir():
         sae, meta = load_sae(args.trained_sae, device=args.device)
-        codec, label = sae_codec(sae), str(args.trained_sae.relative_to(ROOT) if args.trained_sae.is_relative_to(ROOT)
-                                            else args.trained_sae)
+        codec, label = (
+            sae_codec(sae),
+            str(
+                args.trained_sae.relative_to(ROOT)
+                if args.trained_sae.is_relative_to(ROOT)
+                else args.trained_sae
+            ),
+        )
         if meta.get("hook_layer", args.layer) != args.layer:
             print(f"warning: {label} was trained at block {meta['hook_layer']}, not {args.layer}")
     else:
@@ -158,15 +209,27 @@ def part_bf16(args: argparse.Namespace, lm32: torch.nn.Module, eval_ids: torch.T
     metrics = {}
     with sharing_activations():  # the agreement pass re-reads the activations evaluate_sae harvested
         for name, lm in (("float32", lm32), ("bfloat16", lm16)):
-            metrics[name] = evaluate_sae(lm, args.layer, codec, metric_ids, d_sae, args.batch_size, args.ce_sequences)
-        agree = reconstruction_agreement(lm32, lm16, codec, list(metric_ids.split(args.batch_size)), args.layer)
+            metrics[name] = evaluate_sae(
+                lm, args.layer, codec, metric_ids, d_sae, args.batch_size, args.ce_sequences
+            )
+        agree = reconstruction_agreement(
+            lm32, lm16, codec, list(metric_ids.split(args.batch_size)), args.layer
+        )
     diff = {k: metrics["bfloat16"][k] - metrics["float32"][k] for k in metrics["float32"]}
     shown = [k for k in ("fvu", "l0", "cos", "ce_recovered", "kl_score", "delta_lm_loss") if k in diff]
-    print(f"bf16_metrics ({label}, {metric_ids.shape[0]} x {SEQ_LEN} tokens, CE on {args.ce_sequences} sequences): "
-          + ", ".join(f"{k} {metrics['float32'][k]:.4f} -> {metrics['bfloat16'][k]:.4f}" for k in shown))
+    print(
+        f"bf16_metrics ({label}, {metric_ids.shape[0]} x {SEQ_LEN} tokens, CE on {args.ce_sequences} sequences): "
+        + ", ".join(f"{k} {metrics['float32'][k]:.4f} -> {metrics['bfloat16'][k]:.4f}" for k in shown)
+    )
     print("bf16_agreement: " + ", ".join(f"{k} {v:.4f}" for k, v in agree.items()))
-    return {"speed": speed, "sae": label, "metric_tokens": int(metric_ids[:, 1:].numel()),
-            "metrics": metrics, "bf16_minus_fp32": diff, "agreement": agree}
+    return {
+        "speed": speed,
+        "sae": label,
+        "metric_tokens": int(metric_ids[:, 1:].numel()),
+        "metrics": metrics,
+        "bf16_minus_fp32": diff,
+        "agreement": agree,
+    }
 
 
 @torch.inference_mode()
@@ -177,8 +240,12 @@ def spliced_logits(lm: torch.nn.Module, batches: list[torch.Tensor], layer: int,
         mask = torch.ones_like(ids)
         valid = valid_positions(mask)
         resid = capture_resid_post(lm, ids, layer, mask) if resume else None
-        out.append([spliced_forward(lm, ids, mask, layer, valid, replace, resid)
-                    for replace in (None, lambda x: codec(x.float())[1], torch.zeros_like)])
+        out.append(
+            [
+                spliced_forward(lm, ids, mask, layer, valid, replace, resid)
+                for replace in (None, lambda x: codec(x.float())[1], torch.zeros_like)
+            ]
+        )
     return out
 
 
@@ -194,9 +261,17 @@ def part_resume(args: argparse.Namespace, lm: torch.nn.Module, eval_ids: torch.T
         for name, resume in (("baseline", False), ("ours", True)):
             times[name] += timed(lambda: run(resume), 1, 0, args.device)
     tokens = sum(int(ids.numel()) for ids in batches)
-    return compare("spliced_ce_resume", median(times["ours"]), median(times["baseline"]), "s", tokens=tokens,
-                   forwards_per_batch=3, runs=times, logits_bit_identical=identical,
-                   note=f"median of 3 interleaved runs; ours resumes after block {args.layer}")
+    return compare(
+        "spliced_ce_resume",
+        median(times["ours"]),
+        median(times["baseline"]),
+        "s",
+        tokens=tokens,
+        forwards_per_batch=3,
+        runs=times,
+        logits_bit_identical=identical,
+        note=f"median of 3 interleaved runs; ours resumes after block {args.layer}",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,16 +279,30 @@ def main(argv: list[str] | None = None) -> int:
     apply_threads(args)
     start = time.perf_counter()
     n_eval = max(args.sequences, args.metric_sequences)
-    dm = token_splits(args.model, args.corpus, seq_len=SEQ_LEN, train_tokens=SEQ_LEN, eval_tokens=n_eval * SEQ_LEN,
-                      batch_size=args.batch_size, cache_dir=args.cache_dir, model_cache_dir=args.model_cache_dir)
+    dm = token_splits(
+        args.model,
+        args.corpus,
+        seq_len=SEQ_LEN,
+        train_tokens=SEQ_LEN,
+        eval_tokens=n_eval * SEQ_LEN,
+        batch_size=args.batch_size,
+        cache_dir=args.cache_dir,
+        model_cache_dir=args.model_cache_dir,
+    )
     eval_ids = dm.eval_ids[:n_eval].to(args.device)
     lm = load_model(args.model, cache_dir=args.model_cache_dir).to(args.device)
-    saes = [build_training_sae(SAESettings(), lm.config.hidden_size, seed).eval().to(args.device)
-            for seed in range(args.saes)]
+    saes = [
+        build_training_sae(SAESettings(), lm.config.hidden_size, seed).eval().to(args.device)
+        for seed in range(args.saes)
+    ]
     batches = list(eval_ids[: args.sequences].split(args.batch_size))
-    result = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "corpus": dm.provenance, "sharing": part_sharing(args, lm, batches, saes),
-              "bf16": part_bf16(args, lm, eval_ids, saes), "resume": part_resume(args, lm, eval_ids, saes[0])}
+    result = {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "corpus": dm.provenance,
+        "sharing": part_sharing(args, lm, batches, saes),
+        "bf16": part_bf16(args, lm, eval_ids, saes),
+        "resume": part_resume(args, lm, eval_ids, saes[0]),
+    }
     write_result(args.output, result, start)
     return 0 if result["resume"]["logits_bit_identical"] else 1
 

@@ -30,10 +30,9 @@ import sys
 import textwrap
 import time
 
-from common import ROOT, add_common_args, apply_threads, compare, median, timed, write_result
-
 import numpy as np
 import torch
+from common import ROOT, add_common_args, apply_threads, compare, median, timed, write_result
 from scipy.optimize import linear_sum_assignment
 
 from lit_prune.analysis.matching import match_features, unit_rows
@@ -42,11 +41,15 @@ from lit_prune.analysis.matching import match_features, unit_rows
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=8192, help="latents per SAE in part 1 (target: 16384)")
-    p.add_argument("--dims", type=int, nargs="+", default=[64, 576], help="decoder widths of the random cases")
+    p.add_argument(
+        "--dims", type=int, nargs="+", default=[64, 576], help="decoder widths of the random cases"
+    )
     p.add_argument("--structured_d", type=int, default=576, help="width of the structured case (0: skip)")
     p.add_argument("--noise", type=float, default=0.5, help="structured case: noise norm relative to the row")
     p.add_argument("--candidates", type=int, default=8, help="candidates per row of our solver")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of each solver per case (medians compared)")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="timed runs of each solver per case (medians compared)"
+    )
     p.add_argument("--big_size", type=int, default=65536, help="latents of the memory run (part 2)")
     p.add_argument("--big_d", type=int, default=64)
     p.add_argument("--memory_limit_gib", type=float, default=4.0)
@@ -87,13 +90,28 @@ def run_case(name: str, a: torch.Tensor, b: torch.Tensor, candidates: int, repea
     base_runs = timed(lambda: last.update(base=dense_lsa(a, b)), repeats)
     ours_s, base_s, ours, base = median(ours_runs), median(base_runs), last["ours"], last["base"]
     ours_total, base_total = total64(a, b, ours.partner.numpy()), total64(a, b, base)
-    row = compare(name, ours_s, base_s, "s", n=a.shape[0], d=a.shape[1], method=ours.method, rounds=ours.rounds,
-                  ours_total=ours_total, baseline_total=base_total, total_difference=ours_total - base_total,
-                  same_partners=float((ours.partner.numpy() == base).mean()), ours_runs=ours_runs,
-                  baseline_runs=base_runs)
-    print(f"{name}_total_cosine: ours {ours_total:.6f}, baseline {base_total:.6f}, difference "
-          f"{ours_total - base_total:.2e} (solver {ours.method}, {ours.rounds} rounds; "
-          f"{row['same_partners']:.2%} identical partners)", flush=True)
+    row = compare(
+        name,
+        ours_s,
+        base_s,
+        "s",
+        n=a.shape[0],
+        d=a.shape[1],
+        method=ours.method,
+        rounds=ours.rounds,
+        ours_total=ours_total,
+        baseline_total=base_total,
+        total_difference=ours_total - base_total,
+        same_partners=float((ours.partner.numpy() == base).mean()),
+        ours_runs=ours_runs,
+        baseline_runs=base_runs,
+    )
+    print(
+        f"{name}_total_cosine: ours {ours_total:.6f}, baseline {base_total:.6f}, difference "
+        f"{ours_total - base_total:.2e} (solver {ours.method}, {ours.rounds} rounds; "
+        f"{row['same_partners']:.2%} identical partners)",
+        flush=True,
+    )
     return row
 
 
@@ -114,23 +132,41 @@ print(json.dumps({{"method": m.method, "rounds": m.rounds, "seconds": seconds, "
 
 def run_big(args: argparse.Namespace) -> dict:
     """Part 2 in a child process, so that its peak RSS is its own."""
-    code = textwrap.dedent(_BIG.format(root=str(ROOT), seed=args.seed, n=args.big_size, d=args.big_d,
-                                       candidates=args.candidates))
+    code = textwrap.dedent(
+        _BIG.format(root=str(ROOT), seed=args.seed, n=args.big_size, d=args.big_d, candidates=args.candidates)
+    )
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     wall = time.perf_counter() - start
     child = json.loads(out.stdout.strip().splitlines()[-1])
     peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # largest child so far
     dense_gib = args.big_size**2 * 8 / 2**30
-    row = compare(f"matching_{args.big_size}_peak_rss", child["peak_rss_gib_self"], dense_gib, "GiB", fmt=".2f",
-                  note="baseline = the dense float64 cosine matrix alone (computed, not run)",
-                  rusage_children_gib=peak_children, limit_gib=args.memory_limit_gib,
-                  within_limit=child["peak_rss_gib_self"] <= args.memory_limit_gib, wall_seconds=wall, **child)
-    print(f"matching_{args.big_size}: {child['seconds']:.1f} s ({child['method']}, {child['rounds']} rounds), "
-          f"{child['matched']} matched / {child['unique']} unique partners, peak RSS "
-          f"{child['peak_rss_gib_self']:.2f} GiB (RUSAGE_CHILDREN {peak_children:.2f} GiB, limit "
-          f"{args.memory_limit_gib:g} GiB)", flush=True)
+    row = compare(
+        f"matching_{args.big_size}_peak_rss",
+        child["peak_rss_gib_self"],
+        dense_gib,
+        "GiB",
+        fmt=".2f",
+        note="baseline = the dense float64 cosine matrix alone (computed, not run)",
+        rusage_children_gib=peak_children,
+        limit_gib=args.memory_limit_gib,
+        within_limit=child["peak_rss_gib_self"] <= args.memory_limit_gib,
+        wall_seconds=wall,
+        **child,
+    )
+    print(
+        f"matching_{args.big_size}: {child['seconds']:.1f} s ({child['method']}, {child['rounds']} rounds), "
+        f"{child['matched']} matched / {child['unique']} unique partners, peak RSS "
+        f"{child['peak_rss_gib_self']:.2f} GiB (RUSAGE_CHILDREN {peak_children:.2f} GiB, limit "
+        f"{args.memory_limit_gib:g} GiB)",
+        flush=True,
+    )
     return row
 
 
@@ -140,12 +176,21 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     rows = []
     for d in args.dims:
-        rows.append(run_case(f"matching_random_d{d}_{args.size}", *decoders(args.size, d, args.seed),
-                             args.candidates, args.repeats))
+        rows.append(
+            run_case(
+                f"matching_random_d{d}_{args.size}",
+                *decoders(args.size, d, args.seed),
+                args.candidates,
+                args.repeats,
+            )
+        )
     if args.structured_d:
         a, b = decoders(args.size, args.structured_d, args.seed, args.noise)
-        rows.append(run_case(f"matching_structured_d{args.structured_d}_{args.size}", a, b, args.candidates,
-                             args.repeats))
+        rows.append(
+            run_case(
+                f"matching_structured_d{args.structured_d}_{args.size}", a, b, args.candidates, args.repeats
+            )
+        )
     result = {"settings": {k: str(v) for k, v in vars(args).items()}, "results": rows}
     if not args.skip_big:
         result["big"] = run_big(args)

@@ -33,9 +33,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from common import RESULTS, add_common_args, add_device_arg, apply_threads, clock, compare, median, token_splits, write_result
-
 import torch
+from common import (
+    RESULTS,
+    add_common_args,
+    add_device_arg,
+    apply_threads,
+    clock,
+    compare,
+    median,
+    token_splits,
+    write_result,
+)
 
 import lit_prune.pruning.wanda as wanda_module
 from lit_prune.analysis.perplexity import perplexity
@@ -64,14 +73,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sparsity", type=float, default=0.5, help="sparsity of the selection benchmarks")
     p.add_argument("--repeats", type=int, default=3, help="timed passes over all matrices per path (median)")
     p.add_argument("--eval_sequences", type=int, help="eval sequences of 128 tokens (default 64; quick 8)")
-    p.add_argument("--calibration_sequences", type=int,
-                   help="calibration sequences (default 8; 32 with --perplexity, as the prune command; quick 8)")
-    p.add_argument("--calibration_seq_len", type=int, help="tokens per calibration sequence (default 256; quick 128)")
+    p.add_argument(
+        "--calibration_sequences",
+        type=int,
+        help="calibration sequences (default 8; 32 with --perplexity, as the prune command; quick 8)",
+    )
+    p.add_argument(
+        "--calibration_seq_len", type=int, help="tokens per calibration sequence (default 256; quick 128)"
+    )
     p.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
     p.add_argument("--prune_total", action="store_true", help="also time two whole sequential Wanda runs")
     p.add_argument("--perplexity", action="store_true", help="also compute the perplexity table (~20 min)")
-    p.add_argument("--quick", action="store_true", help="small perplexity table: dense, magnitude 50%%, Wanda 50%%")
+    p.add_argument(
+        "--quick", action="store_true", help="small perplexity table: dense, magnitude 50%%, Wanda 50%%"
+    )
     p.add_argument("--skip_selection", action="store_true", help="skip the mask-selection benchmarks")
     add_common_args(p, "prune")
     add_device_arg(p)
@@ -90,11 +106,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_data(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(eval ids [n, 128], calibration ids [n_cal, len], provenance): the same splits `prune` uses."""
-    dm = token_splits(args.model, args.corpus, args.seed, seq_len=EVAL_SEQ_LEN, train_tokens=EVAL_SEQ_LEN,
-                      eval_tokens=args.eval_sequences * EVAL_SEQ_LEN, batch_size=args.batch_size,
-                      calibration_sequences=args.calibration_sequences,
-                      calibration_seq_len=args.calibration_seq_len, cache_dir=args.cache_dir,
-                      model_cache_dir=args.model_cache_dir)
+    dm = token_splits(
+        args.model,
+        args.corpus,
+        args.seed,
+        seq_len=EVAL_SEQ_LEN,
+        train_tokens=EVAL_SEQ_LEN,
+        eval_tokens=args.eval_sequences * EVAL_SEQ_LEN,
+        batch_size=args.batch_size,
+        calibration_sequences=args.calibration_sequences,
+        calibration_seq_len=args.calibration_seq_len,
+        cache_dir=args.cache_dir,
+        model_cache_dir=args.model_cache_dir,
+    )
     return dm.eval_ids[: args.eval_sequences], dm.calibration_ids, dm.provenance
 
 
@@ -119,7 +143,9 @@ def routed_selection(select: Callable, device: str, record_inputs: bool = True) 
         wanda_module.wanda_mask = original
 
 
-def time_selection(select: Callable, calls: list, repeats: int, device: str) -> tuple[list[float], list[torch.Tensor]]:
+def time_selection(
+    select: Callable, calls: list, repeats: int, device: str
+) -> tuple[list[float], list[torch.Tensor]]:
     """Seconds per pass of select over every recorded (weight, sq) call, and the last pass's masks."""
     seconds, masks = [], []
     for _ in range(repeats):
@@ -133,8 +159,9 @@ def wanda_selection(args: argparse.Namespace, model: torch.nn.Module, calibratio
     """Part 1: one sequential Wanda run records the inputs; both selections are timed on them."""
     start = clock(args.device)
     with routed_selection(wanda_mask, args.device) as record:
-        pipeline_masks = wanda_masks(model, calibration, args.sparsity, None, args.batch_size,
-                                     args.calibration_seq_len, progress=False)
+        pipeline_masks = wanda_masks(
+            model, calibration, args.sparsity, None, args.batch_size, args.calibration_seq_len, progress=False
+        )
     prune_seconds = clock(args.device) - start
     calls = [(w, sq, args.sparsity) for w, sq in record["calls"]]
     ours_s, base_s = [], []
@@ -144,12 +171,25 @@ def wanda_selection(args: argparse.Namespace, model: torch.nn.Module, calibratio
     ours_masks = time_selection(wanda_mask, calls, 1, args.device)[1]
     base_masks = time_selection(wanda_mask_reference, calls, 1, args.device)[1]
     names = list(pipeline_masks)
-    differing = [n for n, a, b, p in zip(names, ours_masks, base_masks, pipeline_masks.values())
-                 if not (torch.equal(a, b) and torch.equal(a, p))]
-    row = compare("wanda_mask_selection", median(ours_s), median(base_s), "s", matrices=len(calls),
-                  ours_seconds=ours_s, baseline_seconds=base_s, masks_identical=not differing,
-                  differing_matrices=differing, sequential_prune_seconds=prune_seconds,
-                  selection_seconds_inside_prune=record["seconds"], sparsity=args.sparsity)
+    differing = [
+        n
+        for n, a, b, p in zip(names, ours_masks, base_masks, pipeline_masks.values())
+        if not (torch.equal(a, b) and torch.equal(a, p))
+    ]
+    row = compare(
+        "wanda_mask_selection",
+        median(ours_s),
+        median(base_s),
+        "s",
+        matrices=len(calls),
+        ours_seconds=ours_s,
+        baseline_seconds=base_s,
+        masks_identical=not differing,
+        differing_matrices=differing,
+        sequential_prune_seconds=prune_seconds,
+        selection_seconds_inside_prune=record["seconds"],
+        sparsity=args.sparsity,
+    )
     print(f"wanda_masks_identical: {not differing} ({len(calls)} matrices)")
     return row
 
@@ -174,9 +214,18 @@ def magnitude_selection(args: argparse.Namespace, model: torch.nn.Module) -> dic
         base = {n: magnitude_reference(lin.weight, args.sparsity) for n, lin in linears.items()}
         base_s.append(clock(args.device) - start)
     differing = [n for n in base if not torch.equal(ours[n], base[n])]
-    row = compare("magnitude_mask_selection", median(ours_s), median(base_s), "s", matrices=len(base),
-                  ours_seconds=ours_s, baseline_seconds=base_s, masks_identical=not differing,
-                  differing_matrices=differing, sparsity=args.sparsity)
+    row = compare(
+        "magnitude_mask_selection",
+        median(ours_s),
+        median(base_s),
+        "s",
+        matrices=len(base),
+        ours_seconds=ours_s,
+        baseline_seconds=base_s,
+        masks_identical=not differing,
+        differing_matrices=differing,
+        sparsity=args.sparsity,
+    )
     print(f"magnitude_masks_identical: {not differing} ({len(base)} matrices)")
     return row
 
@@ -186,11 +235,18 @@ def prune_total(args: argparse.Namespace, calibration: torch.Tensor) -> dict:
     runs, masks = {}, {}
     for name, select in (("ours", wanda_mask), ("baseline", wanda_mask_reference)):
         model = load_model(args.model, cache_dir=args.model_cache_dir).to(args.device)
-        model(calibration[:1, :args.calibration_seq_len].to(args.device))  # untimed: device start-up costs
+        model(calibration[:1, : args.calibration_seq_len].to(args.device))  # untimed: device start-up costs
         with routed_selection(select, args.device, record_inputs=False):
             start = clock(args.device)
-            masks[name] = wanda_masks(model, calibration, args.sparsity, None, args.batch_size,
-                                      args.calibration_seq_len, progress=False)
+            masks[name] = wanda_masks(
+                model,
+                calibration,
+                args.sparsity,
+                None,
+                args.batch_size,
+                args.calibration_seq_len,
+                progress=False,
+            )
             runs[name] = clock(args.device) - start
         del model
     same = all(torch.equal(masks["ours"][k], masks["baseline"][k]) for k in masks["ours"])
@@ -205,25 +261,41 @@ def conditions(quick: bool) -> list[dict]:
         pairs = [(m, s, None) for m in ("magnitude", "wanda") for s in SPARSITIES]
         pairs += [(m, None, (2, 4)) for m in ("magnitude", "wanda")]
     return [{"method": "dense", "sparsity": 0.0, "nm": None}] + [
-        {"method": m, "sparsity": s, "nm": nm} for m, s, nm in pairs]
+        {"method": m, "sparsity": s, "nm": nm} for m, s, nm in pairs
+    ]
 
 
-def run_condition(args: argparse.Namespace, cond: dict, eval_ids: torch.Tensor, calibration: torch.Tensor) -> dict:
+def run_condition(
+    args: argparse.Namespace, cond: dict, eval_ids: torch.Tensor, calibration: torch.Tensor
+) -> dict:
     """One row: a fresh model, pruned (unless dense), and its eval perplexity."""
     model = load_model(args.model, cache_dir=args.model_cache_dir).to(args.device)
     start, realised = clock(args.device), 0.0
     if cond["method"] != "dense":
-        masks = prune_model(model, cond["method"], cond["sparsity"], cond["nm"],
-                            calibration_ids=calibration if cond["method"] == "wanda" else None,
-                            batch_size=args.batch_size, max_seq_len=args.calibration_seq_len, progress=True)
+        masks = prune_model(
+            model,
+            cond["method"],
+            cond["sparsity"],
+            cond["nm"],
+            calibration_ids=calibration if cond["method"] == "wanda" else None,
+            batch_size=args.batch_size,
+            max_seq_len=args.calibration_seq_len,
+            progress=True,
+        )
         rows = sparsity_report(model, masks)
         realised = sum(r["pruned"] for r in rows) / sum(r["numel"] for r in rows)
     prune_seconds = clock(args.device) - start
     start = clock(args.device)
     ppl = perplexity(model, eval_ids, args.batch_size, progress=True)
     label = f"{cond['nm'][0]}:{cond['nm'][1]}" if cond["nm"] else f"{cond['sparsity']:.0%}"
-    return {**cond, "label": label, "realised_sparsity": realised, "perplexity": ppl,
-            "prune_seconds": prune_seconds, "eval_seconds": clock(args.device) - start}
+    return {
+        **cond,
+        "label": label,
+        "realised_sparsity": realised,
+        "perplexity": ppl,
+        "prune_seconds": prune_seconds,
+        "eval_seconds": clock(args.device) - start,
+    }
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -231,7 +303,11 @@ def markdown_table(rows: list[dict]) -> str:
     labels = list(dict.fromkeys(r["label"] for r in rows if r["method"] != "dense"))
     cell = {(r["label"], r["method"]): r["perplexity"] for r in rows}
     dense = next(r["perplexity"] for r in rows if r["method"] == "dense")
-    lines = ["| sparsity | magnitude | wanda |", "|---|---:|---:|", f"| 0% (dense) | {dense:.2f} | {dense:.2f} |"]
+    lines = [
+        "| sparsity | magnitude | wanda |",
+        "|---|---:|---:|",
+        f"| 0% (dense) | {dense:.2f} | {dense:.2f} |",
+    ]
     for label in labels:
         values = [cell.get((label, m)) for m in ("magnitude", "wanda")]
         lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in values) + " |")
@@ -254,18 +330,26 @@ def main(argv: list[str] | None = None) -> int:
         result["magnitude_mask_selection"] = magnitude_selection(args, model)  # dense model first
         result["wanda_mask_selection"] = wanda_selection(args, model, calibration)  # prunes `model`
         del model
-        identical = all(result[k]["masks_identical"] for k in ("magnitude_mask_selection", "wanda_mask_selection"))
+        identical = all(
+            result[k]["masks_identical"] for k in ("magnitude_mask_selection", "wanda_mask_selection")
+        )
     if args.prune_total:
         result["wanda_prune_total"] = total = prune_total(args, calibration)
         identical = identical and total["masks_identical"]
     if args.perplexity:
-        result["eval"] = {"sequences": int(eval_ids.shape[0]), "seq_len": EVAL_SEQ_LEN,
-                          "tokens": int(eval_ids.numel()), "fingerprint": tokens_fingerprint(eval_ids)}
+        result["eval"] = {
+            "sequences": int(eval_ids.shape[0]),
+            "seq_len": EVAL_SEQ_LEN,
+            "tokens": int(eval_ids.numel()),
+            "fingerprint": tokens_fingerprint(eval_ids),
+        }
         rows = [run_condition(args, cond, eval_ids, calibration) for cond in conditions(args.quick)]
         result["perplexity"] = rows
-        print(f"\nperplexity on {result['eval']['tokens']} eval tokens ({args.corpus}, fingerprint "
-              f"{result['eval']['fingerprint']}); Wanda calibration "
-              f"{args.calibration_sequences} x {args.calibration_seq_len}")
+        print(
+            f"\nperplexity on {result['eval']['tokens']} eval tokens ({args.corpus}, fingerprint "
+            f"{result['eval']['fingerprint']}); Wanda calibration "
+            f"{args.calibration_sequences} x {args.calibration_seq_len}"
+        )
         print(markdown_table(rows))
     write_result(args.output, result, start)
     return 0 if identical else 1

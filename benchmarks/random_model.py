@@ -19,8 +19,13 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
 
 
 def main() -> None:
@@ -30,7 +35,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = p.parse_args()
     if not (args.source / "config.json").is_file():
-        raise SystemExit(f"source={str(args.source)!r}: no config.json there; expected a Hugging Face model folder")
+        raise SystemExit(
+            f"source={str(args.source)!r}: no config.json there; expected a Hugging Face model folder"
+        )
     torch.manual_seed(args.seed)
     config = AutoConfig.from_pretrained(args.source)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # the config's own initialiser

@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from common import RESULTS, add_device_arg, clock, write_result
-
 import torch
+from common import RESULTS, add_device_arg, clock, write_result
 from sae_lens.saes.sae import TrainStepInput
 
 from lit_prune.sae.build import SAESettings, build_training_sae
@@ -34,8 +33,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--widths", type=int, nargs="+", default=[4608, 16384], help="SAE widths d_sae")
     p.add_argument("--k", type=int, default=32, help="active latents per token")
     p.add_argument("--batch", type=int, default=4096, help="tokens per step")
-    p.add_argument("--dead_fraction", type=float, default=0.1, help="share of latents marked dead in *_dead runs")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per path and condition (after 1 warm-up)")
+    p.add_argument(
+        "--dead_fraction", type=float, default=0.1, help="share of latents marked dead in *_dead runs"
+    )
+    p.add_argument(
+        "--steps", type=int, default=3, help="timed steps per path and condition (after 1 warm-up)"
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     add_device_arg(p)
     p.add_argument("--seed", type=int, default=0)
@@ -54,8 +57,9 @@ def batches(args: argparse.Namespace, count: int) -> list[torch.Tensor]:
     return out
 
 
-def time_path(sae: torch.nn.Module, step: Callable[[torch.Tensor], torch.Tensor], xs: list[torch.Tensor],
-              device: str) -> list[float]:
+def time_path(
+    sae: torch.nn.Module, step: Callable[[torch.Tensor], torch.Tensor], xs: list[torch.Tensor], device: str
+) -> list[float]:
     """Seconds per optimizer step (forward + backward + Adam) for xs[1:]; xs[0] warms up."""
     opt = torch.optim.Adam(sae.parameters(), lr=3e-4)
     times = []
@@ -83,17 +87,29 @@ def run_condition(args: argparse.Namespace, width: int, dead_fraction: float) ->
         return fast_topk_training_forward(sae, x, dead).loss
 
     def baseline(x: torch.Tensor) -> torch.Tensor:
-        return baseline_sae.training_forward_pass(TrainStepInput(
-            sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False)).loss
+        return baseline_sae.training_forward_pass(
+            TrainStepInput(
+                sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False
+            )
+        ).loss
 
     ours_s = time_path(sae, ours, xs, args.device)
     base_s = time_path(baseline_sae, baseline, xs, args.device)
     ours_tps, base_tps = args.batch / statistics.median(ours_s), args.batch / statistics.median(base_s)
-    max_diff = max(float((getattr(sae, n) - getattr(baseline_sae, n)).detach().abs().max()) for n in ("W_enc", "W_dec"))
-    return {"width": width, "dead_fraction": dead_fraction, "dead": int(dead.sum()),
-            "ours_seconds": ours_s, "baseline_seconds": base_s, "ours_tokens_per_s": ours_tps,
-            "baseline_tokens_per_s": base_tps, "ratio": ours_tps / base_tps,
-            "max_abs_weight_difference_after_steps": max_diff}
+    max_diff = max(
+        float((getattr(sae, n) - getattr(baseline_sae, n)).detach().abs().max()) for n in ("W_enc", "W_dec")
+    )
+    return {
+        "width": width,
+        "dead_fraction": dead_fraction,
+        "dead": int(dead.sum()),
+        "ours_seconds": ours_s,
+        "baseline_seconds": base_s,
+        "ours_tokens_per_s": ours_tps,
+        "baseline_tokens_per_s": base_tps,
+        "ratio": ours_tps / base_tps,
+        "max_abs_weight_difference_after_steps": max_diff,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,10 +123,19 @@ def main(argv: list[str] | None = None) -> None:
             row = run_condition(args, width, dead_fraction)
             row["name"] = f"sae_step_{width}" + ("_dead" if dead_fraction else "")
             rows.append(row)
-            print(f"{row['name']}: ours {row['ours_tokens_per_s']:.0f} tok/s, baseline "
-                  f"{row['baseline_tokens_per_s']:.0f} tok/s, ratio {row['ratio']:.2f}", flush=True)
-    result = {"d_in": args.d_in, "k": args.k, "batch": args.batch, "steps": args.steps, "device": args.device,
-              "results": rows}
+            print(
+                f"{row['name']}: ours {row['ours_tokens_per_s']:.0f} tok/s, baseline "
+                f"{row['baseline_tokens_per_s']:.0f} tok/s, ratio {row['ratio']:.2f}",
+                flush=True,
+            )
+    result = {
+        "d_in": args.d_in,
+        "k": args.k,
+        "batch": args.batch,
+        "steps": args.steps,
+        "device": args.device,
+        "results": rows,
+    }
     write_result(args.output, result, start)
 
 

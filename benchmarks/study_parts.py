@@ -88,27 +88,54 @@ def main() -> None:
     p_logits, dev = p_logits.to(args.device), args.device
     ce_diff = (next_token_ce(p_logits, ids) - one_pass_ce(p_logits, ids)).abs().max().item()
     kl_diff = (next_token_kl(p_logits, q_logits) - one_pass_kl(p_logits, q_logits)).abs().max().item()
-    rows.append(compare("spliced_ce_8x128x49152",
-                        median(timed(lambda: next_token_ce(p_logits, ids), args.repeats, 1, dev)),
-                        median(timed(lambda: one_pass_ce(p_logits, ids), args.repeats, 1, dev)),
-                        max_abs_difference=ce_diff, device=dev))
-    rows.append(compare("spliced_kl_8x128x49152",
-                        median(timed(lambda: next_token_kl(p_logits, q_logits), args.repeats, 1, dev)),
-                        median(timed(lambda: one_pass_kl(p_logits, q_logits), args.repeats, 1, dev)),
-                        max_abs_difference=kl_diff, device=dev))
+    rows.append(
+        compare(
+            "spliced_ce_8x128x49152",
+            median(timed(lambda: next_token_ce(p_logits, ids), args.repeats, 1, dev)),
+            median(timed(lambda: one_pass_ce(p_logits, ids), args.repeats, 1, dev)),
+            max_abs_difference=ce_diff,
+            device=dev,
+        )
+    )
+    rows.append(
+        compare(
+            "spliced_kl_8x128x49152",
+            median(timed(lambda: next_token_kl(p_logits, q_logits), args.repeats, 1, dev)),
+            median(timed(lambda: one_pass_kl(p_logits, q_logits), args.repeats, 1, dev)),
+            max_abs_difference=kl_diff,
+            device=dev,
+        )
+    )
     print(f"spliced_ce_kl_max_abs_difference: ce {ce_diff:.2e}, kl {kl_diff:.2e}")
 
     sae_batch, capacity, d_model = 1024, 8192, 576
-    batches = [torch.cat([torch.arange(i * 4064, (i + 1) * 4064).float().unsqueeze(1),
-                          torch.randn(4064, d_model - 1, generator=g)], 1).to(dev) for i in range(32)]
+    batches = [
+        torch.cat(
+            [
+                torch.arange(i * 4064, (i + 1) * 4064).float().unsqueeze(1),
+                torch.randn(4064, d_model - 1, generator=g),
+            ],
+            1,
+        ).to(dev)
+        for i in range(32)
+    ]
     everything = torch.arange(32 * 4064).float()
     ours = drain(ActivationBuffer(capacity, 0), batches, sae_batch).cpu()
     base = drain(CopyingBuffer(capacity, 0), batches, sae_batch).cpu()
     once = bool(torch.equal(ours.sort().values, everything) and torch.equal(base.sort().values, everything))
-    buffer_runs = {name: timed(lambda kind=kind: drain(kind(capacity, 0), batches, sae_batch), args.repeats, 0, dev)
-                   for name, kind in (("ours", ActivationBuffer), ("baseline", CopyingBuffer))}
-    rows.append(compare("activation_buffer_130k_rows", median(buffer_runs["ours"]), median(buffer_runs["baseline"]),
-                        every_row_once=once, device=dev))
+    buffer_runs = {
+        name: timed(lambda kind=kind: drain(kind(capacity, 0), batches, sae_batch), args.repeats, 0, dev)
+        for name, kind in (("ours", ActivationBuffer), ("baseline", CopyingBuffer))
+    }
+    rows.append(
+        compare(
+            "activation_buffer_130k_rows",
+            median(buffer_runs["ours"]),
+            median(buffer_runs["baseline"]),
+            every_row_once=once,
+            device=dev,
+        )
+    )
     print(f"activation_buffer_every_row_once: {once}")
     write_result(args.output, {"rows": rows}, start)
     if not once or ce_diff > 1e-3 or kl_diff > 1e-3:

@@ -20,10 +20,12 @@ OPTION_NAMES: dict[str, dict[str, str]] = {
 }
 
 
-DESCRIPTION = ("What does weight pruning do to the features a language model has learned? fit and validate "
-               "train and evaluate an SAE on a (pruned) LM's activations; the other commands are prune (write a "
-               "pruned model), study (the whole grid, resumable, with a report) and report (write a study's "
-               "report from its finished steps). `python -m lit_prune <command> --help` explains each option.")
+DESCRIPTION = (
+    "What does weight pruning do to the features a language model has learned? fit and validate "
+    "train and evaluate an SAE on a (pruned) LM's activations; the other commands are prune (write a "
+    "pruned model), study (the whole grid, resumable, with a report) and report (write a study's "
+    "report from its finished steps). `python -m lit_prune <command> --help` explains each option."
+)
 
 
 def _quiet_libraries() -> None:
@@ -47,7 +49,9 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
     class LitPruneCLI(LightningCLI):
         @staticmethod
         def subcommands() -> dict[str, set[str]]:
-            return {name: skip for name, skip in LightningCLI.subcommands().items() if name in LIGHTNING_COMMANDS}
+            return {
+                name: skip for name, skip in LightningCLI.subcommands().items() if name in LIGHTNING_COMMANDS
+            }
 
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments("model.model_name", "data.model_name")
@@ -59,7 +63,9 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
             config = self.config.get(self.config.get("subcommand")) or self.config
             seed = config.get("seed_everything")
             if not isinstance(seed, bool) and isinstance(seed, int) and not 0 <= seed < 2**32:
-                raise invalid("seed_everything", seed, "an integer from 0 to 2**32 - 1, true (a random one) or false")
+                raise invalid(
+                    "seed_everything", seed, "an integer from 0 to 2**32 - 1, true (a random one) or false"
+                )
             self.given_model = config.get("model").clone() if config.get("model") is not None else None
 
         def before_instantiate_classes(self) -> None:
@@ -73,8 +79,14 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
         def instantiate_trainer(self, **kwargs):
             return checked_trainer(lambda: super(LitPruneCLI, self).instantiate_trainer(**kwargs))
 
-    return LitPruneCLI(SAEModule, TokenDataModule, args=args, run=run, save_config_kwargs={"overwrite": True},
-                       parser_kwargs={"prog": "python -m lit_prune", "description": DESCRIPTION})
+    return LitPruneCLI(
+        SAEModule,
+        TokenDataModule,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "python -m lit_prune", "description": DESCRIPTION},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _interrupted(argv)
     except SystemExit as exit_:
-        if isinstance(exit_.__context__, KeyboardInterrupt):  # Lightning's exit(1) after its graceful shutdown
+        if isinstance(
+            exit_.__context__, KeyboardInterrupt
+        ):  # Lightning's exit(1) after its graceful shutdown
             return _interrupted(argv)
         raise
     except Exception as err:

@@ -21,7 +21,15 @@ from pathlib import Path
 from lit_prune.errors import invalid
 
 # what a folder the user named but cannot write into looks like (not, say, a missing input file)
-_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+_UNWRITABLE = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+}
 
 
 def _umask() -> int:
@@ -75,7 +83,7 @@ def _remove_abandoned(parent: Path, prefix: str) -> None:
     except OSError:
         return  # a folder not made yet, or unreadable: nothing to clean here
     for entry in entries:
-        fields = entry.name[len(prefix):].split("~")
+        fields = entry.name[len(prefix) :].split("~")
         if len(fields) == 3 and fields[0] == host and fields[1].isdigit() and not _running(int(fields[1])):
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
@@ -99,10 +107,15 @@ def writing_into(field: str, folder: str | os.PathLike) -> Iterator[None]:
     try:
         yield
     except OSError as err:
-        if not (err.errno in _UNWRITABLE or err.errno == errno.ENOENT and _on_the_way_to(err.filename, folder)):
+        if not (
+            err.errno in _UNWRITABLE or err.errno == errno.ENOENT and _on_the_way_to(err.filename, folder)
+        ):
             raise
-        raise invalid(field, str(folder), f"a directory this user can create and write into "
-                      f"({err.filename or folder}: {err.strerror})") from None
+        raise invalid(
+            field,
+            str(folder),
+            f"a directory this user can create and write into ({err.filename or folder}: {err.strerror})",
+        ) from None
 
 
 def _on_the_way_to(filename: object, folder: str | os.PathLike) -> bool:

@@ -44,7 +44,6 @@ def data_cache(tmp_path_factory) -> Path:
 def local_corpus(tmp_path_factory) -> Path:
     """A small local jsonl corpus (Python's topic docs): fast to tokenize, no embedded build needed."""
     import json
-
     from pydoc_data.topics import topics
 
     path = tmp_path_factory.mktemp("corpus") / "topics.jsonl"
@@ -62,8 +61,14 @@ def run_cli(*args: str, cwd: Path, timeout: int = 600):
     import sys
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "lit_prune", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "lit_prune", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def cli_in_process(*args: str, cwd: Path) -> tuple[int, str]:

@@ -106,7 +106,9 @@ def _check_same_device(func: Callable, tensors: list[torch.Tensor]) -> None:
     """CUDA's rule for one op: all tensors on one device, except 0-dim CPU tensors."""
     if len({is_cuda(t) for t in tensors if is_cuda(t) or t.dim() > 0}) > 1:
         shapes = [(_where(is_cuda(t)), tuple(t.shape)) for t in tensors]
-        _fail(f"{_name(func)}: expected all tensors to be on the same device, but found cuda:0 and cpu: {shapes}")
+        _fail(
+            f"{_name(func)}: expected all tensors to be on the same device, but found cuda:0 and cpu: {shapes}"
+        )
 
 
 def _check_indices(self: torch.Tensor, index: object, values: object = None) -> None:
@@ -115,7 +117,12 @@ def _check_indices(self: torch.Tensor, index: object, values: object = None) -> 
     advanced = [t for t in indices if t.dim() > 0 or t.dtype == torch.bool]  # 0-dim integers act as ints
     if not is_cuda(self) and any(is_cuda(t) for t in advanced):
         _fail(f"indexing a CPU tensor {tuple(self.shape)} with CUDA indices")
-    if advanced and isinstance(values, torch.Tensor) and values.dim() > 0 and is_cuda(values) != is_cuda(self):
+    if (
+        advanced
+        and isinstance(values, torch.Tensor)
+        and values.dim() > 0
+        and is_cuda(values) != is_cuda(self)
+    ):
         _fail(f"index_put into a {_where(is_cuda(self))} tensor of values on {_where(is_cuda(values))}")
 
 
@@ -216,7 +223,9 @@ _HANDLERS: dict[Callable, Callable[[Callable, tuple, dict], Any]] = {
     torch.Tensor.cpu: lambda f, a, k: _on(a[0], False),
     torch.Tensor.to: _to,
     torch.Tensor.copy_: lambda f, a, k: f(*a, **k),  # any device to any device; the destination keeps its own
-    torch._has_compatible_shallow_copy_type: lambda f, a, k: f(*a, **k),  # Module._apply asks before `.data =`
+    torch._has_compatible_shallow_copy_type: lambda f, a, k: f(
+        *a, **k
+    ),  # Module._apply asks before `.data =`
     torch._C._nn._parse_to: lambda f, a, k: f(*a, **k),  # Module.to(device="cuda") parses its arguments
     torch.Tensor.type_as: _type_as,
     torch.Tensor.data.__set__: _set_data,
@@ -235,10 +244,29 @@ _HANDLERS: dict[Callable, Callable[[Callable, tuple, dict], Any]] = {
 # --- host waits ---------------------------------------------------------------------------------
 T = torch.Tensor
 _WAIT_ON_CUDA_INPUT = {  # the host needs a value (or an output size) computed on the device
-    T.item, T.tolist, T.__bool__, T.__float__, T.__int__, T.__index__, T.__format__, T.nonzero, torch.nonzero,
-    T.argwhere, torch.argwhere, T.masked_select, torch.masked_select, T.unique, torch.unique,
-    T.unique_consecutive, torch.unique_consecutive, T.bincount, torch.bincount, T.equal, torch.equal,
-    T.allclose, torch.allclose,
+    T.item,
+    T.tolist,
+    T.__bool__,
+    T.__float__,
+    T.__int__,
+    T.__index__,
+    T.__format__,
+    T.nonzero,
+    torch.nonzero,
+    T.argwhere,
+    torch.argwhere,
+    T.masked_select,
+    torch.masked_select,
+    T.unique,
+    torch.unique,
+    T.unique_consecutive,
+    torch.unique_consecutive,
+    T.bincount,
+    torch.bincount,
+    T.equal,
+    torch.equal,
+    T.allclose,
+    torch.allclose,
 }
 _INDEXING = {T.__getitem__, T.__setitem__, T.index_put_, T.index_put}
 _FROM_DATA = {torch.tensor, torch.as_tensor}  # torch.tensor(data, device="cuda"): a blocking copy
@@ -251,9 +279,15 @@ def _host_wait(func: Callable, args: tuple, kwargs: dict) -> str | None:
     project makes them (a pageable source may still be staged synchronously by the driver).
     """
     name, non_blocking = _name(func), bool(kwargs.get("non_blocking"))
-    if func in _WAIT_ON_CUDA_INPUT or (func is torch.where and len(args) == 1) or \
-            (func in (T.repeat_interleave, torch.repeat_interleave) and kwargs.get("output_size") is None
-             and isinstance(args[1] if len(args) > 1 else kwargs.get("repeats"), torch.Tensor)):
+    if (
+        func in _WAIT_ON_CUDA_INPUT
+        or (func is torch.where and len(args) == 1)
+        or (
+            func in (T.repeat_interleave, torch.repeat_interleave)
+            and kwargs.get("output_size") is None
+            and isinstance(args[1] if len(args) > 1 else kwargs.get("repeats"), torch.Tensor)
+        )
+    ):
         return name if any(is_cuda(t) for t in tree_flatten((args, kwargs))[0]) else None
     if func in _INDEXING and is_cuda(args[0]):
         index = [t for t in tree_flatten(args[1])[0] if isinstance(t, torch.Tensor) and t.dim() > 0]
@@ -289,7 +323,10 @@ def _host_wait(func: Callable, args: tuple, kwargs: dict) -> str | None:
 def _refused_when_deterministic(func: Callable, args: tuple, kwargs: dict) -> str | None:
     """Why CUDA would raise for this call under `torch.use_deterministic_algorithms(True)` (Lightning's
     `deterministic=True`), or None: the ops of that function's list that the mode sees, for torch 2.13."""
-    if not torch.are_deterministic_algorithms_enabled() or torch.is_deterministic_algorithms_warn_only_enabled():
+    if (
+        not torch.are_deterministic_algorithms_enabled()
+        or torch.is_deterministic_algorithms_warn_only_enabled()
+    ):
         return None
     if not any(is_cuda(t) for t in tree_flatten((args, kwargs))[0]):
         return None
@@ -318,11 +355,15 @@ class FakeCudaMode(TorchFunctionMode):
         super().__init__()
         self.host_waits: list[str] = []
 
-    def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
+    def __torch_function__(
+        self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         if (refused := _refused_when_deterministic(func, args, kwargs)) is not None:
-            raise NondeterministicOnCuda(f"{refused} does not have a deterministic implementation on CUDA, "
-                                         "but use_deterministic_algorithms(True) is set [fake_cuda]")
+            raise NondeterministicOnCuda(
+                f"{refused} does not have a deterministic implementation on CUDA, "
+                "but use_deterministic_algorithms(True) is set [fake_cuda]"
+            )
         if (why := _host_wait(func, args, kwargs)) is not None:
             self.host_waits.append(why)
         return _HANDLERS.get(func, _generic)(func, args, kwargs)
@@ -346,7 +387,9 @@ def _patched_autograd(mode: FakeCudaMode) -> dict[tuple[type, str], object]:
     def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
         out = function_apply(cls, *args, **kwargs)
         outputs = out if isinstance(out, tuple) else (out,)
-        node = next((o.grad_fn for o in outputs if isinstance(o, torch.Tensor) and o.grad_fn is not None), None)
+        node = next(
+            (o.grad_fn for o in outputs if isinstance(o, torch.Tensor) and o.grad_fn is not None), None
+        )
         if isinstance(node, BackwardCFunction):
             node._fc_inputs = None if kwargs else _tags(args)
             node._fc_outputs = _tags(outputs)
@@ -372,19 +415,27 @@ def _patched_autograd(mode: FakeCudaMode) -> dict[tuple[type, str], object]:
         returned = result if isinstance(result, tuple) else (result,)
         for i, (g, tag) in enumerate(zip(returned, getattr(node, "_fc_inputs", None) or ())):
             if isinstance(g, torch.Tensor) and tag is not None and g.dim() > 0 and is_cuda(g) != tag:
-                _fail(f"{type(node).__name__} returned a gradient at index {i} on {_where(is_cuda(g))}, "
-                      f"expected {_where(tag)}")
+                _fail(
+                    f"{type(node).__name__} returned a gradient at index {i} on {_where(is_cuda(g))}, "
+                    f"expected {_where(tag)}"
+                )
         return result
 
-    return {(Function, "apply"): classmethod(apply), (FunctionCtx, "save_for_backward"): save,
-            (BackwardCFunction, "saved_tensors"): property(saved_tensors), (BackwardCFunction, "apply"): backward}
+    return {
+        (Function, "apply"): classmethod(apply),
+        (FunctionCtx, "save_for_backward"): save,
+        (BackwardCFunction, "saved_tensors"): property(saved_tensors),
+        (BackwardCFunction, "apply"): backward,
+    }
 
 
 def _patched_torch() -> dict[tuple[object, str], object]:
     """One visible CUDA device for torch.cuda / Lightning, and nn.Parameter keeping its data's device."""
     new_parameter = torch.nn.Parameter.__new__
 
-    def parameter(cls: type, data: torch.Tensor | None = None, requires_grad: bool = True) -> torch.nn.Parameter:
+    def parameter(
+        cls: type, data: torch.Tensor | None = None, requires_grad: bool = True
+    ) -> torch.nn.Parameter:
         return _mark(new_parameter(cls, data, requires_grad), is_cuda(data))  # _make_subclass: a new object
 
     return {

@@ -5,12 +5,21 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from scipy import stats as sps
 
-from conftest import ROOT
 from lit_prune.analysis.ablation import (
-    SAEParts, ablate_feature_effect, ablate_features, ablated_logits, bh_correct, decoder_directions, firing_rates,
-    gradient_attribution, importance_vs_survival, sae_parts, select_features,
+    SAEParts,
+    ablate_feature_effect,
+    ablate_features,
+    ablated_logits,
+    bh_correct,
+    decoder_directions,
+    firing_rates,
+    gradient_attribution,
+    importance_vs_survival,
+    sae_parts,
+    select_features,
 )
 from lit_prune.analysis.evaluate import sae_codec
 from lit_prune.analysis.metrics import loss_positions, next_token_ce, next_token_kl, spliced_forward
@@ -64,7 +73,11 @@ def test_never_firing_feature_changes_nothing_error_term_kept(lm, ids):
     assert firing_rates(lm, LAYER, ids, parts)[DEAD] == 0
     assert torch.equal(ablated_logits(lm, LAYER, ids, parts, DEAD), clean)  # ...yet the error term is kept
     for scope in ("firing", "all"):
-        assert ablate_feature_effect(lm, LAYER, ids, parts, DEAD, scope) == {"ce": 0.0, "kl": 0.0, "n_tokens": 0}
+        assert ablate_feature_effect(lm, LAYER, ids, parts, DEAD, scope) == {
+            "ce": 0.0,
+            "kl": 0.0,
+            "n_tokens": 0,
+        }
     batched = ablate_features(lm, LAYER, ids, parts, torch.tensor([DEAD]))
     assert all(float(v[0]) == 0 for v in batched.values())
 
@@ -89,8 +102,10 @@ def test_ablation_equals_hand_computed_splice(lm, ids):
     kl = next_token_kl(clean, ablated)
     n = int(firing.sum())
     assert n > 0 and (fires.sum(1) > 0).sum() >= 2
-    expect = {"firing": (ce[firing].sum() / n, kl[firing].sum() / n),
-              "all": (ce[pos].sum() / n, kl[pos].sum() / n)}  # non-firing rows and earlier positions: ~0
+    expect = {
+        "firing": (ce[firing].sum() / n, kl[firing].sum() / n),
+        "all": (ce[pos].sum() / n, kl[pos].sum() / n),
+    }  # non-firing rows and earlier positions: ~0
     for scope, (ce_ref, kl_ref) in expect.items():
         got = ablate_feature_effect(lm, LAYER, ids, parts, feature, scope)
         assert got["n_tokens"] == n
@@ -102,8 +117,11 @@ def test_ablation_equals_hand_computed_splice(lm, ids):
 def test_batched_multi_feature_ablation_equals_one_at_a_time(lm, ids):
     parts = sae_parts(_sae(), 1.5)
     features = torch.cat([_busiest(lm, ids, parts, 3), torch.tensor([DEAD])])
-    single = {(f, scope): ablate_feature_effect(lm, LAYER, ids, parts, f, scope)
-              for f in features.tolist() for scope in ("firing", "all")}
+    single = {
+        (f, scope): ablate_feature_effect(lm, LAYER, ids, parts, f, scope)
+        for f in features.tolist()
+        for scope in ("firing", "all")
+    }
     for batch_size in (3, 16):  # pairs split across forwards / all in one forward
         batched = ablate_features(lm, LAYER, ids, parts, features, batch_size=batch_size)
         for j, feature in enumerate(features.tolist()):
@@ -147,7 +165,9 @@ def test_attribution_is_the_hand_computed_gradient_product(lm, ids):
     counted = torch.cat([loss_positions(valid), torch.zeros(4, 1, dtype=torch.bool)], 1)[valid]
     n = ((f > 0) & counted[:, None]).sum(0).clamp(min=1)
     expected = -(f * (x.grad[valid] @ d.detach().T)).sum(0) / n
-    torch.testing.assert_close(gradient_attribution(lm, LAYER, ids, parts).float(), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        gradient_attribution(lm, LAYER, ids, parts).float(), expected, rtol=1e-4, atol=1e-6
+    )
 
 
 def test_select_features_hand_computed():
@@ -169,8 +189,12 @@ def test_importance_vs_survival_matches_scipy():
     out = importance_vs_survival(torch.tensor(imp), torch.tensor(cos), torch.tensor(survived))
     rho = sps.spearmanr(imp, cos)
     mw = sps.mannwhitneyu(imp[survived], imp[~survived], alternative="two-sided")
-    assert out["spearman_rho"] == pytest.approx(rho.statistic) and out["spearman_p"] == pytest.approx(rho.pvalue)
-    assert out["mannwhitney_u"] == pytest.approx(mw.statistic) and out["mannwhitney_p"] == pytest.approx(mw.pvalue)
+    assert out["spearman_rho"] == pytest.approx(rho.statistic) and out["spearman_p"] == pytest.approx(
+        rho.pvalue
+    )
+    assert out["mannwhitney_u"] == pytest.approx(mw.statistic) and out["mannwhitney_p"] == pytest.approx(
+        mw.pvalue
+    )
     assert (out["n_survived"], out["n_lost"]) == (4, 4)
     corrected = bh_correct([out, {**out, "spearman_p": 0.01, "mannwhitney_p": 0.5}])
     for key in ("spearman_p", "mannwhitney_p"):
@@ -184,13 +208,25 @@ def test_callback_in_fit_writes_rows_equal_to_arrays(tmp_path, local_corpus, mod
     from lit_prune.lit.ablation_callback import AblationCallback
 
     out = tmp_path / "rq5"
-    cli = lightning_cli([
-        "fit", "--config", str(ROOT / "configs" / "tiny.yaml"), f"--model.model_cache_dir={model_cache}",
-        f"--data.corpus={local_corpus}", f"--data.cache_dir={tmp_path / 'cache'}", "--data.train_tokens=2048",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", f"--model.export_dir={tmp_path / 'sae'}",
-        "--trainer.callbacks+=lit_prune.lit.ablation_callback.AblationCallback",
-        "--trainer.callbacks.n_top=4", "--trainer.callbacks.n_random=4", "--trainer.callbacks.n_rare=4",
-        "--trainer.callbacks.eval_sequences=4", f"--trainer.callbacks.output_dir={out}"])
+    cli = lightning_cli(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "tiny.yaml"),
+            f"--model.model_cache_dir={model_cache}",
+            f"--data.corpus={local_corpus}",
+            f"--data.cache_dir={tmp_path / 'cache'}",
+            "--data.train_tokens=2048",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+            f"--model.export_dir={tmp_path / 'sae'}",
+            "--trainer.callbacks+=lit_prune.lit.ablation_callback.AblationCallback",
+            "--trainer.callbacks.n_top=4",
+            "--trainer.callbacks.n_random=4",
+            "--trainer.callbacks.n_rare=4",
+            "--trainer.callbacks.eval_sequences=4",
+            f"--trainer.callbacks.output_dir={out}",
+        ]
+    )
     assert any(isinstance(c, AblationCallback) for c in cli.trainer.callbacks)
     arrays = read_arrays(out / "results" / "rq5_ablation.safetensors")
     rows = {(r["metric"], r["group"]): r for r in read_rows(out / "results" / "rq5_ablation.json")}
@@ -237,6 +273,8 @@ def test_groups_smaller_than_asked_are_warned_about():
 
     callback = AblationCallback(n_top=4, n_random=3, n_rare=2)
     metrics = {"n_features:top": 4.0, "n_features:random": 1.0, "n_features:rare": 2.0, "n_alive:all": 7.0}
-    with pytest.warns(UserWarning, match=r"ablation.n_random=3: only 1 alive features .* \(7 alive in all\)") as caught:
+    with pytest.warns(
+        UserWarning, match=r"ablation.n_random=3: only 1 alive features .* \(7 alive in all\)"
+    ) as caught:
         callback._warn_if_short(metrics)
     assert len(caught) == 1

@@ -11,6 +11,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from lit_prune.analysis.fragility import breaking_points, survival_by_bin
 from lit_prune.analysis.matching import (
     cosine_matrix,
     match_features,
@@ -19,7 +20,6 @@ from lit_prune.analysis.matching import (
     unit_rows,
 )
 from lit_prune.analysis.matching_candidates import row_topk, top_candidates
-from lit_prune.analysis.fragility import breaking_points, survival_by_bin
 from lit_prune.errors import LitPruneError
 
 R2 = math.sqrt(2.0)
@@ -176,6 +176,7 @@ def test_auto_uses_hungarian_for_small_inputs():
 
 
 # --- "exact": sparse candidates + dual certificate (matching_exact) -----------------------------
+
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("candidates", [1, 2, 8])
@@ -344,8 +345,14 @@ def test_matching_65536_fits_in_memory():
     # Separate process so ru_maxrss is this job's peak alone (GiB on Linux: KiB / 2**20).
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(_BIG)], check=True, env=env,
-                         capture_output=True, text=True, timeout=1800).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_BIG)],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    ).stdout.split()
     method, matched, unique, _, total, secs, peak_gib = out
     print(f"65,536 x 65,536 exact matching: {secs} s, peak RSS {peak_gib} GiB, total {total}")
     assert method == "exact" and int(matched) == int(unique) == 65536

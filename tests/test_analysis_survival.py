@@ -37,12 +37,14 @@ def _dense_and_pruned():
     """Dense SAE = e1..e4 in R^8; pruned SAE keeps e1, e2, tilts e3 to cos 0.8, e4 to 0.3."""
     eye = torch.eye(8)
     dense = eye[:4] * torch.tensor([[1.0], [2.0], [0.5], [3.0]])  # norms must not matter
-    pruned = torch.stack([eye[0], eye[1], 0.8 * eye[2] + 0.6 * eye[4],
-                          0.3 * eye[3] + math.sqrt(1 - 0.09) * eye[5]])
+    pruned = torch.stack(
+        [eye[0], eye[1], 0.8 * eye[2] + 0.6 * eye[4], 0.3 * eye[3] + math.sqrt(1 - 0.09) * eye[5]]
+    )
     return dense, pruned
 
 
 # --- RQ2 geometric -------------------------------------------------------------------
+
 
 def test_geometric_survival_of_sae_with_itself_is_one():
     dec = _rand(64, 16, 0)
@@ -74,8 +76,9 @@ def test_normalised_survival():
 
 
 def test_wanda_magnitude_ratio():
-    out = wanda_magnitude_ratio({0.3: 0.9, 0.5: 0.74, 0.7: 0.2, 0.9: 0.0},
-                                {0.3: 0.9, 0.5: 0.2, 0.7: 0.1, 0.9: 0.0, 0.95: 0.0})
+    out = wanda_magnitude_ratio(
+        {0.3: 0.9, 0.5: 0.74, 0.7: 0.2, 0.9: 0.0}, {0.3: 0.9, 0.5: 0.2, 0.7: 0.1, 0.9: 0.0, 0.95: 0.0}
+    )
     assert out["ratio"][0.3] == pytest.approx(1.0) and out["ratio"][0.5] == pytest.approx(3.7)
     assert math.isnan(out["ratio"][0.9]) and 0.95 not in out["ratio"]
     assert out["max"] == pytest.approx(3.7) and out["argmax"] == 0.5
@@ -83,6 +86,7 @@ def test_wanda_magnitude_ratio():
 
 
 # --- RQ1 ---------------------------------------------------------------------------------
+
 
 def test_seed_stability_hand_made():
     # seed 1 = seed 0 permuted and rescaled; seed 2 unrelated (random 64-d: cos << 0.7)
@@ -112,6 +116,7 @@ def test_seed_stability_alive_masks_and_errors():
 
 
 # --- RQ2 functional ----------------------------------------------------------------------
+
 
 def _acts(seed, tokens=300, n=6):
     rng = np.random.default_rng(seed)
@@ -150,6 +155,7 @@ def test_functional_survival_hand_made():
 
 # --- RQ4 fragility -----------------------------------------------------------------------
 
+
 def test_firing_rate_bins_hand_computed():
     # log10 p = -10..-1; 5-quantile edges -8.2, -6.4, -4.6, -2.8 -> two per bin
     p = 10.0 ** -torch.arange(10, 0, -1, dtype=torch.float64)
@@ -168,7 +174,8 @@ def test_survival_by_bin_and_rho_bin():
     assert tied[0] == 0.75 and tied[4] == 0.0 and all(math.isnan(v) for v in tied[1:4])
     assert rho_bin([1.0, 0.75, 0.5, 0.25, 0.0])[0] == pytest.approx(-1.0)
     assert rho_bin([1.0, 0.5, 0.5, 0.0, 0.0])[0] == pytest.approx(
-        sps.spearmanr(range(5), [1.0, 0.5, 0.5, 0.0, 0.0]).statistic)
+        sps.spearmanr(range(5), [1.0, 0.5, 0.5, 0.0, 0.0]).statistic
+    )
 
 
 def test_firing_rate_analysis_feature_level_matches_scipy():
@@ -187,9 +194,11 @@ def test_firing_rate_analysis_feature_level_matches_scipy():
 
 
 def test_breaking_points_and_fragility_hand_made():
-    cos = {0.5: torch.tensor([0.9, 0.6, 0.8, NAN]),
-           0.3: torch.tensor([0.95, 0.8, 0.6, 0.9]),
-           0.7: torch.tensor([0.8, 0.9, 0.2, 0.9])}
+    cos = {
+        0.5: torch.tensor([0.9, 0.6, 0.8, NAN]),
+        0.3: torch.tensor([0.95, 0.8, 0.6, 0.9]),
+        0.7: torch.tensor([0.8, 0.9, 0.2, 0.9]),
+    }
     assert breaking_points(cos, tau=0.7).tolist() == [math.inf, 0.5, 0.3, 0.5]
     expected = [1 - 2.65 / 3, 1 - 2.3 / 3, 1 - 1.6 / 3, 1 - 1.8 / 3]  # NaN counts as 0
     np.testing.assert_allclose(fragility(cos).numpy(), expected, rtol=1e-6)

@@ -43,7 +43,12 @@ def test_the_installed_versions_are_the_pinned_ones():
     pins = pins_for_this_python()
     installed = {dist.metadata["Name"]: dist.version for dist in metadata.distributions()}
     installed = {canonicalize_name(name): Version(v).public for name, v in installed.items()}
-    differ = {name: (installed[name], version) for name, version in pins.items()
-              if name in installed and installed[name] != Version(version).public}
-    assert differ == {}, f"installed != pinned: {differ}; run `make setup` (or pip install -c constraints.txt)"
+    differ = {
+        name: (installed[name], version)
+        for name, version in pins.items()
+        if name in installed and installed[name] != Version(version).public
+    }
+    assert differ == {}, (
+        f"installed != pinned: {differ}; run `make setup` (or pip install -c constraints.txt)"
+    )
     assert all(name in installed for name in direct_dependencies())

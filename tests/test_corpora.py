@@ -13,10 +13,11 @@ import pytest
 
 from lit_prune.data import corpora, python_docs
 from lit_prune.data.corpora import PythonDocsOptions, load_documents, python_docs_path, require_documents
-from lit_prune.data.splits import SPLITS, documents_of_split, split_of, unit_hash, validate_fractions
 from lit_prune.data.docstring_cleaning import clean_paragraphs
 from lit_prune.data.python_docs import docstrings_of_file, package_docs
+from lit_prune.data.splits import SPLITS, documents_of_split, split_of, unit_hash, validate_fractions
 from lit_prune.errors import LitPruneError
+
 
 @pytest.fixture(autouse=True)
 def _private_hf_cache(tmp_path_factory, monkeypatch):
@@ -31,6 +32,7 @@ SYNTHETIC = [f"Synthetic document number {i} about topic {i % 37}." for i in ran
 
 
 # --- splits and fingerprints -------------------------------------------------------------
+
 
 def test_unit_hash_is_salted_sha256_of_text():
     digest = hashlib.sha256(b"lit_prune\0hello").digest()
@@ -57,11 +59,16 @@ def test_splits_deterministic_disjoint_cover_and_sized():
     assert abs(big.count("calibration") / 4000 - 0.25) < 0.03
 
 
-@pytest.mark.parametrize("fractions, field", [
-    ({"eval": 1.0}, "fractions.eval"), ({"eval": -0.1}, "fractions.eval"),
-    ({"eval": 0.6, "calibration": 0.5}, "fractions"), ({"test": 0.1}, "fractions"),
-    ({"eval": "0.1"}, "fractions.eval"),
-])
+@pytest.mark.parametrize(
+    "fractions, field",
+    [
+        ({"eval": 1.0}, "fractions.eval"),
+        ({"eval": -0.1}, "fractions.eval"),
+        ({"eval": 0.6, "calibration": 0.5}, "fractions"),
+        ({"test": 0.1}, "fractions"),
+        ({"eval": "0.1"}, "fractions.eval"),
+    ],
+)
 def test_bad_fractions_name_the_field(fractions, field):
     with pytest.raises(LitPruneError, match=rf"^{field}="):
         validate_fractions(fractions)
@@ -70,7 +77,7 @@ def test_bad_fractions_name_the_field(fractions, field):
 
 # --- docstring cleaning ------------------------------------------------------------------
 
-NUMPYDOC = '''Add two arrays element-wise.
+NUMPYDOC = """Add two arrays element-wise.
 
     This function adds ``a`` and ``b`` and returns a new array; the inputs are
     never modified.
@@ -114,9 +121,9 @@ NUMPYDOC = '''Add two arrays element-wise.
 
     >>> add([1, 2], [3, 4])
     array([4, 6])
-    '''
+    """
 
-GOOGLE = '''Scale a tensor by a factor.
+GOOGLE = """Scale a tensor by a factor.
 
     The result shares no memory with the input, so it is safe to modify
     in place afterwards.
@@ -136,14 +143,13 @@ GOOGLE = '''Scale a tensor by a factor.
 
     .. note::
         Integer tensors are promoted to floating point before scaling.
-    '''
+    """
 
 
 def test_clean_numpydoc_keeps_exactly_the_prose():
     assert clean_paragraphs(NUMPYDOC) == [
         "Add two arrays element-wise.",
-        "This function adds ``a`` and ``b`` and returns a new array; "
-        "the inputs are never modified.",
+        "This function adds ``a`` and ``b`` and returns a new array; the inputs are never modified.",
         "The shapes must broadcast, for example:",
         "The first addend.",
         "The second addend.",
@@ -175,9 +181,11 @@ def test_clean_google_and_hf_styles():
 
         foo(x, y) -> int
         """)
-    assert clean_paragraphs(hf) == ["Configuration of a tiny model for x < 2.",
-                                    "Dimension of the hidden layers.",
-                                    "Added to the variance for numerical stability."]
+    assert clean_paragraphs(hf) == [
+        "Configuration of a tiny model for x < 2.",
+        "Dimension of the hidden layers.",
+        "Added to the variance for numerical stability.",
+    ]
 
 
 # --- static extraction -------------------------------------------------------------------
@@ -215,36 +223,46 @@ def _write_package(root: Path, name: str, order: list[str]) -> None:
         path.write_text(files[rel])
 
 
-FILE_ORDER = ["__init__.py", "sub/__init__.py", "sub/mod.py", "sub/copy.py", "tests/test_x.py",
-              "broken.py"]
+FILE_ORDER = ["__init__.py", "sub/__init__.py", "sub/mod.py", "sub/copy.py", "tests/test_x.py", "broken.py"]
 
 
 def test_ast_extraction_finds_docstrings_without_importing(tmp_path):
     _write_package(tmp_path, "boompkg", FILE_ORDER)
     found = list(docstrings_of_file(tmp_path / "boompkg/sub/mod.py"))
     assert [(line, name) for line, name, _ in found] == [
-        (0, "<module>"), (3, "Widget"), (5, "Widget.spin"), (7, "Widget.spin.inner"),
-        (10, "fetch"), (12, "short")]
+        (0, "<module>"),
+        (3, "Widget"),
+        (5, "Widget.spin"),
+        (7, "Widget.spin.inner"),
+        (10, "fetch"),
+        (12, "short"),
+    ]
     assert list(docstrings_of_file(tmp_path / "boompkg/broken.py")) == []
     records = package_docs("boompkg", [tmp_path / "boompkg"])
     assert [r.source for r in records] == [
-        "boompkg:boompkg/__init__.py:<module>", "boompkg:boompkg/sub/copy.py:twin",
-        "boompkg:boompkg/sub/mod.py:<module>", "boompkg:boompkg/sub/mod.py:Widget.spin",
-        "boompkg:boompkg/sub/mod.py:Widget.spin.inner", "boompkg:boompkg/sub/mod.py:fetch"]
+        "boompkg:boompkg/__init__.py:<module>",
+        "boompkg:boompkg/sub/copy.py:twin",
+        "boompkg:boompkg/sub/mod.py:<module>",
+        "boompkg:boompkg/sub/mod.py:Widget.spin",
+        "boompkg:boompkg/sub/mod.py:Widget.spin.inner",
+        "boompkg:boompkg/sub/mod.py:fetch",
+    ]
     assert "boompkg" not in sys.modules
 
 
 def test_order_independent_of_file_creation_and_cross_package_dedup(tmp_path, monkeypatch):
     _write_package(tmp_path / "a", "pkga", FILE_ORDER)
     _write_package(tmp_path / "b", "pkgb", FILE_ORDER[::-1])
-    strip = [(r.path.split("/", 1)[1], r.qualname, r.text.replace("pkgb", "pkga")) for r in
-             package_docs("pkgb", [tmp_path / "b/pkgb"])]
-    assert strip == [(r.path.split("/", 1)[1], r.qualname, r.text) for r in
-                     package_docs("pkga", [tmp_path / "a/pkga"])]
+    strip = [
+        (r.path.split("/", 1)[1], r.qualname, r.text.replace("pkgb", "pkga"))
+        for r in package_docs("pkgb", [tmp_path / "b/pkgb"])
+    ]
+    assert strip == [
+        (r.path.split("/", 1)[1], r.qualname, r.text) for r in package_docs("pkga", [tmp_path / "a/pkga"])
+    ]
     monkeypatch.syspath_prepend(str(tmp_path / "a"))
     monkeypatch.syspath_prepend(str(tmp_path / "b"))
-    options = PythonDocsOptions(packages=("pkgb", "pkga", "no_such_pkg_xyz"), stdlib=False,
-                                topics=False)
+    options = PythonDocsOptions(packages=("pkgb", "pkga", "no_such_pkg_xyz"), stdlib=False, topics=False)
     records, meta = corpora.build_python_docs(options)
     assert meta["missing_packages"] == ["no_such_pkg_xyz"]
     assert meta["documents_per_package"] == {"pkga": 6, "pkgb": 1}  # only `Package pkgb` is new
@@ -253,6 +271,7 @@ def test_order_independent_of_file_creation_and_cross_package_dedup(tmp_path, mo
 
 
 # --- embedded corpus and its cache ---------------------------------------------------------
+
 
 def test_cache_round_trip(tmp_path, monkeypatch):
     _write_package(tmp_path / "src", "pkga", FILE_ORDER)
@@ -269,6 +288,7 @@ def test_cache_round_trip(tmp_path, monkeypatch):
 
     def no_rebuild(_options):
         raise AssertionError("the cache should have been read")
+
     monkeypatch.setattr(corpora, "build_python_docs", no_rebuild)
     first = list(load_documents("python-docs", cache_dir=tmp_path / "cache"))
     second = list(load_documents("python-docs", cache_dir=tmp_path / "cache"))
@@ -311,25 +331,42 @@ def test_python_docs_options_validate_and_name_the_cache():
 
 # --- local files and the hub -------------------------------------------------------------
 
+
 def test_local_txt_jsonl_parquet_through_datasets(tmp_path):
     import datasets
 
     (tmp_path / "a.txt").write_text("First paragraph\nspans two lines.\n\nSecond paragraph.\n")
-    (tmp_path / "b.jsonl").write_text('{"body": "From JSON lines."}\n{"body": "  "}\n'
-                                      '{"body": "Another row."}\n')
+    (tmp_path / "b.jsonl").write_text(
+        '{"body": "From JSON lines."}\n{"body": "  "}\n{"body": "Another row."}\n'
+    )
     datasets.Dataset.from_dict({"body": ["From parquet.", "Parquet two."]}).to_parquet(
-        str(tmp_path / "c.parquet"))
+        str(tmp_path / "c.parquet")
+    )
     assert list(load_documents(str(tmp_path / "a.txt"))) == [
-        "First paragraph\nspans two lines.", "Second paragraph."]
+        "First paragraph\nspans two lines.",
+        "Second paragraph.",
+    ]
     assert list(load_documents(str(tmp_path / "b.jsonl"), text_field="body")) == [
-        "From JSON lines.", "Another row."]
-    assert list(load_documents(str(tmp_path / "c.parquet"), text_field="body",
-                               streaming=False)) == ["From parquet.", "Parquet two."]
+        "From JSON lines.",
+        "Another row.",
+    ]
+    assert list(load_documents(str(tmp_path / "c.parquet"), text_field="body", streaming=False)) == [
+        "From parquet.",
+        "Parquet two.",
+    ]
     assert list(load_documents(str(tmp_path / "*.parquet"), text_field="body")) == [
-        "From parquet.", "Parquet two."]
+        "From parquet.",
+        "Parquet two.",
+    ]
     everything = list(load_documents(str(tmp_path), text_field="body"))
-    assert everything == ["First paragraph\nspans two lines.", "Second paragraph.",
-                          "From JSON lines.", "Another row.", "From parquet.", "Parquet two."]
+    assert everything == [
+        "First paragraph\nspans two lines.",
+        "Second paragraph.",
+        "From JSON lines.",
+        "Another row.",
+        "From parquet.",
+        "Parquet two.",
+    ]
 
 
 def test_hub_source_is_parsed_and_streamed(monkeypatch):
@@ -340,9 +377,11 @@ def test_hub_source_is_parsed_and_streamed(monkeypatch):
     def fake_load_dataset(path, name=None, **kwargs):
         calls.append((path, name, kwargs))
         return iter([{"content": "Hub document one."}, {"content": ""}, {"content": "Two."}])
+
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    docs = list(load_documents("hf:org/corpus-name", text_field="content", hub_config="en",
-                               hub_split="validation"))
+    docs = list(
+        load_documents("hf:org/corpus-name", text_field="content", hub_config="en", hub_split="validation")
+    )
     assert docs == ["Hub document one.", "Two."]
     assert calls == [("org/corpus-name", "en", {"split": "validation", "streaming": True})]
     with pytest.raises(LitPruneError, match=r"^corpus='hf:'"):
@@ -369,15 +408,21 @@ def test_errors_name_the_field(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\nnot json\n')
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not a parquet file")
     for name in ("broken.jsonl", "broken.parquet"):
-        with pytest.raises(LitPruneError, match=rf"^corpus='.*{name}' is invalid: expected a readable corpus \(Arrow"):
+        with pytest.raises(
+            LitPruneError, match=rf"^corpus='.*{name}' is invalid: expected a readable corpus \(Arrow"
+        ):
             list(load_documents(str(tmp_path / name)))
 
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'org/name' on the Hub (LocalEntryNotFoundError)")
+
     import datasets
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(datasets, "load_dataset", offline)
-        with pytest.raises(LitPruneError, match=r"^corpus='hf:org/name' is invalid: .*ConnectionError: Couldn't reach"):
+        with pytest.raises(
+            LitPruneError, match=r"^corpus='hf:org/name' is invalid: .*ConnectionError: Couldn't reach"
+        ):
             load_documents("hf:org/name")
 
 
@@ -399,8 +444,15 @@ def test_a_cache_dir_that_cannot_be_a_directory_is_one_line_error(tmp_path, loca
     from lit_prune.lit.datamodule import TokenDataModule
 
     (tmp_path / "file").write_text("")
-    dm = TokenDataModule(model_name="tiny-llama", corpus=str(local_corpus), cache_dir=str(tmp_path / "file" / "cache"),
-                         model_cache_dir=str(model_cache))
-    with pytest.raises(LitPruneError, match=r"^data.cache_dir='.*/file/cache' is invalid: expected a directory this "
-                                            r"user can create and write into \(.*: Not a directory\)$"):
+    dm = TokenDataModule(
+        model_name="tiny-llama",
+        corpus=str(local_corpus),
+        cache_dir=str(tmp_path / "file" / "cache"),
+        model_cache_dir=str(model_cache),
+    )
+    with pytest.raises(
+        LitPruneError,
+        match=r"^data.cache_dir='.*/file/cache' is invalid: expected a directory this "
+        r"user can create and write into \(.*: Not a directory\)$",
+    ):
         dm.prepare_data()

@@ -3,8 +3,8 @@
 import json
 
 import torch
-
 from conftest import ROOT, run_cli
+
 from lit_prune.cli import lightning_cli
 
 SEQ_LEN, GLOBAL_BATCH, TRAIN_TOKENS, EVAL_SEQS = 32, 8, 65536, 32
@@ -20,25 +20,42 @@ def _fit(tmp_path, corpus, model_cache, devices: int) -> dict:
     lit_prune` subprocess that spawns the second rank, as a user would run it."""
     per_device = GLOBAL_BATCH // devices
     out = tmp_path / f"devices{devices}"
-    args = ["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--model.model_name=tiny-llama",
-            f"--model.model_cache_dir={model_cache}", f"--data.corpus={corpus}", f"--data.cache_dir={tmp_path / 'cache'}",
-            f"--trainer.default_root_dir={out}", "--trainer.logger=false",
-            f"--model.export_dir={out / 'sae'}", "--trainer.enable_checkpointing=false",
-            f"--trainer.devices={devices}", "--trainer.accelerator=cpu", "--model.lr=0.003",
-            f"--data.seq_len={SEQ_LEN}", f"--data.train_tokens={TRAIN_TOKENS}", f"--data.eval_tokens={EVAL_SEQS * SEQ_LEN}",
-            f"--data.batch_size={per_device}",
-            # one SAE step per LM batch, on exactly that batch's tokens (the buffer holds one batch)
-            f"--model.sae_batch_tokens={per_device * (SEQ_LEN - 1)}", "--model.buffer_batches=1",
-            # no latent counts as dead: the TopK auxiliary loss would follow per-rank dead counts
-            "--model.dead_window_tokens=1000000000",
-            # spliced CE / KL on every eval sequence (the CE row count is per rank)
-            f"--model.ce_eval_sequences={EVAL_SEQS}"]
+    args = [
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "tiny.yaml"),
+        "--model.model_name=tiny-llama",
+        f"--model.model_cache_dir={model_cache}",
+        f"--data.corpus={corpus}",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        f"--trainer.default_root_dir={out}",
+        "--trainer.logger=false",
+        f"--model.export_dir={out / 'sae'}",
+        "--trainer.enable_checkpointing=false",
+        f"--trainer.devices={devices}",
+        "--trainer.accelerator=cpu",
+        "--model.lr=0.003",
+        f"--data.seq_len={SEQ_LEN}",
+        f"--data.train_tokens={TRAIN_TOKENS}",
+        f"--data.eval_tokens={EVAL_SEQS * SEQ_LEN}",
+        f"--data.batch_size={per_device}",
+        # one SAE step per LM batch, on exactly that batch's tokens (the buffer holds one batch)
+        f"--model.sae_batch_tokens={per_device * (SEQ_LEN - 1)}",
+        "--model.buffer_batches=1",
+        # no latent counts as dead: the TopK auxiliary loss would follow per-rank dead counts
+        "--model.dead_window_tokens=1000000000",
+        # spliced CE / KL on every eval sequence (the CE row count is per rank)
+        f"--model.ce_eval_sequences={EVAL_SEQS}",
+    ]
     if devices == 1:
         lightning_cli(args)
         return json.loads((out / "sae" / "lit_prune.json").read_text())
     # every rank saves its SAE (tests/ddp_probe.py), to compare the replicas
-    args += ["--trainer.strategy=ddp", "--trainer.callbacks+=tests.ddp_probe.DumpSAEReplicas",
-             f"--trainer.callbacks.out_dir={out / 'replicas'}"]
+    args += [
+        "--trainer.strategy=ddp",
+        "--trainer.callbacks+=tests.ddp_probe.DumpSAEReplicas",
+        f"--trainer.callbacks.out_dir={out / 'replicas'}",
+    ]
     result = run_cli(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     replicas = [torch.load(p) for p in sorted((out / "replicas").glob("rank*.pt"))]

@@ -28,7 +28,7 @@ def test_it_is_a_real_language_model(smollm2):
     model, tokenizer, _ = smollm2
     ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
     out = model.generate(ids, max_new_tokens=3, do_sample=False)
-    assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
 
 
 def test_position_zero_is_an_outlier_excluded_from_sae_inputs(smollm2):

@@ -20,10 +20,9 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from torch.overrides import _get_current_function_mode_stack
-
 from conftest import ROOT
 from fake_cuda import DeviceMismatch, fake_cuda
+from torch.overrides import _get_current_function_mode_stack
 
 
 # --- the emulator: planted bugs raise, legal patterns pass ---------------------------------------
@@ -75,7 +74,9 @@ PLANTED = {
     "cpu tensor indexed by cuda indices": lambda: torch.arange(4.0)[torch.tensor([0, 2], device="cuda")],
     ".numpy() of a cuda tensor": lambda: _cuda_ones(3).numpy(),
     "np.asarray of a cuda tensor": lambda: np.asarray(_cuda_ones(3)),
-    "cpu generator for a cuda randn": lambda: torch.randn(3, device="cuda", generator=torch.Generator().manual_seed(0)),
+    "cpu generator for a cuda randn": lambda: torch.randn(
+        3, device="cuda", generator=torch.Generator().manual_seed(0)
+    ),
     "cuda 0-dim tensor with a cpu tensor": lambda: torch.ones(3) * torch.tensor(2.0, device="cuda"),
     "cpu input to a cuda module": lambda: torch.nn.Linear(5, 3).cuda()(torch.ones(2, 5)),
     "cat across devices": lambda: torch.cat([_cuda_ones(2), torch.ones(2)]),
@@ -103,13 +104,24 @@ def _slice_assign_cpu_values() -> torch.Tensor:
 
 LEGAL = {  # name: (call, device type of the result)
     "0-dim cpu scalar with a cuda tensor": (lambda: _cuda_ones(3) * torch.tensor(2.0), "cuda"),
-    "cuda tensor indexed by cpu indices": (lambda: torch.arange(4.0, device="cuda")[torch.tensor([0, 2])], "cuda"),
-    "cuda tensor indexed by a cuda mask": (lambda: torch.arange(4.0).cuda()[torch.arange(4).cuda() > 1], "cuda"),
-    "cpu generator, then .to(cuda)": (lambda: torch.randperm(4, generator=torch.Generator().manual_seed(0)).to("cuda"),
-                                      "cuda"),
+    "cuda tensor indexed by cpu indices": (
+        lambda: torch.arange(4.0, device="cuda")[torch.tensor([0, 2])],
+        "cuda",
+    ),
+    "cuda tensor indexed by a cuda mask": (
+        lambda: torch.arange(4.0).cuda()[torch.arange(4).cuda() > 1],
+        "cuda",
+    ),
+    "cpu generator, then .to(cuda)": (
+        lambda: torch.randperm(4, generator=torch.Generator().manual_seed(0)).to("cuda"),
+        "cuda",
+    ),
     "copy_ from cuda keeps the cpu destination": (_copy_into_cpu, "cpu"),
     "slice assignment of cpu values": (_slice_assign_cpu_values, "cuda"),
-    "factory on a cuda tensor's device": (lambda: torch.zeros(3, device=_cuda_ones(1).device) + _cuda_ones(3), "cuda"),
+    "factory on a cuda tensor's device": (
+        lambda: torch.zeros(3, device=_cuda_ones(1).device) + _cuda_ones(3),
+        "cuda",
+    ),
     "correct custom backward": (lambda: _custom_backward(_ScaleBy), "cuda"),
 }
 
@@ -137,13 +149,20 @@ def test_module_moves_and_trains_on_the_device(move):
     with fake_cuda():
         model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.LayerNorm(4))
         model.register_buffer("scale", torch.tensor([2.0]))
-        {"positional": lambda: model.to("cuda"), "keyword": lambda: model.to(device="cuda", dtype=torch.float32),
-         "cuda()": model.cuda}[move]()
+        {
+            "positional": lambda: model.to("cuda"),
+            "keyword": lambda: model.to(device="cuda", dtype=torch.float32),
+            "cuda()": model.cuda,
+        }[move]()
         opt = torch.optim.Adam(model.parameters(), fused=True)
         (model(_cuda_ones(2, 5)) * model.scale).sum().backward()
         opt.step()
-        tensors = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters()),
-                   *(v for state in opt.state.values() for v in state.values())]
+        tensors = [
+            *model.parameters(),
+            *model.buffers(),
+            *(p.grad for p in model.parameters()),
+            *(v for state in opt.state.values() for v in state.values()),
+        ]
         assert {t.device.type for t in tensors} == {"cuda"}
         clone = copy.deepcopy(model)
         assert {p.device.type for p in clone.parameters()} == {"cuda"}
@@ -164,19 +183,32 @@ WAITS = {  # name: (call, the wait it records): what makes the host wait for a r
     "if tensor": (lambda: 1 if _cuda_ones(2).any() else 0, "TensorBase.__bool__"),
     "boolean mask": (_bool_mask, "TensorBase.__getitem__ with a boolean mask"),
     "nonzero": (lambda: _cuda_ones(3).nonzero(), "TensorBase.nonzero"),
-    "bincount": (lambda: torch.bincount(torch.zeros(3, dtype=torch.long, device="cuda")),
-                 "_VariableFunctionsClass.bincount"),
-    "cpu indices into cuda": (lambda: _cuda_ones(4)[torch.tensor([0, 2])], "TensorBase.__getitem__ with CPU indices"),
+    "bincount": (
+        lambda: torch.bincount(torch.zeros(3, dtype=torch.long, device="cuda")),
+        "_VariableFunctionsClass.bincount",
+    ),
+    "cpu indices into cuda": (
+        lambda: _cuda_ones(4)[torch.tensor([0, 2])],
+        "TensorBase.__getitem__ with CPU indices",
+    ),
     "blocking copy to cuda": (lambda: torch.ones(3).to("cuda"), "TensorBase.to to cuda:0"),
     "copy to the host": (lambda: _cuda_ones(3).cpu(), "TensorBase.cpu"),
-    "tensor from data on cuda": (lambda: torch.tensor([1.0], device="cuda"), "_VariableFunctionsClass.tensor(device=cuda)"),
+    "tensor from data on cuda": (
+        lambda: torch.tensor([1.0], device="cuda"),
+        "_VariableFunctionsClass.tensor(device=cuda)",
+    ),
     "new_tensor on cuda": (lambda: _cuda_ones(1).new_tensor(0.0), "TensorBase.new_tensor"),
 }
 NO_WAITS = {
     "pinned non-blocking copy": lambda: torch.ones(3).pin_memory().to("cuda", non_blocking=True),
-    "sort, searchsorted, topk": lambda: torch.searchsorted(_cuda_ones(4).sort().values, _cuda_ones(2).topk(1).values),
-    "masked_fill_ and scatter_reduce_": lambda: _cuda_ones(3).masked_fill_(_cuda_ones(3) > 0, 0).scatter_reduce_(
-        0, torch.zeros(3, dtype=torch.long, device="cuda"), _cuda_ones(3), "amax"),
+    "sort, searchsorted, topk": lambda: torch.searchsorted(
+        _cuda_ones(4).sort().values, _cuda_ones(2).topk(1).values
+    ),
+    "masked_fill_ and scatter_reduce_": lambda: (
+        _cuda_ones(3)
+        .masked_fill_(_cuda_ones(3) > 0, 0)
+        .scatter_reduce_(0, torch.zeros(3, dtype=torch.long, device="cuda"), _cuda_ones(3), "amax")
+    ),
     "new_zeros(())": lambda: _cuda_ones(1).new_zeros(()),
     "host-only work": lambda: torch.ones(3)[torch.ones(3) > 0].nonzero().tolist(),
 }
@@ -202,18 +234,25 @@ def deterministic_flags(monkeypatch):
     """Restores what Lightning's `deterministic=True` changes for the whole process."""
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     yield
     torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 REFUSED_WHEN_DETERMINISTIC = {
     "float cumsum": lambda: _cuda_ones(3).cumsum(0),
-    "bincount with weights": lambda: torch.bincount(torch.zeros(3, dtype=torch.long, device="cuda"), _cuda_ones(3)),
-    "scatter_reduce prod": lambda: _cuda_ones(3).scatter_reduce(0, torch.zeros(3, dtype=torch.long, device="cuda"),
-                                                               _cuda_ones(3), "prod"),
-    "cross_entropy": lambda: torch.nn.functional.cross_entropy(_cuda_ones(2, 3), torch.zeros(2, dtype=torch.long,
-                                                                                            device="cuda")),
+    "bincount with weights": lambda: torch.bincount(
+        torch.zeros(3, dtype=torch.long, device="cuda"), _cuda_ones(3)
+    ),
+    "scatter_reduce prod": lambda: _cuda_ones(3).scatter_reduce(
+        0, torch.zeros(3, dtype=torch.long, device="cuda"), _cuda_ones(3), "prod"
+    ),
+    "cross_entropy": lambda: torch.nn.functional.cross_entropy(
+        _cuda_ones(2, 3), torch.zeros(2, dtype=torch.long, device="cuda")
+    ),
 }
 
 
@@ -231,15 +270,25 @@ def test_deterministic_mode_refuses_what_cuda_refuses(name, deterministic_flags)
 
 
 def test_everything_is_restored_on_exit_even_after_an_error():
-    before = (torch.cuda.is_available(), torch.cuda.device_count(), torch.nn.Parameter.__new__,
-              torch.autograd.Function.apply, os.environ.get("CUDA_DEVICE_ORDER"))
+    before = (
+        torch.cuda.is_available(),
+        torch.cuda.device_count(),
+        torch.nn.Parameter.__new__,
+        torch.autograd.Function.apply,
+        os.environ.get("CUDA_DEVICE_ORDER"),
+    )
     with pytest.raises(DeviceMismatch), fake_cuda():
         assert torch.cuda.is_available() and torch.cuda.device_count() == 1
         os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # as Lightning's CUDA accelerator does
         leftover = _cuda_ones(3)
         leftover @ torch.ones(3, 2)
-    after = (torch.cuda.is_available(), torch.cuda.device_count(), torch.nn.Parameter.__new__,
-             torch.autograd.Function.apply, os.environ.get("CUDA_DEVICE_ORDER"))
+    after = (
+        torch.cuda.is_available(),
+        torch.cuda.device_count(),
+        torch.nn.Parameter.__new__,
+        torch.autograd.Function.apply,
+        os.environ.get("CUDA_DEVICE_ORDER"),
+    )
     assert after == before
     assert _get_current_function_mode_stack() == []
     assert "saved_tensors" not in torch.autograd.function.BackwardCFunction.__dict__
@@ -264,8 +313,10 @@ def test_fast_topk_step_on_the_device_equals_cpu(dense_threshold):
     want, want_grads = step(copy.deepcopy(sae), x, dead)
     with fake_cuda():
         got, grads = step(copy.deepcopy(sae).cuda(), x.cuda(), dead.cuda())
-        devices = {t.device.type for t in [got.loss, got.sae_out, got.fired, got.l0, *got.losses.values(),
-                                           *grads.values()]}
+        devices = {
+            t.device.type
+            for t in [got.loss, got.sae_out, got.fired, got.l0, *got.losses.values(), *grads.values()]
+        }
     assert devices == {"cuda"}
     assert want.losses["auxiliary_reconstruction_loss"] > 0
     torch.testing.assert_close(got.loss, want.loss)
@@ -293,7 +344,9 @@ class DeviceProbe(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self._see("grads", [p.grad for p in module.sae.parameters() if p.grad is not None])
-        self._see("optimizer state", [v for s in module.optimizers().optimizer.state.values() for v in s.values()])
+        self._see(
+            "optimizer state", [v for s in module.optimizers().optimizer.state.values() for v in s.values()]
+        )
         if module.buffer.storage is not None:
             self._see("activation buffer", [module.buffer.storage])
 
@@ -325,12 +378,25 @@ def _tiny_cli(tmp_path: Path, corpus: Path, model_cache: Path, name: str, *extra
     """The tiny config's LightningCLI with accelerator=gpu, not run (call inside fake_cuda())."""
     from lit_prune.cli import lightning_cli
 
-    return lightning_cli([
-        "--config", str(ROOT / "configs" / "tiny.yaml"), f"--model.model_cache_dir={model_cache}",
-        f"--data.corpus={corpus}", f"--data.cache_dir={tmp_path / 'cache'}", "--data.train_tokens=2048",
-        "--data.eval_tokens=512", "--model.ce_eval_sequences=4", f"--trainer.default_root_dir={tmp_path}",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", f"--model.export_dir={tmp_path / name}",
-        "--trainer.enable_progress_bar=false", "--trainer.accelerator=gpu", *extra], run=False)
+    return lightning_cli(
+        [
+            "--config",
+            str(ROOT / "configs" / "tiny.yaml"),
+            f"--model.model_cache_dir={model_cache}",
+            f"--data.corpus={corpus}",
+            f"--data.cache_dir={tmp_path / 'cache'}",
+            "--data.train_tokens=2048",
+            "--data.eval_tokens=512",
+            "--model.ce_eval_sequences=4",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+            f"--model.export_dir={tmp_path / name}",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.accelerator=gpu",
+            *extra,
+        ],
+        run=False,
+    )
 
 
 def _fit(tmp_path: Path, corpus: Path, model_cache: Path, name: str, *extra: str):
@@ -343,8 +409,16 @@ def _fit(tmp_path: Path, corpus: Path, model_cache: Path, name: str, *extra: str
 
 
 def _assert_on_cuda(probe: DeviceProbe) -> None:
-    assert set(probe.devices) >= {"batch", "sae", "module buffers", "lm", "grads", "optimizer state", "val batch",
-                                  "val lm"}
+    assert set(probe.devices) >= {
+        "batch",
+        "sae",
+        "module buffers",
+        "lm",
+        "grads",
+        "optimizer state",
+        "val batch",
+        "val lm",
+    }
     assert {k: v for k, v in probe.devices.items() if v != {"cuda"}} == {}
 
 
@@ -369,10 +443,20 @@ def test_dense_fit_then_wanda_fit_with_analysis_callbacks_bf16(tmp_path, local_c
             "    - class_path: lit_prune.lit.survival_callback.FeatureSurvivalCallback\n"
             f"      init_args: {{reference_sae: {tmp_path / 'dense'}, n_boot: 20, at_fit_end: true}}\n"
             "    - class_path: lit_prune.lit.ablation_callback.AblationCallback\n"
-            "      init_args: {n_top: 4, n_random: 4, n_rare: 4, eval_sequences: 4}\n")
-        pruned, probe = _fit(tmp_path, local_corpus, model_cache, "pruned", "--config", str(callbacks),
-                             "--model.seed=1", "--data.shuffle_seed=1", "--model.lm_dtype=bfloat16",
-                             "--model.dead_window_tokens=0")  # every latent silent in a step is dead: aux loss
+            "      init_args: {n_top: 4, n_random: 4, n_rare: 4, eval_sequences: 4}\n"
+        )
+        pruned, probe = _fit(
+            tmp_path,
+            local_corpus,
+            model_cache,
+            "pruned",
+            "--config",
+            str(callbacks),
+            "--model.seed=1",
+            "--data.shuffle_seed=1",
+            "--model.lm_dtype=bfloat16",
+            "--model.dead_window_tokens=0",
+        )  # every latent silent in a step is dead: aux loss
         # at_fit_end measured on the device after Lightning's teardown, not by taking the LM to the CPU
         assert {p.device.type for p in pruned.model.lm.parameters()} == {"cuda"}
         assert {p.device.type for p in pruned.model.sae.parameters()} == {"cpu"}  # as Lightning left it
@@ -398,7 +482,9 @@ def test_dense_fit_then_wanda_fit_with_analysis_callbacks_bf16(tmp_path, local_c
     _finite(rq5, "attribution_mean")
 
 
-def test_sae_steps_wait_for_the_device_only_to_count_dead_latents(tmp_path, local_corpus, model_cache, monkeypatch):
+def test_sae_steps_wait_for_the_device_only_to_count_dead_latents(
+    tmp_path, local_corpus, model_cache, monkeypatch
+):
     """A GPU runs ahead of the host only where the host does not wait for it. Over a fit, a buffer draw never
     waits; an SAE step waits once, for the number of dead latents (the auxiliary loss's shapes follow it),
     plus once per log_every_n_steps steps for the training scalars, and the first step once more."""
@@ -415,13 +501,21 @@ def test_sae_steps_wait_for_the_device_only_to_count_dead_latents(tmp_path, loca
             out = real(self, *args)
             waits[name].append(mode.host_waits[before:])
             return out
+
         monkeypatch.setattr(owner, name, call)
 
     with fake_cuda() as mode:
         recorded(ActivationBuffer, "pop")
         recorded(sae_module.SAEModule, "sae_step")
-        cli, probe = _fit(tmp_path, local_corpus, model_cache, "dense", "--model.sae_batch_tokens=64",
-                          "--model.dead_window_tokens=0", "--trainer.log_every_n_steps=4")
+        cli, probe = _fit(
+            tmp_path,
+            local_corpus,
+            model_cache,
+            "dense",
+            "--model.sae_batch_tokens=64",
+            "--model.dead_window_tokens=0",
+            "--trainer.log_every_n_steps=4",
+        )
     _assert_on_cuda(probe)
     steps = len(waits["sae_step"])
     assert steps == cli.model.global_step > 8
@@ -432,7 +526,9 @@ def test_sae_steps_wait_for_the_device_only_to_count_dead_latents(tmp_path, loca
 
 
 # --- the tiny study ---------------------------------------------------------------------------
-def test_tiny_study_on_the_device(tmp_path, local_corpus, model_cache, step_spy, monkeypatch, deterministic_flags):
+def test_tiny_study_on_the_device(
+    tmp_path, local_corpus, model_cache, step_spy, monkeypatch, deterministic_flags
+):
     """The whole tiny study, in deterministic mode: no step uses an op that CUDA refuses then."""
     import lit_prune.study.steps as steps
     from lit_prune.commands.study import run_study
@@ -449,11 +545,21 @@ def test_tiny_study_on_the_device(tmp_path, local_corpus, model_cache, step_spy,
     loggers = {name: logging.getLogger(name).level for name in ("lightning.pytorch", "lightning.fabric")}
     try:
         with warnings.catch_warnings(), fake_cuda():  # the study quiets Lightning's loggers and a warning
-            root = run_study(["--config", str(ROOT / "configs" / "tiny.yaml"), f"--data.corpus={local_corpus}",
-                              f"--data.cache_dir={tmp_path / 'cache'}", f"--model.model_cache_dir={model_cache}",
-                              f"--study.checkpoints={tmp_path / 'checkpoints'}", f"--study.logs={tmp_path / 'logs'}",
-                              "--progress=false", "--report=false", "--trainer.accelerator=gpu",
-                              "--trainer.deterministic=true"])
+            root = run_study(
+                [
+                    "--config",
+                    str(ROOT / "configs" / "tiny.yaml"),
+                    f"--data.corpus={local_corpus}",
+                    f"--data.cache_dir={tmp_path / 'cache'}",
+                    f"--model.model_cache_dir={model_cache}",
+                    f"--study.checkpoints={tmp_path / 'checkpoints'}",
+                    f"--study.logs={tmp_path / 'logs'}",
+                    "--progress=false",
+                    "--report=false",
+                    "--trainer.accelerator=gpu",
+                    "--trainer.deterministic=true",
+                ]
+            )
     finally:
         for name, level in loggers.items():
             logging.getLogger(name).setLevel(level)
@@ -466,20 +572,29 @@ def test_tiny_study_on_the_device(tmp_path, local_corpus, model_cache, step_spy,
         ppl = json.loads((root / cond / "prune" / "results" / "perplexity.json").read_text())
         assert _finite(ppl, "realised_sparsity") == [pytest.approx(0.5, abs=1e-3)]
         _finite(ppl, "perplexity")
-        _finite(json.loads((root / cond / "seed1" / "results" / "rq2_survival.json").read_text()), "mean_cosine")
+        _finite(
+            json.loads((root / cond / "seed1" / "results" / "rq2_survival.json").read_text()), "mean_cosine"
+        )
         _finite(json.loads((root / cond / "seed0" / "results" / "rq3_transfer.json").read_text()), "fvu")
-    _finite(json.loads((root / "dense" / "rq5" / "results" / "rq5_ablation.json").read_text()), "attribution_mean")
+    _finite(
+        json.loads((root / "dense" / "rq5" / "results" / "rq5_ablation.json").read_text()), "attribution_mean"
+    )
 
 
-def test_validate_with_gradient_attribution_moves_the_lm_outside_inference_mode(tmp_path, local_corpus, model_cache):
+def test_validate_with_gradient_attribution_moves_the_lm_outside_inference_mode(
+    tmp_path, local_corpus, model_cache
+):
     """`validate` first moves the LM to the GPU inside Lightning's inference mode; a plain `.to` there
     would give inference-tensor weights that RQ5's gradient attribution cannot backpropagate through."""
     callbacks = tmp_path / "callbacks.yaml"
-    callbacks.write_text("trainer:\n  callbacks+:\n    - class_path: lit_prune.lit.ablation_callback.AblationCallback\n"
-                         "      init_args: {n_top: 4, n_random: 4, n_rare: 4, eval_sequences: 4}\n")
+    callbacks.write_text(
+        "trainer:\n  callbacks+:\n    - class_path: lit_prune.lit.ablation_callback.AblationCallback\n"
+        "      init_args: {n_top: 4, n_random: 4, n_rare: 4, eval_sequences: 4}\n"
+    )
     with fake_cuda():
-        cli = _tiny_cli(tmp_path, local_corpus, model_cache, "sae", "--config", str(callbacks),
-                        "--model.norm_scale=1.0")
+        cli = _tiny_cli(
+            tmp_path, local_corpus, model_cache, "sae", "--config", str(callbacks), "--model.norm_scale=1.0"
+        )
         cli.trainer.validate(cli.model, datamodule=cli.datamodule)
         assert {(p.device.type, p.is_inference()) for p in cli.model.lm.parameters()} == {("cuda", False)}
     rows = json.loads((Path(cli.trainer.log_dir) / "results" / "rq5_ablation.json").read_text())
@@ -490,10 +605,22 @@ def test_prune_command_on_the_device(tmp_path, local_corpus, model_cache):
     from lit_prune.commands.prune import PruneOptions, run_prune
 
     with fake_cuda():
-        result = run_prune(PruneOptions(
-            output=str(tmp_path / "out"), model="tiny-llama", corpus=str(local_corpus), sparsity=0.5,
-            calibration_sequences=4, calibration_seq_len=32, eval_sequences=2, batch_size=2, progress=False,
-            model_cache_dir=str(model_cache), cache_dir=str(tmp_path / "cache"), device="cuda"))
+        result = run_prune(
+            PruneOptions(
+                output=str(tmp_path / "out"),
+                model="tiny-llama",
+                corpus=str(local_corpus),
+                sparsity=0.5,
+                calibration_sequences=4,
+                calibration_seq_len=32,
+                eval_sequences=2,
+                batch_size=2,
+                progress=False,
+                model_cache_dir=str(model_cache),
+                cache_dir=str(tmp_path / "cache"),
+                device="cuda",
+            )
+        )
         assert {p.device.type for p in result.model.parameters()} == {"cuda"}
     report = result.report
     assert report["realised_sparsity"] == pytest.approx(0.5, abs=1e-3)

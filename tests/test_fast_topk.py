@@ -18,8 +18,15 @@ SIZES = [(16, 64, 4, 128), (32, 256, 8, 256), (64, 512, 32, 512)]  # d_in, d_sae
 
 def _sae(d_in, d_sae, k, rescale=True, apply_b_dec=True, seed=0):
     """A TopK training SAE perturbed away from init: decoder norms differ, biases non-zero."""
-    cfg = TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, rescale_acts_by_decoder_norm=rescale,
-                                apply_b_dec_to_input=apply_b_dec, aux_loss_coefficient=0.5, decoder_init_norm=0.1)
+    cfg = TopKTrainingSAEConfig(
+        d_in=d_in,
+        d_sae=d_sae,
+        k=k,
+        rescale_acts_by_decoder_norm=rescale,
+        apply_b_dec_to_input=apply_b_dec,
+        aux_loss_coefficient=0.5,
+        decoder_init_norm=0.1,
+    )
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -33,21 +40,29 @@ def _sae(d_in, d_sae, k, rescale=True, apply_b_dec=True, seed=0):
 
 def _data(n, d_in, d_sae, n_dead, seed=1):
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d_in, generator=gen) + 0.3 * torch.randn(d_in, generator=gen)  # off-centre: b_dec matters
+    x = torch.randn(n, d_in, generator=gen) + 0.3 * torch.randn(
+        d_in, generator=gen
+    )  # off-centre: b_dec matters
     dead = torch.zeros(d_sae, dtype=torch.bool)
     dead[torch.randperm(d_sae, generator=gen)[:n_dead]] = True
     return x, dead
 
 
 def _reference(sae, x, dead):
-    return sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead,
-                                                    n_training_steps=0, is_logging_step=False))
+    return sae.training_forward_pass(
+        TrainStepInput(
+            sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False
+        )
+    )
 
 
 def _ours(sae, x, dead, layout="auto"):
     threshold = LAYOUTS[layout]
-    return fast_topk_training_forward(sae, x, dead) if threshold is None else \
-        fast_topk_training_forward(sae, x, dead, dense_threshold=threshold)
+    return (
+        fast_topk_training_forward(sae, x, dead)
+        if threshold is None
+        else fast_topk_training_forward(sae, x, dead, dense_threshold=threshold)
+    )
 
 
 def _close(actual, expected):
@@ -79,7 +94,9 @@ def _assert_same_step(sae, x, dead, layout="auto"):
 @pytest.mark.parametrize("dead_share", [0.0, 0.03, 0.5])
 @pytest.mark.parametrize("apply_b_dec", [True, False])
 @pytest.mark.parametrize("rescale", [True, False])
-def test_loss_gradients_and_firing_equal_sae_lens(rescale, apply_b_dec, dead_share, d_in, d_sae, k, n, layout):
+def test_loss_gradients_and_firing_equal_sae_lens(
+    rescale, apply_b_dec, dead_share, d_in, d_sae, k, n, layout
+):
     sae = _sae(d_in, d_sae, k, rescale, apply_b_dec)
     x, dead = _data(n, d_in, d_sae, round(dead_share * d_sae))
     ours, ref = _assert_same_step(sae, x, dead, layout)
@@ -118,7 +135,10 @@ def test_gradient_reaches_the_input_like_sae_lens(layout):
 def test_three_adam_steps_give_the_same_parameters(rescale):
     sae = _sae(32, 256, 8, rescale)
     ref_sae = copy.deepcopy(sae)
-    opt, ref_opt = torch.optim.Adam(sae.parameters(), lr=1e-3), torch.optim.Adam(ref_sae.parameters(), lr=1e-3)
+    opt, ref_opt = (
+        torch.optim.Adam(sae.parameters(), lr=1e-3),
+        torch.optim.Adam(ref_sae.parameters(), lr=1e-3),
+    )
     for step in range(3):
         x, dead = _data(256, 32, 256, 40, seed=10 + step)
         for model, optimizer, forward in ((sae, opt, _ours), (ref_sae, ref_opt, _reference)):

@@ -49,7 +49,9 @@ def test_unwritable_folders_name_the_field_other_errors_pass_through(tmp_path):
     from lit_prune.errors import LitPruneError
     from lit_prune.files import writing_into
 
-    with pytest.raises(LitPruneError, match=r"^data.cache_dir='/x' is invalid: .*\(/x/y: Permission denied\)$"):
+    with pytest.raises(
+        LitPruneError, match=r"^data.cache_dir='/x' is invalid: .*\(/x/y: Permission denied\)$"
+    ):
         with writing_into("data.cache_dir", "/x"):
             raise PermissionError(13, "Permission denied", "/x/y")
     with pytest.raises(LitPruneError, match=r"^data.cache_dir='/x/y' is invalid: .*\(/x: No such file"):
@@ -65,11 +67,17 @@ def test_temporaries_of_ended_processes_of_this_host_are_removed(tmp_path):
     import subprocess
     import sys
 
-    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     host, dead, alive = socket.gethostname(), int(ended.stdout), os.getpid()
-    names = {"dead_file": f".a.json-{host}~{dead}~x1.tmp", "dead_dir": f".rep-{host}~{dead}~x2",
-             "alive": f".a.json-{host}~{alive}~x3.tmp", "other_host": f".a.json-{host}x~{dead}~x4.tmp",
-             "other_name": f".a.jsonl-{host}~{dead}~x5.tmp"}
+    names = {
+        "dead_file": f".a.json-{host}~{dead}~x1.tmp",
+        "dead_dir": f".rep-{host}~{dead}~x2",
+        "alive": f".a.json-{host}~{alive}~x3.tmp",
+        "other_host": f".a.json-{host}x~{dead}~x4.tmp",
+        "other_name": f".a.jsonl-{host}~{dead}~x5.tmp",
+    }
     for key, name in names.items():
         (tmp_path / name).mkdir() if key == "dead_dir" else (tmp_path / name).write_text("")
     write_text_atomic(tmp_path / "a.json", "{}")

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import torch
-
 from conftest import ROOT
+
 from lit_prune.models.registry import load_model
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -26,8 +26,18 @@ def test_dependency_walk_follows_extras_and_leaves_out_what_is_there():
 
 def test_random_model_has_the_source_shapes_and_new_weights(tiny_dir, tmp_path):
     target = tmp_path / "random"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "random_model.py"), str(tiny_dir), str(target),
-                    "--seed", "1"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "random_model.py"),
+            str(tiny_dir),
+            str(target),
+            "--seed",
+            "1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     source, random = load_model(str(tiny_dir)), load_model(str(target))
     config = lambda m: {k: v for k, v in m.config.to_dict().items() if k != "_name_or_path"}  # noqa: E731
     assert type(random) is type(source) and config(random) == config(source)

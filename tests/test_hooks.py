@@ -4,7 +4,12 @@ import torch
 from lit_prune.errors import LitPruneError
 from lit_prune.models import hooks
 from lit_prune.models.hooks import (
-    capture_resid_post, check_layer, decoder_layers, resume_after, splice_resid_post, valid_positions,
+    capture_resid_post,
+    check_layer,
+    decoder_layers,
+    resume_after,
+    splice_resid_post,
+    valid_positions,
 )
 from lit_prune.models.registry import load_model
 
@@ -22,7 +27,9 @@ def test_capture_equals_hidden_states(model_and_ids):
     n = len(decoder_layers(model))
     for layer in range(n - 1):  # hidden_states[-1] is post-final-norm, so the last block differs by design
         torch.testing.assert_close(capture_resid_post(model, ids, layer), hidden[layer + 1], rtol=0, atol=0)
-        torch.testing.assert_close(capture_resid_post(model, ids, layer, stop=False), hidden[layer + 1], rtol=0, atol=0)
+        torch.testing.assert_close(
+            capture_resid_post(model, ids, layer, stop=False), hidden[layer + 1], rtol=0, atol=0
+        )
 
 
 def test_stop_after_block_skips_later_blocks(model_and_ids):
@@ -132,5 +139,7 @@ def test_valid_positions_excludes_first_and_padding():
 def test_block_out_of_range_is_one_line_error(model_and_ids):
     model, _ = model_and_ids
     n = len(decoder_layers(model))
-    with pytest.raises(LitPruneError, match=rf"hook_layer={n} is invalid: expected a block index in \[0, {n - 1}\]"):
+    with pytest.raises(
+        LitPruneError, match=rf"hook_layer={n} is invalid: expected a block index in \[0, {n - 1}\]"
+    ):
         check_layer(model, n)

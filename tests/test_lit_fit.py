@@ -8,24 +8,34 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, cli_in_process, run_cli
 from sae_lens import SAE
 
-from conftest import ROOT, cli_in_process, run_cli
 from lit_prune.cli import lightning_cli
 from lit_prune.lit.sae_module import SAEModule
 from lit_prune.sae.fast import fast_topk_training_forward
 
 
 def _fit_args(tmp_path, model, corpus, model_cache, *extra):
-    return ["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), f"--model.model_name={model}",
-            f"--model.model_cache_dir={model_cache}", f"--data.corpus={corpus}",
-            f"--data.cache_dir={tmp_path / 'cache'}", f"--trainer.default_root_dir={tmp_path}",
-            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
-            f"--model.export_dir={tmp_path / 'sae'}", *extra]
+    return [
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "tiny.yaml"),
+        f"--model.model_name={model}",
+        f"--model.model_cache_dir={model_cache}",
+        f"--data.corpus={corpus}",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+        f"--model.export_dir={tmp_path / 'sae'}",
+        *extra,
+    ]
 
 
 def test_fast_dev_run_each_architecture(tiny_dir, tmp_path, local_corpus, model_cache):
-    cli = lightning_cli(_fit_args(tmp_path, tiny_dir, local_corpus, model_cache, "--trainer.fast_dev_run=true"))
+    cli = lightning_cli(
+        _fit_args(tmp_path, tiny_dir, local_corpus, model_cache, "--trainer.fast_dev_run=true")
+    )
     module = cli.model
     assert module.tokens_trained.item() > 0
     assert set(module.last_val) >= {"fvu", "l0", "ce_recovered", "kl_score", "delta_lm_loss", "dead_fraction"}
@@ -46,7 +56,9 @@ def test_fit_trains_exports_and_checkpoint_round_trips(tmp_path, local_corpus, m
     sae = SAE.load_from_disk(tmp_path / "sae")
     x = module.harvest(cli.datamodule.eval_ids[:2])
     with torch.no_grad():
-        torch.testing.assert_close(sae.decode(sae.encode(x)), module.encode_decode(x)[1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            sae.decode(sae.encode(x)), module.encode_decode(x)[1], rtol=1e-4, atol=1e-4
+        )
     ckpt = next(Path(trainer.logger.log_dir).glob("checkpoints/*.ckpt"))
     state = torch.load(ckpt, weights_only=False)
     assert not any(k.startswith("lm.") for k in state["state_dict"])  # the frozen LM is not checkpointed
@@ -80,15 +92,29 @@ def test_every_shipped_config_parses():
     partial = sorted((ROOT / "configs").glob("*/*.yaml"))  # added on top of a model config
     assert {p.parent.name for p in partial} == {"pruning", "analysis"}
     for path in partial:
-        cli = ParseOnly(SAEModule, TokenDataModule, run=False,
-                        args=["--config", str(ROOT / "configs" / "smollm2.yaml"), "--config", str(path)])
+        cli = ParseOnly(
+            SAEModule,
+            TokenDataModule,
+            run=False,
+            args=["--config", str(ROOT / "configs" / "smollm2.yaml"), "--config", str(path)],
+        )
         classes = [c.class_path for c in cli.config.trainer.callbacks]
         assert classes and all(c.startswith("lit_prune.lit.") for c in classes), path
 
 
 def test_ddp_two_cpu_processes(tmp_path, local_corpus, model_cache):
-    result = run_cli(*_fit_args(tmp_path, "tiny-llama", local_corpus, model_cache, "--trainer.strategy=ddp",
-                                "--trainer.devices=2", "--trainer.accelerator=cpu"), cwd=tmp_path)
+    result = run_cli(
+        *_fit_args(
+            tmp_path,
+            "tiny-llama",
+            local_corpus,
+            model_cache,
+            "--trainer.strategy=ddp",
+            "--trainer.devices=2",
+            "--trainer.accelerator=cpu",
+        ),
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((tmp_path / "sae" / "lit_prune.json").read_text())
     assert meta["tokens_trained"] > 0 and meta["metrics"]["tokens"] > 0
@@ -96,29 +122,55 @@ def test_ddp_two_cpu_processes(tmp_path, local_corpus, model_cache):
     assert "💡 Tip" not in output and "LeafSpec" not in output, output[-3000:]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--model.model_name=no-such-model", "model_name='no-such-model' is invalid"),
-    ("--model.hook_layer=99", "hook_layer=99 is invalid: expected a block index in [0, 3]"),
-    ("--model.sae.architecture=gated", "sae.architecture='gated' is invalid"),
-    ("--data.corpus=/no/such/corpus", "corpus"),
-    ("--trainer.precision=16-true", "trainer.precision='16-true' is invalid: expected 32-true or bf16-mixed"),
-    ("--model.norm_sequences=0", "model.norm_sequences=0 is invalid"),
-    ("--model.warmup_steps=-5", "model.warmup_steps=-5 is invalid"),
-    ("--model.sae_batch_tokens=100000", "model.sae_batch_tokens=100000 is invalid"),  # no step would be taken
-    ("--trainer.devices=0", "error: trainer settings: "),  # Lightning's refusal, in one line
-    ("--trainer.strategy=foo", "error: trainer settings: You selected an invalid strategy name"),  # a ValueError
-    ("--trainer.devices=abc", "error: trainer settings: `devices` selected with `CPUAccelerator`"),  # a TypeError
-    ("--trainer.strategy=ddp_spawn", "error: trainer.strategy=\"DDPStrategy(start_method='spawn')\" is invalid"),
-    ("--seed_everything=-1", "error: seed_everything=-1 is invalid"),
-    ("--data.cache_dir=/dev/null/cache", "error: data.cache_dir='/dev/null/cache' is invalid"),
-    ("--model.model_cache_dir=/proc/lit_prune", "error: model.model_cache_dir='/proc/lit_prune' is invalid"),
-    ("--model.model_name=nope", "error: model.model_name='nope' is invalid"),  # named as fit spells it
-    # a callback's own check, which jsonargparse wraps in a many-line error
-    ("--trainer.callbacks+={class_path: lit_prune.lit.callbacks.PruningCallback, init_args: {method: magnitude, "
-     "sparsity: 1.5}}", "error: sparsity=1.5 is invalid"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--model.model_name=no-such-model", "model_name='no-such-model' is invalid"),
+        ("--model.hook_layer=99", "hook_layer=99 is invalid: expected a block index in [0, 3]"),
+        ("--model.sae.architecture=gated", "sae.architecture='gated' is invalid"),
+        ("--data.corpus=/no/such/corpus", "corpus"),
+        (
+            "--trainer.precision=16-true",
+            "trainer.precision='16-true' is invalid: expected 32-true or bf16-mixed",
+        ),
+        ("--model.norm_sequences=0", "model.norm_sequences=0 is invalid"),
+        ("--model.warmup_steps=-5", "model.warmup_steps=-5 is invalid"),
+        (
+            "--model.sae_batch_tokens=100000",
+            "model.sae_batch_tokens=100000 is invalid",
+        ),  # no step would be taken
+        ("--trainer.devices=0", "error: trainer settings: "),  # Lightning's refusal, in one line
+        (
+            "--trainer.strategy=foo",
+            "error: trainer settings: You selected an invalid strategy name",
+        ),  # a ValueError
+        (
+            "--trainer.devices=abc",
+            "error: trainer settings: `devices` selected with `CPUAccelerator`",
+        ),  # a TypeError
+        (
+            "--trainer.strategy=ddp_spawn",
+            "error: trainer.strategy=\"DDPStrategy(start_method='spawn')\" is invalid",
+        ),
+        ("--seed_everything=-1", "error: seed_everything=-1 is invalid"),
+        ("--data.cache_dir=/dev/null/cache", "error: data.cache_dir='/dev/null/cache' is invalid"),
+        (
+            "--model.model_cache_dir=/proc/lit_prune",
+            "error: model.model_cache_dir='/proc/lit_prune' is invalid",
+        ),
+        ("--model.model_name=nope", "error: model.model_name='nope' is invalid"),  # named as fit spells it
+        # a callback's own check, which jsonargparse wraps in a many-line error
+        (
+            "--trainer.callbacks+={class_path: lit_prune.lit.callbacks.PruningCallback, init_args: {method: magnitude, "
+            "sparsity: 1.5}}",
+            "error: sparsity=1.5 is invalid",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_error(tmp_path, local_corpus, model_cache, override, message):
-    code, stderr = cli_in_process(*_fit_args(tmp_path, "tiny-llama", local_corpus, model_cache, override), cwd=tmp_path)
+    code, stderr = cli_in_process(
+        *_fit_args(tmp_path, "tiny-llama", local_corpus, model_cache, override), cwd=tmp_path
+    )
     assert code == 2
     assert message in stderr, stderr[-2000:]
 
@@ -127,8 +179,15 @@ def test_export_replaces_only_an_earlier_export_of_a_trained_sae(tmp_path, local
     from lit_prune.errors import LitPruneError
 
     def args(target, *extra):  # later flags override earlier ones: this export_dir wins
-        return _fit_args(tmp_path, "tiny-llama", local_corpus, model_cache, "--trainer.enable_checkpointing=false",
-                         *extra, f"--model.export_dir={target}")
+        return _fit_args(
+            tmp_path,
+            "tiny-llama",
+            local_corpus,
+            model_cache,
+            "--trainer.enable_checkpointing=false",
+            *extra,
+            f"--model.export_dir={target}",
+        )
 
     precious, a_file = tmp_path / "precious", tmp_path / "a_file"
     precious.mkdir()
@@ -147,12 +206,23 @@ def test_export_replaces_only_an_earlier_export_of_a_trained_sae(tmp_path, local
 
 
 def test_runs_without_a_logger_export_to_new_directories(tmp_path, local_corpus, model_cache):
-    args = [a for a in _fit_args(tmp_path, "tiny-llama", local_corpus, model_cache, "--trainer.logger=false",
-                                 "--trainer.enable_checkpointing=false") if not a.startswith(("--model.export_dir",
-                                                                                              "--trainer.logger."))]
+    args = [
+        a
+        for a in _fit_args(
+            tmp_path,
+            "tiny-llama",
+            local_corpus,
+            model_cache,
+            "--trainer.logger=false",
+            "--trainer.enable_checkpointing=false",
+        )
+        if not a.startswith(("--model.export_dir", "--trainer.logger."))
+    ]
     for seed in (0, 1):
         lightning_cli(args + [f"--model.seed={seed}"])
-    seeds = [json.loads((tmp_path / "sae" / f"version_{n}" / "lit_prune.json").read_text())["seed"] for n in (0, 1)]
+    seeds = [
+        json.loads((tmp_path / "sae" / f"version_{n}" / "lit_prune.json").read_text())["seed"] for n in (0, 1)
+    ]
     assert seeds == [0, 1]
 
 
@@ -167,8 +237,16 @@ def test_lr_schedule_spans_every_sae_step_not_lm_batches(tmp_path, local_corpus,
     """Small SAE batches: ~4 SAE steps per LM batch; the warm-up/decay schedule must cover all of them."""
     from lit_prune.sae.schedule import sae_steps
 
-    cli = lightning_cli(_fit_args(tmp_path, "tiny-llama", local_corpus, model_cache, "--model.sae_batch_tokens=64",
-                                  "--trainer.enable_checkpointing=false"))
+    cli = lightning_cli(
+        _fit_args(
+            tmp_path,
+            "tiny-llama",
+            local_corpus,
+            model_cache,
+            "--model.sae_batch_tokens=64",
+            "--trainer.enable_checkpointing=false",
+        )
+    )
     module, dm = cli.model, cli.datamodule
     taken = int(module.tokens_trained) // 64
     lm_batches = -(-dm.train_ids.shape[0] // dm.hparams.batch_size)
@@ -180,7 +258,9 @@ def test_lr_schedule_spans_every_sae_step_not_lm_batches(tmp_path, local_corpus,
 
 def test_fused_adam_step_equals_plain_adam(tmp_path, local_corpus, model_cache):
     """The module's fused Adam gives the update of the textbook (for-loop) Adam from the same state."""
-    cli = lightning_cli(_fit_args(tmp_path, "tiny-llama", local_corpus, model_cache, "--trainer.enable_checkpointing=false"))
+    cli = lightning_cli(
+        _fit_args(tmp_path, "tiny-llama", local_corpus, model_cache, "--trainer.enable_checkpointing=false")
+    )
     module = cli.model
     fused = module.optimizers().optimizer
     assert fused.defaults["fused"] is True
@@ -205,13 +285,25 @@ def test_training_scalars_one_point_per_sae_step(tmp_path, local_corpus, model_c
     """Written log_every_n_steps at a time, yet every SAE step has its point, at its step, with its values."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cli = lightning_cli(_fit_args(tmp_path, "tiny-llama", local_corpus, model_cache, "--model.sae_batch_tokens=64",
-                                  "--trainer.log_every_n_steps=3", "--trainer.enable_checkpointing=false"))
+    cli = lightning_cli(
+        _fit_args(
+            tmp_path,
+            "tiny-llama",
+            local_corpus,
+            model_cache,
+            "--model.sae_batch_tokens=64",
+            "--trainer.log_every_n_steps=3",
+            "--trainer.enable_checkpointing=false",
+        )
+    )
     module = cli.model
     events = EventAccumulator(cli.trainer.log_dir, size_guidance={"scalars": 0})
     events.Reload()
-    points = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
-              if tag.startswith("train/")}
+    points = {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+        if tag.startswith("train/")
+    }
     steps = list(range(1, module.global_step + 1))
     assert module.global_step % 3 != 0  # some points were still pending when training ended
     assert {tag: [s for s, _ in p] for tag, p in points.items()} == {tag: steps for tag in points}
@@ -220,17 +312,26 @@ def test_training_scalars_one_point_per_sae_step(tmp_path, local_corpus, model_c
     assert all(0 < b - a <= 64 for a, b in zip([0.0, *tokens], tokens))
     factor = module.lr_schedulers().lr_lambdas[0]
     assert [v for _, v in points["train/lr"]] == pytest.approx([module.hparams.lr * factor(s) for s in steps])
-    parts = [a + b for (_, a), (_, b) in zip(points["train/mse_loss"], points["train/auxiliary_reconstruction_loss"])]
+    parts = [
+        a + b
+        for (_, a), (_, b) in zip(points["train/mse_loss"], points["train/auxiliary_reconstruction_loss"])
+    ]
     assert [v for _, v in points["train/loss"]] == pytest.approx(parts, rel=1e-6)
 
 
-def test_bf16_mixed_runs_the_lm_under_autocast_and_the_sae_in_fp32(tmp_path, local_corpus, model_cache, monkeypatch):
+def test_bf16_mixed_runs_the_lm_under_autocast_and_the_sae_in_fp32(
+    tmp_path, local_corpus, model_cache, monkeypatch
+):
     """trainer.precision=bf16-mixed: Lightning's autocast covers the training and validation steps; the LM
     forward uses it, the SAE step, its state and the metrics do not."""
     import lit_prune.lit.sae_module as sae_module
 
     seen: dict[str, set] = {"harvest": set(), "step": set(), "loss": set(), "codec": set()}
-    real_harvest, real_step, real_codec = sae_module.harvest, sae_module.fast_topk_training_forward, sae_module.sae_codec
+    real_harvest, real_step, real_codec = (
+        sae_module.harvest,
+        sae_module.fast_topk_training_forward,
+        sae_module.sae_codec,
+    )
 
     def harvest(lm, ids, layer):
         seen["harvest"].add(torch.is_autocast_enabled("cpu"))
@@ -248,8 +349,16 @@ def test_bf16_mixed_runs_the_lm_under_autocast_and_the_sae_in_fp32(tmp_path, loc
 
     for name, spy in (("harvest", harvest), ("fast_topk_training_forward", step), ("sae_codec", codec)):
         monkeypatch.setattr(sae_module, name, spy)
-    cli = lightning_cli(_fit_args(tmp_path, "tiny-llama", local_corpus, model_cache, "--trainer.precision=bf16-mixed",
-                                  "--trainer.enable_checkpointing=false"))
+    cli = lightning_cli(
+        _fit_args(
+            tmp_path,
+            "tiny-llama",
+            local_corpus,
+            model_cache,
+            "--trainer.precision=bf16-mixed",
+            "--trainer.enable_checkpointing=false",
+        )
+    )
     module = cli.model
     assert seen == {"harvest": {True, False}, "step": {False}, "loss": {torch.float32}, "codec": {False}}
     # (False: the norm scale is fitted in on_fit_start, outside the steps' autocast)
@@ -259,16 +368,21 @@ def test_bf16_mixed_runs_the_lm_under_autocast_and_the_sae_in_fp32(tmp_path, loc
     assert SAE.load_from_disk(tmp_path / "sae").W_dec.dtype == torch.float32
 
 
-def test_ctrl_c_during_training_exits_130_and_exports_nothing(tmp_path, local_corpus, model_cache, monkeypatch):
+def test_ctrl_c_during_training_exits_130_and_exports_nothing(
+    tmp_path, local_corpus, model_cache, monkeypatch
+):
     """Lightning turns the KeyboardInterrupt into its own exit(1) after a graceful shutdown; the
     command still reports it as an interruption, with the shell's status for SIGINT."""
+
     def interrupted(self, batch, batch_idx):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(SAEModule, "training_step", interrupted)
     handler = signal.getsignal(signal.SIGINT)
     try:
-        code, stderr = cli_in_process(*_fit_args(tmp_path, "tiny-llama", local_corpus, model_cache), cwd=tmp_path)
+        code, stderr = cli_in_process(
+            *_fit_args(tmp_path, "tiny-llama", local_corpus, model_cache), cwd=tmp_path
+        )
     finally:  # Lightning ignores SIGINT from its shutdown on; this process's later tests need it back
         signal.signal(signal.SIGINT, handler)
     assert code == 130 and stderr.strip().splitlines()[-1] == "interrupted", stderr[-2000:]
@@ -278,8 +392,10 @@ def test_ctrl_c_during_training_exits_130_and_exports_nothing(tmp_path, local_co
 @pytest.mark.parametrize("command", ["prnue", "test", "predict"])  # a typo; Lightning's steps an SAE lacks
 def test_unknown_command_is_one_line_error_naming_every_command(tmp_path, command):
     code, stderr = cli_in_process(command, cwd=tmp_path)
-    assert (code, stderr) == (2, f"error: command='{command}' is invalid: expected one of fit, validate, prune, "
-                                 "study, report\n")
+    assert (code, stderr) == (
+        2,
+        f"error: command='{command}' is invalid: expected one of fit, validate, prune, study, report\n",
+    )
 
 
 def test_top_level_help_names_every_command(tmp_path, capsys):

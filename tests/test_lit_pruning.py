@@ -4,29 +4,43 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT
+
+from lit_prune.analysis.evaluate import harvest
 from lit_prune.cli import lightning_cli
 from lit_prune.lit.callbacks import PruningCallback
 from lit_prune.models.registry import load_model
 from lit_prune.pruning import prunable_linears
 from lit_prune.sae.buffer import fit_norm_scale
-from lit_prune.analysis.evaluate import harvest
 
 
 def _fit(tmp_path, local_corpus, model_cache, *extra):
-    return lightning_cli([
-        "fit", "--config", str(ROOT / "configs" / "tiny.yaml"), f"--model.model_cache_dir={model_cache}",
-        f"--data.corpus={local_corpus}", f"--data.cache_dir={tmp_path / 'cache'}",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", f"--model.export_dir={tmp_path / 'sae'}",
-        *extra])
+    return lightning_cli(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "tiny.yaml"),
+            f"--model.model_cache_dir={model_cache}",
+            f"--data.corpus={local_corpus}",
+            f"--data.cache_dir={tmp_path / 'cache'}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+            f"--model.export_dir={tmp_path / 'sae'}",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
 def pruned_fit(tmp_path_factory, local_corpus, model_cache):
     tmp_path = tmp_path_factory.mktemp("pruned_fit")
-    cli = _fit(tmp_path, local_corpus, model_cache, "--config", str(ROOT / "configs" / "pruning" / "wanda50.yaml"),
-               "--trainer.callbacks.init_args.perplexity_sequences=4")
+    cli = _fit(
+        tmp_path,
+        local_corpus,
+        model_cache,
+        "--config",
+        str(ROOT / "configs" / "pruning" / "wanda50.yaml"),
+        "--trainer.callbacks.init_args.perplexity_sequences=4",
+    )
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, PruningCallback))
     return cli, callback, tmp_path
 
@@ -133,15 +147,24 @@ def test_saved_masks_of_another_method_are_refused(pruned_fit, model_cache, tmp_
 
     cli, callback, _ = pruned_fit
     magnitude = tmp_path / "magnitude.safetensors"
-    save_masks(prune_model(load_model("tiny-llama", cache_dir=model_cache), "magnitude", 0.5, progress=False), magnitude)
+    save_masks(
+        prune_model(load_model("tiny-llama", cache_dir=model_cache), "magnitude", 0.5, progress=False),
+        magnitude,
+    )
     wanda = tmp_path / "wanda.safetensors"
     save_masks(callback.masks, wanda)
-    for path, method, nm, message in ((magnitude, "wanda", None, "rows do not have exactly"),
-                                      (wanda, "magnitude", [2, 4], "groups of 4 do not have exactly 2")):
+    for path, method, nm, message in (
+        (magnitude, "wanda", None, "rows do not have exactly"),
+        (wanda, "magnitude", [2, 4], "groups of 4 do not have exactly 2"),
+    ):
         object.__setattr__(cli.model, "lm", load_model("tiny-llama", cache_dir=model_cache))
-        given = PruningCallback(method=method, sparsity=0.0 if nm else 0.5, nm=nm, perplexity_sequences=0,
-                                masks_path=str(path))
-        with pytest.raises(LitPruneError, match=f"pruning.masks_path=.* is invalid: expected masks of method={method}.*{message}"):
+        given = PruningCallback(
+            method=method, sparsity=0.0 if nm else 0.5, nm=nm, perplexity_sequences=0, masks_path=str(path)
+        )
+        with pytest.raises(
+            LitPruneError,
+            match=f"pruning.masks_path=.* is invalid: expected masks of method={method}.*{message}",
+        ):
             given.on_fit_start(cli.trainer, cli.model)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file")

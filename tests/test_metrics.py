@@ -5,7 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from lit_prune.analysis.metrics import (
-    ReconstructionMetrics, SplicedCEMetrics, ce_recovered, fvu, kl_score, loss_positions, next_token_ce, next_token_kl,
+    ReconstructionMetrics,
+    SplicedCEMetrics,
+    ce_recovered,
+    fvu,
+    kl_score,
+    loss_positions,
+    next_token_ce,
+    next_token_kl,
     spliced_forward,
 )
 from lit_prune.models.hooks import capture_resid_post, valid_positions
@@ -39,7 +46,7 @@ def test_fvu_end_points_and_streaming():
     streamed = ReconstructionMetrics(8, 16)
     noisy = x + 0.3 * torch.randn_like(x)
     for chunk in range(0, 100, 30):
-        streamed.update(x[chunk:chunk + 30], noisy[chunk:chunk + 30], feats[chunk:chunk + 30])
+        streamed.update(x[chunk : chunk + 30], noisy[chunk : chunk + 30], feats[chunk : chunk + 30])
     assert streamed.compute()["fvu"].item() == pytest.approx(_recon(x, noisy, feats)["fvu"].item(), rel=1e-9)
 
 
@@ -50,7 +57,9 @@ def test_ce_recovered_and_kl_score_formulas():
     assert math.isnan(ce_recovered(ce_clean=2.0, ce_sae=2.5, ce_zero=2.0))
     assert math.isnan(kl_score(kl_sae=0.0, kl_zero=0.0))
     t = torch.tensor
-    assert torch.isnan(ce_recovered(t(2.0, dtype=torch.float64), t(2.5, dtype=torch.float64), t(2.0, dtype=torch.float64)))
+    assert torch.isnan(
+        ce_recovered(t(2.0, dtype=torch.float64), t(2.5, dtype=torch.float64), t(2.0, dtype=torch.float64))
+    )
     assert kl_score(t(0.5), t(10.0)).item() == pytest.approx(0.95)
     assert torch.isnan(fvu(t(1.0), t(4.0), t([2.0]), t(1.0)))  # constant activations: no variance
 
@@ -66,9 +75,13 @@ def _spliced_metrics(model, replace):
     valid = valid_positions(mask)
     metric = SplicedCEMetrics()
     clean = spliced_forward(model, ids, mask, 1, valid, None)
-    metric.update(ids, loss_positions(valid), clean,
-                  spliced_forward(model, ids, mask, 1, valid, replace),
-                  spliced_forward(model, ids, mask, 1, valid, torch.zeros_like))
+    metric.update(
+        ids,
+        loss_positions(valid),
+        clean,
+        spliced_forward(model, ids, mask, 1, valid, replace),
+        spliced_forward(model, ids, mask, 1, valid, torch.zeros_like),
+    )
     return metric.compute()
 
 
@@ -127,8 +140,8 @@ def test_chunked_ce_and_kl_equal_the_one_pass_formulas(dtype):
     ce = next_token_ce(p, ids)
     ce_ref = F.cross_entropy(p[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
     assert ce.shape == (3, 300) and torch.allclose(ce, ce_ref, atol=1e-5)
-    grad, = torch.autograd.grad(ce.sum(), p)
-    grad_ref, = torch.autograd.grad(ce_ref.sum(), p)
+    (grad,) = torch.autograd.grad(ce.sum(), p)
+    (grad_ref,) = torch.autograd.grad(ce_ref.sum(), p)
     rtol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # bf16 gradients: one rounding of 8 mantissa bits
     assert torch.allclose(grad.float(), grad_ref.float(), rtol=rtol, atol=1e-6)
     logp, logq = F.log_softmax(p[:, :-1].float(), -1), F.log_softmax(q[:, :-1].float(), -1)

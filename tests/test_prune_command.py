@@ -31,11 +31,23 @@ TEXT = "\n\n".join(f"def f{i}(x):\n    return x * {i}  # the value of f{i} at x"
 @pytest.fixture
 def options(tmp_path, model_cache, local_corpus, data_cache):
     """Factory of PruneOptions for tiny models on the local corpus, writing into tmp_path/out."""
+
     def make(**kw) -> PruneOptions:
-        base = dict(output=str(tmp_path / "out"), model="tiny-llama", corpus=str(local_corpus), sparsity=0.5,
-                    calibration_sequences=N_SEQ, calibration_seq_len=SEQ, eval_sequences=EVAL, batch_size=4,
-                    progress=False, model_cache_dir=str(model_cache), cache_dir=str(data_cache))
+        base = dict(
+            output=str(tmp_path / "out"),
+            model="tiny-llama",
+            corpus=str(local_corpus),
+            sparsity=0.5,
+            calibration_sequences=N_SEQ,
+            calibration_seq_len=SEQ,
+            eval_sequences=EVAL,
+            batch_size=4,
+            progress=False,
+            model_cache_dir=str(model_cache),
+            cache_dir=str(data_cache),
+        )
         return PruneOptions(**{**base, **kw})
+
     return make
 
 
@@ -53,8 +65,16 @@ def as_argv(o: PruneOptions) -> list[str]:
 def eval_ids(o: PruneOptions) -> torch.Tensor:
     """The first eval_sequences x eval_seq_len tokens of a TokenDataModule's eval split on the same corpus."""
     n = o.eval_seq_len
-    dm = TokenDataModule(model_name=o.model, corpus=o.corpus, seq_len=n, train_tokens=2 * n, eval_tokens=n * EVAL,
-                         calibration_sequences=0, model_cache_dir=o.model_cache_dir, cache_dir=o.cache_dir)
+    dm = TokenDataModule(
+        model_name=o.model,
+        corpus=o.corpus,
+        seq_len=n,
+        train_tokens=2 * n,
+        eval_tokens=n * EVAL,
+        calibration_sequences=0,
+        model_cache_dir=o.model_cache_dir,
+        cache_dir=o.cache_dir,
+    )
     dm.prepare_data()
     dm.setup()
     return dm.eval_ids[:EVAL]
@@ -70,9 +90,14 @@ def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith(".out-"))
 
 
-@pytest.mark.parametrize("model,method,sparsity,seq_len", [("tiny-llama", "wanda", 0.3, 128),
-                                                           ("tiny-gemma2", "magnitude", 0.7, 128),
-                                                           ("tiny-gemma3", "wanda", 0.5, 48)])
+@pytest.mark.parametrize(
+    "model,method,sparsity,seq_len",
+    [
+        ("tiny-llama", "wanda", 0.3, 128),
+        ("tiny-gemma2", "magnitude", 0.7, 128),
+        ("tiny-gemma3", "wanda", 0.5, 48),
+    ],
+)
 def test_output_reloads_to_the_pruned_model_with_true_report(options, model, method, sparsity, seq_len):
     o = options(model=model, method=method, sparsity=sparsity, eval_seq_len=seq_len)
     result = run_prune(o)
@@ -95,7 +120,9 @@ def test_output_reloads_to_the_pruned_model_with_true_report(options, model, met
     assert torch.equal(dense.get_input_embeddings().weight, saved.get_input_embeddings().weight)
     ids = eval_ids(o)
     ppl = report["perplexity"]
-    assert ppl["eval_tokens"] == ids.numel() == EVAL * seq_len and ppl["eval_fingerprint"] == tokens_fingerprint(ids)
+    assert ppl["eval_tokens"] == ids.numel() == EVAL * seq_len and ppl[
+        "eval_fingerprint"
+    ] == tokens_fingerprint(ids)
     assert (ppl["eval_seq_len"], ppl["eval_predictions"]) == (seq_len, EVAL * (seq_len - 1))
     assert ppl["before"] == pytest.approx(perplexity(dense, ids, 4), rel=1e-9)
     assert ppl["after"] == pytest.approx(perplexity(saved, ids, 4), rel=1e-9)
@@ -127,7 +154,9 @@ def test_calibration_file_reproduces_masks(options, tmp_path, kind, model):
     assert ids.shape == (N_SEQ, SEQ)
     report = run_prune(replace(o, calibration_file=str(path))).report
     fresh = load_model(model, cache_dir=o.model_cache_dir)
-    masks = prune_model(fresh, "wanda", 0.5, calibration_ids=ids, batch_size=4, max_seq_len=SEQ, progress=False)
+    masks = prune_model(
+        fresh, "wanda", 0.5, calibration_ids=ids, batch_size=4, max_seq_len=SEQ, progress=False
+    )
     saved = load_masks(Path(o.output) / MASKS_FILE)
     assert saved.keys() == masks.keys() and all(torch.equal(saved[k], masks[k]) for k in masks)
     calib = report["calibration"]
@@ -135,8 +164,14 @@ def test_calibration_file_reproduces_masks(options, tmp_path, kind, model):
     assert (calib["sequences"], calib["seq_len"]) == (N_SEQ, SEQ)
 
 
-@pytest.mark.parametrize("method,extra", [("magnitude", dict(nm="2:4", sparsity=None)), ("wanda", dict(nm="2:4")),
-                                          ("magnitude", dict(group="global", sparsity=0.4))])
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("magnitude", dict(nm="2:4", sparsity=None)),
+        ("wanda", dict(nm="2:4")),
+        ("magnitude", dict(group="global", sparsity=0.4)),
+    ],
+)
 def test_nm_and_global_patterns(options, method, extra):
     result = run_prune(options(method=method, **extra))
     total = sum(r["numel"] for r in result.report["layers"])
@@ -157,6 +192,7 @@ def _file(name: str, content: bytes):
     def make(path: Path) -> str:
         (path / name).write_bytes(content)
         return str(path / name)
+
     return make
 
 
@@ -164,6 +200,7 @@ def _npy(array: np.ndarray, name: str):
     def make(path: Path) -> str:
         np.save(path / name, array)
         return str(path / name)
+
     return make
 
 
@@ -205,8 +242,11 @@ def test_bad_input_is_one_line_exit_2_and_no_output(options, tmp_path, capsys, c
     err = capsys.readouterr().err  # in-process, transformers' weight-loading bar may precede the error
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and err.strip().endswith(errors[0]) and "Traceback" not in err, err
-    assert errors[0].startswith(f"error: {field}=") or errors[0].startswith("error: arguments: ") \
-        and f'"{field}"' in errors[0], err
+    assert (
+        errors[0].startswith(f"error: {field}=")
+        or errors[0].startswith("error: arguments: ")
+        and f'"{field}"' in errors[0]
+    ), err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no temp dir
 
 
@@ -215,7 +255,12 @@ def test_unwritable_outputs_are_refused_before_pruning(options, tmp_path, capsys
     monkeypatch.chdir(tmp_path)
     for output, extra in ((tmp_path / "a_file" / "out", []), (Path("."), ["--overwrite"])):
         assert cli.main(["prune", *as_argv(options(output=str(output))), *extra]) == 2
-        assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: output='{output}' is invalid")
+        assert (
+            capsys.readouterr()
+            .err.strip()
+            .splitlines()[-1]
+            .startswith(f"error: output='{output}' is invalid")
+        )
     assert (tmp_path / "a_file").read_text() == "mine" and not list(tmp_path.glob(".*-old-*"))
 
 
@@ -235,7 +280,9 @@ def test_overwrite_replaces_only_after_the_new_output_is_complete(options, tmp_p
     def disk_full(*_args, **_kw):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(lit_prune.pruning, "save_masks", disk_full)  # fails half-way through writing the new output
+    monkeypatch.setattr(
+        lit_prune.pruning, "save_masks", disk_full
+    )  # fails half-way through writing the new output
     with pytest.raises(OSError, match="No space"):
         run_prune(options(method="magnitude", sparsity=0.7, overwrite=True))
     assert unchanged() and leftovers(tmp_path) == []
@@ -255,19 +302,48 @@ def test_help_explains_every_option():
 
 def test_cli_process_exit_code_and_one_line_stderr(tmp_path, model_cache):
     """A real process: exit status 2, the error as the only stderr line, nothing written."""
-    result = run_cli("prune", "--output", str(tmp_path / "out"), "--method", "magnitude", "--sparsity", "1.5",
-                     "--model", "tiny-llama", "--model_cache_dir", str(model_cache), cwd=tmp_path)
+    result = run_cli(
+        "prune",
+        "--output",
+        str(tmp_path / "out"),
+        "--method",
+        "magnitude",
+        "--sparsity",
+        "1.5",
+        "--model",
+        "tiny-llama",
+        "--model_cache_dir",
+        str(model_cache),
+        cwd=tmp_path,
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == "error: sparsity=1.5 is invalid: expected a number in [0, 1)"
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("option, value", [("--model", "nope"), ("--cache_dir", "/proc/lit_prune"),
-                                           ("--model_cache_dir", "/proc/lit_prune")])
+@pytest.mark.parametrize(
+    "option, value",
+    [("--model", "nope"), ("--cache_dir", "/proc/lit_prune"), ("--model_cache_dir", "/proc/lit_prune")],
+)
 def test_errors_of_shared_code_name_prunes_own_option(tmp_path, model_cache, option, value):
     """The data module and the registry name fit's fields; prune's message names its own option."""
-    args = ["prune", "--output", str(tmp_path / "out"), "--method", "magnitude", "--sparsity", "0.5",
-            "--model", "tiny-llama", "--model_cache_dir", str(model_cache), option, value]
+    args = [
+        "prune",
+        "--output",
+        str(tmp_path / "out"),
+        "--method",
+        "magnitude",
+        "--sparsity",
+        "0.5",
+        "--model",
+        "tiny-llama",
+        "--model_cache_dir",
+        str(model_cache),
+        option,
+        value,
+    ]
     code, stderr = cli_in_process(*args, cwd=tmp_path)
-    assert code == 2 and stderr.splitlines()[-1].startswith(f"error: {option[2:]}={value!r} is invalid"), stderr
+    assert code == 2 and stderr.splitlines()[-1].startswith(f"error: {option[2:]}={value!r} is invalid"), (
+        stderr
+    )
     assert not (tmp_path / "out").exists()

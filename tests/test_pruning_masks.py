@@ -136,10 +136,15 @@ def test_wanda_scores_take_the_correctly_rounded_sqrt() -> None:
     assert torch.equal(wanda_scores(weight, sq)[0], expected_root) and expected_root[1] < expected_root[0]
     for mask in (wanda_mask(weight, sq, 0.5), wanda_mask_reference(weight, sq, 0.5)):
         assert mask.tolist() == [[True, False]]
-    assert nm_mask(wanda_scores(weight.repeat(1, 2), sq.repeat(2)), 2, 4).tolist() == [[True, False, True, False]]
-    wide = torch.from_numpy(np.random.default_rng(0).integers(1, 0x7F800000, 1_000_000, dtype=np.uint32)
-                            .view(np.float32))  # positive finite floats of every exponent
-    assert torch.equal(wanda_scores(torch.ones(1, wide.numel()), wide)[0], torch.from_numpy(np.sqrt(wide.numpy())))
+    assert nm_mask(wanda_scores(weight.repeat(1, 2), sq.repeat(2)), 2, 4).tolist() == [
+        [True, False, True, False]
+    ]
+    wide = torch.from_numpy(
+        np.random.default_rng(0).integers(1, 0x7F800000, 1_000_000, dtype=np.uint32).view(np.float32)
+    )  # positive finite floats of every exponent
+    assert torch.equal(
+        wanda_scores(torch.ones(1, wide.numel()), wide)[0], torch.from_numpy(np.sqrt(wide.numpy()))
+    )
 
 
 def test_count_pruned_reads_sparsity_as_decimal() -> None:
@@ -194,7 +199,9 @@ def test_apply_report_and_check() -> None:
     assert torch.equal(toy.model.layers[0].proj.weight, W * masks["model.layers.0.proj"])
     assert torch.equal(toy.model.embed_tokens.weight, embed) and torch.equal(toy.lm_head.weight, head)
     report = sparsity_report(toy, masks, target=0.25)
-    assert [(r["pruned"], r["sparsity"], r["leaked"], r["target"]) for r in report] == [(8, 0.25, 0, 0.25)] * 2
+    assert [(r["pruned"], r["sparsity"], r["leaked"], r["target"]) for r in report] == [
+        (8, 0.25, 0, 0.25)
+    ] * 2
     assert report[0]["zeros"] == 8  # W's two exact zeros were among the pruned
     check_realised(report, 0.25)
     with pytest.raises(SparsityMismatch, match="model.layers.0.proj"):

@@ -42,7 +42,12 @@ SMALL = dict(
     max_position_embeddings=128,
 )
 # Sliding window 8 < seq_len 16, and a full-attention layer in between, so per-layer kwargs matter.
-GEMMA = dict(SMALL, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+GEMMA = dict(
+    SMALL,
+    head_dim=16,
+    sliding_window=8,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+)
 
 
 def tiny(arch: str) -> nn.Module:
@@ -59,7 +64,9 @@ def calibration(n_seq: int = 6, seq_len: int = 20) -> torch.Tensor:
 
 
 @torch.no_grad()
-def brute_force_wanda(model: nn.Module, ids: torch.Tensor, sparsity: float, nm=None) -> dict[str, torch.Tensor]:
+def brute_force_wanda(
+    model: nn.Module, ids: torch.Tensor, sparsity: float, nm=None
+) -> dict[str, torch.Tensor]:
     """Independent Wanda: for each block L run the WHOLE model (blocks < L already pruned) on all
     sequences in one batch, store every Linear's full input, take norms from the stored tensors."""
     linears = prunable_linears(model)
@@ -197,7 +204,10 @@ def test_wanda_zero_sparsity_is_dense() -> None:
         (dict(method="magnitude", sparsity=None, nm=(2, 3)), "nm"),  # 3 does not divide d_in = 64
         (dict(method="magnitude", sparsity=0.3, nm=(2, 4)), "sparsity"),
         (dict(method="wanda", sparsity=0.5), "calibration_ids"),
-        (dict(method="wanda", sparsity=0.5, calibration_ids=torch.zeros(0, 16, dtype=torch.long)), "calibration_ids"),
+        (
+            dict(method="wanda", sparsity=0.5, calibration_ids=torch.zeros(0, 16, dtype=torch.long)),
+            "calibration_ids",
+        ),
         (dict(method="wanda", sparsity=0.5, calibration_ids=torch.full((2, 8), 256)), "calibration_ids"),
         (dict(method="wanda", sparsity=0.5, calibration_ids=torch.full((2, 8), -1)), "calibration_ids"),
         (dict(method="wanda", sparsity=0.5, calibration_ids=torch.rand(2, 8)), "calibration_ids"),

@@ -29,7 +29,9 @@ CONDS = list(S_07)
 
 
 def _cond(method="dense", s=0.0, a=None, b=None):
-    return Condition(model="tiny-llama", hook="blocks.1.hook_resid_post", method=method, sparsity=s, seed_a=a, seed_b=b)
+    return Condition(
+        model="tiny-llama", hook="blocks.1.hook_resid_post", method=method, sparsity=s, seed_a=a, seed_b=b
+    )
 
 
 DECODER_NORM = torch.linspace(2.0, 1.0, N)
@@ -44,7 +46,9 @@ def _cosines(method, s):
     return cos
 
 
-ATTRIBUTION = np.where(np.arange(N) % 3 == 0, -1.0, 1.0) * np.linspace(1e-3, 4e-2, N)  # signs differ: |.| matters
+ATTRIBUTION = np.where(np.arange(N) % 3 == 0, -1.0, 1.0) * np.linspace(
+    1e-3, 4e-2, N
+)  # signs differ: |.| matters
 RATE = np.r_[np.linspace(1e-3, 0.2, N - 1), 0.0]  # the last feature is dead
 
 
@@ -57,13 +61,28 @@ def study(tmp_path_factory) -> Path:
     keys.append("wanda-0.25/gallery")
     steps = {k: f"h-{k}" for k in keys}
     root.mkdir()
-    (root / "study.json").write_text(json.dumps({
-        "name": "synthetic", "settings": {"methods": ["magnitude", "wanda"], "sparsities": [0.25, 0.5], "nm": [],
-                                          "seeds": [0, 1], "reference_sae": None},
-        "model": {"model_name": "tiny-llama", "hook_layer": 1}, "corpus": {"corpus": "python-docs", "fingerprint": "fp123"},
-        "versions": {"torch": "x"}, "seed_everything": 0, "steps": steps}))
-    (root / "runs.jsonl").write_text(json.dumps({"shard": "0/1", "started": 1.0e9, "seconds": 100.0, "ran": keys,
-                                                 "skipped": []}) + "\n")
+    (root / "study.json").write_text(
+        json.dumps(
+            {
+                "name": "synthetic",
+                "settings": {
+                    "methods": ["magnitude", "wanda"],
+                    "sparsities": [0.25, 0.5],
+                    "nm": [],
+                    "seeds": [0, 1],
+                    "reference_sae": None,
+                },
+                "model": {"model_name": "tiny-llama", "hook_layer": 1},
+                "corpus": {"corpus": "python-docs", "fingerprint": "fp123"},
+                "versions": {"torch": "x"},
+                "seed_everything": 0,
+                "steps": steps,
+            }
+        )
+    )
+    (root / "runs.jsonl").write_text(
+        json.dumps({"shard": "0/1", "started": 1.0e9, "seconds": 100.0, "ran": keys, "skipped": []}) + "\n"
+    )
 
     def done(key, hash_=None, seconds=2.0):
         (root / key).mkdir(parents=True, exist_ok=True)
@@ -75,24 +94,47 @@ def study(tmp_path_factory) -> Path:
     write_rows(res("dense/perplexity") / "perplexity.json", make_rows(_cond(), {"perplexity": 10.0}))
     done("dense/perplexity")
     for seed, fvu in ((0, 0.1), (1, 0.2)):
-        write_rows(res(f"dense/seed{seed}") / "sae_metrics.json",
-                   make_rows(_cond(a=seed), {"fvu": fvu, "l0": 8}, sae="own"))
+        write_rows(
+            res(f"dense/seed{seed}") / "sae_metrics.json",
+            make_rows(_cond(a=seed), {"fvu": fvu, "l0": 8}, sae="own"),
+        )
         done(f"dense/seed{seed}")
-    write_rows(res("dense/rq1") / "rq1_seeds.json", make_rows(_cond(a=0, b=1), {"shared@0.7": 0.4, "shared@0.5": 0.6}))
-    write_arrays(res("dense/rq1") / "rq1_seeds.safetensors", stability_seed0=torch.linspace(0, 1, N),
-                 stability_seed1=torch.zeros(N))
+    write_rows(
+        res("dense/rq1") / "rq1_seeds.json",
+        make_rows(_cond(a=0, b=1), {"shared@0.7": 0.4, "shared@0.5": 0.6}),
+    )
+    write_arrays(
+        res("dense/rq1") / "rq1_seeds.safetensors",
+        stability_seed0=torch.linspace(0, 1, N),
+        stability_seed1=torch.zeros(N),
+    )
     done("dense/rq1")
     exact_features = torch.tensor([2, 3, 4, 5, 6, 7])
-    write_arrays(res("dense/rq5") / "rq5_ablation.safetensors", attribution=torch.tensor(ATTRIBUTION),
-                 firing_rate=torch.tensor(RATE), features=exact_features, group=torch.tensor([0, 0, 1, 1, 2, 2]),
-                 exact_ce_firing=torch.linspace(0.1, 0.6, 6, dtype=torch.float64), eval_tokens=torch.tensor(1000))
-    write_rows(res("dense/rq5") / "rq5_ablation.json", make_rows(_cond(a=0), {"n_features": 2.0}, group="top"))
+    write_arrays(
+        res("dense/rq5") / "rq5_ablation.safetensors",
+        attribution=torch.tensor(ATTRIBUTION),
+        firing_rate=torch.tensor(RATE),
+        features=exact_features,
+        group=torch.tensor([0, 0, 1, 1, 2, 2]),
+        exact_ce_firing=torch.linspace(0.1, 0.6, 6, dtype=torch.float64),
+        eval_tokens=torch.tensor(1000),
+    )
+    write_rows(
+        res("dense/rq5") / "rq5_ablation.json", make_rows(_cond(a=0), {"n_features": 2.0}, group="top")
+    )
     done("dense/rq5")
-    for (m, s) in CONDS:
+    for m, s in CONDS:
         name = f"{m}-{s:g}"
-        ppl = {("magnitude", 0.25): 20.0, ("magnitude", 0.5): 400.0, ("wanda", 0.25): 12.0, ("wanda", 0.5): 999.0}
-        write_rows(res(f"{name}/prune") / "perplexity.json", make_rows(_cond(m, s), {"perplexity": ppl[m, s],
-                                                                                   "realised_sparsity": s}))
+        ppl = {
+            ("magnitude", 0.25): 20.0,
+            ("magnitude", 0.5): 400.0,
+            ("wanda", 0.25): 12.0,
+            ("wanda", 0.5): 999.0,
+        }
+        write_rows(
+            res(f"{name}/prune") / "perplexity.json",
+            make_rows(_cond(m, s), {"perplexity": ppl[m, s], "realised_sparsity": s}),
+        )
         done(f"{name}/prune", hash_="stale" if name == "wanda-0.5" else None)  # wanda-0.5's prune is stale
         for seed in (0, 1):
             rows = make_rows(_cond(m, s, a=seed), {"fvu": 0.3 + 0.1 * seed}, sae="own")
@@ -100,33 +142,88 @@ def study(tmp_path_factory) -> Path:
         # cross-seed fit (seed 1): an early epoch with other values, then the final one
         kw = dict(same_seed=False, stage="validation")
         old = make_rows(_cond(m, s, 0, 1), {"S": 0.0, "rho_bin": 1.0}, tau=0.7, epoch=0, **kw)
-        rows = [*make_rows(_cond(m, s, 0, 1), {"S": S_07[m, s], "rho_bin": RHO_BIN[m, s], "survival_bin0": 0.9,
-                                               "survival_bin1": 0.1}, tau=0.7, epoch=1, **kw),
-                *make_rows(_cond(m, s, 0, 1), {"S": 0.9}, tau=0.5, epoch=1, **kw),
-                *make_rows(_cond(m, s, 0, 1), {"functional_S": 0.8, "functional_rho_bin": FUNC_RHO[m, s] or math.nan},
-                           tau=0.7, epoch=1, **kw)]
+        rows = [
+            *make_rows(
+                _cond(m, s, 0, 1),
+                {"S": S_07[m, s], "rho_bin": RHO_BIN[m, s], "survival_bin0": 0.9, "survival_bin1": 0.1},
+                tau=0.7,
+                epoch=1,
+                **kw,
+            ),
+            *make_rows(_cond(m, s, 0, 1), {"S": 0.9}, tau=0.5, epoch=1, **kw),
+            *make_rows(
+                _cond(m, s, 0, 1),
+                {"functional_S": 0.8, "functional_rho_bin": FUNC_RHO[m, s] or math.nan},
+                tau=0.7,
+                epoch=1,
+                **kw,
+            ),
+        ]
         write_rows(res(f"{name}/seed1") / "rq2_survival.json", old + rows)
         cos = _cosines(m, s)
-        write_arrays(res(f"{name}/seed1") / "rq2_survival.safetensors", matched_cosine=torch.tensor(cos).float(),
-                     firing_rate=torch.tensor(RATE), alive=torch.tensor(RATE > 0), decoder_norm=DECODER_NORM)
-        write_rows(res(f"{name}/seed0") / "rq2_survival.json",
-                   make_rows(_cond(m, s, 0, 0), {"S": 0.99}, tau=0.7, epoch=1, same_seed=True, stage="validation"))
-        dense_rows = make_rows(_cond(a=0), {"fvu": 0.1, "ce_recovered": 0.9}, sae="reference", sae_sparsity=0.0,
-                               epoch=None, stage="dense")
-        ref_rows = make_rows(_cond(m, s, 0, 0), {"fvu": 0.15, "ce_recovered": 0.85, "viable": VIABLE[m, s]},
-                             sae="reference", sae_sparsity=0.0, epoch=1, stage="validation")
+        write_arrays(
+            res(f"{name}/seed1") / "rq2_survival.safetensors",
+            matched_cosine=torch.tensor(cos).float(),
+            firing_rate=torch.tensor(RATE),
+            alive=torch.tensor(RATE > 0),
+            decoder_norm=DECODER_NORM,
+        )
+        write_rows(
+            res(f"{name}/seed0") / "rq2_survival.json",
+            make_rows(_cond(m, s, 0, 0), {"S": 0.99}, tau=0.7, epoch=1, same_seed=True, stage="validation"),
+        )
+        dense_rows = make_rows(
+            _cond(a=0),
+            {"fvu": 0.1, "ce_recovered": 0.9},
+            sae="reference",
+            sae_sparsity=0.0,
+            epoch=None,
+            stage="dense",
+        )
+        ref_rows = make_rows(
+            _cond(m, s, 0, 0),
+            {"fvu": 0.15, "ce_recovered": 0.85, "viable": VIABLE[m, s]},
+            sae="reference",
+            sae_sparsity=0.0,
+            epoch=1,
+            stage="validation",
+        )
         write_rows(res(f"{name}/seed0") / "rq3_transfer.json", dense_rows + ref_rows)
         for seed in (0, 1):
             done(f"{name}/seed{seed}")
         if name != "wanda-0.5":  # wanda-0.5's rq1 is missing
-            write_rows(res(f"{name}/rq1") / "rq1_seeds.json", make_rows(_cond(m, s, 0, 1), {"shared@0.7": 0.3}))
+            write_rows(
+                res(f"{name}/rq1") / "rq1_seeds.json", make_rows(_cond(m, s, 0, 1), {"shared@0.7": 0.3})
+            )
             done(f"{name}/rq1")
     (root / "wanda-0.25" / "gallery").mkdir(parents=True)
-    (root / "wanda-0.25" / "gallery" / "gallery.json").write_text(json.dumps({
-        "condition": "wanda-0.25", "threshold": 0.7, "sequences": 4, "features": [
-            {"feature": 3, "status": "survived", "pearson_r": 0.9, "matched_cosine": 0.8, "firing_rate": 0.01,
-             "dense": [{"activation": 1.5, "left": "<script>alert(1)</script> a", "token": "<b>", "right": " & c\n"}],
-             "pruned": []}]}))
+    (root / "wanda-0.25" / "gallery" / "gallery.json").write_text(
+        json.dumps(
+            {
+                "condition": "wanda-0.25",
+                "threshold": 0.7,
+                "sequences": 4,
+                "features": [
+                    {
+                        "feature": 3,
+                        "status": "survived",
+                        "pearson_r": 0.9,
+                        "matched_cosine": 0.8,
+                        "firing_rate": 0.01,
+                        "dense": [
+                            {
+                                "activation": 1.5,
+                                "left": "<script>alert(1)</script> a",
+                                "token": "<b>",
+                                "right": " & c\n",
+                            }
+                        ],
+                        "pruned": [],
+                    }
+                ],
+            }
+        )
+    )
     done("wanda-0.25/gallery")
     return root
 
@@ -135,13 +232,21 @@ def test_aggregates_are_the_hand_computed_values(study):
     data = load_study(study)
     assert data.stale == ["wanda-0.5/prune"] and data.missing == ["wanda-0.5/rq1"]
     ppl = {r["condition"]: r["perplexity"] for r in A.perplexity(data)}
-    assert ppl == {"dense": 10.0, "magnitude-0.25": 20.0, "magnitude-0.5": 400.0, "wanda-0.25": 12.0, "wanda-0.5": None}
+    assert ppl == {
+        "dense": 10.0,
+        "magnitude-0.25": 20.0,
+        "magnitude-0.5": 400.0,
+        "wanda-0.25": 12.0,
+        "wanda-0.5": None,
+    }
     dense_fvu = A.sae_metrics(data)[0]["fvu"]
     assert dense_fvu["mean"] == pytest.approx(0.15) and dense_fvu["sd"] == pytest.approx(math.sqrt(0.005))
     assert dense_fvu["n"] == 2 and (dense_fvu["min"], dense_fvu["max"]) == (0.1, 0.2)
     surv = {(r["method"], r["sparsity"]): r for r in A.survivals(data)}
     for key in CONDS:  # the latest measurement (epoch 1), cross-seed
-        assert surv[key]["S@0.7"] == S_07[key] and surv[key]["S@0.5"] == 0.9 and surv[key]["S_same@0.7"] == 0.99
+        assert (
+            surv[key]["S@0.7"] == S_07[key] and surv[key]["S@0.5"] == 0.9 and surv[key]["S_same@0.7"] == 0.99
+        )
         assert surv[key]["rho_bin"] == RHO_BIN[key] and surv[key]["bins"] == [0.9, 0.1]
         assert surv[key]["S_seed"] == 0.4 and surv[key]["S_tilde"] == pytest.approx(S_07[key] / 0.4)
     assert A.count_rho_minus_one(r["rho_bin"] for r in surv.values()) == (3, 4)
@@ -168,7 +273,11 @@ def test_importance_and_fragility_use_the_right_arrays(study):
     F = frag["magnitude"]["F"]
     assert F[0] == pytest.approx(1 - (0.8 + 0.6) / 2) and frag["magnitude"]["s_star"][0] == 0.5
     assert F[1] == pytest.approx(1.0)  # unmatched at both sparsities: nothing preserved
-    assert set(frag["wanda"]["predictors"]) == {"log10 firing rate", "seed stability (dense RQ1)", "decoder norm"}
+    assert set(frag["wanda"]["predictors"]) == {
+        "log10 firing rate",
+        "seed stability (dense RQ1)",
+        "decoder norm",
+    }
     alive = frag["magnitude"]["alive"]
     expected = spearman(F[alive], DECODER_NORM.double().numpy()[alive])
     assert frag["magnitude"]["predictors"]["decoder norm"] == pytest.approx(expected, nan_ok=True)
@@ -177,13 +286,17 @@ def test_importance_and_fragility_use_the_right_arrays(study):
 def test_headline_verdicts(study):
     data = load_study(study)
     surv, transfer = A.survivals(data), A.transfer(data)
-    claims = headline(surv, A.viability(transfer), A.importance(data)["attribution"], A.seed_baseline(data), "ref")
+    claims = headline(
+        surv, A.viability(transfer), A.importance(data)["attribution"], A.seed_baseline(data), "ref"
+    )
     verdicts = [c["verdict"] for c in claims]
     assert verdicts[:4] == ["reproduced", "partly", "reproduced", "reproduced"]
     assert "3 of 4" in claims[0]["ours"] and "1 of 3" in claims[1]["ours"]
     assert "3.70x at s = 0.5" in claims[2]["ours"]
     assert "wanda: up to 0.5" in claims[3]["ours"] and "magnitude: up to 0.25" in claims[3]["ours"]
-    assert verdicts[4] in ("reproduced", "partly", "not reproduced") and "of 4 conditions" in claims[4]["ours"]
+    assert (
+        verdicts[4] in ("reproduced", "partly", "not reproduced") and "of 4 conditions" in claims[4]["ours"]
+    )
     assert "0.400" in claims[5]["ours"]
 
 
@@ -195,9 +308,15 @@ def test_labels_name_the_study_functional_threshold(study, monkeypatch):
         tables = {b.name: b for b in blocks if isinstance(b, T.Table)}
         assert f"r >= {r0:g}" in tables["fragility_bins_functional"].title
         assert f"Pearson r >= {r0:g}" in tables["survival"].note
-        assert f"Pearson r >= {r0:g}" in repr(tables["headline"].rows[1])  # the functional rare-features claim
-        legends = [t.get_text() for ax in figures["survival"].axes if ax.get_legend()
-                   for t in ax.get_legend().get_texts()]
+        assert f"Pearson r >= {r0:g}" in repr(
+            tables["headline"].rows[1]
+        )  # the functional rare-features claim
+        legends = [
+            t.get_text()
+            for ax in figures["survival"].axes
+            if ax.get_legend()
+            for t in ax.get_legend().get_texts()
+        ]
         assert any(f"r ≥ {r0:g}" in t for t in legends)
         assert not any(f"r ≥ {other:g}" in t for t in legends)
 
@@ -220,14 +339,25 @@ def test_write_report_is_self_contained_and_complete(study):
     out = study / "report"
     assert md == out / "report.md" and md.is_file()
     text = md.read_text()
-    assert "stale (finished with other inputs; ignored): wanda-0.5/prune" in text and "missing: wanda-0.5/rq1" in text
-    assert {p.name for p in (out / "figures").glob("*.png")} == {f"{n}.png" for n in
-                                                                 ("perplexity", "survival", "transfer", "survival_bins",
-                                                                  "fragility", "importance")}
+    assert (
+        "stale (finished with other inputs; ignored): wanda-0.5/prune" in text
+        and "missing: wanda-0.5/rq1" in text
+    )
+    assert {p.name for p in (out / "figures").glob("*.png")} == {
+        f"{n}.png" for n in ("perplexity", "survival", "transfer", "survival_bins", "fragility", "importance")
+    }
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in (out / "figures").glob("*.png"))
     tables = {p.stem for p in (out / "tables").glob("*.csv")}
-    assert {"headline", "perplexity", "sae_metrics", "survival", "transfer", "fragility", "rq5_importance_vs_survival",
-            "rq1_seed_stability"} <= tables
+    assert {
+        "headline",
+        "perplexity",
+        "sae_metrics",
+        "survival",
+        "transfer",
+        "fragility",
+        "rq5_importance_vs_survival",
+        "rq1_seed_stability",
+    } <= tables
     ppl_csv = (out / "tables" / "perplexity.csv").read_text().splitlines()
     assert ppl_csv[0].startswith("condition,method,sparsity,perplexity")
     assert "wanda-0.5,wanda,0.5,," in ppl_csv[-1]  # stale: missing, not 999
@@ -259,9 +389,18 @@ def test_failed_rerender_keeps_the_previous_report(study, monkeypatch):
 def test_partial_study_renders_with_dashes(tmp_path):
     root = tmp_path / "partial"
     (root / "dense" / "perplexity" / "results").mkdir(parents=True)
-    (root / "study.json").write_text(json.dumps({"name": "partial", "settings": {"seeds": [0, 1]},
-                                                 "steps": {"dense/perplexity": "a", "wanda-0.5/prune": "b"}}))
-    write_rows(root / "dense" / "perplexity" / "results" / "perplexity.json", make_rows(_cond(), {"perplexity": 9.0}))
+    (root / "study.json").write_text(
+        json.dumps(
+            {
+                "name": "partial",
+                "settings": {"seeds": [0, 1]},
+                "steps": {"dense/perplexity": "a", "wanda-0.5/prune": "b"},
+            }
+        )
+    )
+    write_rows(
+        root / "dense" / "perplexity" / "results" / "perplexity.json", make_rows(_cond(), {"perplexity": 9.0})
+    )
     (root / "dense" / "perplexity" / "done.json").write_text(json.dumps({"hash": "a", "seconds": 1.0}))
     text = R.write_report(root).read_text()
     assert "Status: incomplete, 1 of 2 steps finished" in text and "missing: wanda-0.5/prune" in text
@@ -274,7 +413,9 @@ def test_bad_study_dir_is_a_one_line_error(tmp_path, case):
     if case != "unknown":
         root.mkdir()
     if case == "nothing_finished":
-        (root / "study.json").write_text(json.dumps({"name": "s", "settings": {}, "steps": {"dense/seed0": "x"}}))
+        (root / "study.json").write_text(
+            json.dumps({"name": "s", "settings": {}, "steps": {"dense/seed0": "x"}})
+        )
     with pytest.raises(LitPruneError, match=r"^study_dir=.*study\.json") as err:
         R.write_report(root)
     assert "\n" not in str(err.value)

@@ -2,11 +2,22 @@ import math
 
 import torch
 
-from lit_prune.analysis.results import Condition, ROW_KEYS, append_rows, make_rows, read_arrays, read_rows, write_arrays, write_rows
+from lit_prune.analysis.results import (
+    ROW_KEYS,
+    Condition,
+    append_rows,
+    make_rows,
+    read_arrays,
+    read_rows,
+    write_arrays,
+    write_rows,
+)
 
 
 def test_rows_round_trip_and_keep_non_finite_as_null(tmp_path):
-    cond = Condition(model="m", hook="blocks.6.hook_resid_post", method="wanda", sparsity=0.5, seed_a=0, seed_b=1)
+    cond = Condition(
+        model="m", hook="blocks.6.hook_resid_post", method="wanda", sparsity=0.5, seed_a=0, seed_b=1
+    )
     rows = make_rows(cond, {"fvu": 0.25, "kl": math.nan}, tau=0.7)
     assert set(ROW_KEYS) <= set(rows[0]) and rows[0]["tau"] == 0.7
     write_rows(tmp_path / "r.json", rows)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, cli_in_process, run_cli
+
 from lit_prune.analysis.results import read_arrays
 from lit_prune.errors import LitPruneError
 from lit_prune.study.config import StudySettings
@@ -27,12 +27,15 @@ def _steps(log: list[str], value: int = 1, fail: str | None = None) -> list[Step
             log.append(key)
             (out / "value.txt").write_text(str(payload))
             return {"value": payload}
+
         return run
 
-    return [Step("dense", "a", {"v": 1}, make("dense/a", 1)),
-            Step("c1", "b", {"v": value}, make("c1/b", value), deps=["dense/a"]),
-            Step("c1", "c", {"v": 3}, make("c1/c", 3), deps=["c1/b"]),
-            Step("c2", "b", {"v": 4}, make("c2/b", 4), deps=["dense/a"])]
+    return [
+        Step("dense", "a", {"v": 1}, make("dense/a", 1)),
+        Step("c1", "b", {"v": value}, make("c1/b", value), deps=["dense/a"]),
+        Step("c1", "c", {"v": 3}, make("c1/c", 3), deps=["c1/b"]),
+        Step("c2", "b", {"v": 4}, make("c2/b", 4), deps=["dense/a"]),
+    ]
 
 
 def test_rerun_skips_finished_steps_and_redoes_changed_ones_downstream(tmp_path):
@@ -136,21 +139,24 @@ def test_bad_shard_is_one_line_error(text):
         parse_shard(text)
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"sparsities": [0.5, 0.5]}, "study.sparsities"),
-    ({"sparsities": [1.0]}, "study.sparsities"),
-    ({"sparsities": [-0.1]}, "study.sparsities"),
-    ({"methods": ["sparsegpt"]}, "study.methods"),
-    ({"seeds": []}, "study.seeds"),
-    ({"nm": [[4, 2]]}, "study.nm"),
-    ({"magnitude_group": "layer"}, "study.magnitude_group"),
-    ({"survival": {"taus": [0.5, 0.9]}}, "study.survival.taus"),  # the report needs 0.7
-    ({"ablation": {"n_tops": 3}}, "study.ablation.n_tops"),
-    ({"ablation": {"eval_sequences": 0}}, "study.ablation.eval_sequences"),
-    ({"seeds": [-1]}, "study.seeds"),
-    ({"sparsities": [0.1234561, 0.1234562]}, "study.sparsities"),  # both would be magnitude-0.123456
-    ({"cache_gb": float("inf")}, "study.cache_gb"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"sparsities": [0.5, 0.5]}, "study.sparsities"),
+        ({"sparsities": [1.0]}, "study.sparsities"),
+        ({"sparsities": [-0.1]}, "study.sparsities"),
+        ({"methods": ["sparsegpt"]}, "study.methods"),
+        ({"seeds": []}, "study.seeds"),
+        ({"nm": [[4, 2]]}, "study.nm"),
+        ({"magnitude_group": "layer"}, "study.magnitude_group"),
+        ({"survival": {"taus": [0.5, 0.9]}}, "study.survival.taus"),  # the report needs 0.7
+        ({"ablation": {"n_tops": 3}}, "study.ablation.n_tops"),
+        ({"ablation": {"eval_sequences": 0}}, "study.ablation.eval_sequences"),
+        ({"seeds": [-1]}, "study.seeds"),
+        ({"sparsities": [0.1234561, 0.1234562]}, "study.sparsities"),  # both would be magnitude-0.123456
+        ({"cache_gb": float("inf")}, "study.cache_gb"),
+    ],
+)
 def test_bad_grid_is_rejected(kwargs, field):
     with pytest.raises(LitPruneError, match=field):
         StudySettings(**kwargs)
@@ -158,10 +164,19 @@ def test_bad_grid_is_rejected(kwargs, field):
 
 def test_rq1_matches_seeds_with_the_survival_settings():
     assert StudySettings().rq1_options() == {}
-    survival = {"taus": [0.5, 0.6, 0.7, 0.9], "seed_baseline_tau": 0.6, "matching": "hungarian", "candidates": 4,
-                "n_boot": 10}
-    assert StudySettings(survival=survival).rq1_options() == {"taus": [0.5, 0.6, 0.7, 0.9], "stability_tau": 0.6,
-                                                              "method": "hungarian", "candidates": 4}
+    survival = {
+        "taus": [0.5, 0.6, 0.7, 0.9],
+        "seed_baseline_tau": 0.6,
+        "matching": "hungarian",
+        "candidates": 4,
+        "n_boot": 10,
+    }
+    assert StudySettings(survival=survival).rq1_options() == {
+        "taus": [0.5, 0.6, 0.7, 0.9],
+        "stability_tau": 0.6,
+        "method": "hungarian",
+        "candidates": 4,
+    }
 
 
 def test_grid_without_pruned_conditions_is_rejected():
@@ -171,15 +186,30 @@ def test_grid_without_pruned_conditions_is_rejected():
 
 def test_conditions_are_named_and_ordered():
     names = [c.name for c in StudySettings(sparsities=[0.5, 0.25], nm=[[2, 4]]).conditions()]
-    assert names == ["magnitude-0.25", "magnitude-0.5", "wanda-0.25", "wanda-0.5", "magnitude-2of4", "wanda-2of4"]
+    assert names == [
+        "magnitude-0.25",
+        "magnitude-0.5",
+        "wanda-0.25",
+        "wanda-0.5",
+        "magnitude-2of4",
+        "wanda-2of4",
+    ]
 
 
 # --- the study command on a tiny model ---------------------------------------------------------
 def _study_args(tmp_path: Path, corpus: Path, model_cache: Path, *extra: str) -> list[str]:
-    return ["study", "--config", str(ROOT / "configs" / "tiny.yaml"), f"--data.corpus={corpus}",
-            f"--data.cache_dir={tmp_path / 'cache'}", f"--model.model_cache_dir={model_cache}",
-            f"--study.checkpoints={tmp_path / 'checkpoints'}", f"--study.logs={tmp_path / 'logs'}",
-            "--progress=false", *extra]
+    return [
+        "study",
+        "--config",
+        str(ROOT / "configs" / "tiny.yaml"),
+        f"--data.corpus={corpus}",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        f"--model.model_cache_dir={model_cache}",
+        f"--study.checkpoints={tmp_path / 'checkpoints'}",
+        f"--study.logs={tmp_path / 'logs'}",
+        "--progress=false",
+        *extra,
+    ]
 
 
 def _results(study: Path) -> dict[str, object]:
@@ -191,7 +221,9 @@ def _results(study: Path) -> dict[str, object]:
             out[key] = [r for r in json.loads(path.read_text()) if "seconds" not in r["metric"]]
         else:
             # bytes, not lists: NaN (a feature that never fires) must compare equal to itself
-            out[key] = {k: (str(v.dtype), tuple(v.shape), v.numpy().tobytes()) for k, v in read_arrays(path).items()}
+            out[key] = {
+                k: (str(v.dtype), tuple(v.shape), v.numpy().tobytes()) for k, v in read_arrays(path).items()
+            }
     for path in sorted(study.glob("*/gallery/gallery.json")):
         out[str(path.relative_to(study))] = json.loads(path.read_text())
     return out
@@ -205,19 +237,28 @@ def _assert_results_close(study: Path, reference: Path, rel: float = 1e-5) -> No
 
     got, want = _results(study), _results(reference)
     assert got.keys() == want.keys()
-    close = lambda a, b: a == b or (isinstance(a, float) and isinstance(b, float)  # noqa: E731
-                                    and (math.isclose(a, b, rel_tol=rel, abs_tol=1e-6) or (math.isnan(a) and math.isnan(b))))
+    close = lambda a, b: (
+        a == b
+        or (
+            isinstance(a, float)
+            and isinstance(b, float)  # noqa: E731
+            and (math.isclose(a, b, rel_tol=rel, abs_tol=1e-6) or (math.isnan(a) and math.isnan(b)))
+        )
+    )
     for key, rows in want.items():
         if key.endswith(".safetensors"):
             arrays, expected = read_arrays(study / key), read_arrays(reference / key)
             assert arrays.keys() == expected.keys(), key
             for name, value in expected.items():
-                torch.testing.assert_close(arrays[name], value, rtol=rel, atol=1e-7, equal_nan=True, msg=f"{key}:{name}")
+                torch.testing.assert_close(
+                    arrays[name], value, rtol=rel, atol=1e-7, equal_nan=True, msg=f"{key}:{name}"
+                )
         elif key.endswith("gallery.json"):
             assert got[key] == rows, key
         else:
-            assert [{k: v for k, v in r.items() if k != "value"} for r in got[key]] == \
-                   [{k: v for k, v in r.items() if k != "value"} for r in rows], key
+            assert [{k: v for k, v in r.items() if k != "value"} for r in got[key]] == [
+                {k: v for k, v in r.items() if k != "value"} for r in rows
+            ], key
             for a, b in zip(got[key], rows):
                 assert close(a["value"], b["value"]), (key, a["metric"], a["value"], b["value"])
 
@@ -255,8 +296,9 @@ def test_study_writes_every_result(reference_study):
     assert ppl["realised_sparsity"] == pytest.approx(0.5, abs=1e-3)
 
 
-def test_rerun_does_nothing_and_a_changed_setting_reruns_only_what_it_touches(reference_study, tmp_path,
-                                                                              local_corpus, model_cache):
+def test_rerun_does_nothing_and_a_changed_setting_reruns_only_what_it_touches(
+    reference_study, tmp_path, local_corpus, model_cache
+):
     import shutil
 
     study_root = tmp_path / "checkpoints"
@@ -268,11 +310,24 @@ def test_rerun_does_nothing_and_a_changed_setting_reruns_only_what_it_touches(re
     assert _results(study_root / "tiny") == before
     # a different SAE-pruning baseline level changes only the RQ3 (reference-seed) fits and the steps
     # that read them (RQ1 matching, the gallery)
-    result = run_cli(*_study_args(tmp_path, local_corpus, model_cache, "--report=false",
-                                  "--study.transfer={sae_prune_levels: [0.25]}"), cwd=tmp_path)
+    result = run_cli(
+        *_study_args(
+            tmp_path,
+            local_corpus,
+            model_cache,
+            "--report=false",
+            "--study.transfer={sae_prune_levels: [0.25]}",
+        ),
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(_ran(study_root / "tiny")[-1]) == ["magnitude-0.5/rq1", "magnitude-0.5/seed0", "wanda-0.5/gallery",
-                                                     "wanda-0.5/rq1", "wanda-0.5/seed0"]
+    assert sorted(_ran(study_root / "tiny")[-1]) == [
+        "magnitude-0.5/rq1",
+        "magnitude-0.5/seed0",
+        "wanda-0.5/gallery",
+        "wanda-0.5/rq1",
+        "wanda-0.5/seed0",
+    ]
 
 
 def test_magnitude_group_reprunes_only_magnitude(reference_study, tmp_path, local_corpus, model_cache):
@@ -282,11 +337,17 @@ def test_magnitude_group_reprunes_only_magnitude(reference_study, tmp_path, loca
 
     study = tmp_path / "checkpoints" / "tiny"
     shutil.copytree(reference_study, study)
-    result = run_cli(*_study_args(tmp_path, local_corpus, model_cache, "--report=false",
-                                  "--study.magnitude_group=global"), cwd=tmp_path)
+    result = run_cli(
+        *_study_args(tmp_path, local_corpus, model_cache, "--report=false", "--study.magnitude_group=global"),
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(_ran(study)[-1]) == ["magnitude-0.5/prune", "magnitude-0.5/rq1", "magnitude-0.5/seed0",
-                                       "magnitude-0.5/seed1"]
+    assert sorted(_ran(study)[-1]) == [
+        "magnitude-0.5/prune",
+        "magnitude-0.5/rq1",
+        "magnitude-0.5/seed0",
+        "magnitude-0.5/seed1",
+    ]
     masks = load_masks(study / "magnitude-0.5" / "prune" / "masks.safetensors")
     pruned = {name: int((~m).sum()) for name, m in masks.items()}
     total = sum(m.numel() for m in masks.values())
@@ -298,7 +359,12 @@ def test_sigkilled_study_resumes_to_identical_results(reference_study, tmp_path,
     import os
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "lit_prune", *_study_args(tmp_path, local_corpus, model_cache, "--report=false")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lit_prune",
+        *_study_args(tmp_path, local_corpus, model_cache, "--report=false"),
+    ]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     study = tmp_path / "checkpoints" / "tiny"
     while len(list(study.glob("*/*/done.json"))) < 5 and proc.poll() is None:  # until some steps are done
@@ -324,9 +390,12 @@ def test_shards_and_report_equal_one_unsharded_run(reference_study, tmp_path, lo
     assert (study / "report" / "report.md").is_file() and (study / "report" / "report.html").is_file()
 
 
-def test_workers_share_the_steps_and_reproduce_one_process(reference_study, tmp_path, local_corpus, model_cache):
-    result = run_cli(*_study_args(tmp_path, local_corpus, model_cache, "--report=false", "--study.workers=2"),
-                     cwd=tmp_path)
+def test_workers_share_the_steps_and_reproduce_one_process(
+    reference_study, tmp_path, local_corpus, model_cache
+):
+    result = run_cli(
+        *_study_args(tmp_path, local_corpus, model_cache, "--report=false", "--study.workers=2"), cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     study = tmp_path / "checkpoints" / "tiny"
     # Workers have one thread each: torch splits long sums differently, so values move in the last bits
@@ -336,16 +405,24 @@ def test_workers_share_the_steps_and_reproduce_one_process(reference_study, tmp_
     assert sorted(first + second) == sorted(_ran(study)[0])  # every step ran, once
     assert len(set(first + second)) == len(first + second) == len(list(reference_study.glob("*/*/done.json")))
     for cond in ("dense", "magnitude-0.5", "wanda-0.5"):  # a condition's fits share one worker's cache
-        assert {f"{cond}/seed0", f"{cond}/seed1"} <= set(first) or {f"{cond}/seed0", f"{cond}/seed1"} <= set(second)
+        assert {f"{cond}/seed0", f"{cond}/seed1"} <= set(first) or {f"{cond}/seed0", f"{cond}/seed1"} <= set(
+            second
+        )
 
 
-def test_a_failing_worker_stops_the_study_with_its_one_line_error(tmp_path, local_corpus, model_cache, monkeypatch):
+def test_a_failing_worker_stops_the_study_with_its_one_line_error(
+    tmp_path, local_corpus, model_cache, monkeypatch
+):
     empty = tmp_path / "not_an_sae"
     empty.mkdir()  # passes the up-front check (a directory), fails when the first step loads it
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # where the workers' folder goes
     (tmp_path / "tmp").mkdir()
-    result = run_cli(*_study_args(tmp_path, local_corpus, model_cache, "--study.workers=2",
-                                  f"--study.reference_sae={empty}"), cwd=tmp_path)
+    result = run_cli(
+        *_study_args(
+            tmp_path, local_corpus, model_cache, "--study.workers=2", f"--study.reference_sae={empty}"
+        ),
+        cwd=tmp_path,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: study worker ") and "sae_path=" in last, last
@@ -362,25 +439,33 @@ def test_study_help_explains_the_grid():
         assert option in result.stdout
 
 
-@pytest.mark.parametrize("override, field", [
-    ("--study.sparsities=[0.5, 0.5]", "study.sparsities"),
-    ("--study.sparsities=[1.5]", "study.sparsities"),
-    ("--study.sparsities=[0.0]", "no pruned conditions"),
-    ("--shard=3/2", "--shard"),
-    ("--study.workers=0", "study.workers"),
-    ("--study.model={no_such_option: 1}", "study.model.no_such_option"),
-    ("--trainer.precision=bf16-true", "trainer.precision='bf16-true' is invalid"),
-    ("--study.survival={matching: greedy}", "study.survival.matching='greedy' is invalid"),
-    ("--study.transfer={no_such_option: 1}", "study.transfer.no_such_option"),
-    ("--seed_everything=-5", "seed_everything=-5 is invalid"),
-    ("--study.reference_sae=sae-lens:foo", "study.reference_sae='sae-lens:foo' is invalid"),
-    ("--study.workers=abc", "Got value: abc"),  # jsonargparse's whole message, in one line
-    ("--study.logs=/dev/null/logs", "study.logs='/dev/null/logs' is invalid"),
-    ("--study.nm=[[3, 7]]", "study.nm=[3, 7] is invalid"),
-    ("--trainer.strategy=foo", "error: trainer settings: You selected an invalid strategy name"),
-    ("--trainer={devices: 2, strategy: ddp_spawn}", "trainer.strategy=\"DDPStrategy(start_method='spawn')\""),  # the tiny model's widths are not multiples of 7
-])
-def test_study_bad_input_is_one_line_error_and_writes_nothing(tmp_path, local_corpus, model_cache, override, field):
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("--study.sparsities=[0.5, 0.5]", "study.sparsities"),
+        ("--study.sparsities=[1.5]", "study.sparsities"),
+        ("--study.sparsities=[0.0]", "no pruned conditions"),
+        ("--shard=3/2", "--shard"),
+        ("--study.workers=0", "study.workers"),
+        ("--study.model={no_such_option: 1}", "study.model.no_such_option"),
+        ("--trainer.precision=bf16-true", "trainer.precision='bf16-true' is invalid"),
+        ("--study.survival={matching: greedy}", "study.survival.matching='greedy' is invalid"),
+        ("--study.transfer={no_such_option: 1}", "study.transfer.no_such_option"),
+        ("--seed_everything=-5", "seed_everything=-5 is invalid"),
+        ("--study.reference_sae=sae-lens:foo", "study.reference_sae='sae-lens:foo' is invalid"),
+        ("--study.workers=abc", "Got value: abc"),  # jsonargparse's whole message, in one line
+        ("--study.logs=/dev/null/logs", "study.logs='/dev/null/logs' is invalid"),
+        ("--study.nm=[[3, 7]]", "study.nm=[3, 7] is invalid"),
+        ("--trainer.strategy=foo", "error: trainer settings: You selected an invalid strategy name"),
+        (
+            "--trainer={devices: 2, strategy: ddp_spawn}",
+            "trainer.strategy=\"DDPStrategy(start_method='spawn')\"",
+        ),  # the tiny model's widths are not multiples of 7
+    ],
+)
+def test_study_bad_input_is_one_line_error_and_writes_nothing(
+    tmp_path, local_corpus, model_cache, override, field
+):
     code, stderr = cli_in_process(*_study_args(tmp_path, local_corpus, model_cache, override), cwd=tmp_path)
     assert code == 2, stderr[-2000:]
     assert field in stderr
@@ -391,8 +476,14 @@ def test_workers_with_multi_device_fits_is_one_line_error():
     from lit_prune.commands.study import context_from_args
 
     with pytest.raises(LitPruneError, match="study.workers=2 is invalid"):
-        context_from_args(["--config", str(ROOT / "configs" / "smollm2.yaml"), "--study.workers=2",
-                           "--trainer={devices: 2}"])
+        context_from_args(
+            [
+                "--config",
+                str(ROOT / "configs" / "smollm2.yaml"),
+                "--study.workers=2",
+                "--trainer={devices: 2}",
+            ]
+        )
 
 
 def test_report_of_unknown_directory_is_one_line_error(tmp_path):
@@ -408,7 +499,10 @@ def test_ctrl_c_in_a_study_says_that_the_same_command_resumes_it(tmp_path, monke
 
     monkeypatch.setattr(lit_prune.commands.study, "main", interrupted)
     code, stderr = cli_in_process("study", cwd=tmp_path)
-    assert (code, stderr) == (130, "interrupted: finished steps are kept; the same command resumes the study\n")
+    assert (code, stderr) == (
+        130,
+        "interrupted: finished steps are kept; the same command resumes the study\n",
+    )
 
 
 @pytest.mark.parametrize("name", ["smollm2", "llama", "gemma2", "gemma3"])
@@ -427,7 +521,9 @@ def test_shipped_study_configs_parse(name):
         assert max(settings.sparsities) == 0.6 and ctx.data["corpus"].startswith("hf:")
 
 
-@pytest.mark.parametrize("config, arch", [("llama", "tiny-llama"), ("gemma2", "tiny-gemma2"), ("gemma3", "tiny-gemma3")])
+@pytest.mark.parametrize(
+    "config, arch", [("llama", "tiny-llama"), ("gemma2", "tiny-gemma2"), ("gemma3", "tiny-gemma3")]
+)
 def test_paper_configs_run_end_to_end_on_tiny_local_copies(config, arch, tmp_path, local_corpus, model_cache):
     """Each paper config's study on a tiny save_pretrained copy of its architecture, a tiny sae-lens
     SAE on disk as the pretrained reference (Gemma configs) and a local corpus: everything but the sizes."""
@@ -440,19 +536,39 @@ def test_paper_configs_run_end_to_end_on_tiny_local_copies(config, arch, tmp_pat
     extra = []
     if config.startswith("gemma"):
         reference = tmp_path / "pretrained_sae"
-        export_sae(build_training_sae(SAESettings(expansion=4, k=8), 64, seed=7), reference, 1.0,
-                   {"model": str(model), "hook_layer": 1})
+        export_sae(
+            build_training_sae(SAESettings(expansion=4, k=8), 64, seed=7),
+            reference,
+            1.0,
+            {"model": str(model), "hook_layer": 1},
+        )
         (reference / "lit_prune.json").unlink()  # a foreign sae-lens SAE: no lit_prune metadata
         extra.append(f"--study.reference_sae={reference}")
-    args = ["study", "--config", str(ROOT / "configs" / f"{config}.yaml"), "--config", str(ROOT / "configs" / "tiny.yaml"),
-            f"--model.model_name={model}", "--study.model={}", "--study.data={}", "--study.methods=[wanda]",
-            "--study.seeds=[0]", f"--data.corpus={local_corpus}", f"--data.cache_dir={tmp_path / 'cache'}",
-            f"--model.model_cache_dir={model_cache}", f"--study.checkpoints={tmp_path / 'checkpoints'}",
-            f"--study.logs={tmp_path / 'logs'}", "--progress=false", *extra]
+    args = [
+        "study",
+        "--config",
+        str(ROOT / "configs" / f"{config}.yaml"),
+        "--config",
+        str(ROOT / "configs" / "tiny.yaml"),
+        f"--model.model_name={model}",
+        "--study.model={}",
+        "--study.data={}",
+        "--study.methods=[wanda]",
+        "--study.seeds=[0]",
+        f"--data.corpus={local_corpus}",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        f"--model.model_cache_dir={model_cache}",
+        f"--study.checkpoints={tmp_path / 'checkpoints'}",
+        f"--study.logs={tmp_path / 'logs'}",
+        "--progress=false",
+        *extra,
+    ]
     result = run_cli(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     study = tmp_path / "checkpoints" / config
-    assert (study / "wanda-2of4" / "seed0" / "results" / "rq3_transfer.json").is_file()  # the config's N:M condition
+    assert (
+        study / "wanda-2of4" / "seed0" / "results" / "rq3_transfer.json"
+    ).is_file()  # the config's N:M condition
     assert (study / "report" / "report.html").is_file()
 
 

@@ -7,29 +7,51 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, run_cli
+
 from lit_prune.analysis.results import read_arrays
 from lit_prune.errors import LitPruneError
 
 # The fewest steps with both kinds of fit: dense, and pruned with the rank-0-only RQ2 / RQ3
 # callbacks (one pruned condition, one seed, no gallery). 16k training tokens at lr 3e-3 train the
 # tiny SAE to FVU ~0.4, so comparing the two runs means something.
-GRID = ["--study.methods=[wanda]", "--study.seeds=[0]", "--study.gallery_features=0", "--study.perplexity_sequences=4",
-        "--study.survival={n_boot: 10}", "--data.train_tokens=16384", "--data.eval_tokens=512",
-        "--model.ce_eval_sequences=4", "--model.lr=0.003"]
+GRID = [
+    "--study.methods=[wanda]",
+    "--study.seeds=[0]",
+    "--study.gallery_features=0",
+    "--study.perplexity_sequences=4",
+    "--study.survival={n_boot: 10}",
+    "--data.train_tokens=16384",
+    "--data.eval_tokens=512",
+    "--model.ce_eval_sequences=4",
+    "--model.lr=0.003",
+]
 # The one-device run's global batch (8 sequences per LM batch, 256 tokens per SAE step), halved per rank.
-DDP = ['--trainer={"accelerator": "cpu", "devices": 2}', "--data.batch_size=4", "--model.sae_batch_tokens=128"]
+DDP = [
+    '--trainer={"accelerator": "cpu", "devices": 2}',
+    "--data.batch_size=4",
+    "--model.sae_batch_tokens=128",
+]
 FITS = ("dense/seed0", "wanda-0.5/seed0")
 # |DDP - one device| allowed; see the test's docstring.
 TOLERANCE = {"fvu": 0.06, "cos": 0.05}
 
 
 def _args(tmp: Path, corpus: Path, model_cache: Path, name: str, *extra: str) -> list[str]:
-    return ["--config", str(ROOT / "configs" / "tiny.yaml"), f"--data.corpus={corpus}",
-            f"--data.cache_dir={tmp / 'cache'}", f"--model.model_cache_dir={model_cache}", f"--study.name={name}",
-            f"--study.checkpoints={tmp / 'checkpoints'}", f"--study.logs={tmp / 'logs'}", "--progress=false",
-            "--report=false", *GRID, *extra]
+    return [
+        "--config",
+        str(ROOT / "configs" / "tiny.yaml"),
+        f"--data.corpus={corpus}",
+        f"--data.cache_dir={tmp / 'cache'}",
+        f"--model.model_cache_dir={model_cache}",
+        f"--study.name={name}",
+        f"--study.checkpoints={tmp / 'checkpoints'}",
+        f"--study.logs={tmp / 'logs'}",
+        "--progress=false",
+        "--report=false",
+        *GRID,
+        *extra,
+    ]
 
 
 def _metrics(fit: Path) -> dict[str, float]:
@@ -61,10 +83,18 @@ def test_two_device_study_runs_ddp_fits_that_match_one_device(tmp_path, local_co
     single = tmp_path / "checkpoints" / "single"
     for fit in FITS:
         d, s = ddp / fit, single / fit
-        assert sorted(p.name for p in d.iterdir()) == sorted(p.name for p in s.iterdir())  # no worker files left
-        assert sorted(p.name for p in (d / "results").iterdir()) == sorted(p.name for p in (s / "results").iterdir())
+        assert sorted(p.name for p in d.iterdir()) == sorted(
+            p.name for p in s.iterdir()
+        )  # no worker files left
+        assert sorted(p.name for p in (d / "results").iterdir()) == sorted(
+            p.name for p in (s / "results").iterdir()
+        )
         summary = json.loads((d / "done.json").read_text())["summary"]
-        assert summary["tokens_trained"] == json.loads((s / "done.json").read_text())["summary"]["tokens_trained"] > 0
+        assert (
+            summary["tokens_trained"]
+            == json.loads((s / "done.json").read_text())["summary"]["tokens_trained"]
+            > 0
+        )
         d_meta, s_meta = (json.loads((f / "sae" / "lit_prune.json").read_text()) for f in (d, s))
         assert d_meta["tokens_trained"] * 2 == summary["tokens_trained"]  # rank 0 counts its half
         assert d_meta["norm_scale"] == s_meta["norm_scale"]
@@ -87,27 +117,48 @@ def test_two_device_study_runs_ddp_fits_that_match_one_device(tmp_path, local_co
     assert _snapshot(ddp) == before
 
 
-@pytest.mark.parametrize("trainer, processes", [
-    ({}, 1), ({"devices": 1}, 1), ({"devices": 2}, 2), ({"devices": "2"}, 2), ({"devices": [0, 1]}, 2),
-    ({"devices": "0,1"}, 2), ({"devices": "0,"}, 1), ({"accelerator": "cpu", "devices": "auto"}, 1),
-    ({"accelerator": "cpu", "devices": -1}, 1), ({"devices": 2, "num_nodes": 2}, 4),
-    ({"devices": 1, "num_nodes": 2}, 2),
-])
+@pytest.mark.parametrize(
+    "trainer, processes",
+    [
+        ({}, 1),
+        ({"devices": 1}, 1),
+        ({"devices": 2}, 2),
+        ({"devices": "2"}, 2),
+        ({"devices": [0, 1]}, 2),
+        ({"devices": "0,1"}, 2),
+        ({"devices": "0,"}, 1),
+        ({"accelerator": "cpu", "devices": "auto"}, 1),
+        ({"accelerator": "cpu", "devices": -1}, 1),
+        ({"devices": 2, "num_nodes": 2}, 4),
+        ({"devices": 1, "num_nodes": 2}, 2),
+    ],
+)
 def test_fit_processes(trainer, processes):
     from lit_prune.study.fit_worker import fit_processes
 
     assert fit_processes(trainer) == processes
 
 
-@pytest.mark.parametrize("devices, ids", [
-    (1, None), ("2", None), ("auto", None), ([2], [2]), ("2,", [2]), ("0, 3", [0, 3]), ((1, "2"), [1, 2]),
-])
+@pytest.mark.parametrize(
+    "devices, ids",
+    [
+        (1, None),
+        ("2", None),
+        ("auto", None),
+        ([2], [2]),
+        ("2,", [2]),
+        ("0, 3", [0, 3]),
+        ((1, "2"), [1, 2]),
+    ],
+)
 def test_device_ids_and_the_device_of_steps_outside_lightning(monkeypatch, devices, ids):
     from lit_prune.study.fit_worker import device_ids
     from lit_prune.study.steps import StudyContext
 
     assert device_ids({"devices": devices}) == ids
-    ctx = StudyContext(name="s", settings=None, model={}, data={}, trainer={"devices": devices}, seed_everything=0)
+    ctx = StudyContext(
+        name="s", settings=None, model={}, data={}, trainer={"devices": devices}, seed_everything=0
+    )
     assert ctx.device == "cpu"  # no GPU here
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert ctx.device == (f"cuda:{ids[0]}" if ids else "cuda")
@@ -130,8 +181,14 @@ def test_failed_worker_is_one_line_error_naming_the_step(tmp_path, monkeypatch):
     from lit_prune.study.steps import StudyContext
 
     monkeypatch.setattr(fit_worker.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1))
-    ctx = StudyContext(name="s", settings=StudySettings(checkpoints=str(tmp_path)), model={}, data={},
-                       trainer={"accelerator": "cpu", "devices": 2, "logger": object()}, seed_everything=0)
+    ctx = StudyContext(
+        name="s",
+        settings=StudySettings(checkpoints=str(tmp_path)),
+        model={},
+        data={},
+        trainer={"accelerator": "cpu", "devices": 2, "logger": object()},
+        seed_everything=0,
+    )
     with pytest.raises(LitPruneError, match=r"study step wanda-0.5/seed1: .*exited with status 1") as err:
         fit_worker.fit_in_worker(ctx, tmp_path, 1, PruneCondition("wanda", 0.5))
     assert "\n" not in str(err.value)

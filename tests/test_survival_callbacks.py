@@ -6,14 +6,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import ROOT
+
 from lit_prune.analysis.evaluate import evaluate_sae, harvest, sae_codec
 from lit_prune.analysis.fragility import survival_by_bin
 from lit_prune.analysis.matching import match_features
 from lit_prune.analysis.results import read_arrays, read_rows
 from lit_prune.analysis.survival import PearsonAccumulator, functional_survival
-from lit_prune.analysis.transfer import PairedPass, is_viable, paired_features, sae_input_sq_norm, wanda_prune_sae
+from lit_prune.analysis.transfer import (
+    PairedPass,
+    is_viable,
+    paired_features,
+    sae_input_sq_norm,
+    wanda_prune_sae,
+)
 from lit_prune.errors import LitPruneError
 from lit_prune.lit.analysis_callbacks import FeatureSurvivalCallback, TransferabilityCallback
 from lit_prune.lit.survival_callback import survival_measurements
@@ -24,8 +30,10 @@ from lit_prune.sae.io import export_sae, load_sae
 
 # --- the reference SAE is checked at setup ---------------------------------------------------
 def _fake_module(d_model=64, layer=1):
-    return SimpleNamespace(lm=SimpleNamespace(config=SimpleNamespace(hidden_size=d_model)),
-                           hparams=SimpleNamespace(hook_layer=layer, model_name="tiny-llama"))
+    return SimpleNamespace(
+        lm=SimpleNamespace(config=SimpleNamespace(hidden_size=d_model)),
+        hparams=SimpleNamespace(hook_layer=layer, model_name="tiny-llama"),
+    )
 
 
 def _export(path, d_in=64, layer=1, seed=0):
@@ -35,8 +43,10 @@ def _export(path, d_in=64, layer=1, seed=0):
 
 @pytest.mark.parametrize("callback", [TransferabilityCallback, FeatureSurvivalCallback])
 def test_bad_reference_is_one_line_error_naming_the_field(tmp_path, callback):
-    cases = {"reference_sae.d_in=16 is invalid": _export(tmp_path / "narrow", d_in=16),
-             "reference_sae.hook_layer=2 is invalid": _export(tmp_path / "hook", layer=2)}
+    cases = {
+        "reference_sae.d_in=16 is invalid": _export(tmp_path / "narrow", d_in=16),
+        "reference_sae.hook_layer=2 is invalid": _export(tmp_path / "hook", layer=2),
+    }
     foreign = _export(tmp_path / "foreign", layer=2)
     (foreign / "lit_prune.json").unlink()  # a foreign sae-lens SAE: only cfg.json records the hook
     cases["reference_sae.hook='blocks.2.hook_resid_post' is invalid"] = foreign
@@ -72,8 +82,17 @@ def test_bad_callback_settings_are_one_line_errors(tmp_path):
 
 def test_rows_of_the_same_condition_and_epoch_are_replaced_not_duplicated(tmp_path):
     callback = FeatureSurvivalCallback("x", output_dir=str(tmp_path))
-    row = {"model": "m", "hook": "h", "method": "wanda", "sparsity": 0.5, "seed_a": 0, "seed_b": 1, "epoch": 0,
-           "metric": "S", "value": 0.1}
+    row = {
+        "model": "m",
+        "hook": "h",
+        "method": "wanda",
+        "sparsity": 0.5,
+        "seed_a": 0,
+        "seed_b": 1,
+        "epoch": 0,
+        "metric": "S",
+        "value": 0.1,
+    }
     other = {**row, "method": "magnitude"}
     callback.write(None, [row, other])
     path = callback.write(None, [{**row, "value": 0.2}])
@@ -87,15 +106,20 @@ def dense_lm(model_cache):
 
 
 def test_dense_lm_is_a_shared_copy_only_when_the_run_was_pruned(dense_lm, model_cache):
-    from lit_prune.lit.analysis_callbacks import dense_lm as get_dense, release_dense_lm
+    from lit_prune.lit.analysis_callbacks import dense_lm as get_dense
+    from lit_prune.lit.analysis_callbacks import release_dense_lm
 
     pruned_lm = load_model("tiny-llama", cache_dir=model_cache)
     with torch.no_grad():
         pruned_lm.model.layers[0].mlp.up_proj.weight.zero_()
     from lightning.pytorch.utilities.parsing import AttributeDict  # what module.hparams is
 
-    module = SimpleNamespace(pruning_info={"method": "dense"}, lm_on_device=lambda: pruned_lm, device="cpu",
-                             hparams=AttributeDict(model_name="tiny-llama", model_cache_dir=str(model_cache)))
+    module = SimpleNamespace(
+        pruning_info={"method": "dense"},
+        lm_on_device=lambda: pruned_lm,
+        device="cpu",
+        hparams=AttributeDict(model_name="tiny-llama", model_cache_dir=str(model_cache)),
+    )
     assert get_dense(module) is pruned_lm  # an unpruned run: its own LM
     module.pruning_info = {"method": "wanda", "sparsity": 0.5}
     copy = get_dense(module)
@@ -115,11 +139,15 @@ def test_reference_matched_with_itself_survives_completely(dense_lm):
     overall = result.metrics[None]
     assert overall["mean_cosine"] == pytest.approx(1.0, abs=1e-6)
     assert overall["mmcs_reference_to_module"] == pytest.approx(1.0, abs=1e-6)
-    assert overall["init_cosine_mean"] == pytest.approx(1.0, abs=1e-6) and overall["init_near_fraction"] == 1.0
+    assert (
+        overall["init_cosine_mean"] == pytest.approx(1.0, abs=1e-6) and overall["init_near_fraction"] == 1.0
+    )
     assert result.metrics[0.7]["functional_S"] == 1.0
     alive = result.arrays["alive"]
     assert overall["n_alive"] == alive.sum() > 0
-    torch.testing.assert_close(result.arrays["pearson_r"][alive], torch.ones(int(alive.sum())), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        result.arrays["pearson_r"][alive], torch.ones(int(alive.sum())), rtol=0, atol=1e-6
+    )
     assert result.arrays["partner"].tolist() == list(range(128))
 
 
@@ -127,7 +155,9 @@ def test_survival_on_a_hand_made_condition():
     """Reference e1..e4 in R^8; the run keeps e1, e2, tilts e3 to cos 0.8, e4 (dead) to 0.3."""
     eye = torch.eye(8)
     ref = eye[:4]
-    module = torch.stack([eye[0], eye[1], 0.8 * eye[2] + 0.6 * eye[4], 0.3 * eye[3] + math.sqrt(0.91) * eye[5]])
+    module = torch.stack(
+        [eye[0], eye[1], 0.8 * eye[2] + 0.6 * eye[4], 0.3 * eye[3] + math.sqrt(0.91) * eye[5]]
+    )
     g = torch.Generator().manual_seed(0)
     fires = torch.rand(400, 4, generator=g) < torch.tensor([0.5, 0.1, 0.02, 0.0])
     f_dense = fires * (1 + torch.rand(400, 4, generator=g))
@@ -137,33 +167,56 @@ def test_survival_on_a_hand_made_condition():
     acc.update(f_dense, f_pruned)
     rate = fires.double().mean(0)
     paired = PairedPass(acc, rate, (f_pruned > 0).double().mean(0), 400)
-    result = survival_measurements(ref, module, module, paired, n_bins=3, n_boot=20,
-                                   seed_baseline=0.8, seed_baseline_tau=0.9)
+    result = survival_measurements(
+        ref, module, module, paired, n_bins=3, n_boot=20, seed_baseline=0.8, seed_baseline_tau=0.9
+    )
     assert result.metrics[0.5]["S"] == 1.0 and result.metrics[0.7]["S"] == 1.0  # dead e4 is not counted
     assert result.metrics[0.9]["S"] == pytest.approx(2 / 3)
     assert result.metrics[0.9]["S_normalised"] == pytest.approx((2 / 3) / 0.8)
     assert result.metrics[0.7]["functional_S"] == pytest.approx(2 / 3)
-    assert result.metrics[None]["n_alive"] == 3 and result.metrics[None]["mean_cosine"] == pytest.approx(2.8 / 3)
+    assert result.metrics[None]["n_alive"] == 3 and result.metrics[None]["mean_cosine"] == pytest.approx(
+        2.8 / 3
+    )
     # bins by firing rate (rarest first): feature 2 (cos 0.8) | feature 1 | feature 0
     assert result.arrays["bin"].tolist() == [2, 1, 0, -1]
-    assert torch.equal(result.arrays["max_activation"], f_dense.amax(0)) and result.arrays["decoder_norm"].tolist() == [1] * 4
+    assert (
+        torch.equal(result.arrays["max_activation"], f_dense.amax(0))
+        and result.arrays["decoder_norm"].tolist() == [1] * 4
+    )
     assert [result.metrics[0.9][f"survival_bin{b}"] for b in range(3)] == [0.0, 1.0, 1.0]
     assert result.metrics[0.9]["rho_bin"] == pytest.approx(math.sqrt(3) / 2)  # ranks (1,2,3) vs (1,2.5,2.5)
     for matching in ("hungarian", "exact", "sparse"):  # every solver finds this optimum
-        other = survival_measurements(ref, module, module, paired, n_bins=3, n_boot=20, matching=matching, candidates=2)
-        assert torch.equal(other.arrays["partner"], result.arrays["partner"]) and other.metrics[0.9]["S"] == 2 / 3
+        other = survival_measurements(
+            ref, module, module, paired, n_bins=3, n_boot=20, matching=matching, candidates=2
+        )
+        assert (
+            torch.equal(other.arrays["partner"], result.arrays["partner"])
+            and other.metrics[0.9]["S"] == 2 / 3
+        )
 
 
 # --- end to end: export a dense SAE, then fit on a Wanda-pruned model with both callbacks ----
 def _fit(tmp_path, local_corpus, model_cache, name, *extra):
     from lit_prune.cli import lightning_cli
 
-    return lightning_cli([
-        "fit", "--config", str(ROOT / "configs" / "tiny.yaml"), f"--model.model_cache_dir={model_cache}",
-        f"--data.corpus={local_corpus}", f"--data.cache_dir={tmp_path / 'cache'}", "--data.train_tokens=2048",
-        "--data.eval_tokens=512", "--model.ce_eval_sequences=4", f"--trainer.default_root_dir={tmp_path}",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", f"--model.export_dir={tmp_path / name}",
-        "--trainer.enable_progress_bar=false", *extra])
+    return lightning_cli(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "tiny.yaml"),
+            f"--model.model_cache_dir={model_cache}",
+            f"--data.corpus={local_corpus}",
+            f"--data.cache_dir={tmp_path / 'cache'}",
+            "--data.train_tokens=2048",
+            "--data.eval_tokens=512",
+            "--model.ce_eval_sequences=4",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+            f"--model.export_dir={tmp_path / name}",
+            "--trainer.enable_progress_bar=false",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -176,11 +229,21 @@ def analysed_fit(tmp_path_factory, local_corpus, model_cache):
         f"    - class_path: lit_prune.lit.analysis_callbacks.TransferabilityCallback\n"
         f"      init_args: {{reference_sae: {tmp_path / 'dense'}, sae_prune_levels: [0.5], at_fit_end: true}}\n"
         f"    - class_path: lit_prune.lit.analysis_callbacks.FeatureSurvivalCallback\n"
-        f"      init_args: {{reference_sae: {tmp_path / 'dense'}, n_boot: 20, at_fit_end: true}}\n")
-    cli = _fit(tmp_path, local_corpus, model_cache, "pruned",
-               "--config", str(ROOT / "configs" / "pruning" / "wanda50.yaml"),
-               "--trainer.callbacks.init_args.perplexity_sequences=2",  # PruningCallback's (listed first)
-               "--config", str(config), "--model.seed=1", "--data.shuffle_seed=1")
+        f"      init_args: {{reference_sae: {tmp_path / 'dense'}, n_boot: 20, at_fit_end: true}}\n"
+    )
+    cli = _fit(
+        tmp_path,
+        local_corpus,
+        model_cache,
+        "pruned",
+        "--config",
+        str(ROOT / "configs" / "pruning" / "wanda50.yaml"),
+        "--trainer.callbacks.init_args.perplexity_sequences=2",  # PruningCallback's (listed first)
+        "--config",
+        str(config),
+        "--model.seed=1",
+        "--data.shuffle_seed=1",
+    )
     reference, _ = load_sae(tmp_path / "dense")
     results = Path(cli.trainer.log_dir) / "results"
     return cli, reference, results
@@ -196,13 +259,18 @@ def test_transfer_rows_equal_recomputation(analysed_fit, model_cache):
     cli, reference, results = analysed_fit
     rows = read_rows(results / "rq3_transfer.json")
     saes = {("reference", 0.0), ("retrained", 0.0), ("reference_wanda", 0.5)}
-    assert {(r["method"], r["sparsity"], r["sae"], r["sae_sparsity"], r["epoch"], r["stage"]) for r in rows} == {
+    assert {
+        (r["method"], r["sparsity"], r["sae"], r["sae_sparsity"], r["epoch"], r["stage"]) for r in rows
+    } == {
         ("dense", 0.0, "reference", 0.0, None, "dense"),
         *{("wanda", 0.5, sae, level, 0, "validation") for sae, level in saes},
-        *{("wanda", 0.5, sae, level, None, "fit_end") for sae, level in saes}}
+        *{("wanda", 0.5, sae, level, None, "fit_end") for sae, level in saes},
+    }
     assert {r["seed_a"] for r in rows} == {0} and {r["seed_b"] for r in rows} == {None, 1}
     ids, d_sae, module = cli.datamodule.eval_ids, reference.cfg.d_sae, cli.model
-    dense = evaluate_sae(load_model("tiny-llama", cache_dir=model_cache), 1, sae_codec(reference), ids, d_sae, 8, 4)
+    dense = evaluate_sae(
+        load_model("tiny-llama", cache_dir=model_cache), 1, sae_codec(reference), ids, d_sae, 8, 4
+    )
     pruned = evaluate_sae(module.lm, 1, sae_codec(reference), ids, d_sae, 8, 4)
     calibration = harvest(module.lm, cli.datamodule.calibration_ids, 1)
     baseline = wanda_prune_sae(reference, sae_input_sq_norm(reference, calibration), 0.5)
@@ -211,16 +279,26 @@ def test_transfer_rows_equal_recomputation(analysed_fit, model_cache):
     for metric in ("fvu", "l0", "ce_recovered", "kl_score", "delta_lm_loss", "dead_fraction"):
         assert _value(rows, metric, stage="dense") == pytest.approx(dense[metric], rel=1e-6), metric
         for stage in ("validation", "fit_end"):
-            assert _value(rows, metric, sae="reference", stage=stage) == pytest.approx(pruned[metric], rel=1e-6)
-            assert _value(rows, metric, sae="reference_wanda", stage=stage) == pytest.approx(wanda[metric], rel=1e-5)
+            assert _value(rows, metric, sae="reference", stage=stage) == pytest.approx(
+                pruned[metric], rel=1e-6
+            )
+            assert _value(rows, metric, sae="reference_wanda", stage=stage) == pytest.approx(
+                wanda[metric], rel=1e-5
+            )
         # retrained: the module's own validation metrics, then its final (exported) SAE
         assert _value(rows, metric, sae="retrained", stage="validation") == module.last_val[metric]
-        assert _value(rows, metric, sae="retrained", stage="fit_end") == pytest.approx(final[metric], rel=1e-6)
+        assert _value(rows, metric, sae="retrained", stage="fit_end") == pytest.approx(
+            final[metric], rel=1e-6
+        )
         # the last training step drains the activation buffer, so validation already saw the final SAE
         assert module.last_val[metric] == pytest.approx(final[metric], rel=1e-6)
     assert _value(rows, "viable", sae="reference", stage="fit_end") == float(is_viable(pruned, dense))
-    assert _value(rows, "l0_ratio", sae="reference", stage="fit_end") == pytest.approx(pruned["l0"] / dense["l0"])
-    assert pruned["ce_clean"] != pytest.approx(dense["ce_clean"])  # measured against the pruned model's own CE
+    assert _value(rows, "l0_ratio", sae="reference", stage="fit_end") == pytest.approx(
+        pruned["l0"] / dense["l0"]
+    )
+    assert pruned["ce_clean"] != pytest.approx(
+        dense["ce_clean"]
+    )  # measured against the pruned model's own CE
 
 
 def test_survival_rows_equal_arrays_and_recomputation(analysed_fit, model_cache):
@@ -229,13 +307,18 @@ def test_survival_rows_equal_arrays_and_recomputation(analysed_fit, model_cache)
     arrays = read_arrays(results / "rq2_survival.safetensors")
     fields = ("method", "sparsity", "seed_a", "seed_b", "same_seed", "epoch", "stage")
     keys = {tuple(r[f] for f in fields) for r in rows}
-    assert keys == {("wanda", 0.5, 0, 1, False, 0, "validation"), ("wanda", 0.5, 0, 1, False, None, "fit_end")}
+    assert keys == {
+        ("wanda", 0.5, 0, 1, False, 0, "validation"),
+        ("wanda", 0.5, 0, 1, False, None, "fit_end"),
+    }
     rows = [r for r in rows if r["stage"] == "fit_end"]  # the arrays are the latest (fit end) measurement
     alive, cos, r = arrays["alive"], arrays["matched_cosine"], arrays["pearson_r"]
     for tau in (0.5, 0.7, 0.9):
         assert _value(rows, "S", tau=tau) == pytest.approx(float((cos[alive] >= tau).double().mean()))
         expected = survival_by_bin(cos, arrays["firing_rate"], tau)
-        assert [_value(rows, f"survival_bin{b}", tau=tau) for b in range(5)] == pytest.approx(expected, nan_ok=True)
+        assert [_value(rows, f"survival_bin{b}", tau=tau) for b in range(5)] == pytest.approx(
+            expected, nan_ok=True
+        )
     assert _value(rows, "functional_S", tau=0.7) == pytest.approx(float((r[alive] >= 0.7).double().mean()))
     assert _value(rows, "n_alive", tau=None) == alive.sum()
     # recompute from scratch: reference on the dense and the pruned LM over the same eval tokens
@@ -264,12 +347,17 @@ def test_scalars_and_figures_reach_tensorboard(analysed_fit):
     events = EventAccumulator(cli.trainer.log_dir, size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     assert set(events.Tags()["images"]) == {
-        "rq2/matched_cosine_hist", "rq4/survival_by_firing_rate_bin", "rq4/firing_rate_hist"}
+        "rq2/matched_cosine_hist",
+        "rq4/survival_by_firing_rate_bin",
+        "rq4/firing_rate_hist",
+    }
     rows = read_rows(results / "rq2_survival.json")
     for stage, point in (("validation", 0), ("fit_end", -1)):
         assert events.Scalars("rq2/S@0.7")[point].value == pytest.approx(
-            _value(rows, "S", tau=0.7, stage=stage), rel=1e-6)
+            _value(rows, "S", tau=0.7, stage=stage), rel=1e-6
+        )
     transfer = read_rows(results / "rq3_transfer.json")
     assert events.Scalars("rq3/retrained/fvu")[-1].value == pytest.approx(
-        _value(transfer, "fvu", sae="retrained", stage="fit_end"), rel=1e-6)
+        _value(transfer, "fvu", sae="retrained", stage="fit_end"), rel=1e-6
+    )
     assert "rq4/rho_feature" in events.Tags()["scalars"]

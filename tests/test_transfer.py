@@ -21,18 +21,20 @@ from lit_prune.models.registry import load_model
 from lit_prune.pruning.wanda import wanda_mask_reference
 from lit_prune.sae.build import SAESettings, build_training_sae
 
-
 # --- viability -------------------------------------------------------------------------------
 DENSE = {"ce_recovered": 0.95, "fvu": 0.10}
 
 
-@pytest.mark.parametrize("ce, fvu, expected", [
-    (0.90, 0.15, True),    # 0.90 >= 0.855 and 0.15 <= 0.20
-    (0.855, 0.20, True),   # both bounds are inclusive
-    (0.85, 0.15, False),   # CE recovered below 0.9 x 0.95
-    (0.94, 0.21, False),   # FVU above 2 x 0.10
-    (math.nan, 0.1, False),  # unmeasured is never viable
-])
+@pytest.mark.parametrize(
+    "ce, fvu, expected",
+    [
+        (0.90, 0.15, True),  # 0.90 >= 0.855 and 0.15 <= 0.20
+        (0.855, 0.20, True),  # both bounds are inclusive
+        (0.85, 0.15, False),  # CE recovered below 0.9 x 0.95
+        (0.94, 0.21, False),  # FVU above 2 x 0.10
+        (math.nan, 0.1, False),  # unmeasured is never viable
+    ],
+)
 def test_viability_rule_on_hand_made_numbers(ce, fvu, expected):
     assert is_viable({"ce_recovered": ce, "fvu": fvu}, DENSE) is expected
 
@@ -58,10 +60,9 @@ def test_l0_ratio():
 def _hand_sae():
     """Standard SAE, d_in = d_sae = 4, with a hand-set encoder (rows = W_enc^T rows = features)."""
     sae = build_training_sae(SAESettings(architecture="standard", expansion=1), d_in=4, seed=0)
-    enc_t = torch.tensor([[1.0, -2.0, 3.0, 4.0],
-                          [4.0, 3.0, -2.0, 1.0],
-                          [3.0, 0.5, 1.0, 0.1],
-                          [-1.0, 1.0, -8.0, 0.1]])
+    enc_t = torch.tensor(
+        [[1.0, -2.0, 3.0, 4.0], [4.0, 3.0, -2.0, 1.0], [3.0, 0.5, 1.0, 0.1], [-1.0, 1.0, -8.0, 0.1]]
+    )
     with torch.no_grad():
         sae.W_enc.copy_(enc_t.T)
         sae.W_dec.copy_(torch.randn(4, 4, generator=torch.Generator().manual_seed(1)))
@@ -82,10 +83,14 @@ def test_wanda_prune_sae_half_prunes_lowest_weight_times_input_norm_per_feature(
     sq = torch.tensor([1.0, 4.0, 0.25, 16.0])  # input norms ||x_j|| = 1, 2, 0.5, 4
     pruned = wanda_prune_sae(sae, sq, 0.5)
     # scores |W| * ||x||: [1, 4, 1.5, 16] | [4, 6, 1, 4] (tie: lower column first) | [3, 1, 0.5, 0.4] | [1, 2, 4, 0.4]
-    keep = torch.tensor([[False, True, False, True],
-                         [False, True, False, True],
-                         [True, True, False, False],
-                         [False, True, True, False]])
+    keep = torch.tensor(
+        [
+            [False, True, False, True],
+            [False, True, False, True],
+            [True, True, False, False],
+            [False, True, True, False],
+        ]
+    )
     torch.testing.assert_close(pruned.W_enc.T, enc_t * keep, rtol=0, atol=0)
     assert ((pruned.W_enc.T == 0).sum(1) == 2).all()  # floor(4 * 0.5) per feature
     assert torch.equal(pruned.W_dec, sae.W_dec)  # decoder dense by default

@@ -70,7 +70,9 @@ def feature_delta(parts: SAEParts, feats: Tensor, features: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _encode(lm: nn.Module, layer: int, ids: Tensor, mask: Tensor, parts: SAEParts) -> tuple[Tensor, Tensor, Tensor]:
+def _encode(
+    lm: nn.Module, layer: int, ids: Tensor, mask: Tensor, parts: SAEParts
+) -> tuple[Tensor, Tensor, Tensor]:
     """Features [b, seq, d_sae] (0 at invalid positions), the valid mask [b, seq] and block `layer`'s
     resid_post [b, seq, d_model]."""
     valid = valid_positions(mask)
@@ -81,8 +83,14 @@ def _encode(lm: nn.Module, layer: int, ids: Tensor, mask: Tensor, parts: SAEPart
     return feats, valid, x
 
 
-def _logits(lm: nn.Module, ids: Tensor, mask: Tensor, layer: int, delta: Tensor | None = None,
-            resid: Tensor | None = None) -> Tensor:
+def _logits(
+    lm: nn.Module,
+    ids: Tensor,
+    mask: Tensor,
+    layer: int,
+    delta: Tensor | None = None,
+    resid: Tensor | None = None,
+) -> Tensor:
     """Logits [b, seq, vocab]; with `delta` ([b, seq, d_model]) block `layer` outputs x - delta.
 
     With `resid`, block `layer`'s output x for these ids, the forward resumes after that block."""
@@ -95,7 +103,9 @@ def _logits(lm: nn.Module, ids: Tensor, mask: Tensor, layer: int, delta: Tensor 
         return lm(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
 
-def _row_effects(ids: Tensor, valid: Tensor, fires: Tensor, clean: Tensor, ablated: Tensor) -> dict[str, Tensor]:
+def _row_effects(
+    ids: Tensor, valid: Tensor, fires: Tensor, clean: Tensor, ablated: Tensor
+) -> dict[str, Tensor]:
     """Per-row sums [b] of the CE increase / KL for both scopes, and n firing loss positions [b]."""
     pos = loss_positions(valid)
     firing = fires[:, :-1] & pos
@@ -103,8 +113,13 @@ def _row_effects(ids: Tensor, valid: Tensor, fires: Tensor, clean: Tensor, ablat
     ce = (next_token_ce(ablated, ids) - next_token_ce(clean, ids)).double()
     kl = next_token_kl(clean, ablated).double()
     total = lambda v, m: torch.where(m, v, torch.zeros_like(v)).sum(1)  # noqa: E731
-    return {"ce_firing": total(ce, firing), "kl_firing": total(kl, firing), "ce_all": total(ce, after),
-            "kl_all": total(kl, after), "n_tokens": firing.sum(1)}
+    return {
+        "ce_firing": total(ce, firing),
+        "kl_firing": total(kl, firing),
+        "ce_all": total(ce, after),
+        "kl_all": total(kl, after),
+        "n_tokens": firing.sum(1),
+    }
 
 
 def _check_scope(scope: str) -> None:
@@ -113,8 +128,14 @@ def _check_scope(scope: str) -> None:
 
 
 @torch.no_grad()
-def ablated_logits(lm: nn.Module, layer: int, ids: Tensor, parts: SAEParts, feature: int,
-                   attention_mask: Tensor | None = None) -> Tensor:
+def ablated_logits(
+    lm: nn.Module,
+    layer: int,
+    ids: Tensor,
+    parts: SAEParts,
+    feature: int,
+    attention_mask: Tensor | None = None,
+) -> Tensor:
     """Logits [b, seq, vocab] with feature `feature` ablated (error term kept) at block `layer`."""
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask
     feats, valid, _ = _encode(lm, layer, ids, mask, parts)
@@ -124,8 +145,15 @@ def ablated_logits(lm: nn.Module, layer: int, ids: Tensor, parts: SAEParts, feat
 
 
 @torch.no_grad()
-def ablate_feature_effect(lm: nn.Module, layer: int, ids: Tensor, parts: SAEParts, feature: int,
-                          scope: str = "firing", attention_mask: Tensor | None = None) -> dict[str, float]:
+def ablate_feature_effect(
+    lm: nn.Module,
+    layer: int,
+    ids: Tensor,
+    parts: SAEParts,
+    feature: int,
+    scope: str = "firing",
+    attention_mask: Tensor | None = None,
+) -> dict[str, float]:
     """Exact effect of ablating one feature on ids: [b, seq] -> {"ce", "kl", "n_tokens"} (module doc).
 
     The reference one-at-a-time path: only sequences where the feature fires are re-run.
@@ -142,13 +170,23 @@ def ablate_feature_effect(lm: nn.Module, layer: int, ids: Tensor, parts: SAEPart
     ablated = ablated_logits(lm, layer, ids, parts, feature, mask)
     sums = {k: v.sum() for k, v in _row_effects(ids, valid[rows], fires[rows], clean, ablated).items()}
     n = int(sums["n_tokens"])
-    return {"ce": float(sums[f"ce_{scope}"]) / max(n, 1), "kl": float(sums[f"kl_{scope}"]) / max(n, 1),
-            "n_tokens": n}
+    return {
+        "ce": float(sums[f"ce_{scope}"]) / max(n, 1),
+        "kl": float(sums[f"kl_{scope}"]) / max(n, 1),
+        "n_tokens": n,
+    }
 
 
 @torch.no_grad()
-def ablate_features(lm: nn.Module, layer: int, ids: Tensor, parts: SAEParts, features: Tensor,
-                    batch_size: int = 8, attention_mask: Tensor | None = None) -> dict[str, Tensor]:
+def ablate_features(
+    lm: nn.Module,
+    layer: int,
+    ids: Tensor,
+    parts: SAEParts,
+    features: Tensor,
+    batch_size: int = 8,
+    attention_mask: Tensor | None = None,
+) -> dict[str, Tensor]:
     """Exact effects of ablating each of `features` [m], both scopes, batched over (sequence, feature).
 
     Each forward runs up to `batch_size` copies of sequences, each copy with a different feature
@@ -160,13 +198,13 @@ def ablate_features(lm: nn.Module, layer: int, ids: Tensor, parts: SAEParts, fea
     keys = ("ce_firing", "kl_firing", "ce_all", "kl_all", "n_tokens")
     sums = {k: torch.zeros(len(features), dtype=torch.float64, device=ids.device) for k in keys}
     for start in range(0, ids.shape[0], batch_size):
-        chunk, mask = ids[start:start + batch_size], mask_all[start:start + batch_size]
+        chunk, mask = ids[start : start + batch_size], mask_all[start : start + batch_size]
         feats, valid, x = _encode(lm, layer, chunk, mask, parts)
         fires = (feats[..., features] > 0) & valid[..., None]  # [c, seq, m]
         clean = _logits(lm, chunk, mask, layer, resid=x)  # every forward resumes after block `layer`
         pairs = fires.any(1).nonzero()  # [(row, feature slot)]
         for p in range(0, pairs.shape[0], batch_size):
-            row, slot = pairs[p:p + batch_size].unbind(1)
+            row, slot = pairs[p : p + batch_size].unbind(1)
             seq = chunk.shape[1]
             delta = feature_delta(parts, feats[row].flatten(0, 1), features[slot].repeat_interleave(seq))
             delta = torch.where(valid[row][..., None], delta.view(len(row), seq, -1), 0.0)
@@ -185,7 +223,7 @@ def firing_rates(lm: nn.Module, layer: int, ids: Tensor, parts: SAEParts, batch_
     """p_i = fraction of valid positions (>= 1) of ids: [b, seq] where f_i > 0: [d_sae] float64."""
     fires, n = None, 0
     for start in range(0, ids.shape[0], batch_size):
-        chunk = ids[start:start + batch_size]
+        chunk = ids[start : start + batch_size]
         feats, valid, _ = _encode(lm, layer, chunk, torch.ones_like(chunk), parts)
         count = (feats[valid] > 0).sum(0).double()
         fires = count if fires is None else fires + count
@@ -193,8 +231,9 @@ def firing_rates(lm: nn.Module, layer: int, ids: Tensor, parts: SAEParts, batch_
     return fires / max(n, 1)
 
 
-def select_features(firing_rate: Tensor, n_top: int = 64, n_random: int = 64, n_rare: int = 64,
-                    seed: int = 0) -> dict[str, Tensor]:
+def select_features(
+    firing_rate: Tensor, n_top: int = 64, n_random: int = 64, n_rare: int = 64, seed: int = 0
+) -> dict[str, Tensor]:
     """Disjoint groups of alive features (rate > 0) from firing_rate: [d_sae].
 
     top: highest rates (descending); rare: lowest nonzero rates (ascending), among features not in
@@ -218,13 +257,20 @@ def decoder_directions(parts: SAEParts, d_sae: int, like: Tensor, chunk: int = 1
     zero = parts.decode(like.new_zeros(1, d_sae))
     # one chunk of the identity at a time: a whole [d_sae, d_sae] eye is 1 GiB at 16,384 latents
     basis = lambda s: nn.functional.one_hot(  # noqa: E731
-        torch.arange(s, min(s + chunk, d_sae), device=like.device), d_sae)
+        torch.arange(s, min(s + chunk, d_sae), device=like.device), d_sae
+    )
     rows = [parts.decode(basis(s).to(like.dtype)) - zero for s in range(0, d_sae, chunk)]
     return torch.cat(rows)
 
 
-def gradient_attribution(lm: nn.Module, layer: int, ids: Tensor, parts: SAEParts, batch_size: int = 8,
-                         attention_mask: Tensor | None = None) -> Tensor:
+def gradient_attribution(
+    lm: nn.Module,
+    layer: int,
+    ids: Tensor,
+    parts: SAEParts,
+    batch_size: int = 8,
+    attention_mask: Tensor | None = None,
+) -> Tensor:
     """A_i (module doc) for every feature from one backward pass per batch of ids: [b, seq] -> [d_sae].
 
     Only the block-`layer` activation requires grad; the LM stays frozen. Never-firing features give 0.
@@ -233,7 +279,10 @@ def gradient_attribution(lm: nn.Module, layer: int, ids: Tensor, parts: SAEParts
     sums = counts = directions = None
     with torch.inference_mode(False), torch.enable_grad():  # callers may sit in Lightning's inference mode
         for start in range(0, ids.shape[0], batch_size):
-            chunk, mask = ids[start:start + batch_size].clone(), mask_all[start:start + batch_size].clone()
+            chunk, mask = (
+                ids[start : start + batch_size].clone(),
+                mask_all[start : start + batch_size].clone(),
+            )
             grad, x, valid = _activation_grad(lm, layer, chunk, mask)
             with torch.no_grad():
                 feats = parts.encode(x[valid].float())
@@ -264,8 +313,17 @@ def _activation_grad(lm: nn.Module, layer: int, ids: Tensor, mask: Tensor) -> tu
     return grad, leaf[0].detach(), valid
 
 
-def feature_importance(lm: nn.Module, layer: int, ids: Tensor, parts: SAEParts, n_top: int = 64,
-                       n_random: int = 64, n_rare: int = 64, seed: int = 0, batch_size: int = 8) -> dict[str, Tensor]:
+def feature_importance(
+    lm: nn.Module,
+    layer: int,
+    ids: Tensor,
+    parts: SAEParts,
+    n_top: int = 64,
+    n_random: int = 64,
+    n_rare: int = 64,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> dict[str, Tensor]:
     """RQ5 per-feature arrays on ids [n, seq]: firing rates, the top / random / rare groups, their
     exact ablation effects (exact_<kind>_<scope>) and the gradient attribution of every feature."""
     rate = firing_rates(lm, layer, ids, parts, batch_size)
@@ -274,8 +332,14 @@ def feature_importance(lm: nn.Module, layer: int, ids: Tensor, parts: SAEParts, 
     group = torch.cat([torch.full((len(groups[g]),), i) for i, g in enumerate(GROUPS)])
     exact = ablate_features(lm, layer, ids, parts, features, batch_size)
     attribution = gradient_attribution(lm, layer, ids, parts, batch_size)
-    return {"features": features, "group": group, "firing_rate": rate.cpu(), "attribution": attribution.cpu(),
-            "eval_tokens": torch.tensor(int(ids[:, 1:].numel())), **{f"exact_{k}": v.cpu() for k, v in exact.items()}}
+    return {
+        "features": features,
+        "group": group,
+        "firing_rate": rate.cpu(),
+        "attribution": attribution.cpu(),
+        "eval_tokens": torch.tensor(int(ids[:, 1:].numel())),
+        **{f"exact_{k}": v.cpu() for k, v in exact.items()},
+    }
 
 
 def importance_vs_survival(importance, cosine, survived_mask) -> dict[str, float]:
@@ -284,17 +348,28 @@ def importance_vs_survival(importance, cosine, survived_mask) -> dict[str, float
     Spearman(I, c) and a two-sided Mann-Whitney test of I between survived and lost features.
     """
     imp = np.asarray(importance.detach().cpu() if hasattr(importance, "detach") else importance, dtype=float)
-    kept = np.asarray(survived_mask.detach().cpu() if hasattr(survived_mask, "detach") else survived_mask,
-                      dtype=bool)
+    kept = np.asarray(
+        survived_mask.detach().cpu() if hasattr(survived_mask, "detach") else survived_mask, dtype=bool
+    )
     rho, rho_p = spearman(imp, cosine)
     u, u_p = mann_whitney(imp[kept], imp[~kept])
     mean = lambda v: float(np.nanmean(v)) if v.size else float("nan")  # noqa: E731
-    return {"spearman_rho": rho, "spearman_p": rho_p, "mannwhitney_u": u, "mannwhitney_p": u_p,
-            "n": int(imp.size), "n_survived": int(kept.sum()), "n_lost": int((~kept).sum()),
-            "importance_survived_mean": mean(imp[kept]), "importance_lost_mean": mean(imp[~kept])}
+    return {
+        "spearman_rho": rho,
+        "spearman_p": rho_p,
+        "mannwhitney_u": u,
+        "mannwhitney_p": u_p,
+        "n": int(imp.size),
+        "n_survived": int(kept.sum()),
+        "n_lost": int((~kept).sum()),
+        "importance_survived_mean": mean(imp[kept]),
+        "importance_lost_mean": mean(imp[~kept]),
+    }
 
 
 def bh_correct(results: list[dict[str, float]]) -> list[dict[str, float]]:
     """Adds spearman_p_bh and mannwhitney_p_bh: Benjamini-Hochberg across the conditions' results."""
-    adjusted = {f"{k}_bh": benjamini_hochberg([r[k] for r in results]) for k in ("spearman_p", "mannwhitney_p")}
+    adjusted = {
+        f"{k}_bh": benjamini_hochberg([r[k] for r in results]) for k in ("spearman_p", "mannwhitney_p")
+    }
     return [{**r, **{k: float(v[i]) for k, v in adjusted.items()}} for i, r in enumerate(results)]

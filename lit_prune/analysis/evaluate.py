@@ -12,7 +12,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lit_prune.analysis.metrics import ReconstructionMetrics, SplicedCEMetrics, loss_positions, spliced_forward
+from lit_prune.analysis.metrics import (
+    ReconstructionMetrics,
+    SplicedCEMetrics,
+    loss_positions,
+    spliced_forward,
+)
 from lit_prune.models.activation_cache import cached
 from lit_prune.models.hooks import capture_resid_post, valid_positions
 
@@ -36,7 +41,9 @@ def harvest(lm: nn.Module, ids: torch.Tensor, layer: int) -> torch.Tensor:
     Shared through `sharing_activations` when that is active (then callers must not modify it)."""
     mask = torch.ones_like(ids)
     # no padding: positions >= 1 are a slice (boolean indexing would wait for the GPU)
-    return cached(lm, ids, layer, lambda: capture_resid_post(lm, ids, layer, mask)[:, 1:].flatten(0, 1).float())
+    return cached(
+        lm, ids, layer, lambda: capture_resid_post(lm, ids, layer, mask)[:, 1:].flatten(0, 1).float()
+    )
 
 
 class SAEEvaluator(nn.Module):
@@ -72,8 +79,12 @@ class SAEEvaluator(nn.Module):
         resid = cached(lm, ids, f"resid@{layer}", lambda: capture_resid_post(lm, ids, layer, mask))
         clean = cached(lm, ids, "clean", lambda: spliced_forward(lm, ids, mask, layer, valid, None, resid))
         sae = spliced_forward(lm, ids, mask, layer, valid, reconstruct, resid)
-        zero = cached(lm, ids, f"zero@{layer}",
-                      lambda: spliced_forward(lm, ids, mask, layer, valid, torch.zeros_like, resid))
+        zero = cached(
+            lm,
+            ids,
+            f"zero@{layer}",
+            lambda: spliced_forward(lm, ids, mask, layer, valid, torch.zeros_like, resid),
+        )
         self.spliced.update(ids, loss_positions(valid), clean, sae, zero)
 
     def compute(self) -> dict[str, float]:
@@ -87,12 +98,23 @@ class SAEEvaluator(nn.Module):
         self.spliced.reset()
 
 
-def evaluate_sae(lm: nn.Module, layer: int, codec: Codec, eval_ids: torch.Tensor, d_sae: int,
-                 batch_size: int = 32, ce_sequences: int = 128, progress: bool = False) -> dict[str, float]:
+def evaluate_sae(
+    lm: nn.Module,
+    layer: int,
+    codec: Codec,
+    eval_ids: torch.Tensor,
+    d_sae: int,
+    batch_size: int = 32,
+    ce_sequences: int = 128,
+    progress: bool = False,
+) -> dict[str, float]:
     """All SAE metrics over eval_ids: [n, seq] (spliced CE on the first ce_sequences rows)."""
     device = next(lm.parameters()).device
     evaluator = SAEEvaluator(lm.config.hidden_size, d_sae).to(device)
-    for start in tqdm(range(0, eval_ids.shape[0], batch_size), desc="evaluate SAE", disable=not progress,
-                      leave=False):
-        evaluator.update(lm, layer, eval_ids[start:start + batch_size].to(device), codec, ce_sequences - start)
+    for start in tqdm(
+        range(0, eval_ids.shape[0], batch_size), desc="evaluate SAE", disable=not progress, leave=False
+    ):
+        evaluator.update(
+            lm, layer, eval_ids[start : start + batch_size].to(device), codec, ce_sequences - start
+        )
     return evaluator.compute()

@@ -46,8 +46,7 @@ def firing_rate_bins(p, n_bins: int = 5) -> torch.Tensor:
 
 
 def _survival_by_bin_np(c: np.ndarray, bins: np.ndarray, tau: float, n_bins: int) -> list[float]:
-    return [float(np.mean(c[bins == b] >= tau)) if np.any(bins == b) else float("nan")
-            for b in range(n_bins)]
+    return [float(np.mean(c[bins == b] >= tau)) if np.any(bins == b) else float("nan") for b in range(n_bins)]
 
 
 def survival_by_bin(cosine, p, tau: float = 0.7, n_bins: int = 5) -> list[float]:
@@ -117,9 +116,7 @@ def fragility(cosines_by_s: dict[float, torch.Tensor]) -> torch.Tensor:
     return torch.from_numpy(1.0 - _stack(cosines_by_s)[1].mean(axis=0))
 
 
-def fragility_predictors(
-    F, predictors: dict[str, torch.Tensor], mask=None
-) -> dict[str, tuple[float, float]]:
+def fragility_predictors(F, predictors: dict[str, torch.Tensor], mask=None) -> dict[str, tuple[float, float]]:
     """Spearman(F, x) -> (rho, p) for each named predictor x [n] (e.g. "log10 p",
     "max activation", "decoder norm", "seed stability").
 

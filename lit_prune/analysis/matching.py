@@ -143,8 +143,7 @@ def _sparse(a: torch.Tensor, b: torch.Tensor, k: int, depth: int = 0) -> MatchRe
     free_b = np.setdiff1d(np.arange(n_b), c)
     n_res = 0
     if free_a.size and free_b.size and depth < 3:  # residual round among the leftovers
-        sub = _match_units(a[torch.from_numpy(free_a)], b[torch.from_numpy(free_b)],
-                           "auto", 2 * k, depth + 1)
+        sub = _match_units(a[torch.from_numpy(free_a)], b[torch.from_numpy(free_b)], "auto", 2 * k, depth + 1)
         ok = sub.partner.numpy() >= 0
         r = np.concatenate([r, free_a[ok]])
         c = np.concatenate([c, free_b[sub.partner.numpy()[ok]]])
@@ -160,7 +159,9 @@ def _match_units(a: torch.Tensor, b: torch.Tensor, method: str, k: int, depth: i
         method = "exact" if square and n > EXACT_MIN else "hungarian" if n <= HUNGARIAN_MAX else "sparse"
     if method == "exact":
         if square:
-            return _exact(a, b, k) or _match_units(a, b, "hungarian" if n <= HUNGARIAN_MAX else "sparse", k, depth)
+            return _exact(a, b, k) or _match_units(
+                a, b, "hungarian" if n <= HUNGARIAN_MAX else "sparse", k, depth
+            )
         method = "hungarian" if n <= HUNGARIAN_MAX else "sparse"  # rectangular: not covered by "exact"
     return _hungarian(a, b) if method == "hungarian" else _sparse(a, b, k, depth)
 

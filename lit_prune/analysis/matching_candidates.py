@@ -112,17 +112,18 @@ def top_candidates(a: torch.Tensor, b: torch.Tensor, k: int):
         for w0 in range(0, len(starts), _WAVE):  # bounded: _WAVE blocks of maxima at once
             wave = starts[w0 : w0 + _WAVE]
             cms, gids = [col_v], [col_g]
-            for s, (v, i, cmax) in zip(wave, pool.map(
-                    lambda s: _scan_rows(ap, bp, s, n_a, n_b, k), wave)):
+            for s, (v, i, cmax) in zip(wave, pool.map(lambda s: _scan_rows(ap, bp, s, n_a, n_b, k), wave)):
                 row_v[s : s + v.shape[0]], row_i[s : s + v.shape[0]] = v, i
                 cms.append(cmax)
-                gids.append(torch.arange(s // _GROUP, s // _GROUP + cmax.shape[0])[:, None]
-                            .expand_as(cmax))
+                gids.append(torch.arange(s // _GROUP, s // _GROUP + cmax.shape[0])[:, None].expand_as(cmax))
             top = torch.cat(cms).topk(gc, dim=0)
             col_v, col_g = top.values, torch.cat(gids).gather(0, top.indices)
-        col = list(pool.map(lambda t: _refine(b[t : t + _ROWS], ap,
-                                              col_g[:, t : min(t + _ROWS, n_b)].T, n_a, kc),
-                            range(0, n_b, _ROWS)))
+        col = list(
+            pool.map(
+                lambda t: _refine(b[t : t + _ROWS], ap, col_g[:, t : min(t + _ROWS, n_b)].T, n_a, kc),
+                range(0, n_b, _ROWS),
+            )
+        )
     col_v = torch.cat([v for v, _ in col])  # [n_b, kc]
     col_i = torch.cat([i for _, i in col])
     rows = np.concatenate([np.repeat(np.arange(n_a), kr), col_i.reshape(-1).numpy()])
@@ -149,8 +150,10 @@ def solve_candidates(rows, cols, cos, n_a: int, n_b: int) -> tuple[np.ndarray, n
     big = 3.0 * min(n_a, n_b) + 1.0
     dummy_cols = n_b + np.arange(n_a)
     graph = sp.csr_array(
-        (np.concatenate([cost, np.full(n_a, big)]),
-         (np.concatenate([rows, np.arange(n_a)]), np.concatenate([cols, dummy_cols]))),
+        (
+            np.concatenate([cost, np.full(n_a, big)]),
+            (np.concatenate([rows, np.arange(n_a)]), np.concatenate([cols, dummy_cols])),
+        ),
         shape=(n_a, n_b + n_a),
     )
     r, c = min_weight_full_bipartite_matching(graph)

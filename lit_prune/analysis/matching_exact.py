@@ -82,8 +82,14 @@ def strip_candidates(a: torch.Tensor, b: torch.Tensor, k: int):
     return rows[first], cols[first], cos[first].astype(np.float64), row_v[:, 0].clone(), col_max, kth
 
 
-def row_duals(rows: np.ndarray, cols: np.ndarray, cos: np.ndarray, partner: np.ndarray,
-              start: np.ndarray | None = None, eps: float = 1e-12) -> np.ndarray | None:
+def row_duals(
+    rows: np.ndarray,
+    cols: np.ndarray,
+    cos: np.ndarray,
+    partner: np.ndarray,
+    start: np.ndarray | None = None,
+    eps: float = 1e-12,
+) -> np.ndarray | None:
     """Least row duals u >= start (default 0) for the perfect matching row i -> partner[i].
 
     rows, cols, cos: candidate edges (each pair once, the matched ones included).
@@ -120,8 +126,9 @@ def column_duals(u: np.ndarray, partner: np.ndarray, matched_cos: np.ndarray) ->
     return v
 
 
-def price(a: torch.Tensor, b: torch.Tensor, u: np.ndarray, v: np.ndarray, kth: np.ndarray, tol: float,
-          workers: int) -> tuple[np.ndarray, np.ndarray]:
+def price(
+    a: torch.Tensor, b: torch.Tensor, u: np.ndarray, v: np.ndarray, kth: np.ndarray, tol: float, workers: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Every non-candidate pair (i, j) with C_ij > u_i + v_j + tol, as (rows, cols).
 
     Candidates hold each row's exact top-k, so a non-candidate C_ij <= kth_i (the row's k-th

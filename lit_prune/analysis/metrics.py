@@ -124,8 +124,13 @@ def loss_positions(valid: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def spliced_forward(
-    model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor, layer: int,
-    valid: torch.Tensor, replace: Reconstruct | None, resid: torch.Tensor | None = None,
+    model: nn.Module,
+    ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layer: int,
+    valid: torch.Tensor,
+    replace: Reconstruct | None,
+    resid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits with `replace(x[valid])` ([n, d_model] -> [n, d_model]) spliced in at block `layer`.
 
@@ -158,8 +163,14 @@ class SplicedCEMetrics(Metric):
         for name in self._NAMES:
             self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, ids: torch.Tensor, positions: torch.Tensor, clean: torch.Tensor,
-               sae: torch.Tensor, zero: torch.Tensor) -> None:
+    def update(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        clean: torch.Tensor,
+        sae: torch.Tensor,
+        zero: torch.Tensor,
+    ) -> None:
         """Logits [batch, seq, vocab] of the three runs; positions from `loss_positions`."""
         take = lambda t: t[positions].double().sum()  # noqa: E731
         self.n += positions.sum()

@@ -16,8 +16,10 @@ def perplexity(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, progres
     """exp(mean CE) over ids: [n, seq_len] (no padding). Mean is over all n * (seq_len - 1) predictions."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for start in tqdm(range(0, ids.shape[0], batch_size), desc="perplexity", disable=not progress, leave=False):
-        batch = ids[start:start + batch_size].to(device)
+    for start in tqdm(
+        range(0, ids.shape[0], batch_size), desc="perplexity", disable=not progress, leave=False
+    ):
+        batch = ids[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
         ce = next_token_ce(logits, batch)
         total += ce.double().sum().item()

@@ -61,13 +61,16 @@ def seed_stability(
     for i in range(len(decoders)):
         for j in range(i + 1, len(decoders)):
             m = match_features(decoders[i], decoders[j], method, candidates)
-            pairs.append({
-                "i": i, "j": j,
-                "shared": shared_fraction(m.cosine, taus, masks[i]),
-                "mmcs_ij": float(m.best_a.mean()),
-                "mmcs_ji": float(m.best_b.mean()),
-                "mean_cosine": _mean_cosine(m.cosine, masks[i]),
-            })
+            pairs.append(
+                {
+                    "i": i,
+                    "j": j,
+                    "shared": shared_fraction(m.cosine, taus, masks[i]),
+                    "mmcs_ij": float(m.best_a.mean()),
+                    "mmcs_ji": float(m.best_b.mean()),
+                    "mean_cosine": _mean_cosine(m.cosine, masks[i]),
+                }
+            )
             hits[i] += (m.cosine.double() >= stability_tau).float()  # exact, as shared_fraction
             hits[j] += (_b_side_cosine(m, decoders[j].shape[0]).double() >= stability_tau).float()
     n_pairs = len(decoders) - 1  # every SAE takes part in one pair with each other SAE
@@ -129,8 +132,9 @@ class PearsonAccumulator:
         f_a = torch.as_tensor(f_a).detach().to(torch.float64)
         f_b = torch.as_tensor(f_b).detach().to(f_a.device, torch.float64)
         if f_a.shape != f_b.shape or f_a.ndim != 2:
-            raise invalid("chunk shapes", (tuple(f_a.shape), tuple(f_b.shape)),
-                          "two equal [tokens, n_features] shapes")
+            raise invalid(
+                "chunk shapes", (tuple(f_a.shape), tuple(f_b.shape)), "two equal [tokens, n_features] shapes"
+            )
         nb = f_a.shape[0]
         if nb == 0:
             return
@@ -189,9 +193,7 @@ def functional_survival(
     return survival_from_accumulator(acc, threshold)
 
 
-def survival_from_accumulator(
-    acc: PearsonAccumulator, threshold: float = 0.7
-) -> FunctionalSurvival:
+def survival_from_accumulator(acc: PearsonAccumulator, threshold: float = 0.7) -> FunctionalSurvival:
     """Finish a streamed functional-survival measurement."""
     r = acc.compute()
     alive = acc.fired_a.cpu() > 0

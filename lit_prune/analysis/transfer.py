@@ -31,8 +31,12 @@ def l0_ratio(l0: float, l0_dense: float) -> float:
     return float(l0) / float(l0_dense) if l0_dense else float("nan")
 
 
-def is_viable(metrics: dict[str, float], dense_metrics: dict[str, float],
-              ce_factor: float = 0.9, fvu_factor: float = 2.0) -> bool:
+def is_viable(
+    metrics: dict[str, float],
+    dense_metrics: dict[str, float],
+    ce_factor: float = 0.9,
+    fvu_factor: float = 2.0,
+) -> bool:
     """CE recovered >= ce_factor x dense CE recovered and FVU <= fvu_factor x dense FVU.
 
     Both dicts need "ce_recovered" and "fvu" (as `evaluate_sae` returns them). A NaN anywhere
@@ -41,8 +45,10 @@ def is_viable(metrics: dict[str, float], dense_metrics: dict[str, float],
     values = [metrics["ce_recovered"], metrics["fvu"], dense_metrics["ce_recovered"], dense_metrics["fvu"]]
     if any(math.isnan(float(v)) for v in values):
         return False
-    return (metrics["ce_recovered"] >= ce_factor * dense_metrics["ce_recovered"]
-            and metrics["fvu"] <= fvu_factor * dense_metrics["fvu"])
+    return (
+        metrics["ce_recovered"] >= ce_factor * dense_metrics["ce_recovered"]
+        and metrics["fvu"] <= fvu_factor * dense_metrics["fvu"]
+    )
 
 
 def largest_viable_sparsity(per_sparsity: dict[float, bool]) -> float | None:
@@ -70,8 +76,15 @@ def _local(evaluator: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def transfer_metrics(lm: nn.Module, layer: int, codec: Codec, eval_ids: torch.Tensor, d_sae: int,
-                     batch_size: int = 32, ce_sequences: int = 128) -> tuple[dict[str, float], torch.Tensor]:
+def transfer_metrics(
+    lm: nn.Module,
+    layer: int,
+    codec: Codec,
+    eval_ids: torch.Tensor,
+    d_sae: int,
+    batch_size: int = 32,
+    ce_sequences: int = 128,
+) -> tuple[dict[str, float], torch.Tensor]:
     """`evaluate_sae` plus firing rates: (metrics dict, p [d_sae] float64) over eval_ids [n, seq].
 
     Spliced CE / KL use the first `ce_sequences` rows, reconstruction metrics every row; CE
@@ -81,7 +94,9 @@ def transfer_metrics(lm: nn.Module, layer: int, codec: Codec, eval_ids: torch.Te
     device = next(lm.parameters()).device
     evaluator = _local(SAEEvaluator(lm.config.hidden_size, d_sae)).to(device)
     for start in range(0, eval_ids.shape[0], batch_size):
-        evaluator.update(lm, layer, eval_ids[start:start + batch_size].to(device), codec, ce_sequences - start)
+        evaluator.update(
+            lm, layer, eval_ids[start : start + batch_size].to(device), codec, ce_sequences - start
+        )
     metrics = evaluator.compute()
     metrics["alive_fraction"] = 1.0 - metrics["dead_fraction"]
     return metrics, evaluator.recon.firing_rates().cpu()
@@ -104,8 +119,9 @@ def sae_feature_sq_norm(sae: nn.Module, x: torch.Tensor, scale: float = 1.0) -> 
 
 
 @torch.no_grad()
-def wanda_prune_sae(sae: nn.Module, input_sq_norm: torch.Tensor, sparsity: float,
-                    feature_sq_norm: torch.Tensor | None = None) -> nn.Module:
+def wanda_prune_sae(
+    sae: nn.Module, input_sq_norm: torch.Tensor, sparsity: float, feature_sq_norm: torch.Tensor | None = None
+) -> nn.Module:
     """A Wanda-pruned copy of an sae-lens SAE (the baseline of arXiv 2507.15977); `sae` is untouched.
 
     Encoder (always): W_enc [d_in, d_sae] acts as a Linear with weight W_enc^T [d_sae, d_in]
@@ -126,8 +142,12 @@ def wanda_prune_sae(sae: nn.Module, input_sq_norm: torch.Tensor, sparsity: float
     pruned.W_enc.mul_(keep_enc.T.to(pruned.W_enc.dtype))
     if feature_sq_norm is not None:
         if tuple(feature_sq_norm.shape) != (pruned.W_dec.shape[0],):
-            raise invalid("feature_sq_norm.shape", tuple(feature_sq_norm.shape), f"({pruned.W_dec.shape[0]},) = d_sae")
-        keep_dec = wanda_mask(pruned.W_dec.T, feature_sq_norm.to(pruned.W_dec.device), sparsity)  # [d_in, d_sae]
+            raise invalid(
+                "feature_sq_norm.shape", tuple(feature_sq_norm.shape), f"({pruned.W_dec.shape[0]},) = d_sae"
+            )
+        keep_dec = wanda_mask(
+            pruned.W_dec.T, feature_sq_norm.to(pruned.W_dec.device), sparsity
+        )  # [d_in, d_sae]
         pruned.W_dec.mul_(keep_dec.T.to(pruned.W_dec.dtype))
     return pruned
 
@@ -143,8 +163,14 @@ class PairedPass(NamedTuple):
 
 
 @torch.no_grad()
-def paired_features(dense_lm: nn.Module, lm: nn.Module, layer: int, encode: Callable[[torch.Tensor], torch.Tensor],
-                    eval_ids: torch.Tensor, batch_size: int = 32) -> PairedPass:
+def paired_features(
+    dense_lm: nn.Module,
+    lm: nn.Module,
+    layer: int,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    eval_ids: torch.Tensor,
+    batch_size: int = 32,
+) -> PairedPass:
     """Run one SAE (`encode`: raw [n, d_model] -> [n, d_sae]) on both LMs over eval_ids [n, seq].
 
     Both LMs see the same batches, so row t of the two feature streams is the same token
@@ -153,7 +179,7 @@ def paired_features(dense_lm: nn.Module, lm: nn.Module, layer: int, encode: Call
     acc = PearsonAccumulator()
     fired_b = None
     for start in range(0, eval_ids.shape[0], batch_size):
-        ids = eval_ids[start:start + batch_size]
+        ids = eval_ids[start : start + batch_size]
         f_a = encode(harvest(dense_lm, ids.to(next(dense_lm.parameters()).device), layer))
         f_b = encode(harvest(lm, ids.to(next(lm.parameters()).device), layer).to(f_a.device))
         acc.update(f_a, f_b)

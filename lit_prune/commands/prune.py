@@ -102,13 +102,21 @@ def build_parser():
     """The jsonargparse parser; every option's help comes from the PruneOptions docstring."""
     from jsonargparse import ActionYesNo, ArgumentParser
 
-    parser = ArgumentParser(prog="python -m lit_prune prune", description=__doc__.split("\n\n")[1].replace("\n", " "),
-                            exit_on_error=False)
+    parser = ArgumentParser(
+        prog="python -m lit_prune prune",
+        description=__doc__.split("\n\n")[1].replace("\n", " "),
+        exit_on_error=False,
+    )
     parser.add_class_arguments(PruneOptions, None, skip={"overwrite", "progress"})
-    parser.add_argument("--overwrite", action=ActionYesNo, default=False,
-                        help="Replace an existing output (only once the new one is complete).")
-    parser.add_argument("--progress", action=ActionYesNo, default=True,
-                        help="Show progress bars for Wanda and perplexity.")
+    parser.add_argument(
+        "--overwrite",
+        action=ActionYesNo,
+        default=False,
+        help="Replace an existing output (only once the new one is complete).",
+    )
+    parser.add_argument(
+        "--progress", action=ActionYesNo, default=True, help="Show progress bars for Wanda and perplexity."
+    )
     return parser
 
 
@@ -143,8 +151,13 @@ def check_options(o: PruneOptions) -> tuple[float, tuple[int, int] | None, str, 
         raise invalid("method", o.method, "one of " + ", ".join(METHODS))
     sparsity, nm = resolve_sparsity(o.sparsity, parse_nm(o.nm))
     group = resolve_group(o.method, o.group, nm)
-    minimum = {"calibration_seq_len": 2, "eval_sequences": 1, "eval_seq_len": 2, "batch_size": 1,
-               "calibration_sequences": 0}
+    minimum = {
+        "calibration_seq_len": 2,
+        "eval_sequences": 1,
+        "eval_seq_len": 2,
+        "batch_size": 1,
+        "calibration_sequences": 0,
+    }
     for name, low in minimum.items():
         value = getattr(o, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -164,9 +177,13 @@ def check_options(o: PruneOptions) -> tuple[float, tuple[int, int] | None, str, 
 def check_output(output: Path, overwrite: bool) -> None:
     """An existing output is an error unless `overwrite`; so is one that could never be written."""
     if (output.exists() or output.is_symlink()) and not overwrite:
-        raise invalid("output", str(output), "a path that does not exist yet (or pass --overwrite to replace it)")
+        raise invalid(
+            "output", str(output), "a path that does not exist yet (or pass --overwrite to replace it)"
+        )
     if not str(output).strip() or output.resolve() == Path.cwd().resolve():
-        raise invalid("output", str(output), "a directory other than the current one (it is replaced as a whole)")
+        raise invalid(
+            "output", str(output), "a directory other than the current one (it is replaced as a whole)"
+        )
     parent = next((p for p in output.absolute().parents if p.exists()), None)
     if parent is not None and not (parent.is_dir() and os.access(parent, os.W_OK)):
         raise invalid("output", str(output), f"a path under a writable directory ({parent} is not one)")
@@ -176,12 +193,19 @@ def load_splits(o: PruneOptions, calibration: bool):
     """The TokenDataModule's eval split (seq_len 128) and, if asked, its calibration sample."""
     from lit_prune.lit.datamodule import TokenDataModule
 
-    dm = TokenDataModule(model_name=o.model, corpus=o.corpus, seq_len=o.eval_seq_len, batch_size=o.batch_size,
-                         train_tokens=o.eval_seq_len,  # the train split is not used here
-                         eval_tokens=o.eval_sequences * o.eval_seq_len,
-                         calibration_sequences=o.calibration_sequences if calibration else 0,
-                         calibration_seq_len=o.calibration_seq_len, shuffle_seed=o.seed,
-                         cache_dir=o.cache_dir, model_cache_dir=o.model_cache_dir)
+    dm = TokenDataModule(
+        model_name=o.model,
+        corpus=o.corpus,
+        seq_len=o.eval_seq_len,
+        batch_size=o.batch_size,
+        train_tokens=o.eval_seq_len,  # the train split is not used here
+        eval_tokens=o.eval_sequences * o.eval_seq_len,
+        calibration_sequences=o.calibration_sequences if calibration else 0,
+        calibration_seq_len=o.calibration_seq_len,
+        shuffle_seed=o.seed,
+        cache_dir=o.cache_dir,
+        model_cache_dir=o.model_cache_dir,
+    )
     dm.prepare_data()
     dm.setup()
     if calibration and dm.calibration_ids.shape[0] == 0:
@@ -195,8 +219,15 @@ def calibration_record(ids: torch.Tensor | None, source: str | None, seed: int) 
     from lit_prune.data.tokens import tokens_fingerprint
 
     shape = tuple(ids.shape) if ids is not None else (0, 0)
-    return {"used": ids is not None, "source": source, "seed": seed, "sequences": shape[0], "seq_len": shape[1],
-            "tokens": shape[0] * shape[1], "fingerprint": tokens_fingerprint(ids) if ids is not None else None}
+    return {
+        "used": ids is not None,
+        "source": source,
+        "seed": seed,
+        "sequences": shape[0],
+        "seq_len": shape[1],
+        "tokens": shape[0] * shape[1],
+        "fingerprint": tokens_fingerprint(ids) if ids is not None else None,
+    }
 
 
 def run_prune(o: PruneOptions) -> PruneResult:
@@ -216,8 +247,13 @@ def run_prune(o: PruneOptions) -> PruneResult:
             check_nm_shape(nm, tuple(linear.weight.shape), name)
     t = time.perf_counter()
     vocab = model.get_input_embeddings().num_embeddings
-    file_ids = None if o.calibration_file is None else read_calibration_file(
-        Path(o.calibration_file), tokenizer, o.calibration_sequences, o.calibration_seq_len, vocab)
+    file_ids = (
+        None
+        if o.calibration_file is None
+        else read_calibration_file(
+            Path(o.calibration_file), tokenizer, o.calibration_sequences, o.calibration_seq_len, vocab
+        )
+    )
     wanda = o.method == "wanda"  # magnitude uses no data: a given file is still validated, then ignored
     dm = load_splits(o, calibration=wanda and file_ids is None)
     calibration_ids = (file_ids if file_ids is not None else dm.calibration_ids) if wanda else None
@@ -225,24 +261,51 @@ def run_prune(o: PruneOptions) -> PruneResult:
     eval_ids = dm.eval_ids[: o.eval_sequences]
     before = perplexity(model, eval_ids, o.batch_size, o.progress)
     t = time.perf_counter()
-    masks = prune_model(model, o.method, o.sparsity, nm, o.group, calibration_ids, o.batch_size,
-                        o.calibration_seq_len, o.progress)
+    masks = prune_model(
+        model,
+        o.method,
+        o.sparsity,
+        nm,
+        o.group,
+        calibration_ids,
+        o.batch_size,
+        o.calibration_seq_len,
+        o.progress,
+    )
     prune_seconds = time.perf_counter() - t
     layers = verify_masks(model, masks, o.method, o.sparsity, nm, o.group)
     after = perplexity(model, eval_ids, o.batch_size, o.progress)
     pruned, numel = sum(r["pruned"] for r in layers), sum(r["numel"] for r in layers)
     report: dict[str, Any] = {
-        "model": o.model, "model_source": model_dir(o.model, o.model_cache_dir),
-        "method": o.method, "sparsity": sparsity, "requested_sparsity": o.sparsity,
-        "nm": list(nm) if nm else None, "group": group,
-        "realised_sparsity": pruned / numel, "pruned": pruned, "prunable": numel, "layers": layers,
-        "perplexity": {"before": before, "after": after, "eval_sequences": int(eval_ids.shape[0]),
-                       "eval_seq_len": o.eval_seq_len, "eval_tokens": int(eval_ids.numel()),
-                       "eval_predictions": int(eval_ids.shape[0] * (o.eval_seq_len - 1)),
-                       "eval_fingerprint": tokens_fingerprint(eval_ids)},
-        "calibration": calibration_record(calibration_ids, None if calibration_ids is None else
-                                          f"file:{o.calibration_file}" if file_ids is not None
-                                          else f"corpus:{o.corpus}:calibration", o.seed),
+        "model": o.model,
+        "model_source": model_dir(o.model, o.model_cache_dir),
+        "method": o.method,
+        "sparsity": sparsity,
+        "requested_sparsity": o.sparsity,
+        "nm": list(nm) if nm else None,
+        "group": group,
+        "realised_sparsity": pruned / numel,
+        "pruned": pruned,
+        "prunable": numel,
+        "layers": layers,
+        "perplexity": {
+            "before": before,
+            "after": after,
+            "eval_sequences": int(eval_ids.shape[0]),
+            "eval_seq_len": o.eval_seq_len,
+            "eval_tokens": int(eval_ids.numel()),
+            "eval_predictions": int(eval_ids.shape[0] * (o.eval_seq_len - 1)),
+            "eval_fingerprint": tokens_fingerprint(eval_ids),
+        },
+        "calibration": calibration_record(
+            calibration_ids,
+            None
+            if calibration_ids is None
+            else f"file:{o.calibration_file}"
+            if file_ids is not None
+            else f"corpus:{o.corpus}:calibration",
+            o.seed,
+        ),
         "corpus": dm.provenance,
         "seconds": {"calibration_data": data_seconds, "calibration_and_pruning": prune_seconds},
         "options": asdict(o),
@@ -254,8 +317,15 @@ def run_prune(o: PruneOptions) -> PruneResult:
     return PruneResult(Path(o.output), model, masks, report)
 
 
-def write_output(output: Path, model: nn.Module, tokenizer, masks: dict[str, torch.Tensor],
-                 report: dict[str, Any], overwrite: bool, start: float) -> None:
+def write_output(
+    output: Path,
+    model: nn.Module,
+    tokenizer,
+    masks: dict[str, torch.Tensor],
+    report: dict[str, Any],
+    overwrite: bool,
+    start: float,
+) -> None:
     """Write everything into a temp dir beside `output`, then move it into place (old output kept until then)."""
     from lit_prune.pruning import save_masks
 
@@ -295,6 +365,8 @@ def main(argv: list[str]) -> int:
     result = run_prune(parse_options(argv))
     r, ppl = result.report, result.report["perplexity"]
     pattern = f" {r['nm'][0]}:{r['nm'][1]}" if r["nm"] else ""
-    print(f"{r['method']}{pattern} sparsity {r['sparsity']:g}: realised {r['realised_sparsity']:.4f}, perplexity "
-          f"{ppl['before']:.3f} -> {ppl['after']:.3f} on {ppl['eval_tokens']} eval tokens; wrote {result.output}")
+    print(
+        f"{r['method']}{pattern} sparsity {r['sparsity']:g}: realised {r['realised_sparsity']:.4f}, perplexity "
+        f"{ppl['before']:.3f} -> {ppl['after']:.3f} on {ppl['eval_tokens']} eval tokens; wrote {result.output}"
+    )
     return 0

@@ -12,10 +12,16 @@ import argparse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lit_prune report", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("study_dir", help="A study directory with study.json, e.g. checkpoints/smollm2 "
-                                          "(<study.checkpoints>/<study name> of `python -m lit_prune study`).")
+    parser = argparse.ArgumentParser(
+        prog="python -m lit_prune report",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument(
+        "study_dir",
+        help="A study directory with study.json, e.g. checkpoints/smollm2 "
+        "(<study.checkpoints>/<study name> of `python -m lit_prune study`).",
+    )
     return parser
 
 

@@ -34,26 +34,47 @@ def build_parser():
     from lit_prune.study.config import StudySettings
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    parser = ArgumentParser(prog="python -m lit_prune study", description=__doc__.split("\n\n")[0],
-                            exit_on_error=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="A model config (configs/*.yaml) with a study: section.")
-    parser.add_argument("--seed_everything", type=int, default=0, help="Base seed of every run (plus the SAE seed).")
-    parser.add_argument("--trainer", type=dict[str, Any], default={},
-                        help="Lightning Trainer settings; the study uses accelerator, precision, deterministic and, "
-                             "for its SAE fits, devices, num_nodes and strategy. devices > 1 (or a list, or auto "
-                             "finding several GPUs): each fit is a Lightning DDP run (strategy ddp unless given) "
-                             "in a child process; every rank reads data.batch_size sequences per step, so the "
-                             "global batch is devices x batch_size. The other steps use one device. "
-                             "Changing devices reruns the fits.")
+    parser = ArgumentParser(
+        prog="python -m lit_prune study", description=__doc__.split("\n\n")[0], exit_on_error=False
+    )
+    parser.add_argument(
+        "--config", action=ActionConfigFile, help="A model config (configs/*.yaml) with a study: section."
+    )
+    parser.add_argument(
+        "--seed_everything", type=int, default=0, help="Base seed of every run (plus the SAE seed)."
+    )
+    parser.add_argument(
+        "--trainer",
+        type=dict[str, Any],
+        default={},
+        help="Lightning Trainer settings; the study uses accelerator, precision, deterministic and, "
+        "for its SAE fits, devices, num_nodes and strategy. devices > 1 (or a list, or auto "
+        "finding several GPUs): each fit is a Lightning DDP run (strategy ddp unless given) "
+        "in a child process; every rank reads data.batch_size sequences per step, so the "
+        "global batch is devices x batch_size. The other steps use one device. "
+        "Changing devices reruns the fits.",
+    )
     parser.add_class_arguments(SAEModule, "model", skip={"export_dir", "norm_scale"})
     parser.add_class_arguments(TokenDataModule, "data", skip={"model_name", "model_cache_dir"})
     parser.add_class_arguments(StudySettings, "study")
-    parser.add_argument("--shard", type=str | None, default=None,
-                        help="i/n: run the conditions with index %% n == i (the dense model runs once, locked).")
-    parser.add_argument("--worker", type=str | None, default=None,
-                        help="Internal: set by the study on its worker processes (study.workers > 1).")
-    parser.add_argument("--report", type=bool, default=True,
-                        help="Write <study>/report/ at the end (unsharded runs only; shards: use `report`).")
+    parser.add_argument(
+        "--shard",
+        type=str | None,
+        default=None,
+        help="i/n: run the conditions with index %% n == i (the dense model runs once, locked).",
+    )
+    parser.add_argument(
+        "--worker",
+        type=str | None,
+        default=None,
+        help="Internal: set by the study on its worker processes (study.workers > 1).",
+    )
+    parser.add_argument(
+        "--report",
+        type=bool,
+        default=True,
+        help="Write <study>/report/ at the end (unsharded runs only; shards: use `report`).",
+    )
     parser.add_argument("--progress", type=bool, default=True, help="Show the progress bar over the grid.")
     return parser
 
@@ -63,8 +84,14 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any], field: str) -> dict[
     out = dict(base)
     for key, value in overrides.items():
         if key not in base:
-            raise invalid(f"{field}.{key}", value, "a key of the config's section: " + ", ".join(sorted(base)))
-        out[key] = _merge(base[key], value, f"{field}.{key}") if isinstance(value, dict) and isinstance(base[key], dict) else value
+            raise invalid(
+                f"{field}.{key}", value, "a key of the config's section: " + ", ".join(sorted(base))
+            )
+        out[key] = (
+            _merge(base[key], value, f"{field}.{key}")
+            if isinstance(value, dict) and isinstance(base[key], dict)
+            else value
+        )
     return out
 
 
@@ -93,8 +120,14 @@ def context_from_args(argv: list[str]):
     _check_run_settings(settings, dict(cfg.trainer or {}), int(cfg.seed_everything))
     configs = cfg.get("config") or []
     name = settings.name or (Path(str(configs[0])).stem if configs else "study")
-    ctx = StudyContext(name=name, settings=settings, model=model, data=data, trainer=dict(cfg.trainer or {}),
-                       seed_everything=int(cfg.seed_everything))
+    ctx = StudyContext(
+        name=name,
+        settings=settings,
+        model=model,
+        data=data,
+        trainer=dict(cfg.trainer or {}),
+        seed_everything=int(cfg.seed_everything),
+    )
     return ctx, parse_shard(cfg.shard), {"report": cfg.report, "progress": cfg.progress, "worker": cfg.worker}
 
 
@@ -106,7 +139,9 @@ def _check_run_settings(settings, trainer: dict[str, Any], seed_everything: int)
     if trainer.get("precision") is not None:
         check_precision(trainer["precision"])
     ref = settings.reference_sae
-    if ref is not None and (pretrained_id(ref) is None if ref.startswith(PRETRAINED_PREFIX) else not Path(ref).is_dir()):
+    if ref is not None and (
+        pretrained_id(ref) is None if ref.startswith(PRETRAINED_PREFIX) else not Path(ref).is_dir()
+    ):
         raise invalid("study.reference_sae", ref, "an SAE directory or sae-lens:<release>:<sae_id>")
     for name in ("checkpoints", "logs"):
         path = Path(getattr(settings, name)).absolute()
@@ -114,13 +149,18 @@ def _check_run_settings(settings, trainer: dict[str, Any], seed_everything: int)
         if not existing.is_dir():
             raise invalid(f"study.{name}", str(path), f"a directory path ({existing} is a file)")
     if seed_everything < 0 or seed_everything + max(settings.seeds) >= 2**32:  # a run's seed is their sum
-        raise invalid("seed_everything", seed_everything, "an integer >= 0 with seed_everything + max(study.seeds) "
-                      "< 2**32")
+        raise invalid(
+            "seed_everything",
+            seed_everything,
+            "an integer >= 0 with seed_everything + max(study.seeds) < 2**32",
+        )
     if settings.workers > 1:
         from lit_prune.study.fit_worker import fit_processes
 
         if fit_processes(trainer) > 1:
-            raise invalid("study.workers", settings.workers, "1 when each fit uses several devices (trainer.devices)")
+            raise invalid(
+                "study.workers", settings.workers, "1 when each fit uses several devices (trainer.devices)"
+            )
 
 
 def _check_trainer(ctx) -> None:
@@ -130,7 +170,9 @@ def _check_trainer(ctx) -> None:
 
     distributed = fit_processes(ctx.trainer) > 1
     strategy = ctx.trainer.get("strategy")  # one-device fits ignore it, but a misspelt one is still a mistake
-    fit_trainer(ctx, distributed, logger=False, **({"strategy": strategy} if strategy and not distributed else {}))
+    fit_trainer(
+        ctx, distributed, logger=False, **({"strategy": strategy} if strategy and not distributed else {})
+    )
 
 
 def _check_callback_options(settings) -> None:
@@ -150,7 +192,9 @@ def _check_callback_options(settings) -> None:
         except LitPruneError as err:
             raise LitPruneError(f"study.{name}.{err}") from None
         except (TypeError, ValueError):
-            raise invalid(f"study.{name}", options, f"the argument types of {cls.__name__} (see its docstring)") from None
+            raise invalid(
+                f"study.{name}", options, f"the argument types of {cls.__name__} (see its docstring)"
+            ) from None
 
 
 def _check_identity(ctx, root: Path) -> None:
@@ -161,8 +205,12 @@ def _check_identity(ctx, root: Path) -> None:
     old = json.loads(path.read_text())
     for key in IDENTITY:
         if old["model"].get(key) != ctx.model.get(key):
-            raise invalid("study.name", ctx.name, f"a new name: {root} holds a study of model.{key}="
-                          f"{old['model'].get(key)!r} (this config: {ctx.model.get(key)!r})")
+            raise invalid(
+                "study.name",
+                ctx.name,
+                f"a new name: {root} holds a study of model.{key}="
+                f"{old['model'].get(key)!r} (this config: {ctx.model.get(key)!r})",
+            )
 
 
 def _write_json(path: Path, record: dict[str, Any]) -> None:
@@ -198,10 +246,20 @@ def run_study(argv: list[str]) -> Path:
         _check_nm_shapes(ctx)
         dm, runner, selected = _plan(ctx, shard)
         root.mkdir(parents=True, exist_ok=True)
-        _write_json(root / STUDY_FILE, {"name": ctx.name, "settings": asdict(ctx.settings), "model": ctx.model,
-                                        "data": ctx.data, "trainer": ctx.trainer, "seed_everything": ctx.seed_everything,
-                                        "corpus": dm.provenance, "versions": versions(),
-                                        "steps": {key: runner.hashes[key] for key in runner.steps}})
+        _write_json(
+            root / STUDY_FILE,
+            {
+                "name": ctx.name,
+                "settings": asdict(ctx.settings),
+                "model": ctx.model,
+                "data": ctx.data,
+                "trainer": ctx.trainer,
+                "seed_everything": ctx.seed_everything,
+                "corpus": dm.provenance,
+                "versions": versions(),
+                "steps": {key: runner.hashes[key] for key in runner.steps},
+            },
+        )
         per_worker = None
         if pool is not None:
             pool.release()
@@ -212,15 +270,21 @@ def run_study(argv: list[str]) -> Path:
     finally:
         if pool is not None:
             pool.close()
-    record = {"shard": f"{shard[0]}/{shard[1]}", "started": started, "seconds": time.time() - started,
-              "ran": sorted(k for k, v in status.items() if v == "ran"),
-              "skipped": sorted(k for k, v in status.items() if v == "done")}
+    record = {
+        "shard": f"{shard[0]}/{shard[1]}",
+        "started": started,
+        "seconds": time.time() - started,
+        "ran": sorted(k for k, v in status.items() if v == "ran"),
+        "skipped": sorted(k for k, v in status.items() if v == "done"),
+    }
     if per_worker is not None:
         record["workers"] = per_worker  # the steps each worker ran, in order
     with (root / RUNS_FILE).open("a") as handle:
         handle.write(json.dumps(record) + "\n")
-    print(f"study {ctx.name}: {len(record['ran'])} steps ran, {len(record['skipped'])} already done, "
-          f"{record['seconds']:.0f} s; results in {root}")
+    print(
+        f"study {ctx.name}: {len(record['ran'])} steps ran, {len(record['skipped'])} already done, "
+        f"{record['seconds']:.0f} s; results in {root}"
+    )
     if options["report"] and shard == (0, 1):
         from lit_prune.study.report import write_report
 
@@ -235,9 +299,15 @@ def _plan(ctx, shard: tuple[int, int]):
     from lit_prune.study.steps import DENSE, build_steps
 
     dm = ctx.datamodule()
-    runner = Runner(ctx.root, build_steps(ctx, dm.provenance["fingerprint"]), Path(ctx.settings.logs) / ctx.name)
+    runner = Runner(
+        ctx.root, build_steps(ctx, dm.provenance["fingerprint"]), Path(ctx.settings.logs) / ctx.name
+    )
     order = {c.name: i for i, c in enumerate(ctx.settings.conditions())}
-    return dm, runner, runner.selected(shard, lambda step: 0 if step.condition == DENSE else order[step.condition])
+    return (
+        dm,
+        runner,
+        runner.selected(shard, lambda step: 0 if step.condition == DENSE else order[step.condition]),
+    )
 
 
 def _check_nm_shapes(ctx) -> None:
@@ -248,15 +318,22 @@ def _check_nm_shapes(ctx) -> None:
     from lit_prune.models.registry import model_skeleton
     from lit_prune.pruning import check_nm_shape, prunable_linears
 
-    shapes = {name: tuple(linear.weight.shape) for name, linear in
-              prunable_linears(model_skeleton(ctx.model["model_name"], ctx.model["model_cache_dir"])).items()}
+    shapes = {
+        name: tuple(linear.weight.shape)
+        for name, linear in prunable_linears(
+            model_skeleton(ctx.model["model_name"], ctx.model["model_cache_dir"])
+        ).items()
+    }
     for pattern in ctx.settings.nm:
         for name, shape in shapes.items():
             try:
                 check_nm_shape(tuple(pattern), shape, name)
             except LitPruneError:
-                raise invalid("study.nm", pattern, f"N:M patterns whose M divides the inputs of every pruned matrix "
-                              f"({name} has {shape[1]})") from None
+                raise invalid(
+                    "study.nm",
+                    pattern,
+                    f"N:M patterns whose M divides the inputs of every pruned matrix ({name} has {shape[1]})",
+                ) from None
 
 
 def _work(ctx, shard: tuple[int, int], worker: str) -> None:

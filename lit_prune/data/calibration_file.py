@@ -35,10 +35,17 @@ def read_calibration_file(path: Path, tokenizer, n_seq: int, seq_len: int, vocab
             raise invalid("calibration_file", shown, "a non-empty file")
         ids = pack_documents([raw], tokenizer, seq_len, n_seq)
         if ids.shape[0] == 0:
-            raise invalid("calibration_file", shown, f"text of at least {seq_len} tokens (calibration_seq_len)")
+            raise invalid(
+                "calibration_file", shown, f"text of at least {seq_len} tokens (calibration_seq_len)"
+            )
         return ids
-    if not isinstance(raw, torch.Tensor) or raw.dim() not in (1, 2) or raw.is_floating_point() or raw.is_complex() \
-            or raw.dtype == torch.bool:
+    if (
+        not isinstance(raw, torch.Tensor)
+        or raw.dim() not in (1, 2)
+        or raw.is_floating_point()
+        or raw.is_complex()
+        or raw.dtype == torch.bool
+    ):
         raise invalid("calibration_file", shown, "an integer tensor of token ids, 2-D [n, seq] or 1-D")
     if raw.numel() == 0:
         raise invalid("calibration_file", shown, "a non-empty file")

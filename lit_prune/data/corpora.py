@@ -37,8 +37,7 @@ PYTHON_DOCS = "python-docs"
 HUB_PREFIX = "hf:"
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _HUB_NAME = re.compile(r"[\w.-]+(?:/[\w.-]+)?")
-_SOURCES = ("'python-docs', an existing .txt/.jsonl/.json/.parquet file, folder or glob, "
-            "or 'hf:org/name'")
+_SOURCES = "'python-docs', an existing .txt/.jsonl/.json/.parquet file, folder or glob, or 'hf:org/name'"
 
 
 @dataclass(frozen=True)
@@ -61,8 +60,7 @@ class PythonDocsOptions:
         if self.min_chars < 0:
             raise invalid("min_chars", self.min_chars, "an integer >= 0")
         if self.max_chars_per_package is not None and self.max_chars_per_package <= 0:
-            raise invalid("max_chars_per_package", self.max_chars_per_package,
-                          "a positive integer or None")
+            raise invalid("max_chars_per_package", self.max_chars_per_package, "a positive integer or None")
 
     def cache_name(self) -> str:
         """`python-docs-<version>[-<options hash>].jsonl`: new rules or options, new file."""
@@ -99,8 +97,9 @@ def _versions(names: Iterable[str]) -> dict[str, str]:
     return {name: _version(name) for name in names}
 
 
-def build_python_docs(options: PythonDocsOptions = PythonDocsOptions()
-                      ) -> tuple[list[python_docs.DocRecord], dict[str, Any]]:
+def build_python_docs(
+    options: PythonDocsOptions = PythonDocsOptions(),
+) -> tuple[list[python_docs.DocRecord], dict[str, Any]]:
     """Extract, clean, sort and de-duplicate the embedded corpus; returns (records, provenance)."""
     start = time.perf_counter()
     records: list[python_docs.DocRecord] = []
@@ -111,8 +110,9 @@ def build_python_docs(options: PythonDocsOptions = PythonDocsOptions()
     for name, dirs in roots.items():
         if dirs:  # stdlib paths read `json/decoder.py`, package paths `numpy/linalg/_linalg.py`
             base = dirs[0] if name == python_docs.STDLIB else None
-            records += python_docs.package_docs(name, dirs, min_chars=options.min_chars,
-                                                max_chars=options.max_chars_per_package, base=base)
+            records += python_docs.package_docs(
+                name, dirs, min_chars=options.min_chars, max_chars=options.max_chars_per_package, base=base
+            )
     unique = python_docs.unique_sorted(records)  # across packages: first in sorted order wins
     used = sorted(name for name, dirs in roots.items() if dirs and name != python_docs.STDLIB)
     meta = {
@@ -130,8 +130,9 @@ def build_python_docs(options: PythonDocsOptions = PythonDocsOptions()
     return unique, meta
 
 
-def _count(records: list[python_docs.DocRecord],
-           size: Callable[[python_docs.DocRecord], int]) -> dict[str, int]:
+def _count(
+    records: list[python_docs.DocRecord], size: Callable[[python_docs.DocRecord], int]
+) -> dict[str, int]:
     out: dict[str, int] = {}
     for record in records:
         out[record.package] = out.get(record.package, 0) + size(record)
@@ -144,8 +145,9 @@ def _write_atomic(path: Path, write: Callable[[IO[str]], None]) -> None:
         write(f)
 
 
-def python_docs_path(cache_dir: str | Path = "checkpoints/corpora",
-                     options: PythonDocsOptions | None = None) -> Path:
+def python_docs_path(
+    cache_dir: str | Path = "checkpoints/corpora", options: PythonDocsOptions | None = None
+) -> Path:
     """The cached JSONL of the embedded corpus, built on first use (with a `.meta.json` sidecar).
 
     The sidecar records options, package versions, counts and the sha256 of the JSONL. A
@@ -159,12 +161,13 @@ def python_docs_path(cache_dir: str | Path = "checkpoints/corpora",
         if meta_path.is_file():
             built = json.loads(meta_path.read_text(encoding="utf-8")).get("packages", {})
             if built != _versions(built):
-                warnings.warn(f"{path} was built with other package versions {built}; "
-                              "delete it to rebuild", stacklevel=2)
+                warnings.warn(
+                    f"{path} was built with other package versions {built}; delete it to rebuild",
+                    stacklevel=2,
+                )
         return path
     records, meta = build_python_docs(options)
-    lines = [json.dumps({"text": r.text, "source": r.source}, ensure_ascii=False) + "\n"
-             for r in records]
+    lines = [json.dumps({"text": r.text, "source": r.source}, ensure_ascii=False) + "\n" for r in records]
     meta["sha256"] = hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
     _write_atomic(path, lambda f: f.writelines(lines))
     _write_atomic(meta_path, lambda f: json.dump(meta, f, indent=2, sort_keys=True))
@@ -191,19 +194,24 @@ def resolve_files(source: str) -> list[Path]:
     if path.is_file():
         found = [path]
     elif path.is_dir():
-        found = [p for p in path.rglob("*") if p.is_file()
-                 and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+        found = [
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        ]
     elif any(c in source for c in "*?["):
         found = [Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True)]
         found = [p for p in found if p.is_file()]
     else:
         raise invalid("corpus", source, _SOURCES)
     # datasets cannot even open an empty json file, and empty files hold no documents anyway
-    files = sorted(p for p in found if p.suffix.lower() in _BUILDERS and os.access(p, os.R_OK)
-                   and p.stat().st_size > 0)
+    files = sorted(
+        p for p in found if p.suffix.lower() in _BUILDERS and os.access(p, os.R_OK) and p.stat().st_size > 0
+    )
     if not files:
-        raise invalid("corpus", source, f"a file, folder or glob with readable, non-empty "
-                      f"{'/'.join(_BUILDERS)} files")
+        raise invalid(
+            "corpus", source, f"a file, folder or glob with readable, non-empty {'/'.join(_BUILDERS)} files"
+        )
     return files
 
 
@@ -221,6 +229,7 @@ def _texts(rows: Iterable[Mapping[str, Any]], text_field: str, source: str) -> I
                 kind = type(text).__name__
                 raise invalid("text_field", text_field, f"a column of strings (got {kind})")
             yield text or ""
+
     return gen()
 
 
@@ -233,8 +242,9 @@ def _local_texts(files: list[Path], text_field: str, streaming: bool, source: st
         if group:
             kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
             try:
-                ds = datasets.load_dataset(builder, data_files=group, split="train",
-                                           streaming=streaming, **kwargs)
+                ds = datasets.load_dataset(
+                    builder, data_files=group, split="train", streaming=streaming, **kwargs
+                )
                 # The text loader always names its column `text`.
                 streams.append(_texts(ds, "text" if builder == "text" else text_field, source))
             except LitPruneError:
@@ -244,9 +254,15 @@ def _local_texts(files: list[Path], text_field: str, streaming: bool, source: st
     return chain.from_iterable(streams)
 
 
-def load_documents(source: str, *, text_field: str = "text",
-                   cache_dir: str | Path = "checkpoints/corpora", hub_config: str | None = None,
-                   hub_split: str = "train", streaming: bool = True) -> Iterator[str]:
+def load_documents(
+    source: str,
+    *,
+    text_field: str = "text",
+    cache_dir: str | Path = "checkpoints/corpora",
+    hub_config: str | None = None,
+    hub_split: str = "train",
+    streaming: bool = True,
+) -> Iterator[str]:
     """Documents of a corpus as stripped, non-empty strings, in a fixed order.
 
     `source` is `python-docs`, a local file / folder / glob, or `hf:org/name` (loaded with
@@ -259,7 +275,7 @@ def load_documents(source: str, *, text_field: str = "text",
     if source == PYTHON_DOCS:
         texts: Iterable[str] = _jsonl_texts(python_docs_path(cache_dir))
     elif source.startswith(HUB_PREFIX):
-        name = source[len(HUB_PREFIX):]
+        name = source[len(HUB_PREFIX) :]
         if not _HUB_NAME.fullmatch(name):
             raise invalid("corpus", source, "'hf:org/name' with a hub dataset name")
         import datasets

@@ -12,21 +12,58 @@ import re
 import textwrap
 
 # Section bodies that are citations, code or bare name lists: dropped whole.
-_DROP_SECTIONS = frozenset({
-    "see also", "references", "examples", "example", "usage", "todo", "methods", "shape",
-    "shapes", "inputs", "outputs",
-})
+_DROP_SECTIONS = frozenset(
+    {
+        "see also",
+        "references",
+        "examples",
+        "example",
+        "usage",
+        "todo",
+        "methods",
+        "shape",
+        "shapes",
+        "inputs",
+        "outputs",
+    }
+)
 # Parameter-like sections: names and types dropped, each item's description kept as a paragraph.
-_ITEM_SECTIONS = frozenset({
-    "parameters", "other parameters", "params", "args", "arguments", "keyword args",
-    "keyword arguments", "kwargs", "returns", "return", "yields", "yield", "receives", "raises",
-    "raise", "warns", "attributes",
-})
+_ITEM_SECTIONS = frozenset(
+    {
+        "parameters",
+        "other parameters",
+        "params",
+        "args",
+        "arguments",
+        "keyword args",
+        "keyword arguments",
+        "kwargs",
+        "returns",
+        "return",
+        "yields",
+        "yield",
+        "receives",
+        "raises",
+        "raise",
+        "warns",
+        "attributes",
+    }
+)
 _PROSE_TITLES = frozenset({"note", "notes", "warning", "warnings"})
 # Directives whose body is prose (kept without the directive line); all others are dropped.
-_ADMONITIONS = frozenset({
-    "note", "warning", "tip", "hint", "important", "caution", "attention", "danger", "admonition",
-})
+_ADMONITIONS = frozenset(
+    {
+        "note",
+        "warning",
+        "tip",
+        "hint",
+        "important",
+        "caution",
+        "attention",
+        "danger",
+        "admonition",
+    }
+)
 
 _UNDERLINE = "=-~^*#+`'\""
 _RULE = re.compile(r"[-=~^*+#`'\"]{3,}(?: +[-=~^*+#]{3,})*")
@@ -54,8 +91,13 @@ def is_header(lines: list[str], i: int) -> bool:
     """A title: a non-empty line directly underlined by one repeated character (numpydoc, reST)."""
     s = lines[i].strip()
     under = lines[i + 1].strip() if i + 1 < len(lines) else ""
-    return (bool(s) and not _is_rule(s) and len(under) >= 3
-            and under == under[0] * len(under) and under[0] in _UNDERLINE)
+    return (
+        bool(s)
+        and not _is_rule(s)
+        and len(under) >= 3
+        and under == under[0] * len(under)
+        and under[0] in _UNDERLINE
+    )
 
 
 def _skip_indented(lines: list[str], i: int, indent: int) -> int:
@@ -114,25 +156,26 @@ def _strip_blocks(lines: list[str]) -> list[str]:
         if s.startswith(">>>"):  # doctest prompt, its `...` lines and its output: up to a blank
             i = _skip_to_blank(lines, i)
         elif s.startswith(("```", "~~~")):  # fenced (markdown) code block
-            end = next((j for j in range(i + 1, len(lines)) if lines[j].strip().startswith(s[:3])),
-                       len(lines))
+            end = next(
+                (j for j in range(i + 1, len(lines)) if lines[j].strip().startswith(s[:3])), len(lines)
+            )
             i = end + 1
         elif s == ".." or s.startswith(".. "):  # directive, comment or target, with its body
             body_end = _skip_indented(lines, i + 1, ind)
             if directive and directive.group(1).lower() in _ADMONITIONS:
-                out += [" " * ind + directive.group(2), ""] + _dedent_to(lines[i + 1:body_end], ind)
+                out += [" " * ind + directive.group(2), ""] + _dedent_to(lines[i + 1 : body_end], ind)
             i = body_end
         elif s.startswith(("+-", "+=")) or (_is_rule(s) and " " in s):  # grid / simple table
             i = _skip_to_blank(lines, i)
         elif is_header(lines, i):  # numpydoc / reST section title and underline
             name, end = s.rstrip(":").lower(), _section_end(lines, i + 2, ind)
             if name in _ITEM_SECTIONS:
-                out += _item_descriptions(lines[i + 2:end], numpydoc=True, indent=ind)
+                out += _item_descriptions(lines[i + 2 : end], numpydoc=True, indent=ind)
             i = end if name in _DROP_SECTIONS | _ITEM_SECTIONS else i + 2
         elif google in _DROP_SECTIONS | _ITEM_SECTIONS:  # Google-style `Args:` block
             end = _skip_indented(lines, i + 1, ind)
             if google in _ITEM_SECTIONS:
-                out += _item_descriptions(lines[i + 1:end], numpydoc=False, indent=ind)
+                out += _item_descriptions(lines[i + 1 : end], numpydoc=False, indent=ind)
             i = end
         elif _FIELD.fullmatch(s):  # Sphinx field list: keep the description, drop `:type x:`
             field = _FIELD.fullmatch(s)
@@ -142,8 +185,13 @@ def _strip_blocks(lines: list[str]) -> list[str]:
         elif _HF_ITEM.fullmatch(s):  # `name (type): description` without an `Args:` title
             out += ["", " " * ind + (_HF_ITEM.fullmatch(s).group(1) or "")]
             i += 1
-        elif (_is_rule(s) or s.startswith(("|", "...")) or _NAME_TYPE.fullmatch(s)
-              or _TAG_LINE.fullmatch(s) or google in _PROSE_TITLES):
+        elif (
+            _is_rule(s)
+            or s.startswith(("|", "..."))
+            or _NAME_TYPE.fullmatch(s)
+            or _TAG_LINE.fullmatch(s)
+            or google in _PROSE_TITLES
+        ):
             i += 1  # stray rule, table row, `name : type` line, HTML tag, prose-section title
         else:
             out.append(line)

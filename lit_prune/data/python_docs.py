@@ -16,8 +16,8 @@ import importlib.util
 import os
 import sysconfig
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,18 +27,42 @@ from lit_prune.data.docstring_cleaning import clean_doc, is_header
 EXTRACTION_VERSION = "v1"
 
 DEFAULT_PACKAGES: tuple[str, ...] = (
-    "numpy", "scipy", "torch", "transformers", "datasets", "lightning", "sae_lens",
-    "tokenizers", "huggingface_hub", "jsonargparse", "torchmetrics", "safetensors", "matplotlib",
-    "pandas", "networkx",  # always installed (datasets and torch need them); good prose
+    "numpy",
+    "scipy",
+    "torch",
+    "transformers",
+    "datasets",
+    "lightning",
+    "sae_lens",
+    "tokenizers",
+    "huggingface_hub",
+    "jsonargparse",
+    "torchmetrics",
+    "safetensors",
+    "matplotlib",
+    "pandas",
+    "networkx",  # always installed (datasets and torch need them); good prose
 )
 STDLIB = "stdlib"
 TOPICS = "pydoc_data"
 
 # Folders never read: tests, vendored copies, caches, nested environments.
-_SKIP_DIRS = frozenset({
-    "__pycache__", "test", "tests", "testing", "idle_test", "site-packages", "dist-packages",
-    "_vendor", "vendor", "vendored", "third_party", "node_modules",
-})
+_SKIP_DIRS = frozenset(
+    {
+        "__pycache__",
+        "test",
+        "tests",
+        "testing",
+        "idle_test",
+        "site-packages",
+        "dist-packages",
+        "_vendor",
+        "vendor",
+        "vendored",
+        "third_party",
+        "node_modules",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -101,16 +125,24 @@ def _hash_order(path: str) -> str:
     return hashlib.sha256(path.encode()).hexdigest()
 
 
-def package_docs(package: str, roots: list[Path], *, min_chars: int = 200,
-                 max_chars: int | None = None, base: Path | None = None) -> list[DocRecord]:
+def package_docs(
+    package: str,
+    roots: list[Path],
+    *,
+    min_chars: int = 200,
+    max_chars: int | None = None,
+    base: Path | None = None,
+) -> list[DocRecord]:
     """Cleaned docstrings of one package, sorted, duplicates dropped (the first one is kept).
 
     With `max_chars`, files are read in a fixed hash order until the cleaned text reaches the
     cap, which also bounds the parse time. Paths are relative to `base` (default: the parent
     of each root, so they start with the package name).
     """
-    files = sorted(((p.relative_to(base or root.parent).as_posix(), p) for root in roots for p in source_files(root)),
-                   key=lambda f: _hash_order(f[0]))
+    files = sorted(
+        ((p.relative_to(base or root.parent).as_posix(), p) for root in roots for p in source_files(root)),
+        key=lambda f: _hash_order(f[0]),
+    )
     records: list[DocRecord] = []
     total = 0
     for file_records in _parsed_in_order(package, files, min_chars):
@@ -126,14 +158,22 @@ _FILES_PER_TASK = 24
 
 def _file_records(package: str, files: list[tuple[str, Path]], min_chars: int) -> list[list[DocRecord]]:
     """Per file: its cleaned docstrings of at least min_chars characters."""
-    return [[DocRecord(package, rel, line, qualname, text) for line, qualname, raw in docstrings_of_file(path)
-             if len(text := clean_doc(raw)) >= min_chars] for rel, path in files]
+    return [
+        [
+            DocRecord(package, rel, line, qualname, text)
+            for line, qualname, raw in docstrings_of_file(path)
+            if len(text := clean_doc(raw)) >= min_chars
+        ]
+        for rel, path in files
+    ]
 
 
-def _parsed_in_order(package: str, files: list[tuple[str, Path]], min_chars: int) -> Iterator[list[DocRecord]]:
+def _parsed_in_order(
+    package: str, files: list[tuple[str, Path]], min_chars: int
+) -> Iterator[list[DocRecord]]:
     """`_file_records` of every file, in order; parsed on all cores (ast.parse dominates the corpus
     build), a bounded window ahead of the consumer so that stopping early wastes little."""
-    tasks = [files[i:i + _FILES_PER_TASK] for i in range(0, len(files), _FILES_PER_TASK)]
+    tasks = [files[i : i + _FILES_PER_TASK] for i in range(0, len(files), _FILES_PER_TASK)]
     workers = min(os.cpu_count() or 1, len(tasks))
     if workers <= 1:
         for task in tasks:

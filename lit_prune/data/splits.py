@@ -24,8 +24,10 @@ def validate_fractions(fractions: Mapping[str, float]) -> dict[str, float]:
             raise invalid(f"fractions.{name}", value, "a number in [0, 1)")
     if sum(fractions.values()) >= 1:
         raise invalid("fractions", dict(fractions), "fractions summing to less than 1")
-    return {"eval": float(fractions.get("eval", 0.0)),
-            "calibration": float(fractions.get("calibration", 0.0))}
+    return {
+        "eval": float(fractions.get("eval", 0.0)),
+        "calibration": float(fractions.get("calibration", 0.0)),
+    }
 
 
 def unit_hash(text: str, salt: str = DEFAULT_SALT) -> float:
@@ -41,15 +43,17 @@ def _assign(u: float, fractions: dict[str, float]) -> str:
     return "calibration" if u < fractions["eval"] + fractions["calibration"] else "train"
 
 
-def split_of(text: str, fractions: Mapping[str, float] = DEFAULT_FRACTIONS,
-             salt: str = DEFAULT_SALT) -> str:
+def split_of(text: str, fractions: Mapping[str, float] = DEFAULT_FRACTIONS, salt: str = DEFAULT_SALT) -> str:
     """`train`, `calibration` or `eval` for one document, decided by its salted hash."""
     return _assign(unit_hash(text, salt), validate_fractions(fractions))
 
 
-def documents_of_split(documents: Iterable[str], split: str,
-                       fractions: Mapping[str, float] = DEFAULT_FRACTIONS,
-                       salt: str = DEFAULT_SALT) -> Iterator[str]:
+def documents_of_split(
+    documents: Iterable[str],
+    split: str,
+    fractions: Mapping[str, float] = DEFAULT_FRACTIONS,
+    salt: str = DEFAULT_SALT,
+) -> Iterator[str]:
     """The documents that `split_of` assigns to `split`, in input order."""
     if split not in SPLITS:
         raise invalid("split", split, f"one of {', '.join(SPLITS)}")

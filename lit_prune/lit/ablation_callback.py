@@ -39,11 +39,25 @@ class AblationCallback(L.Callback):
         batch_size: sequences (or ablated copies) per forward pass.
     """
 
-    def __init__(self, n_top: int = 64, n_random: int = 64, n_rare: int = 64, eval_sequences: int = 8,
-                 every_n_epochs: int = 1, output_dir: str | None = None, seed: int = 0, batch_size: int = 8) -> None:
-        for name, value, low in (("n_top", n_top, 0), ("n_random", n_random, 0), ("n_rare", n_rare, 0),
-                                 ("eval_sequences", eval_sequences, 1), ("every_n_epochs", every_n_epochs, 1),
-                                 ("batch_size", batch_size, 1)):
+    def __init__(
+        self,
+        n_top: int = 64,
+        n_random: int = 64,
+        n_rare: int = 64,
+        eval_sequences: int = 8,
+        every_n_epochs: int = 1,
+        output_dir: str | None = None,
+        seed: int = 0,
+        batch_size: int = 8,
+    ) -> None:
+        for name, value, low in (
+            ("n_top", n_top, 0),
+            ("n_random", n_random, 0),
+            ("n_rare", n_rare, 0),
+            ("eval_sequences", eval_sequences, 1),
+            ("every_n_epochs", every_n_epochs, 1),
+            ("batch_size", batch_size, 1),
+        ):
             if value < low:
                 raise invalid(f"ablation.{name}", value, f"an integer >= {low}")
         self.n_top, self.n_random, self.n_rare = n_top, n_random, n_rare
@@ -64,32 +78,55 @@ class AblationCallback(L.Callback):
     def measure(self, pl_module: L.LightningModule, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-feature arrays for ids: [n, seq] (keys as in the safetensors file)."""
         parts = sae_parts(pl_module.sae, pl_module.norm_scale.item())
-        return feature_importance(pl_module.lm_on_device(), pl_module.hparams.hook_layer, ids.to(pl_module.device),
-                                  parts, self.n_top, self.n_random, self.n_rare, self.seed,
-                                  self.batch_size)
+        return feature_importance(
+            pl_module.lm_on_device(),
+            pl_module.hparams.hook_layer,
+            ids.to(pl_module.device),
+            parts,
+            self.n_top,
+            self.n_random,
+            self.n_rare,
+            self.seed,
+            self.batch_size,
+        )
 
     def _warn_if_short(self, metrics: dict[str, float]) -> None:
         """Groups are drawn from the alive features only; say so when there were too few for a group."""
         for group in GROUPS:
             asked, got = getattr(self, f"n_{group}"), int(metrics[f"n_features:{group}"])
             if got < asked:
-                rank_zero_warn(f"ablation.n_{group}={asked}: only {got} alive features were left for this group "
-                               f"({int(metrics['n_alive:all'])} alive in all); its RQ5 numbers use those")
+                rank_zero_warn(
+                    f"ablation.n_{group}={asked}: only {got} alive features were left for this group "
+                    f"({int(metrics['n_alive:all'])} alive in all); its RQ5 numbers use those"
+                )
 
     def _log(self, trainer: L.Trainer, metrics: dict[str, float], arrays: dict[str, torch.Tensor]) -> None:
         scalars = {f"rq5/{k.replace(':', '/')}": v for k, v in metrics.items()}
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=trainer.global_step)
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_figure("rq5/exact_vs_attribution", scatter_figure(arrays), trainer.global_step)
+                logger.experiment.add_figure(
+                    "rq5/exact_vs_attribution", scatter_figure(arrays), trainer.global_step
+                )
 
-    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, arrays: dict[str, torch.Tensor],
-               metrics: dict[str, float]) -> None:
+    def _write(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        arrays: dict[str, torch.Tensor],
+        metrics: dict[str, float],
+    ) -> None:
         hp, info = pl_module.hparams, getattr(pl_module, "pruning_info", {})
-        condition = Condition(model=str(hp.model_name), hook=f"blocks.{hp.hook_layer}.hook_resid_post",
-                              method=str(info.get("method", "dense")), sparsity=float(info.get("sparsity", 0.0)),
-                              seed_a=int(hp.seed))
-        rows = summary_rows(condition, metrics, epoch=trainer.current_epoch, eval_sequences=self.eval_sequences)
+        condition = Condition(
+            model=str(hp.model_name),
+            hook=f"blocks.{hp.hook_layer}.hook_resid_post",
+            method=str(info.get("method", "dense")),
+            sparsity=float(info.get("sparsity", 0.0)),
+            seed_a=int(hp.seed),
+        )
+        rows = summary_rows(
+            condition, metrics, epoch=trainer.current_epoch, eval_sequences=self.eval_sequences
+        )
         out = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir) / "results"
         write_arrays(out / "rq5_ablation.safetensors", **arrays)
         write_rows(out / "rq5_ablation.json", rows)
@@ -99,11 +136,18 @@ def summarise(arrays: dict[str, torch.Tensor]) -> dict[str, float]:
     """Metrics keyed "metric:group" (group: top, random, rare, selected; all for whole-SAE numbers)."""
     rate, attribution = arrays["firing_rate"].double(), arrays["attribution"].double()
     alive = rate > 0
-    out = {"dead_fraction:all": float((~alive).double().mean()), "n_alive:all": float(alive.sum()),
-           "attribution_mean:all": float(attribution[alive].mean()) if alive.any() else float("nan"),
-           "eval_tokens:all": float(arrays["eval_tokens"])}
+    out = {
+        "dead_fraction:all": float((~alive).double().mean()),
+        "n_alive:all": float(alive.sum()),
+        "attribution_mean:all": float(attribution[alive].mean()) if alive.any() else float("nan"),
+        "eval_tokens:all": float(arrays["eval_tokens"]),
+    }
     for gi, group in enumerate((*GROUPS, "selected")):
-        take = arrays["group"] == gi if group != "selected" else torch.ones_like(arrays["group"], dtype=torch.bool)
+        take = (
+            arrays["group"] == gi
+            if group != "selected"
+            else torch.ones_like(arrays["group"], dtype=torch.bool)
+        )
         attr = attribution[arrays["features"][take]]
         out[f"n_features:{group}"] = float(take.sum())
         out[f"attribution_mean:{group}"] = _mean(attr)

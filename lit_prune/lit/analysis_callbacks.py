@@ -77,8 +77,13 @@ class ReferenceSAECallback(L.Callback):
 
     results_name = "results.json"
 
-    def __init__(self, reference_sae: str, output_dir: str | None = None, batch_size: int | None = None,
-                 at_fit_end: bool = False) -> None:
+    def __init__(
+        self,
+        reference_sae: str,
+        output_dir: str | None = None,
+        batch_size: int | None = None,
+        at_fit_end: bool = False,
+    ) -> None:
         if batch_size is not None and batch_size < 1:
             raise LitPruneError(f"batch_size={batch_size!r} is invalid: expected a positive integer or null")
         self.reference_path = str(reference_sae)
@@ -92,11 +97,14 @@ class ReferenceSAECallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.reference is None:
             self.reference, self.reference_meta = load_reference(
-                self.reference_path, pl_module.lm.config.hidden_size, pl_module.hparams.hook_layer)
+                self.reference_path, pl_module.lm.config.hidden_size, pl_module.hparams.hook_layer
+            )
             recorded = self.reference_meta.get("model")
             if recorded is not None and recorded != pl_module.hparams.model_name:
-                rank_zero_warn(f"reference_sae was trained on model {recorded!r}, this run uses "
-                               f"{pl_module.hparams.model_name!r}")
+                rank_zero_warn(
+                    f"reference_sae was trained on model {recorded!r}, this run uses "
+                    f"{pl_module.hparams.model_name!r}"
+                )
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         release_dense_lm(pl_module)
@@ -130,9 +138,14 @@ class ReferenceSAECallback(L.Callback):
     def condition(self, module: L.LightningModule, dense: bool = False) -> Condition:
         """Row condition: the run's pruning (or M(0) when `dense`), seed_a = reference, seed_b = module."""
         info = {"method": "dense", "sparsity": 0.0} if dense else module.pruning_info
-        return Condition(model=str(module.hparams.model_name), hook=hook_name(module.hparams.hook_layer),
-                         method=condition_method(info), sparsity=float(info.get("sparsity", 0.0)),
-                         seed_a=self.reference_seed, seed_b=None if dense else int(module.hparams.seed))
+        return Condition(
+            model=str(module.hparams.model_name),
+            hook=hook_name(module.hparams.hook_layer),
+            method=condition_method(info),
+            sparsity=float(info.get("sparsity", 0.0)),
+            seed_a=self.reference_seed,
+            seed_b=None if dense else int(module.hparams.seed),
+        )
 
     def eval_batch_size(self, trainer: L.Trainer) -> int:
         return self.batch_size or int(trainer.datamodule.hparams.batch_size)

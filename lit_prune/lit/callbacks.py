@@ -13,7 +13,12 @@ from lit_prune.analysis.perplexity import perplexity
 from lit_prune.errors import described, invalid
 from lit_prune.lit.sae_module import check_same_pruning
 from lit_prune.pruning import (
-    SparsityMismatch, apply_masks, load_masks, prune_model, resolve_sparsity, verify_masks,
+    SparsityMismatch,
+    apply_masks,
+    load_masks,
+    prune_model,
+    resolve_sparsity,
+    verify_masks,
 )
 
 
@@ -36,15 +41,24 @@ class PruningCallback(L.Callback):
             instead of computing them; they are still checked against method / sparsity / nm.
     """
 
-    def __init__(self, method: str = "wanda", sparsity: float = 0.5, nm: list[int] | None = None,
-                 group: str | None = None, calibration_batch_size: int = 8, perplexity_sequences: int = 64,
-                 masks_path: str | None = None) -> None:
+    def __init__(
+        self,
+        method: str = "wanda",
+        sparsity: float = 0.5,
+        nm: list[int] | None = None,
+        group: str | None = None,
+        calibration_batch_size: int = 8,
+        perplexity_sequences: int = 64,
+        masks_path: str | None = None,
+    ) -> None:
         if method not in ("magnitude", "wanda"):
             raise invalid("pruning.method", method, "magnitude or wanda")
         self.sparsity, self.nm = resolve_sparsity(sparsity, tuple(nm) if nm else None)
         self.method, self.group = method, group
-        for name, value, low in (("calibration_batch_size", calibration_batch_size, 1),
-                                 ("perplexity_sequences", perplexity_sequences, 0)):
+        for name, value, low in (
+            ("calibration_batch_size", calibration_batch_size, 1),
+            ("perplexity_sequences", perplexity_sequences, 0),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise invalid(f"pruning.{name}", value, f"an integer >= {low}")
         self.calibration_batch_size = calibration_batch_size
@@ -57,8 +71,9 @@ class PruningCallback(L.Callback):
             try:
                 self.masks = load_masks(masks_path)
             except Exception as err:  # safetensors raises several types for a file that is not one
-                raise invalid("pruning.masks_path", masks_path,
-                              f"a masks file written by save_masks ({described(err)})") from None
+                raise invalid(
+                    "pruning.masks_path", masks_path, f"a masks file written by save_masks ({described(err)})"
+                ) from None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if getattr(pl_module, "resumed_pruning", None) is not None:  # before pruning, which may take minutes
@@ -67,15 +82,30 @@ class PruningCallback(L.Callback):
         lm = pl_module.lm_on_device()
         dm = trainer.datamodule
         eval_ids = dm.eval_ids[: self.perplexity_sequences]
-        info: dict[str, Any] = {"method": self.method, "sparsity": self.sparsity, "nm": self.nm, "group": self.group}
+        info: dict[str, Any] = {
+            "method": self.method,
+            "sparsity": self.sparsity,
+            "nm": self.nm,
+            "group": self.group,
+        }
         if self.perplexity_sequences:
             info["perplexity_dense"] = perplexity(lm, eval_ids)
         started = time.perf_counter()
         if self.masks is None:
-            masks = prune_model(lm, self.method, self.sparsity, nm=self.nm, group=self.group,
-                                calibration_ids=dm.calibration_ids, batch_size=self.calibration_batch_size,
-                                max_seq_len=dm.hparams.calibration_seq_len, progress=False)
-            self.masks = {name: mask.cpu() for name, mask in masks.items()}  # 1 byte per weight: not on the GPU
+            masks = prune_model(
+                lm,
+                self.method,
+                self.sparsity,
+                nm=self.nm,
+                group=self.group,
+                calibration_ids=dm.calibration_ids,
+                batch_size=self.calibration_batch_size,
+                max_seq_len=dm.hparams.calibration_seq_len,
+                progress=False,
+            )
+            self.masks = {
+                name: mask.cpu() for name, mask in masks.items()
+            }  # 1 byte per weight: not on the GPU
         else:
             apply_masks(lm, self.masks)  # given or resumed: those masks, exactly
         info["seconds"] = time.perf_counter() - started
@@ -84,8 +114,12 @@ class PruningCallback(L.Callback):
         except SparsityMismatch as err:
             if self.masks_path is None:
                 raise  # masks computed here or resumed from a checkpoint: a bug, not bad input
-            raise invalid("pruning.masks_path", self.masks_path, f"masks of method={self.method} sparsity="
-                          f"{self.sparsity:g} nm={self.nm} group={self.group} ({err})") from None
+            raise invalid(
+                "pruning.masks_path",
+                self.masks_path,
+                f"masks of method={self.method} sparsity="
+                f"{self.sparsity:g} nm={self.nm} group={self.group} ({err})",
+            ) from None
         if self.perplexity_sequences:
             info["perplexity_pruned"] = perplexity(lm, eval_ids)
         info["realised_sparsity"] = sum(r["pruned"] for r in report) / sum(r["numel"] for r in report)
@@ -104,8 +138,13 @@ class PruningCallback(L.Callback):
             apply_masks(pl_module.lm, self.masks)  # an optimizer step may have revived pruned weights
 
     def state_dict(self) -> dict[str, Any]:
-        return {"masks": self.masks, "method": self.method, "sparsity": self.sparsity, "nm": self.nm,
-                "group": self.group}
+        return {
+            "masks": self.masks,
+            "method": self.method,
+            "sparsity": self.sparsity,
+            "nm": self.nm,
+            "group": self.group,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         mine = self.state_dict()

@@ -82,14 +82,20 @@ class TokenDataModule(L.LightningDataModule):
         model_cache_dir: str = "checkpoints/models",
     ) -> None:
         super().__init__()
-        for field, value in dict(seq_len=seq_len, eval_tokens=eval_tokens, calibration_seq_len=calibration_seq_len).items():
+        for field, value in dict(
+            seq_len=seq_len, eval_tokens=eval_tokens, calibration_seq_len=calibration_seq_len
+        ).items():
             if value < 2:
                 raise invalid(f"data.{field}", value, "an integer >= 2")
         if batch_size < 1:
             raise invalid("data.batch_size", batch_size, "an integer >= 1")
         if train_tokens < seq_len:
-            raise invalid("data.train_tokens", train_tokens, f"at least data.seq_len={seq_len} (one sequence)")
-        for field, value in dict(calibration_sequences=calibration_sequences, num_workers=num_workers).items():
+            raise invalid(
+                "data.train_tokens", train_tokens, f"at least data.seq_len={seq_len} (one sequence)"
+            )
+        for field, value in dict(
+            calibration_sequences=calibration_sequences, num_workers=num_workers
+        ).items():
             if value < 0:
                 raise invalid(f"data.{field}", value, "an integer >= 0")
         self.save_hyperparameters()
@@ -110,17 +116,26 @@ class TokenDataModule(L.LightningDataModule):
     def _warn_if_short(self) -> None:
         """The corpus ran out before the token budget: say so (the run goes on with what there is)."""
         hp = self.hparams
-        for name, ids, asked in (("train_tokens", self.train_ids, hp.train_tokens // hp.seq_len * hp.seq_len),
-                                 ("eval_tokens", self.eval_ids, -(-hp.eval_tokens // hp.seq_len) * hp.seq_len)):
+        for name, ids, asked in (
+            ("train_tokens", self.train_ids, hp.train_tokens // hp.seq_len * hp.seq_len),
+            ("eval_tokens", self.eval_ids, -(-hp.eval_tokens // hp.seq_len) * hp.seq_len),
+        ):
             if ids.numel() < asked:
-                rank_zero_warn(f"data.{name}={getattr(hp, name):,}: the corpus {hp.corpus!r} has only "
-                               f"{ids.numel():,} tokens for this split, so the run uses those")
+                rank_zero_warn(
+                    f"data.{name}={getattr(hp, name):,}: the corpus {hp.corpus!r} has only "
+                    f"{ids.numel():,} tokens for this split, so the run uses those"
+                )
 
     def _docs(self, split: str):
         hp = self.hparams
         with writing_into("data.cache_dir", hp.cache_dir):
-            docs = load_documents(hp.corpus, text_field=hp.text_field, cache_dir=Path(hp.cache_dir) / "corpora",
-                                  hub_config=hp.hub_config, hub_split=hp.hub_split)
+            docs = load_documents(
+                hp.corpus,
+                text_field=hp.text_field,
+                cache_dir=Path(hp.cache_dir) / "corpora",
+                hub_config=hp.hub_config,
+                hub_split=hp.hub_split,
+            )
         return documents_of_split(docs, split, self.fractions, hp.split_salt)
 
     def _splits(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -131,19 +146,28 @@ class TokenDataModule(L.LightningDataModule):
         hp = self.hparams
         tokenizer = load_tokenizer(hp.model_name, hp.model_cache_dir)
         pack = lambda docs, length, n: pack_documents(docs, tokenizer, length, n, hp.prepend_bos)  # noqa: E731
-        train = pack(shuffled(self._docs("train"), hp.shuffle_seed), hp.seq_len, hp.train_tokens // hp.seq_len)
+        train = pack(
+            shuffled(self._docs("train"), hp.shuffle_seed), hp.seq_len, hp.train_tokens // hp.seq_len
+        )
         evaluation = pack(self._docs("eval"), hp.seq_len, -(-hp.eval_tokens // hp.seq_len))
-        calibration = pack(shuffled(self._docs("calibration"), hp.shuffle_seed), hp.calibration_seq_len,
-                           hp.calibration_sequences)
+        calibration = pack(
+            shuffled(self._docs("calibration"), hp.shuffle_seed),
+            hp.calibration_seq_len,
+            hp.calibration_sequences,
+        )
         for name, ids in (("train", train), ("eval", evaluation)):
             if ids.shape[0] == 0:
-                raise LitPruneError(f"data.corpus={hp.corpus!r} yielded no {name} sequences of {hp.seq_len} tokens")
+                raise LitPruneError(
+                    f"data.corpus={hp.corpus!r} yielded no {name} sequences of {hp.seq_len} tokens"
+                )
         with writing_into("data.cache_dir", hp.cache_dir), atomic_path(path) as tmp:
             torch.save((train, evaluation, calibration), tmp)
         return train, evaluation, calibration
 
     def _cache_key(self) -> str:
-        settings = {k: v for k, v in self.hparams.items() if k not in ("batch_size", "num_workers", "cache_dir")}
+        settings = {
+            k: v for k, v in self.hparams.items() if k not in ("batch_size", "num_workers", "cache_dir")
+        }
         files = files_identity(self.hparams.corpus)
         if files is not None:  # only then, so that the keys of the other corpora stay as they were
             settings["corpus_files"] = files
@@ -152,15 +176,24 @@ class TokenDataModule(L.LightningDataModule):
     def _provenance(self) -> dict[str, Any]:
         hp = self.hparams
         return {
-            "corpus": hp.corpus, "split_salt": hp.split_salt, "fractions": self.fractions, "seed": hp.shuffle_seed,
-            "seq_len": hp.seq_len, "fingerprint": tokens_fingerprint(self.train_ids, self.eval_ids, self.calibration_ids),
-            "train_tokens": int(self.train_ids.numel()), "eval_tokens": int(self.eval_ids.numel()),
+            "corpus": hp.corpus,
+            "split_salt": hp.split_salt,
+            "fractions": self.fractions,
+            "seed": hp.shuffle_seed,
+            "seq_len": hp.seq_len,
+            "fingerprint": tokens_fingerprint(self.train_ids, self.eval_ids, self.calibration_ids),
+            "train_tokens": int(self.train_ids.numel()),
+            "eval_tokens": int(self.eval_ids.numel()),
             "calibration_tokens": int(self.calibration_ids.numel()),
         }
 
     def _loader(self, ids: torch.Tensor) -> DataLoader:
-        return DataLoader(TokenDataset(ids), batch_size=self.hparams.batch_size, shuffle=False,
-                          num_workers=self.hparams.num_workers)
+        return DataLoader(
+            TokenDataset(ids),
+            batch_size=self.hparams.batch_size,
+            shuffle=False,
+            num_workers=self.hparams.num_workers,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_ids)

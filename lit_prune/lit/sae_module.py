@@ -30,7 +30,8 @@ warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(
 # its cloud services' packages
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-    lambda record: not str(record.msg).startswith("💡"))
+    lambda record: not str(record.msg).startswith("💡")
+)
 
 
 PRECISIONS = ("32-true", "bf16-mixed")
@@ -84,9 +85,17 @@ class SAEModule(L.LightningModule):
         export_dir: str | None = None,
     ) -> None:
         super().__init__()
-        _validate(lr=lr, decay_fraction=decay_fraction, sae_batch_tokens=sae_batch_tokens,
-                  buffer_batches=buffer_batches, norm_scale=norm_scale, ce_eval_sequences=ce_eval_sequences,
-                  warmup_steps=warmup_steps, dead_window_tokens=dead_window_tokens, norm_sequences=norm_sequences)
+        _validate(
+            lr=lr,
+            decay_fraction=decay_fraction,
+            sae_batch_tokens=sae_batch_tokens,
+            buffer_batches=buffer_batches,
+            norm_scale=norm_scale,
+            ce_eval_sequences=ce_eval_sequences,
+            warmup_steps=warmup_steps,
+            dead_window_tokens=dead_window_tokens,
+            norm_sequences=norm_sequences,
+        )
         if export_dir is not None:
             check_export_target(export_dir, "model.export_dir")
         self.save_hyperparameters()
@@ -134,8 +143,11 @@ class SAEModule(L.LightningModule):
         if stage == "fit" and dm is not None:
             harvested = (dm.hparams.train_tokens // dm.hparams.seq_len) * (dm.hparams.seq_len - 1)
             if self.hparams.sae_batch_tokens > 2 * harvested:  # the last batch trains on >= half a step
-                raise invalid("model.sae_batch_tokens", self.hparams.sae_batch_tokens,
-                              f"at most twice the {harvested:,} tokens data.train_tokens yields, or no SAE step is taken")
+                raise invalid(
+                    "model.sae_batch_tokens",
+                    self.hparams.sae_batch_tokens,
+                    f"at most twice the {harvested:,} tokens data.train_tokens yields, or no SAE step is taken",
+                )
 
     def on_fit_start(self) -> None:
         self._tokens_trained_host = None  # tokens_trained may have been loaded since the last fit
@@ -152,8 +164,14 @@ class SAEModule(L.LightningModule):
         # The schedule counts SAE steps, not LM batches: one batch of batch_size x (seq_len - 1)
         # harvested tokens feeds that many / sae_batch_tokens steps.
         dm = getattr(self.trainer, "datamodule", None)
-        per_batch = dm.hparams.batch_size * (dm.hparams.seq_len - 1) if dm is not None else self.hparams.sae_batch_tokens
-        total = sae_steps(int(self.trainer.estimated_stepping_batches), per_batch, self.hparams.sae_batch_tokens)
+        per_batch = (
+            dm.hparams.batch_size * (dm.hparams.seq_len - 1)
+            if dm is not None
+            else self.hparams.sae_batch_tokens
+        )
+        total = sae_steps(
+            int(self.trainer.estimated_stepping_batches), per_batch, self.hparams.sae_batch_tokens
+        )
         sched = warmup_decay(opt, total, self.hparams.warmup_steps, self.hparams.decay_fraction)
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
@@ -193,14 +211,25 @@ class SAEModule(L.LightningModule):
         if self.settings.architecture == "topk" and self.settings.fast is not False:  # fast null: on for topk
             out = fast_topk_training_forward(self.sae, x, dead)
         else:
-            out = StepOutput.from_sae_lens(self.sae.training_forward_pass(TrainStepInput(
-                sae_in=x, coefficients=_coefficients(self.sae, self.global_step), dead_neuron_mask=dead,
-                n_training_steps=self.global_step, is_logging_step=False)))
+            out = StepOutput.from_sae_lens(
+                self.sae.training_forward_pass(
+                    TrainStepInput(
+                        sae_in=x,
+                        coefficients=_coefficients(self.sae, self.global_step),
+                        dead_neuron_mask=dead,
+                        n_training_steps=self.global_step,
+                        is_logging_step=False,
+                    )
+                )
+            )
         opt.zero_grad()
         # Several steps may share one training_step, which DDP's reducer does not allow:
         # backward without DDP's hooks, then average the gradients ourselves.
-        with self.trainer.strategy.block_backward_sync() if hasattr(self.trainer.strategy, "block_backward_sync") \
-                else contextlib.nullcontext():
+        with (
+            self.trainer.strategy.block_backward_sync()
+            if hasattr(self.trainer.strategy, "block_backward_sync")
+            else contextlib.nullcontext()
+        ):
             self.manual_backward(out.loss)
         if dist.is_available() and dist.is_initialized():
             _all_reduce_grads(self.sae)
@@ -217,9 +246,17 @@ class SAEModule(L.LightningModule):
         residual = (x - out.sae_out).pow(2).sum()
         fvu = residual / (x - x.mean(0)).pow(2).sum()
         if self.logger is not None and self.trainer.is_global_zero:
-            logs = {"train/loss": out.loss, "train/fvu": fvu, "train/mse": residual / x.numel(), "train/l0": out.l0,
-                    "train/dead_fraction": (self.tokens_since_fired > self.hparams.dead_window_tokens).float().mean(),
-                    "train/lr": self.optimizers().param_groups[0]["lr"], "train/tokens": self.tokens_trained}
+            logs = {
+                "train/loss": out.loss,
+                "train/fvu": fvu,
+                "train/mse": residual / x.numel(),
+                "train/l0": out.l0,
+                "train/dead_fraction": (self.tokens_since_fired > self.hparams.dead_window_tokens)
+                .float()
+                .mean(),
+                "train/lr": self.optimizers().param_groups[0]["lr"],
+                "train/tokens": self.tokens_trained,
+            }
             logs.update({f"train/{k}": v for k, v in out.losses.items()})
             on_device = {k: v for k, v in logs.items() if isinstance(v, torch.Tensor)}
             on_host = {k: float(v) for k, v in logs.items() if k not in on_device}
@@ -238,7 +275,9 @@ class SAEModule(L.LightningModule):
         values = torch.cat([v for *_, v in self._pending_logs]).tolist()
         start = 0
         for step, on_host, names, _ in self._pending_logs:
-            self.logger.log_metrics({**dict(zip(names, values[start:start + len(names)])), **on_host}, step=step)
+            self.logger.log_metrics(
+                {**dict(zip(names, values[start : start + len(names)])), **on_host}, step=step
+            )
             start += len(names)
         self._pending_logs.clear()
 
@@ -278,18 +317,29 @@ class SAEModule(L.LightningModule):
         if not self.trainer.is_global_zero:
             return
         target = Path(self.hparams.export_dir or _default_export_dir(self.trainer))
-        if int(self.tokens_trained) == 0:  # e.g. max_epochs 0: an untrained SAE must not replace a trained one
+        if (
+            int(self.tokens_trained) == 0
+        ):  # e.g. max_epochs 0: an untrained SAE must not replace a trained one
             rank_zero_warn(f"no SAE step was taken, so nothing is exported to {target}")
             return
         dm = self.trainer.datamodule
         # not export_dir: the record lies in it, and a study renames it into place afterwards
         hparams = {k: v for k, v in _plain(self.hparams).items() if k != "export_dir"}
-        export_sae(self.sae, target, self.norm_scale.item(), {
-            "model": self.hparams.model_name, "hook_layer": self.hparams.hook_layer, "seed": self.hparams.seed,
-            "tokens_trained": int(self.tokens_trained), "pruning": self.pruning_info,
-            "corpus": getattr(dm, "provenance", {}), "hparams": hparams,
-            "metrics": getattr(self, "last_val", {}),
-        })
+        export_sae(
+            self.sae,
+            target,
+            self.norm_scale.item(),
+            {
+                "model": self.hparams.model_name,
+                "hook_layer": self.hparams.hook_layer,
+                "seed": self.hparams.seed,
+                "tokens_trained": int(self.tokens_trained),
+                "pruning": self.pruning_info,
+                "corpus": getattr(dm, "provenance", {}),
+                "hparams": hparams,
+                "metrics": getattr(self, "last_val", {}),
+            },
+        )
         self.print(f"SAE exported to {target}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -305,18 +355,29 @@ class SAEModule(L.LightningModule):
 def pruning_identity(info: dict[str, Any]) -> dict[str, Any]:
     """The settings that make an LM pruned the way `info` (a run's pruning_info) says."""
     nm = info.get("nm")
-    return {"method": info.get("method", "dense"), "sparsity": float(info.get("sparsity", 0.0)),
-            "nm": list(nm) if nm else None, "group": info.get("group")}
+    return {
+        "method": info.get("method", "dense"),
+        "sparsity": float(info.get("sparsity", 0.0)),
+        "nm": list(nm) if nm else None,
+        "group": info.get("group"),
+    }
 
 
 def check_same_pruning(resumed: dict[str, Any], current: dict[str, Any]) -> None:
     """A resumed SAE keeps training on the LM it was trained on: the same pruning (or none)."""
     theirs, mine = pruning_identity(resumed), pruning_identity(current)
     if theirs != mine:
-        show = lambda p: "the dense LM" if p["method"] == "dense" else ", ".join(  # noqa: E731
-            f"{k}={v}" for k, v in p.items() if v is not None)
-        raise LitPruneError(f"--ckpt_path: its SAE was trained on {show(theirs)}, this run's LM is {show(mine)}; "
-                            "resume with the pruning callback settings of the run that wrote it")
+        show = lambda p: (
+            "the dense LM"
+            if p["method"] == "dense"
+            else ", ".join(  # noqa: E731
+                f"{k}={v}" for k, v in p.items() if v is not None
+            )
+        )
+        raise LitPruneError(
+            f"--ckpt_path: its SAE was trained on {show(theirs)}, this run's LM is {show(mine)}; "
+            "resume with the pruning callback settings of the run that wrote it"
+        )
 
 
 # what a resumed run may change (dotted keys of the model section): where files go and which of the
@@ -327,25 +388,37 @@ RESUME_FREE = ("model_cache_dir", "export_dir", "sae.fast")
 def check_resumed_settings(given: dict[str, Any], resumed: dict[str, Any]) -> None:
     """`fit --ckpt_path` continues the checkpoint's run with its model settings (Lightning puts them
     in place of the config's): a config that says otherwise is a one-line error, not silently ignored."""
+
     def flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, value in settings.items():
-            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+            out.update(
+                flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+            )
         return out
 
     mine, theirs = flat(given), flat(resumed)
     conflicts = [key for key in mine if key not in RESUME_FREE and key in theirs and mine[key] != theirs[key]]
     if conflicts:
-        raise LitPruneError("--ckpt_path: the checkpoint's run has " + ", ".join(f"{k}={theirs[k]!r}" for k in conflicts)
-                            + ", not " + ", ".join(f"model.{k}={mine[k]!r}" for k in conflicts) + "; a resumed run "
-                            "keeps its settings: drop these options, or leave out --ckpt_path to start a new run")
+        raise LitPruneError(
+            "--ckpt_path: the checkpoint's run has "
+            + ", ".join(f"{k}={theirs[k]!r}" for k in conflicts)
+            + ", not "
+            + ", ".join(f"model.{k}={mine[k]!r}" for k in conflicts)
+            + "; a resumed run "
+            "keeps its settings: drop these options, or leave out --ckpt_path to start a new run"
+        )
 
 
 def check_precision(value: object) -> None:
     """A one-line error unless Lightning's trainer.precision (32, "bf16", "bf16-mixed", ...) is in PRECISIONS."""
     if {"32": "32-true", "bf16": "bf16-mixed"}.get(str(value), str(value)) not in PRECISIONS:
-        raise invalid("trainer.precision", value, " or ".join(PRECISIONS) + " (the SAE trains in fp32; "
-                      "model.lm_dtype: bfloat16 casts the LM alone)")
+        raise invalid(
+            "trainer.precision",
+            value,
+            " or ".join(PRECISIONS) + " (the SAE trains in fp32; "
+            "model.lm_dtype: bfloat16 casts the LM alone)",
+        )
 
 
 def _without_autocast(x: torch.Tensor) -> torch.autocast:
@@ -372,7 +445,11 @@ def _coefficients(sae: Any, step: int) -> dict[str, float]:
         if isinstance(coeff, (int, float)):
             values[name] = float(coeff)
         else:
-            values[name] = coeff.value * min(1.0, (step + 1) / coeff.warm_up_steps) if coeff.warm_up_steps else coeff.value
+            values[name] = (
+                coeff.value * min(1.0, (step + 1) / coeff.warm_up_steps)
+                if coeff.warm_up_steps
+                else coeff.value
+            )
     return values
 
 
@@ -385,8 +462,11 @@ def _all_reduce_grads(module: torch.nn.Module) -> None:
 
 
 def _plain(hparams: Any) -> dict[str, Any]:
-    return {k: (vars(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in dict(hparams).items()
-            if not k.startswith("_")}
+    return {
+        k: (vars(v) if hasattr(v, "__dataclass_fields__") else v)
+        for k, v in dict(hparams).items()
+        if not k.startswith("_")
+    }
 
 
 def _validate(**values: Any) -> None:

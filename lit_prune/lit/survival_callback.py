@@ -42,11 +42,21 @@ def _rq4(prefix: str, analysis: dict, with_feature: bool) -> dict[str, float]:
     return out
 
 
-def survival_measurements(ref_dec: torch.Tensor, module_dec: torch.Tensor, init_dec: torch.Tensor, paired: PairedPass,
-                          taus: tuple[float, ...] = (0.5, 0.7, 0.9), functional_threshold: float = 0.7,
-                          n_bins: int = 5, n_boot: int = 1000, seed_baseline: float | None = None,
-                          seed_baseline_tau: float = 0.7, near_init: float = 0.9, matching: str = "auto",
-                          candidates: int = 8) -> SurvivalResult:
+def survival_measurements(
+    ref_dec: torch.Tensor,
+    module_dec: torch.Tensor,
+    init_dec: torch.Tensor,
+    paired: PairedPass,
+    taus: tuple[float, ...] = (0.5, 0.7, 0.9),
+    functional_threshold: float = 0.7,
+    n_bins: int = 5,
+    n_boot: int = 1000,
+    seed_baseline: float | None = None,
+    seed_baseline_tau: float = 0.7,
+    near_init: float = 0.9,
+    matching: str = "auto",
+    candidates: int = 8,
+) -> SurvivalResult:
     """RQ2 + RQ4 for one condition (no Lightning).
 
     ref_dec [n, d]: reference (dense-model) decoder; module_dec, init_dec [n', d]: the run's SAE
@@ -76,23 +86,41 @@ def survival_measurements(ref_dec: torch.Tensor, module_dec: torch.Tensor, init_
     # the feature-level Spearman(log10 p, c) does not depend on tau: taken from the last analysis
     feature_level = {k: v for k, v in _rq4("", analysis, True).items() if k.startswith("rho_feature")}
     r_alive = func.r[alive]
-    metrics.setdefault(float(functional_threshold), {}).update({
-        "functional_S": func.fraction,
-        "functional_mean_r": float(torch.nanmean(r_alive.double())) if alive.any() else float("nan"),
-        **_rq4("functional_", firing_rate_analysis(func.r, p, functional_threshold, n_bins, n_boot), True)})
+    metrics.setdefault(float(functional_threshold), {}).update(
+        {
+            "functional_S": func.fraction,
+            "functional_mean_r": float(torch.nanmean(r_alive.double())) if alive.any() else float("nan"),
+            **_rq4(
+                "functional_", firing_rate_analysis(func.r, p, functional_threshold, n_bins, n_boot), True
+            ),
+        }
+    )
     metrics[None] = {
-        "mean_cosine": geo["mean_cosine"], "mmcs_reference_to_module": geo["mmcs_dense_to_pruned"],
-        "mmcs_module_to_reference": geo["mmcs_pruned_to_dense"], **feature_level,
-        "n_reference": float(p.numel()), "n_alive": float(alive.sum()), "n_module": float(init_cos.numel()),
-        "eval_tokens": float(paired.tokens), "init_cosine_mean": float(init_cos.double().mean()),
+        "mean_cosine": geo["mean_cosine"],
+        "mmcs_reference_to_module": geo["mmcs_dense_to_pruned"],
+        "mmcs_module_to_reference": geo["mmcs_pruned_to_dense"],
+        **feature_level,
+        "n_reference": float(p.numel()),
+        "n_alive": float(alive.sum()),
+        "n_module": float(init_cos.numel()),
+        "eval_tokens": float(paired.tokens),
+        "init_cosine_mean": float(init_cos.double().mean()),
         "init_near_fraction": float((init_cos >= near_init).double().mean()),
     }
-    arrays = {"matched_cosine": geo["cosine"].float(), "partner": partner, "firing_rate": p.double(),
-              "firing_rate_current": paired.rate_current.double(), "pearson_r": func.r.float(),
-              "bin": firing_rate_bins(p, n_bins), "alive": alive, "partner_init_cosine": partner_init,
-              "init_cosine": init_cos.float(),
-              # RQ4's other fragility predictors (METHODS §4): on the dense model, per reference feature
-              "max_activation": paired.acc.max_a.float().cpu(), "decoder_norm": ref_dec.double().norm(dim=-1).float()}
+    arrays = {
+        "matched_cosine": geo["cosine"].float(),
+        "partner": partner,
+        "firing_rate": p.double(),
+        "firing_rate_current": paired.rate_current.double(),
+        "pearson_r": func.r.float(),
+        "bin": firing_rate_bins(p, n_bins),
+        "alive": alive,
+        "partner_init_cosine": partner_init,
+        "init_cosine": init_cos.float(),
+        # RQ4's other fragility predictors (METHODS §4): on the dense model, per reference feature
+        "max_activation": paired.acc.max_a.float().cpu(),
+        "decoder_norm": ref_dec.double().norm(dim=-1).float(),
+    }
     return SurvivalResult(metrics, arrays)
 
 
@@ -133,12 +161,23 @@ class FeatureSurvivalCallback(ReferenceSAECallback):
     results_name = "rq2_survival.json"
     arrays_name = "rq2_survival.safetensors"
 
-    def __init__(self, reference_sae: str, taus: tuple[float, ...] = (0.5, 0.7, 0.9),
-                 functional_sequences: int | None = None, functional_threshold: float = 0.7,
-                 seed_baseline: float | None = None, seed_baseline_tau: float = 0.7, n_bins: int = 5,
-                 n_boot: int = 1000, log_figures: bool = True, output_dir: str | None = None,
-                 batch_size: int | None = None, at_fit_end: bool = False, matching: str = "auto",
-                 candidates: int = 8) -> None:
+    def __init__(
+        self,
+        reference_sae: str,
+        taus: tuple[float, ...] = (0.5, 0.7, 0.9),
+        functional_sequences: int | None = None,
+        functional_threshold: float = 0.7,
+        seed_baseline: float | None = None,
+        seed_baseline_tau: float = 0.7,
+        n_bins: int = 5,
+        n_boot: int = 1000,
+        log_figures: bool = True,
+        output_dir: str | None = None,
+        batch_size: int | None = None,
+        at_fit_end: bool = False,
+        matching: str = "auto",
+        candidates: int = 8,
+    ) -> None:
         super().__init__(reference_sae, output_dir, batch_size, at_fit_end)
         if matching not in MATCH_METHODS:
             raise invalid("matching", matching, " | ".join(MATCH_METHODS))
@@ -170,7 +209,9 @@ class FeatureSurvivalCallback(ReferenceSAECallback):
     def _init(self, module: L.LightningModule) -> torch.Tensor:
         """The module SAE's decoder at init; rebuilt from its seed when the fit resumed mid-training."""
         if self.init_decoder is None:
-            fresh = build_training_sae(module.settings, module.lm.config.hidden_size, int(module.hparams.seed))
+            fresh = build_training_sae(
+                module.settings, module.lm.config.hidden_size, int(module.hparams.seed)
+            )
             self.init_decoder = fresh.W_dec.detach().clone()
         return self.init_decoder
 
@@ -183,24 +224,49 @@ class FeatureSurvivalCallback(ReferenceSAECallback):
         fingerprint = weights_digest(lm)
         if self._cache is None or self._cache[0] != fingerprint:
             ids = trainer.datamodule.eval_ids[: self.functional_sequences]
-            self._cache = (fingerprint, paired_features(dense_lm(module), lm, module.hparams.hook_layer,
-                                                        self.reference.encode, ids, self.eval_batch_size(trainer)))
+            self._cache = (
+                fingerprint,
+                paired_features(
+                    dense_lm(module),
+                    lm,
+                    module.hparams.hook_layer,
+                    self.reference.encode,
+                    ids,
+                    self.eval_batch_size(trainer),
+                ),
+            )
         return self._cache[1]
 
     def measure(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
         paired = self._paired(trainer, module)
         result = survival_measurements(
-            self.reference.W_dec.detach().cpu(), module.sae.W_dec.detach().cpu(), self._init(module), paired,
-            self.taus, self.functional_threshold, self.n_bins, self.n_boot, self.seed_baseline,
-            self.seed_baseline_tau, matching=self.matching, candidates=self.candidates)
+            self.reference.W_dec.detach().cpu(),
+            module.sae.W_dec.detach().cpu(),
+            self._init(module),
+            paired,
+            self.taus,
+            self.functional_threshold,
+            self.n_bins,
+            self.n_boot,
+            self.seed_baseline,
+            self.seed_baseline_tau,
+            matching=self.matching,
+            candidates=self.candidates,
+        )
         self.last = result
         epoch = trainer.current_epoch if stage == "validation" else None
         cond, same = self.condition(module), self.same_seed(module)
-        rows = [row for tau, metrics in result.metrics.items()
-                for row in make_rows(cond, metrics, tau=tau, epoch=epoch, same_seed=same, stage=stage)]
+        rows = [
+            row
+            for tau, metrics in result.metrics.items()
+            for row in make_rows(cond, metrics, tau=tau, epoch=epoch, same_seed=same, stage=stage)
+        ]
         self.write(trainer, rows)
-        write_arrays(self.results_dir(trainer) / self.arrays_name, global_step=torch.tensor(trainer.global_step),
-                     **result.arrays)
+        write_arrays(
+            self.results_dir(trainer) / self.arrays_name,
+            global_step=torch.tensor(trainer.global_step),
+            **result.arrays,
+        )
         scalars = {}
         for tau, metrics in result.metrics.items():
             for name, value in metrics.items():
@@ -211,12 +277,15 @@ class FeatureSurvivalCallback(ReferenceSAECallback):
         if self.log_figures and hasattr(experiment, "add_figure"):
             when = f"epoch {epoch}" if stage == "validation" else "end of fit"
             title = f"{cond.method} s={cond.sparsity:g}, {when}, {'same' if same else 'cross'}-seed"
-            for tag, fig in survival_figures(result, self.taus, self.functional_threshold, self.n_bins, title).items():
+            for tag, fig in survival_figures(
+                result, self.taus, self.functional_threshold, self.n_bins, title
+            ).items():
                 experiment.add_figure(tag, fig, global_step=trainer.global_step, close=True)
 
 
-def survival_figures(result: SurvivalResult, taus: tuple[float, ...], functional_threshold: float,
-                     n_bins: int, title: str) -> dict[str, Figure]:
+def survival_figures(
+    result: SurvivalResult, taus: tuple[float, ...], functional_threshold: float, n_bins: int, title: str
+) -> dict[str, Figure]:
     """Matched-cosine histogram, survival by firing-rate bin, firing-rate histogram (TensorBoard tags)."""
     a = result.arrays
     alive = a["alive"].numpy()
@@ -226,26 +295,47 @@ def survival_figures(result: SurvivalResult, taus: tuple[float, ...], functional
 
     hist = Figure(figsize=(6, 4))
     ax = hist.add_subplot()
-    ax.hist(cos[~np.isnan(cos)], bins=40, range=(min(0.0, float(np.nanmin(cos, initial=0.0))), 1.0),
-            color="tab:blue", label="alive reference features")
+    ax.hist(
+        cos[~np.isnan(cos)],
+        bins=40,
+        range=(min(0.0, float(np.nanmin(cos, initial=0.0))), 1.0),
+        color="tab:blue",
+        label="alive reference features",
+    )
     for tau, color in zip(taus, ("tab:orange", "tab:red", "tab:purple", "tab:green")):
         ax.axvline(tau, color=color, linestyle="--", label=f"τ = {tau:g}")
-    ax.set(xlabel="matched decoder cosine to the run's SAE (dimensionless)", ylabel="features (count)", title=title)
+    ax.set(
+        xlabel="matched decoder cosine to the run's SAE (dimensionless)",
+        ylabel="features (count)",
+        title=title,
+    )
     ax.legend()
 
     bars = Figure(figsize=(7, 4))
     ax = bars.add_subplot()
-    series = [(f"geometric, τ = {tau:g}", [result.metrics[tau][f"survival_bin{b}"] for b in range(n_bins)])
-              for tau in taus]
+    series = [
+        (f"geometric, τ = {tau:g}", [result.metrics[tau][f"survival_bin{b}"] for b in range(n_bins)])
+        for tau in taus
+    ]
     func = result.metrics[float(functional_threshold)]
-    series.append((f"functional, r ≥ {functional_threshold:g}",
-                   [func[f"functional_survival_bin{b}"] for b in range(n_bins)]))
+    series.append(
+        (
+            f"functional, r ≥ {functional_threshold:g}",
+            [func[f"functional_survival_bin{b}"] for b in range(n_bins)],
+        )
+    )
     width = 0.8 / len(series)
     for i, (label, values) in enumerate(series):
-        ax.bar(np.arange(n_bins) + (i - (len(series) - 1) / 2) * width, np.nan_to_num(values), width, label=label)
+        ax.bar(
+            np.arange(n_bins) + (i - (len(series) - 1) / 2) * width, np.nan_to_num(values), width, label=label
+        )
     ax.set_xticks(range(n_bins), [f"[{edges[b]:.2f}, {edges[b + 1]:.2f}]" for b in range(n_bins)], fontsize=7)
-    ax.set(xlabel="firing-rate bin: log10 p on the dense model (rarest → most frequent)",
-           ylabel="surviving features (fraction)", ylim=(0, 1.05), title=title)
+    ax.set(
+        xlabel="firing-rate bin: log10 p on the dense model (rarest → most frequent)",
+        ylabel="surviving features (fraction)",
+        ylim=(0, 1.05),
+        title=title,
+    )
     ax.legend(fontsize=7)
 
     rates = Figure(figsize=(6, 4))
@@ -258,7 +348,14 @@ def survival_figures(result: SurvivalResult, taus: tuple[float, ...], functional
     for x in edges[1:-1]:
         ax.axvline(x, color="black", linestyle=":", linewidth=1)
     ax.plot([], [], color="black", linestyle=":", label="quantile bin edges (dense)")
-    ax.set(xlabel="log10 firing rate (log10 fraction of eval tokens)", ylabel="reference features (count)",
-           title=title)
+    ax.set(
+        xlabel="log10 firing rate (log10 fraction of eval tokens)",
+        ylabel="reference features (count)",
+        title=title,
+    )
     ax.legend(fontsize=7)
-    return {"rq2/matched_cosine_hist": hist, "rq4/survival_by_firing_rate_bin": bars, "rq4/firing_rate_hist": rates}
+    return {
+        "rq2/matched_cosine_hist": hist,
+        "rq4/survival_by_firing_rate_bin": bars,
+        "rq4/firing_rate_hist": rates,
+    }

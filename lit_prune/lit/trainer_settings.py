@@ -35,5 +35,8 @@ def check_launcher(trainer: L.Trainer) -> None:
     cannot be pickled: refuse before the launch fails deep inside multiprocessing."""
     start = getattr(trainer.strategy, "_start_method", None)
     if start in ("spawn", "forkserver"):
-        raise invalid("trainer.strategy", f"{type(trainer.strategy).__name__}(start_method={start!r})",
-                      "ddp (the default for several devices) or ddp_fork: spawned ranks cannot receive sae-lens' SAE")
+        raise invalid(
+            "trainer.strategy",
+            f"{type(trainer.strategy).__name__}(start_method={start!r})",
+            "ddp (the default for several devices) or ddp_fork: spawned ranks cannot receive sae-lens' SAE",
+        )

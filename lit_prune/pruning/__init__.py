@@ -36,10 +36,27 @@ from lit_prune.pruning.wanda import wanda_mask, wanda_mask_reference, wanda_mask
 METHODS = ("magnitude", "wanda")
 
 __all__ = [
-    "METHODS", "GROUPS", "Masks", "SparsityMismatch", "prune_model", "resolve_sparsity", "verify_masks",
-    "apply_masks", "check_realised", "count_pruned", "load_masks", "prunable_linears", "save_masks",
-    "sparsity_report", "magnitude_mask", "magnitude_masks", "nm_mask", "wanda_mask",
-    "wanda_mask_reference", "wanda_masks", "wanda_scores",
+    "METHODS",
+    "GROUPS",
+    "Masks",
+    "SparsityMismatch",
+    "prune_model",
+    "resolve_sparsity",
+    "verify_masks",
+    "apply_masks",
+    "check_realised",
+    "count_pruned",
+    "load_masks",
+    "prunable_linears",
+    "save_masks",
+    "sparsity_report",
+    "magnitude_mask",
+    "magnitude_masks",
+    "nm_mask",
+    "wanda_mask",
+    "wanda_mask_reference",
+    "wanda_masks",
+    "wanda_scores",
 ]
 
 
@@ -115,8 +132,12 @@ def prune_model(
 
 
 def verify_masks(
-    model: nn.Module, masks: Masks, method: str, sparsity: float | None,
-    nm: tuple[int, int] | None = None, group: str | None = None,
+    model: nn.Module,
+    masks: Masks,
+    method: str,
+    sparsity: float | None,
+    nm: tuple[int, int] | None = None,
+    group: str | None = None,
 ) -> list[dict]:
     """The per-matrix sparsity report, after asserting it is exactly what the method promises."""
     sparsity, nm = resolve_sparsity(sparsity, nm)

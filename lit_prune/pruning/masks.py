@@ -79,8 +79,16 @@ def select_lowest_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, first, True)
 
 
-_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
-                 torch.uint8)
+_NUMPY_DTYPES = (
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+)
 
 
 def numpy_view(t: torch.Tensor) -> np.ndarray | None:
@@ -118,9 +126,7 @@ def block_linears(model: nn.Module) -> list[dict[str, nn.Linear]]:
     blocks = []
     for layer in decoder_layers(model):
         prefix = names[id(layer)]
-        blocks.append(
-            {f"{prefix}.{sub}": m for sub, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        )
+        blocks.append({f"{prefix}.{sub}": m for sub, m in layer.named_modules() if isinstance(m, nn.Linear)})
     return blocks
 
 
@@ -138,10 +144,14 @@ def _checked_pairs(model: nn.Module, masks: Masks) -> list[tuple[str, nn.Linear,
     pairs = []
     for name, mask in masks.items():
         if name not in linears:
-            raise invalid("masks", name, "names of prunable Linears of this model, e.g. " + next(iter(linears)))
+            raise invalid(
+                "masks", name, "names of prunable Linears of this model, e.g. " + next(iter(linears))
+            )
         weight = linears[name].weight
         if tuple(mask.shape) != tuple(weight.shape):
-            raise invalid(f"masks[{name}].shape", tuple(mask.shape), f"the weight shape {tuple(weight.shape)}")
+            raise invalid(
+                f"masks[{name}].shape", tuple(mask.shape), f"the weight shape {tuple(weight.shape)}"
+            )
         pairs.append((name, linears[name], mask))
     return pairs
 
@@ -219,10 +229,14 @@ def check_realised(
         total = sum(row["numel"] for row in report)
         pruned = sum(row["pruned"] for row in report)
         if pruned != count_pruned(total, target):
-            raise SparsityMismatch(f"global: realised {pruned}/{total} != expected {count_pruned(total, target)}/{total}")
+            raise SparsityMismatch(
+                f"global: realised {pruned}/{total} != expected {count_pruned(total, target)}/{total}"
+            )
 
 
-def check_pattern(masks: Masks, target: float, group: str = "matrix", nm: tuple[int, int] | None = None) -> None:
+def check_pattern(
+    masks: Masks, target: float, group: str = "matrix", nm: tuple[int, int] | None = None
+) -> None:
     """Raise SparsityMismatch unless the pruned positions follow the method's pattern: exactly N of
     every M consecutive inputs (N:M), or the same count in every output row (`row`). The counts per
     matrix (`check_realised`) cannot tell a magnitude mask from a Wanda one."""
@@ -238,7 +252,9 @@ def check_pattern(masks: Masks, target: float, group: str = "matrix", nm: tuple[
         bad = int((counts != want).sum())
         if bad:
             unit = f"groups of {nm[1]}" if nm else "rows"
-            raise SparsityMismatch(f"{name}: {bad} of {counts.numel()} {unit} do not have exactly {want} pruned weights")
+            raise SparsityMismatch(
+                f"{name}: {bad} of {counts.numel()} {unit} do not have exactly {want} pruned weights"
+            )
 
 
 def save_masks(masks: Masks, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

@@ -35,5 +35,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """
     n, m = check_nm((n, m))
     check_nm_shape((n, m), tuple(scores.shape), "scores")
-    groups = scores.detach().to(torch.promote_types(scores.dtype, torch.float32)).reshape(-1, m)  # [d_out*d_in/m, m]
+    groups = (
+        scores.detach().to(torch.promote_types(scores.dtype, torch.float32)).reshape(-1, m)
+    )  # [d_out*d_in/m, m]
     return ~select_lowest(groups, n).view(scores.shape)

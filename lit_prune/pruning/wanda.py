@@ -44,7 +44,9 @@ def wanda_scores(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Ten
     """fp32 scores [d_out, d_in] = |W| * sqrt(input_sq_norm) for `weight: [d_out, d_in]`,
     `input_sq_norm: [d_in]` (sum or mean of x_j^2 over calibration tokens; rank-equivalent per row)."""
     if tuple(input_sq_norm.shape) != (weight.shape[1],):
-        raise invalid("input_sq_norm.shape", tuple(input_sq_norm.shape), f"({weight.shape[1]},) = d_in of the weight")
+        raise invalid(
+            "input_sq_norm.shape", tuple(input_sq_norm.shape), f"({weight.shape[1]},) = d_in of the weight"
+        )
     # The float32 sqrt correctly rounded, through float64: torch's float32 CPU sqrt is not (2.13 was one
     # ulp off for ~20% of inputs), which reordered near-equal scores and so changed masks.
     root = input_sq_norm.detach().float().double().sqrt().float()
@@ -80,11 +82,18 @@ def wanda_mask_reference(weight: torch.Tensor, input_sq_norm: torch.Tensor, spar
 def check_calibration(calibration_ids: object, vocab_size: int) -> torch.Tensor:
     """Validate calibration token ids: an integer tensor [n_seq, seq_len], ids in [0, vocab_size)."""
     ids = calibration_ids
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point() or ids.dtype == torch.bool:
+    if (
+        not isinstance(ids, torch.Tensor)
+        or ids.dim() != 2
+        or ids.is_floating_point()
+        or ids.dtype == torch.bool
+    ):
         shown = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise invalid("calibration_ids", shown, "an integer tensor [n_seq, seq_len]")
     if ids.numel() == 0:
-        raise invalid("calibration_ids", f"shape {tuple(ids.shape)}", "at least one sequence of at least one token")
+        raise invalid(
+            "calibration_ids", f"shape {tuple(ids.shape)}", "at least one sequence of at least one token"
+        )
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= vocab_size:
         raise invalid("calibration_ids", f"ids in [{lo}, {hi}]", f"token ids in [0, {vocab_size})")
@@ -124,7 +133,9 @@ def _capture_inputs(
 
         return hook
 
-    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles = [
+        layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)
+    ]
     try:
         for ids in batches:
             size = ids.shape[0]
@@ -145,7 +156,10 @@ class _InputNorms:
     """Running fp32 sums of x_j^2 over all tokens (and the token count) for each Linear of a block."""
 
     def __init__(self, linears: dict[str, nn.Linear]):
-        self.sq = {n: torch.zeros(lin.in_features, dtype=torch.float32, device=lin.weight.device) for n, lin in linears.items()}
+        self.sq = {
+            n: torch.zeros(lin.in_features, dtype=torch.float32, device=lin.weight.device)
+            for n, lin in linears.items()
+        }
         self.tokens = {n: 0 for n in linears}
         self._handles = [lin.register_forward_pre_hook(self._hook(n)) for n, lin in linears.items()]
 
@@ -172,7 +186,9 @@ def _run_block(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _mask_fn(sparsity: float, nm: tuple[int, int] | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def _mask_fn(
+    sparsity: float, nm: tuple[int, int] | None
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if nm is None:
         return lambda weight, sq: wanda_mask(weight, sq, sparsity)
     return lambda weight, sq: nm_mask(wanda_scores(weight, sq), *nm)

@@ -47,7 +47,7 @@ class ActivationBuffer:
             if self.n:
                 grown[: self.n] = self.storage[: self.n]
             self.storage = grown
-        self.storage[self.n: self.n + m] = acts
+        self.storage[self.n : self.n + m] = acts
         self.n += m
 
     def clear(self) -> None:
@@ -69,8 +69,9 @@ class ActivationBuffer:
         untaken_tail = torch.ones(b, dtype=torch.bool)
         untaken_tail[take[in_tail] - first_tail] = False
         holes, fillers = take[~in_tail], first_tail + untaken_tail.nonzero().squeeze(1)
-        take, holes, fillers = _to_device(torch.cat([take, holes, fillers]), self.storage.device) \
-            .split([b, len(holes), len(fillers)])
+        take, holes, fillers = _to_device(torch.cat([take, holes, fillers]), self.storage.device).split(
+            [b, len(holes), len(fillers)]
+        )
         batch = self.storage[take]
         self.storage[holes] = self.storage[fillers]
         self.n = first_tail
@@ -79,7 +80,10 @@ class ActivationBuffer:
     def state_dict(self) -> dict[str, object]:
         rows = self.rows
         # a copy of the held rows only (a view would save the whole preallocated storage)
-        return {"rows": None if rows is None else rows.to("cpu", copy=True), "generator": self.generator.get_state()}
+        return {
+            "rows": None if rows is None else rows.to("cpu", copy=True),
+            "generator": self.generator.get_state(),
+        }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         rows = state["rows"]

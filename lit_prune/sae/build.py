@@ -52,7 +52,9 @@ class SAESettings:
         if self.k < 1:
             raise invalid("sae.k", self.k, "an integer >= 1")
         if self.fast and self.architecture != "topk":
-            raise invalid("sae.fast", self.fast, f"false or null with architecture={self.architecture!r} (topk only)")
+            raise invalid(
+                "sae.fast", self.fast, f"false or null with architecture={self.architecture!r} (topk only)"
+            )
 
     def width(self, d_in: int) -> int:
         return self.d_sae if self.d_sae is not None else self.expansion * d_in
@@ -65,14 +67,23 @@ def build_training_sae(settings: SAESettings, d_in: int, seed: int) -> TrainingS
         raise invalid("sae.k", settings.k, f"at most d_sae={d_sae}")
     common = dict(d_in=d_in, d_sae=d_sae, decoder_init_norm=settings.decoder_init_norm)
     cls, cfg = {
-        "topk": lambda: (TopKTrainingSAE, TopKTrainingSAEConfig(
-            k=settings.k, aux_loss_coefficient=settings.aux_loss_coefficient, **common)),
+        "topk": lambda: (
+            TopKTrainingSAE,
+            TopKTrainingSAEConfig(k=settings.k, aux_loss_coefficient=settings.aux_loss_coefficient, **common),
+        ),
         "batchtopk": lambda: (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig(k=settings.k, **common)),
-        "standard": lambda: (StandardTrainingSAE, StandardTrainingSAEConfig(
-            l1_coefficient=settings.l1_coefficient, **common)),
-        "jumprelu": lambda: (JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig(
-            l0_coefficient=settings.l0_coefficient, jumprelu_init_threshold=settings.jumprelu_init_threshold,
-            **common)),
+        "standard": lambda: (
+            StandardTrainingSAE,
+            StandardTrainingSAEConfig(l1_coefficient=settings.l1_coefficient, **common),
+        ),
+        "jumprelu": lambda: (
+            JumpReLUTrainingSAE,
+            JumpReLUTrainingSAEConfig(
+                l0_coefficient=settings.l0_coefficient,
+                jumprelu_init_threshold=settings.jumprelu_init_threshold,
+                **common,
+            ),
+        ),
     }[settings.architecture]()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

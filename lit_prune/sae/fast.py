@@ -90,8 +90,9 @@ def fast_topk_training_forward(
         aux = _aux_selection(hidden, dead_neuron_mask, sae_in.shape[-1] // 2, dense_threshold)
         del hidden, top
 
-    hidden_main = _EncodeAt.apply(main_values, sae_in, sae.b_dec, sae.W_enc, sae.b_enc, norm, main,
-                                  bool(cfg.apply_b_dec_to_input))
+    hidden_main = _EncodeAt.apply(
+        main_values, sae_in, sae.b_dec, sae.W_enc, sae.b_enc, norm, main, bool(cfg.apply_b_dec_to_input)
+    )
     acts = hidden_main.relu()  # TopK keeps the k largest, then ReLU (negative top-k values give 0)
     inv_norm = 1 / norm if norm is not None else None
     coef = acts * _at(inv_norm, main.idx) if inv_norm is not None else acts  # sae-lens' act_times_W_dec
@@ -102,9 +103,12 @@ def fast_topk_training_forward(
         aux_loss = sae_out.new_zeros(())  # not new_tensor(0.0): a copy from the host that a GPU waits for
     else:
         codes, values, scale = aux
-        hidden_aux = _EncodeAt.apply(values, sae_in, sae.b_dec, sae.W_enc, sae.b_enc, norm, codes,
-                                     bool(cfg.apply_b_dec_to_input))
-        coef_aux = hidden_aux * _at(inv_norm, codes.idx) if inv_norm is not None else hidden_aux  # no ReLU here
+        hidden_aux = _EncodeAt.apply(
+            values, sae_in, sae.b_dec, sae.W_enc, sae.b_enc, norm, codes, bool(cfg.apply_b_dec_to_input)
+        )
+        coef_aux = (
+            hidden_aux * _at(inv_norm, codes.idx) if inv_norm is not None else hidden_aux
+        )  # no ReLU here
         recons = _Decode.apply(coef_aux, sae.W_dec, codes)  # no b_dec: it is already in the residual
         residual = (x - sae_out).detach()
         aux_loss = cfg.aux_loss_coefficient * scale * (recons - residual).pow(2).sum(dim=-1).mean()
@@ -123,7 +127,9 @@ def _check_supported(sae: TopKTrainingSAE) -> None:
     if not isinstance(sae, TopKTrainingSAE):
         raise TypeError(f"fast_topk_training_forward needs a TopKTrainingSAE, got {type(sae).__name__}")
     if sae.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
-        raise ValueError(f"normalize_activations={sae.cfg.normalize_activations!r} is not supported by the fast path")
+        raise ValueError(
+            f"normalize_activations={sae.cfg.normalize_activations!r} is not supported by the fast path"
+        )
     if getattr(sae, "hook_z_reshaping_mode", False):
         raise ValueError("hook_z reshaping is not supported by the fast path")
 
@@ -180,7 +186,9 @@ class _Codes:
         idx: [n, m] latent ids, distinct within a row; ascending within a row (CSR order) when sparse.
     """
 
-    def __init__(self, local: torch.Tensor, cols: torch.Tensor | None, d_sae: int, dense_threshold: float) -> None:
+    def __init__(
+        self, local: torch.Tensor, cols: torch.Tensor | None, d_sae: int, dense_threshold: float
+    ) -> None:
         """local: [n, m] ids into `cols` ([c] ascending latent ids; None: all d_sae latents)."""
         n, m = local.shape
         self.cols, self.d_sae = cols, d_sae
@@ -218,13 +226,18 @@ class _Codes:
         if grad.dtype in (torch.float32, torch.float64):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
-                mask = torch.sparse_csr_tensor(self.crow, self.idx.flatten(), grad.new_zeros(n * m),
-                                               (n, self.d_sae), check_invariants=False)
+                mask = torch.sparse_csr_tensor(
+                    self.crow,
+                    self.idx.flatten(),
+                    grad.new_zeros(n * m),
+                    (n, self.d_sae),
+                    check_invariants=False,
+                )
                 return torch.sparse.sampled_addmm(mask, grad, weight.t(), beta=0.0).values().view(n, m)
         out = grad.new_empty(n, m)  # other dtypes: gather rows in chunks (memory stays bounded)
         for start in range(0, n, 256):
-            rows = weight[self.idx[start:start + 256]]  # [c, m, d]
-            out[start:start + 256] = torch.bmm(rows, grad[start:start + 256, :, None]).squeeze(-1)
+            rows = weight[self.idx[start : start + 256]]  # [c, m, d]
+            out[start : start + 256] = torch.bmm(rows, grad[start : start + 256, :, None]).squeeze(-1)
         return out
 
     def weight_grad(self, coef: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -236,7 +249,9 @@ class _Codes:
                 return part
             return rows.new_zeros(self.d_sae, rows.shape[1]).index_copy_(0, self.cols, part)
         weights = coef.flatten()[self.order]
-        return F.embedding_bag(self.token, rows.contiguous(), self.offsets, mode="sum", per_sample_weights=weights)
+        return F.embedding_bag(
+            self.token, rows.contiguous(), self.offsets, mode="sum", per_sample_weights=weights
+        )
 
     def latent_sum(self, coef: torch.Tensor) -> torch.Tensor:
         """[d_sae]: sum of coef over the pairs of each latent."""

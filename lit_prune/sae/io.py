@@ -47,7 +47,11 @@ def check_export_target(path: str | Path, field: str = "export_dir") -> None:
     file or a directory of other things, and its parent can be a directory."""
     path = Path(path)
     if path.is_file() or (path.is_dir() and any(path.iterdir()) and not (path / "cfg.json").is_file()):
-        raise invalid(field, str(path), "a new directory or an earlier SAE export (one with cfg.json), which is replaced")
+        raise invalid(
+            field,
+            str(path),
+            "a new directory or an earlier SAE export (one with cfg.json), which is replaced",
+        )
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise invalid(field, str(path), f"a path whose parent can be a directory ({parent} is a file)")
@@ -93,7 +97,9 @@ def load_sae(path: str | Path, device: str = "cpu") -> tuple[SAE, dict[str, Any]
     try:
         sae = SAE.load_from_disk(path, device=device)
     except Exception as err:  # sae-lens raises many types for corrupt files; report one line
-        raise LitPruneError(f"sae_path={str(path)!r} is not a loadable sae-lens SAE ({described(err)})") from err
+        raise LitPruneError(
+            f"sae_path={str(path)!r} is not a loadable sae-lens SAE ({described(err)})"
+        ) from err
     meta_file = path / METADATA_FILE
     metadata = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     return sae, metadata
@@ -101,21 +107,27 @@ def load_sae(path: str | Path, device: str = "cpu") -> tuple[SAE, dict[str, Any]
 
 def pretrained_id(spec: str) -> tuple[str, str] | None:
     """(release, sae_id) of "sae-lens:<release>:<sae_id>"; None if either part is missing."""
-    release, _, sae_id = spec[len(PRETRAINED_PREFIX):].partition(":")
+    release, _, sae_id = spec[len(PRETRAINED_PREFIX) :].partition(":")
     return (release, sae_id) if release and sae_id else None
 
 
 def _load_pretrained(spec: str, device: str) -> SAE:
     parts = pretrained_id(spec)
     if parts is None:
-        raise invalid("sae_path", spec, "sae-lens:<release>:<sae_id> (names from sae-lens' pretrained_saes.yaml)")
+        raise invalid(
+            "sae_path", spec, "sae-lens:<release>:<sae_id> (names from sae-lens' pretrained_saes.yaml)"
+        )
     try:
         return SAE.from_pretrained(*parts, device=device)
     except Exception as err:  # unknown release / id, no network: one line
-        raise LitPruneError(f"sae_path={spec!r} could not be loaded through sae-lens ({described(err)})") from err
+        raise LitPruneError(
+            f"sae_path={spec!r} could not be loaded through sae-lens ({described(err)})"
+        ) from err
 
 
-def check_compatible(sae: SAE, metadata: dict[str, Any], d_model: int, layer: int, field: str = "reference_sae") -> None:
+def check_compatible(
+    sae: SAE, metadata: dict[str, Any], d_model: int, layer: int, field: str = "reference_sae"
+) -> None:
     """A reference SAE must read the same width and (when recorded) the same hook as the model run."""
     if sae.cfg.d_in != d_model:
         raise invalid(f"{field}.d_in", sae.cfg.d_in, f"the model's d_model={d_model}")

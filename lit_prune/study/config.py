@@ -84,8 +84,14 @@ class StudySettings:
     """Root of the study's TensorBoard runs."""
 
     def __post_init__(self) -> None:
-        if not self.methods or len(set(self.methods)) != len(self.methods) or set(self.methods) - set(METHODS):
-            raise invalid("study.methods", self.methods, "a non-empty list without duplicates of magnitude, wanda")
+        if (
+            not self.methods
+            or len(set(self.methods)) != len(self.methods)
+            or set(self.methods) - set(METHODS)
+        ):
+            raise invalid(
+                "study.methods", self.methods, "a non-empty list without duplicates of magnitude, wanda"
+            )
         if len(set(self.sparsities)) != len(self.sparsities):
             raise invalid("study.sparsities", self.sparsities, "a list without duplicates")
         for s in self.sparsities:
@@ -100,18 +106,27 @@ class StudySettings:
             raise invalid("study.seeds", self.seeds, "a non-empty list of distinct integers >= 0")
         names = [c.name for c in self._grid()]
         if len(set(names)) != len(names):
-            raise invalid("study.sparsities", self.sparsities, "values that differ in their first 6 significant "
-                          "digits (each names a directory, e.g. magnitude-0.123456)")
+            raise invalid(
+                "study.sparsities",
+                self.sparsities,
+                "values that differ in their first 6 significant "
+                "digits (each names a directory, e.g. magnitude-0.123456)",
+            )
         if self.perplexity_sequences < 1 or self.gallery_features < 0 or self.gallery_sequences < 1:
-            raise invalid("study.perplexity_sequences / gallery_features / gallery_sequences",
-                          (self.perplexity_sequences, self.gallery_features, self.gallery_sequences),
-                          "a positive integer / a non-negative integer / a positive integer")
+            raise invalid(
+                "study.perplexity_sequences / gallery_features / gallery_sequences",
+                (self.perplexity_sequences, self.gallery_features, self.gallery_sequences),
+                "a positive integer / a non-negative integer / a positive integer",
+            )
         if self.magnitude_group not in GROUPS:
             raise invalid("study.magnitude_group", self.magnitude_group, "one of " + ", ".join(GROUPS))
         taus = self.survival.get("taus", REPORT_TAUS)
-        if not isinstance(taus, (list, tuple)) or not set(REPORT_TAUS) <= {float(t) for t in taus
-                                                                          if isinstance(t, (int, float))}:
-            raise invalid("study.survival.taus", taus, "a list that includes 0.5, 0.7 and 0.9 (the report's thresholds)")
+        if not isinstance(taus, (list, tuple)) or not set(REPORT_TAUS) <= {
+            float(t) for t in taus if isinstance(t, (int, float))
+        }:
+            raise invalid(
+                "study.survival.taus", taus, "a list that includes 0.5, 0.7 and 0.9 (the report's thresholds)"
+            )
         for key, value in self.ablation.items():
             if key not in ABLATION_MINIMUM:
                 raise invalid(f"study.ablation.{key}", value, "a key among " + ", ".join(ABLATION_MINIMUM))
@@ -124,7 +139,9 @@ class StudySettings:
         if not (math.isfinite(self.cache_gb) and self.cache_gb >= 0):
             raise invalid("study.cache_gb", self.cache_gb, "a finite non-negative number")
         if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
-            raise invalid("study.name", self.name, "a non-empty name without '/' that does not start with '.'")
+            raise invalid(
+                "study.name", self.name, "a non-empty name without '/' that does not start with '.'"
+            )
 
     @property
     def reference_seed(self) -> int:
@@ -136,7 +153,12 @@ class StudySettings:
 
     def rq1_options(self) -> dict[str, Any]:
         """seed_stability's options that the survival settings set (RQ1 and RQ2 must agree)."""
-        args = {"taus": "taus", "seed_baseline_tau": "stability_tau", "matching": "method", "candidates": "candidates"}
+        args = {
+            "taus": "taus",
+            "seed_baseline_tau": "stability_tau",
+            "matching": "method",
+            "candidates": "candidates",
+        }
         return {arg: self.survival[key] for key, arg in args.items() if key in self.survival}
 
     def magnitude_group_of(self, cond: PruneCondition) -> str | None:

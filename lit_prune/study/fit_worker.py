@@ -76,12 +76,21 @@ def fit_in_worker(ctx: Any, out: Path, seed: int, cond: Any) -> dict[str, Any]:
     step = f"{cond.name if cond is not None else DENSE}/seed{seed}"
     strategy = ctx.trainer.get("strategy")
     if strategy is not None and not isinstance(strategy, str):
-        raise LitPruneError(f"trainer.strategy={strategy!r} is invalid: expected a strategy name (e.g. ddp) for "
-                            "a study's multi-device fits")
-    spec = {"name": ctx.name, "settings": asdict(ctx.settings), "model": ctx.model, "data": ctx.data,
-            "trainer": {k: v for k, v in ctx.trainer.items() if k in TRAINER_KEYS + DDP_KEYS},
-            "seed_everything": ctx.seed_everything, "seed": seed,
-            "condition": None if cond is None else asdict(cond), "out": str(out)}
+        raise LitPruneError(
+            f"trainer.strategy={strategy!r} is invalid: expected a strategy name (e.g. ddp) for "
+            "a study's multi-device fits"
+        )
+    spec = {
+        "name": ctx.name,
+        "settings": asdict(ctx.settings),
+        "model": ctx.model,
+        "data": ctx.data,
+        "trainer": {k: v for k, v in ctx.trainer.items() if k in TRAINER_KEYS + DDP_KEYS},
+        "seed_everything": ctx.seed_everything,
+        "seed": seed,
+        "condition": None if cond is None else asdict(cond),
+        "out": str(out),
+    }
     spec_path = out / SPEC
     spec_path.write_text(json.dumps(spec, indent=1))
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -91,7 +100,9 @@ def fit_in_worker(ctx: Any, out: Path, seed: int, cond: Any) -> dict[str, Any]:
     result_path = out / RESULT
     if code != 0 or not result_path.is_file():
         why = f"exited with status {code}" if code != 0 else f"wrote no {RESULT}"
-        raise LitPruneError(f"study step {step}: the DDP fit ({' '.join(command[1:])}) {why}; see its output above")
+        raise LitPruneError(
+            f"study step {step}: the DDP fit ({' '.join(command[1:])}) {why}; see its output above"
+        )
     result = json.loads(result_path.read_text())
     spec_path.unlink()
     result_path.unlink()
@@ -133,10 +144,18 @@ def main(argv: list[str]) -> int:
     from lit_prune.study.steps import StudyContext, run_fit
 
     spec = json.loads(Path(argv[0]).read_text())
-    ctx = StudyContext(name=spec["name"], settings=StudySettings(**spec["settings"]), model=spec["model"],
-                       data=spec["data"], trainer=spec["trainer"], seed_everything=spec["seed_everything"])
+    ctx = StudyContext(
+        name=spec["name"],
+        settings=StudySettings(**spec["settings"]),
+        model=spec["model"],
+        data=spec["data"],
+        trainer=spec["trainer"],
+        seed_everything=spec["seed_everything"],
+    )
     c = spec["condition"]
-    cond = None if c is None else PruneCondition(c["method"], c["sparsity"], tuple(c["nm"]) if c["nm"] else None)
+    cond = (
+        None if c is None else PruneCondition(c["method"], c["sparsity"], tuple(c["nm"]) if c["nm"] else None)
+    )
     out = Path(spec["out"])
     _quiet_lightning()
     with sharing_activations(int(ctx.settings.cache_gb * (1 << 30))):

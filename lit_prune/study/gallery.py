@@ -43,8 +43,14 @@ def gallery_step(ctx: StudyContext, out: Path, cond: PruneCondition) -> dict[str
     dense and on the pruned model (survival: the functional Pearson r of the reference-seed fit)."""
     st, dm, layer = ctx.settings, ctx.datamodule(), ctx.model["hook_layer"]
     sae, _ = load_sae(ctx.reference(), device=ctx.device)
-    arrays = read_arrays(ctx.root / cond.name / f"seed{st.reference_seed}" / "results" / "rq2_survival.safetensors")
-    r, rate, cosine = arrays["pearson_r"].double(), arrays["firing_rate"].double(), arrays["matched_cosine"].double()
+    arrays = read_arrays(
+        ctx.root / cond.name / f"seed{st.reference_seed}" / "results" / "rq2_survival.safetensors"
+    )
+    r, rate, cosine = (
+        arrays["pearson_r"].double(),
+        arrays["firing_rate"].double(),
+        arrays["matched_cosine"].double(),
+    )
     threshold = float(st.survival.get("functional_threshold", 0.7))
     usable = (rate >= 1e-3) & ~torch.isnan(r)  # fires often enough to show several contexts
     order = torch.argsort(torch.where(usable, r, torch.nan).nan_to_num(-2.0), descending=True)
@@ -55,28 +61,49 @@ def gallery_step(ctx: StudyContext, out: Path, cond: PruneCondition) -> dict[str
     ids = dm.eval_ids[: st.gallery_sequences]
     dense = ctx.load_lm()
     pruned = ctx.load_lm()
-    apply_masks(pruned, {k: v.to(ctx.device) for k, v in load_masks(ctx.root / cond.name / "prune" / "masks.safetensors").items()})
-    tokenizer = load_tokenizer(ctx.model["model_name"], ctx.model.get("model_cache_dir", "checkpoints/models"))
+    apply_masks(
+        pruned,
+        {
+            k: v.to(ctx.device)
+            for k, v in load_masks(ctx.root / cond.name / "prune" / "masks.safetensors").items()
+        },
+    )
+    tokenizer = load_tokenizer(
+        ctx.model["model_name"], ctx.model.get("model_cache_dir", "checkpoints/models")
+    )
     acts = {}
     for name, lm in (("dense", dense), ("pruned", pruned)):
-        chunks = [sae.encode(harvest(lm, batch.to(ctx.device), layer))[:, chosen].cpu() for batch in ids.split(16)]
+        chunks = [
+            sae.encode(harvest(lm, batch.to(ctx.device), layer))[:, chosen].cpu() for batch in ids.split(16)
+        ]
         acts[name] = torch.cat(chunks) if chosen else torch.zeros(0, 0)
     features = []
     for j, feature in enumerate(chosen):
-        entry = {"feature": feature, "status": "survived" if feature in survivors else "lost",
-                 "pearson_r": float(r[feature]), "matched_cosine": float(cosine[feature]),
-                 "firing_rate": float(rate[feature])}
+        entry = {
+            "feature": feature,
+            "status": "survived" if feature in survivors else "lost",
+            "pearson_r": float(r[feature]),
+            "matched_cosine": float(cosine[feature]),
+            "firing_rate": float(rate[feature]),
+        }
         for name in ("dense", "pruned"):
             entry[name] = _top_contexts(acts[name][:, j], ids, tokenizer)
         features.append(entry)
-    record = {"condition": cond.name, "method": cond.label, "sparsity": cond.sparsity, "threshold": threshold,
-              "sequences": int(ids.shape[0]), "features": features}
+    record = {
+        "condition": cond.name,
+        "method": cond.label,
+        "sparsity": cond.sparsity,
+        "threshold": threshold,
+        "sequences": int(ids.shape[0]),
+        "features": features,
+    }
     (out / "gallery.json").write_text(json.dumps(record, indent=1))
     return {"survived": len(survivors), "lost": len(lost)}
 
 
-def _top_contexts(values: torch.Tensor, ids: torch.Tensor, tokenizer: Any, n: int = 3, left: int = 12,
-                  right: int = 3) -> list[dict[str, Any]]:
+def _top_contexts(
+    values: torch.Tensor, ids: torch.Tensor, tokenizer: Any, n: int = 3, left: int = 12, right: int = 3
+) -> list[dict[str, Any]]:
     """The n highest activations (positions >= 1 of fixed-length rows) with their surrounding tokens."""
     per_row = ids.shape[1] - 1
     out = []
@@ -86,6 +113,12 @@ def _top_contexts(values: torch.Tensor, ids: torch.Tensor, tokenizer: Any, n: in
         row, pos = divmod(flat, per_row)
         pos += 1
         seq = ids[row].tolist()
-        out.append({"activation": float(values[flat]), "left": tokenizer.decode(seq[max(0, pos - left):pos]),
-                    "token": tokenizer.decode(seq[pos:pos + 1]), "right": tokenizer.decode(seq[pos + 1:pos + 1 + right])})
+        out.append(
+            {
+                "activation": float(values[flat]),
+                "left": tokenizer.decode(seq[max(0, pos - left) : pos]),
+                "token": tokenizer.decode(seq[pos : pos + 1]),
+                "right": tokenizer.decode(seq[pos + 1 : pos + 1 + right]),
+            }
+        )
     return out

@@ -27,7 +27,17 @@ from lit_prune.study import report_figures as F
 from lit_prune.study import report_tables as T
 from lit_prune.study.report_claims import headline
 from lit_prune.study.report_data import StudyData, load_study
-from lit_prune.study.report_render import Block, Bullets, FigureRef, Gallery, Heading, Para, Pre, markdown, page
+from lit_prune.study.report_render import (
+    Block,
+    Bullets,
+    FigureRef,
+    Gallery,
+    Heading,
+    Para,
+    Pre,
+    markdown,
+    page,
+)
 
 REPORT_DIR = "report"
 
@@ -40,7 +50,9 @@ def write_report(root: str | Path) -> Path:
     try:
         tmp = staging_dir(root, f".{REPORT_DIR}-")
     except OSError as err:
-        raise invalid("study_dir", str(root), f"a directory the report can be written into ({err.strerror})") from None
+        raise invalid(
+            "study_dir", str(root), f"a directory the report can be written into ({err.strerror})"
+        ) from None
     try:
         (tmp / "figures").mkdir()
         (tmp / "tables").mkdir()
@@ -74,8 +86,11 @@ def _swap_into_place(new: Path, final: Path) -> None:
 def build_report(data: StudyData) -> tuple[str, list[Block], dict[str, Figure]]:
     """(title, blocks, figures by name) of a loaded study."""
     st, model = data.settings, data.study.get("model", {})
-    reference = (f"the pretrained SAE {st['reference_sae']}" if st.get("reference_sae")
-                 else f"our dense-model SAE of seed {data.reference_seed}")
+    reference = (
+        f"the pretrained SAE {st['reference_sae']}"
+        if st.get("reference_sae")
+        else f"our dense-model SAE of seed {data.reference_seed}"
+    )
     ppl, sae, surv = A.perplexity(data), A.sae_metrics(data), A.survivals(data)
     transfer, baseline = A.transfer(data), A.seed_baseline(data)
     viable, importance, fragile = A.viability(transfer), A.importance(data), A.fragility_by_method(data)
@@ -91,38 +106,71 @@ def build_report(data: StudyData) -> tuple[str, list[Block], dict[str, Figure]]:
         return [FigureRef(name, caption)]
 
     blocks: list[Block] = [
-        Para(f"How pruning reshapes SAE features, reproducing arXiv 2603.25325 on {model.get('model_name', '?')} "
-             f"(residual stream after block {model.get('hook_layer', '?')}). Reference SAE: {reference}. "
-             f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from {data.root.resolve()}."),
+        Para(
+            f"How pruning reshapes SAE features, reproducing arXiv 2603.25325 on {model.get('model_name', '?')} "
+            f"(residual stream after block {model.get('hook_layer', '?')}). Reference SAE: {reference}. "
+            f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from {data.root.resolve()}."
+        ),
         Para(_status(data)),
         Heading("Headline: the paper's claims and ours"),
-        Para("Survival is measured cross-seed (the reference SAE against an SAE trained with another seed on the pruned "
-             "model): with a shared seed, rarely-updated latents stay near their common init and survive trivially. "
-             "Verdicts are for this study's model and grid only."
-             + ("" if len(data.seeds) > 1 or st.get("reference_sae") else
-                " This study has one SAE seed, so no cross-seed SAE: geometric survival, fragility and the RQ5 "
-                "survival tests need two or more seeds (study.seeds).")),
+        Para(
+            "Survival is measured cross-seed (the reference SAE against an SAE trained with another seed on the pruned "
+            "model): with a shared seed, rarely-updated latents stay near their common init and survive trivially. "
+            "Verdicts are for this study's model and grid only."
+            + (
+                ""
+                if len(data.seeds) > 1 or st.get("reference_sae")
+                else " This study has one SAE seed, so no cross-seed SAE: geometric survival, fragility and the RQ5 "
+                "survival tests need two or more seeds (study.seeds)."
+            )
+        ),
         T.headline_table(headline(surv, viable, importance["attribution"], baseline, reference, r0)),
-        Heading("Perplexity"), T.perplexity_table(ppl),
+        Heading("Perplexity"),
+        T.perplexity_table(ppl),
         *figure("perplexity", F.perplexity_figure(ppl), "Perplexity vs sparsity per method (log scale)"),
-        Heading("SAE quality on each model"), T.sae_table(sae),
-        Heading("RQ1: seed stability"), T.rq1_table(pairs),
-        Heading("RQ2: feature survival"), T.survival_table(surv, r0),
-        *figure("survival", F.survival_figure(surv, baseline, r0),
-                "Survival vs sparsity: geometric (cross-seed, τ = 0.7) and functional, with the seed baseline band"),
-        Heading("RQ3: SAE transferability"), T.transfer_table(transfer),
-        *figure("transfer", F.transfer_figure(transfer),
-                "Transfer metrics of the dense-model SAE vs sparsity, with the viability limits"),
-        Heading("RQ4: feature fragility"), *T.bins_tables(surv, r0),
-        *figure("survival_bins", F.bins_figure(surv, r0), "Survival by firing-rate bin per condition (bin 0 = rarest)"),
+        Heading("SAE quality on each model"),
+        T.sae_table(sae),
+        Heading("RQ1: seed stability"),
+        T.rq1_table(pairs),
+        Heading("RQ2: feature survival"),
+        T.survival_table(surv, r0),
+        *figure(
+            "survival",
+            F.survival_figure(surv, baseline, r0),
+            "Survival vs sparsity: geometric (cross-seed, τ = 0.7) and functional, with the seed baseline band",
+        ),
+        Heading("RQ3: SAE transferability"),
+        T.transfer_table(transfer),
+        *figure(
+            "transfer",
+            F.transfer_figure(transfer),
+            "Transfer metrics of the dense-model SAE vs sparsity, with the viability limits",
+        ),
+        Heading("RQ4: feature fragility"),
+        *T.bins_tables(surv, r0),
+        *figure(
+            "survival_bins",
+            F.bins_figure(surv, r0),
+            "Survival by firing-rate bin per condition (bin 0 = rarest)",
+        ),
         T.fragility_table(fragile),
-        *figure("fragility", F.fragility_figure(fragile),
-                "Fragility F of each reference feature vs its firing rate on the dense model, per method"),
-        Heading("RQ5: causal relevance"), T.rq5_table(A.rq5_groups(data)), T.importance_table(importance),
-        *figure("importance", F.importance_figure(importance["attribution"]),
-                "Importance (|gradient attribution|) vs cross-seed matched cosine of each alive reference feature"),
-        Heading("Feature gallery"), *_gallery(data),
-        Heading("Configuration and provenance"), *_provenance(data),
+        *figure(
+            "fragility",
+            F.fragility_figure(fragile),
+            "Fragility F of each reference feature vs its firing rate on the dense model, per method",
+        ),
+        Heading("RQ5: causal relevance"),
+        T.rq5_table(A.rq5_groups(data)),
+        T.importance_table(importance),
+        *figure(
+            "importance",
+            F.importance_figure(importance["attribution"]),
+            "Importance (|gradient attribution|) vs cross-seed matched cosine of each alive reference feature",
+        ),
+        Heading("Feature gallery"),
+        *_gallery(data),
+        Heading("Configuration and provenance"),
+        *_provenance(data),
     ]
     return f"Study report: {data.study.get('name', data.root.name)}", blocks, figures
 
@@ -131,22 +179,28 @@ def _status(data: StudyData) -> str:
     total = len(data.study.get("steps", {}))
     if not data.missing and not data.stale:
         return f"Status: complete, all {total} steps finished."
-    return (f"Status: incomplete, {len(data.finished)} of {total} steps finished ({len(data.missing)} missing, "
-            f"{len(data.stale)} stale and ignored); the tables show what is finished and '–' for the rest. "
-            "See 'Missing and stale steps' at the end.")
+    return (
+        f"Status: incomplete, {len(data.finished)} of {total} steps finished ({len(data.missing)} missing, "
+        f"{len(data.stale)} stale and ignored); the tables show what is finished and '–' for the rest. "
+        "See 'Missing and stale steps' at the end."
+    )
 
 
 def _gallery(data: StudyData) -> list[Block]:
     for c in data.pruned:
         record = data.json(f"{c.name}/gallery", "gallery.json")
         if record is not None:
-            return [Para(f"Top-activating eval contexts of reference features on the dense and on the {c.title} model "
-                         f"({record.get('sequences', '?')} eval sequences searched). Survived / lost: functional "
-                         f"survival, Pearson r >= {record.get('threshold', 0.7):g} between the feature's activations "
-                         "on the two models; matched cosine: to the SAE retrained on the pruned model with the "
-                         "reference's seed. "
-                         "⏎ marks a newline; the highlighted token is where the feature fires."),
-                    Gallery(record)]
+            return [
+                Para(
+                    f"Top-activating eval contexts of reference features on the dense and on the {c.title} model "
+                    f"({record.get('sequences', '?')} eval sequences searched). Survived / lost: functional "
+                    f"survival, Pearson r >= {record.get('threshold', 0.7):g} between the feature's activations "
+                    "on the two models; matched cosine: to the SAE retrained on the pruned model with the "
+                    "reference's seed. "
+                    "⏎ marks a newline; the highlighted token is where the feature fires."
+                ),
+                Gallery(record),
+            ]
     return [Para("No finished gallery step yet.")]
 
 
@@ -156,26 +210,38 @@ def _provenance(data: StudyData) -> list[Block]:
     model: dict[str, Any] = study.get("model", {}) or {}
     versions = ", ".join(f"{k} {v}" for k, v in sorted((study.get("versions") or {}).items()))
     wall = sum(float(r.get("seconds") or 0.0) for r in data.runs)
-    items = [f"study: {study.get('name')} in {data.root.resolve()}",
-             f"model: {model.get('model_name')}, hook layer {model.get('hook_layer')}",
-             f"methods: {', '.join(st.get('methods', []))}; sparsities: "
-             f"{', '.join(f'{s:g}' for s in st.get('sparsities', []))}"
-             + (f"; N:M: {st['nm']}" if st.get("nm") else ""),
-             f"SAE seeds: {', '.join(map(str, data.seeds))} (reference seed {data.reference_seed}); seed_everything "
-             f"{study.get('seed_everything')}",
-             f"reference SAE: {st.get('reference_sae') or 'own dense-model SAE'}",
-             f"corpus: {corpus.get('corpus')}, fingerprint {corpus.get('fingerprint')}, train / eval / calibration "
-             f"tokens {corpus.get('train_tokens')} / {corpus.get('eval_tokens')} / {corpus.get('calibration_tokens')}",
-             f"versions: {versions or '–'}",
-             f"time: {data.step_seconds:.0f} s in the {len(data.finished)} finished steps; {wall:.0f} s of wall time "
-             f"over {len(data.runs)} invocation(s)"]
+    items = [
+        f"study: {study.get('name')} in {data.root.resolve()}",
+        f"model: {model.get('model_name')}, hook layer {model.get('hook_layer')}",
+        f"methods: {', '.join(st.get('methods', []))}; sparsities: "
+        f"{', '.join(f'{s:g}' for s in st.get('sparsities', []))}"
+        + (f"; N:M: {st['nm']}" if st.get("nm") else ""),
+        f"SAE seeds: {', '.join(map(str, data.seeds))} (reference seed {data.reference_seed}); seed_everything "
+        f"{study.get('seed_everything')}",
+        f"reference SAE: {st.get('reference_sae') or 'own dense-model SAE'}",
+        f"corpus: {corpus.get('corpus')}, fingerprint {corpus.get('fingerprint')}, train / eval / calibration "
+        f"tokens {corpus.get('train_tokens')} / {corpus.get('eval_tokens')} / {corpus.get('calibration_tokens')}",
+        f"versions: {versions or '–'}",
+        f"time: {data.step_seconds:.0f} s in the {len(data.finished)} finished steps; {wall:.0f} s of wall time "
+        f"over {len(data.runs)} invocation(s)",
+    ]
     blocks: list[Block] = [Bullets(items), T.runs_table(data.runs), Heading("Missing and stale steps", 3)]
     if not (data.missing or data.stale or data.extra):
         blocks.append(Para("None: every step of the grid is finished and current."))
     else:
-        blocks.append(Bullets([f"missing: {k}" for k in data.missing]
-                              + [f"stale (finished with other inputs; ignored): {k}" for k in data.stale]
-                              + [f"not in this grid (ignored): {k}" for k in data.extra]))
-    blocks += [Heading("study.json", 3), Pre(json.dumps(study, indent=1, sort_keys=True, default=str), "json",
-                                                  collapsed="study.json (click to expand)")]
+        blocks.append(
+            Bullets(
+                [f"missing: {k}" for k in data.missing]
+                + [f"stale (finished with other inputs; ignored): {k}" for k in data.stale]
+                + [f"not in this grid (ignored): {k}" for k in data.extra]
+            )
+        )
+    blocks += [
+        Heading("study.json", 3),
+        Pre(
+            json.dumps(study, indent=1, sort_keys=True, default=str),
+            "json",
+            collapsed="study.json (click to expand)",
+        ),
+    ]
     return blocks

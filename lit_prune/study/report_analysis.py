@@ -26,7 +26,16 @@ from lit_prune.study.report_data import DENSE, Cond, StudyData, value
 TAU = 0.7
 TAUS = (0.5, 0.7, 0.9)
 SAE_METRICS = ("fvu", "l0", "ce_recovered", "kl_score", "delta_lm_loss", "dead_fraction")
-TRANSFER_METRICS = ("fvu", "ce_recovered", "kl_score", "l0", "l0_ratio", "delta_lm_loss", "alive_fraction", "viable")
+TRANSFER_METRICS = (
+    "fvu",
+    "ce_recovered",
+    "kl_score",
+    "l0",
+    "l0_ratio",
+    "delta_lm_loss",
+    "alive_fraction",
+    "viable",
+)
 RQ1_METRICS = ("shared@0.5", "shared@0.7", "shared@0.9", "mmcs_ij", "mmcs_ji", "mean_cosine")
 
 
@@ -63,7 +72,9 @@ def perplexity(data: StudyData) -> list[dict[str, Any]]:
     out = []
     for c in data.conditions:
         rows = data.rows("dense/perplexity" if c.dense else f"{c.name}/prune", "perplexity.json")
-        out.append({**_base(c), **{k: value(rows, k) for k in ("perplexity", "realised_sparsity", "prune_seconds")}})
+        out.append(
+            {**_base(c), **{k: value(rows, k) for k in ("perplexity", "realised_sparsity", "prune_seconds")}}
+        )
     return out
 
 
@@ -72,8 +83,13 @@ def sae_metrics(data: StudyData) -> list[dict[str, Any]]:
     out = []
     for c in data.conditions:
         fits = data.fits(c)
-        out.append({**_base(c), "seeds": [f.seed for f in fits],
-                    **{m: spread(value(f.rows["sae_metrics.json"], m) for f in fits) for m in SAE_METRICS}})
+        out.append(
+            {
+                **_base(c),
+                "seeds": [f.seed for f in fits],
+                **{m: spread(value(f.rows["sae_metrics.json"], m) for f in fits) for m in SAE_METRICS},
+            }
+        )
     return out
 
 
@@ -81,8 +97,9 @@ def seed_pairs(data: StudyData, cond: Cond) -> list[dict[str, Any]]:
     """RQ1 rows of a condition, one dict per seed pair."""
     pairs: dict[tuple, dict[str, Any]] = {}
     for row in data.rows(f"{cond.name}/rq1", "rq1_seeds.json"):
-        entry = pairs.setdefault((row["seed_a"], row["seed_b"]), {**_base(cond), "seed_a": row["seed_a"],
-                                                                  "seed_b": row["seed_b"]})
+        entry = pairs.setdefault(
+            (row["seed_a"], row["seed_b"]), {**_base(cond), "seed_a": row["seed_a"], "seed_b": row["seed_b"]}
+        )
         entry[row["metric"]] = finite(row["value"])
     return list(pairs.values())
 
@@ -92,8 +109,13 @@ def seed_baseline(data: StudyData, tau: float = TAU) -> dict[str, Any]:
     dense = Cond(DENSE, DENSE, 0.0)
     per_pair = {(p["seed_a"], p["seed_b"]): p.get(f"shared@{tau:g}") for p in seed_pairs(data, dense)}
     vals = [v for v in per_pair.values() if v is not None]
-    return {"pairs": per_pair, "mean": mean(vals), "min": min(vals) if vals else None,
-            "max": max(vals) if vals else None, "n": len(vals)}
+    return {
+        "pairs": per_pair,
+        "mean": mean(vals),
+        "min": min(vals) if vals else None,
+        "max": max(vals) if vals else None,
+        "n": len(vals),
+    }
 
 
 # --- RQ2 survival and RQ4 bins ----------------------------------------------------------------
@@ -151,8 +173,10 @@ def count_rho_minus_one(values: Iterable[float | None], tol: float = 1e-9) -> tu
 
 def wanda_vs_magnitude(rows: list[dict[str, Any]], key: str = "S@0.7") -> dict[str, Any]:
     """`wanda_magnitude_ratio` over the unstructured sparsities both methods have."""
-    per = {m: {r["sparsity"]: r[key] for r in rows if r["method"] == m and r.get(key) is not None}
-           for m in ("wanda", "magnitude")}
+    per = {
+        m: {r["sparsity"]: r[key] for r in rows if r["method"] == m and r.get(key) is not None}
+        for m in ("wanda", "magnitude")
+    }
     return wanda_magnitude_ratio(per["wanda"], per["magnitude"])
 
 
@@ -166,13 +190,22 @@ def transfer(data: StudyData) -> list[dict[str, Any]]:
         rows = fit.rows["rq3_transfer.json"] if fit else []
         groups: dict[tuple, list[dict[str, Any]]] = {}
         for r in rows:
-            groups.setdefault((r.get("stage") == "dense", r.get("sae"), r.get("sae_sparsity") or 0.0), []).append(r)
+            groups.setdefault(
+                (r.get("stage") == "dense", r.get("sae"), r.get("sae_sparsity") or 0.0), []
+            ).append(r)
         order = lambda kv: (not kv[0][0], _sae_order(kv[0][1]), kv[0][2])  # noqa: E731
         for (is_dense, sae, level), grp in sorted(groups.items(), key=order):
             metrics = {m: value(grp, m) for m in TRANSFER_METRICS}
             if is_dense:
-                dense_row = dense_row or {"condition": "dense", "method": "dense", "sparsity": 0.0, "sae_kind": sae,
-                                          "sae": f"{sae} (on the dense model)", "sae_sparsity": 0.0, **metrics}
+                dense_row = dense_row or {
+                    "condition": "dense",
+                    "method": "dense",
+                    "sparsity": 0.0,
+                    "sae_kind": sae,
+                    "sae": f"{sae} (on the dense model)",
+                    "sae_sparsity": 0.0,
+                    **metrics,
+                }
                 continue
             name = sae if sae != "reference_wanda" else f"reference Wanda-pruned {level:g}"
             out.append({**_base(c), "sae": name, "sae_kind": sae, "sae_sparsity": level, **metrics})
@@ -214,14 +247,18 @@ EXTRA_PREDICTORS = {"max_activation": "max activation (dense)", "decoder_norm": 
 
 
 def feature_survival(data: StudyData, cond: Cond) -> FeatureSurvival | None:
-    arrays = [data.arrays(f"{cond.name}/seed{f.seed}", "rq2_survival.safetensors") for f in data.cross_fits(cond)]
+    arrays = [
+        data.arrays(f"{cond.name}/seed{f.seed}", "rq2_survival.safetensors") for f in data.cross_fits(cond)
+    ]
     arrays = [a for a in arrays if a is not None and "matched_cosine" in a]
     if not arrays:
         return None
     cos = np.mean([np.nan_to_num(a["matched_cosine"].double().numpy(), nan=0.0) for a in arrays], axis=0)
     rate = arrays[0]["firing_rate"].double().numpy()
     alive = arrays[0]["alive"].numpy().astype(bool) if "alive" in arrays[0] else rate > 0
-    extra = {name: arrays[0][key].double().numpy() for key, name in EXTRA_PREDICTORS.items() if key in arrays[0]}
+    extra = {
+        name: arrays[0][key].double().numpy() for key, name in EXTRA_PREDICTORS.items() if key in arrays[0]
+    }
     return FeatureSurvival(cos, rate, alive, len(arrays), extra)
 
 
@@ -233,8 +270,13 @@ def fragility_by_method(data: StudyData) -> dict[str, dict[str, Any]]:
         stability = arrays.get(f"stability_seed{data.reference_seed}") if arrays else None
     out = {}
     for label in sorted({c.label for c in data.pruned if not c.nm}):
-        per = {c.sparsity: fs for c in data.pruned if c.label == label and not c.nm
-               for fs in [feature_survival(data, c)] if fs is not None}
+        per = {
+            c.sparsity: fs
+            for c in data.pruned
+            if c.label == label and not c.nm
+            for fs in [feature_survival(data, c)]
+            if fs is not None
+        }
         if not per:
             continue
         first = per[min(per)]
@@ -247,11 +289,18 @@ def fragility_by_method(data: StudyData) -> dict[str, dict[str, Any]]:
             predictors["seed stability (dense RQ1)"] = stability.double().numpy()
         alive = first.alive
         finite_s = s_star[alive & np.isfinite(s_star)]
-        out[label] = {"levels": sorted(per), "F": F, "s_star": s_star, "logp": logp, "alive": alive,
-                      "n_alive": int(alive.sum()), "mean_F": mean(F[alive]),
-                      "never_broken": float(np.mean(~np.isfinite(s_star[alive]))) if alive.any() else None,
-                      "median_s_star": float(np.median(finite_s)) if finite_s.size else None,
-                      "predictors": fragility_predictors(F, predictors, mask=alive)}
+        out[label] = {
+            "levels": sorted(per),
+            "F": F,
+            "s_star": s_star,
+            "logp": logp,
+            "alive": alive,
+            "n_alive": int(alive.sum()),
+            "mean_F": mean(F[alive]),
+            "never_broken": float(np.mean(~np.isfinite(s_star[alive]))) if alive.any() else None,
+            "median_s_star": float(np.median(finite_s)) if finite_s.size else None,
+            "predictors": fragility_predictors(F, predictors, mask=alive),
+        }
     return out
 
 
@@ -276,7 +325,9 @@ def importance(data: StudyData) -> dict[str, list[dict[str, Any]]]:
             continue
         keep = fs.alive & fired
         res = importance_vs_survival(np.abs(attribution[keep]), fs.cosine[keep], fs.cosine[keep] >= TAU)
-        out["attribution"].append({**_base(c), **res, "cosine": fs.cosine[keep], "importance": np.abs(attribution[keep])})
+        out["attribution"].append(
+            {**_base(c), **res, "cosine": fs.cosine[keep], "importance": np.abs(attribution[keep])}
+        )
         sel = keep[features]
         res = importance_vs_survival(exact[sel], fs.cosine[features][sel], fs.cosine[features][sel] >= TAU)
         out["exact"].append({**_base(c), **res})
@@ -287,6 +338,8 @@ def rq5_groups(data: StudyData) -> list[dict[str, Any]]:
     """The RQ5 summary rows of the dense model pivoted to one dict per feature group."""
     groups: dict[str, dict[str, Any]] = {}
     for r in data.rows("dense/rq5", "rq5_ablation.json"):
-        groups.setdefault(r.get("group", "all"), {"group": r.get("group", "all")})[r["metric"]] = finite(r["value"])
+        groups.setdefault(r.get("group", "all"), {"group": r.get("group", "all")})[r["metric"]] = finite(
+            r["value"]
+        )
     order = {"top": 0, "random": 1, "rare": 2, "selected": 3, "all": 4}
     return sorted(groups.values(), key=lambda g: order.get(g["group"], 5))

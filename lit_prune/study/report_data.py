@@ -66,6 +66,7 @@ def parse_condition(name: str) -> Cond:
 
 def latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows of the latest measurement (fit_end, else the highest epoch), plus stage "dense" rows."""
+
     def rank(row: dict[str, Any]) -> tuple[int, int]:
         epoch = row.get("epoch")
         return (1 if row.get("stage") == "fit_end" else 0, -1 if epoch is None else int(epoch))
@@ -184,7 +185,10 @@ class StudyData:
             key = f"{cond.name}/seed{seed}"
             if not self.done(key):
                 continue
-            files = {name: self.rows(key, name) for name in ("sae_metrics.json", "rq2_survival.json", "rq3_transfer.json")}
+            files = {
+                name: self.rows(key, name)
+                for name in ("sae_metrics.json", "rq2_survival.json", "rq3_transfer.json")
+            }
             same = {r.get("same_seed") for r in files["rq2_survival.json"]} - {None}
             out.append(Fit(seed, bool(same.pop()) if len(same) == 1 else None, files, self.root / key))
         self._fits[cond.name] = out
@@ -210,7 +214,9 @@ def load_study(root: str | Path) -> StudyData:
     try:
         study = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise invalid("study_dir", str(root), f"{STUDY_HELP}; its study.json does not parse ({err.msg})") from None
+        raise invalid(
+            "study_dir", str(root), f"{STUDY_HELP}; its study.json does not parse ({err.msg})"
+        ) from None
     if not isinstance(study, dict) or not isinstance(study.get("steps"), dict):
         raise invalid("study_dir", str(root), f"{STUDY_HELP}; its study.json has no steps")
     finished, stale, missing = {}, [], []
@@ -223,11 +229,17 @@ def load_study(root: str | Path) -> StudyData:
         else:
             finished[key] = record
     found = (f"{p.parent.parent.name}/{p.parent.name}" for p in root.glob(f"*/*/{DONE}"))
-    extra = sorted(k for k in found if k not in study["steps"] and not any(part.startswith(".") for part in k.split("/")))
+    extra = sorted(
+        k for k in found if k not in study["steps"] and not any(part.startswith(".") for part in k.split("/"))
+    )
     data = StudyData(root, study, _runs(root / RUNS_FILE), finished, stale, missing, extra)
     if not finished:
-        raise invalid("study_dir", str(root), f"{STUDY_HELP} and at least one finished step (none of its "
-                      f"{len(study['steps'])} steps has a current done.json yet)")
+        raise invalid(
+            "study_dir",
+            str(root),
+            f"{STUDY_HELP} and at least one finished step (none of its "
+            f"{len(study['steps'])} steps has a current done.json yet)",
+        )
     return data
 
 
@@ -236,8 +248,11 @@ def _parsed(path: Path, read: Any) -> Any:
     try:
         return read(path)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise invalid("results file", str(path), "valid JSON: delete its step directory and rerun the study "
-                      "to redo that step") from None
+        raise invalid(
+            "results file",
+            str(path),
+            "valid JSON: delete its step directory and rerun the study to redo that step",
+        ) from None
 
 
 def _done_record(path: Path) -> dict[str, Any] | None:

@@ -56,7 +56,9 @@ def perplexity_figure(rows: list[dict[str, Any]]) -> Figure | None:
     series = _series(rows, "perplexity")
     if not series:
         return None
-    dense = next((r["perplexity"] for r in rows if r["method"] == "dense" and r["perplexity"] is not None), None)
+    dense = next(
+        (r["perplexity"] for r in rows if r["method"] == "dense" and r["perplexity"] is not None), None
+    )
     fig = _figure()
     ax = fig.subplots()
     for label, (xs, ys) in sorted(series.items()):
@@ -71,8 +73,11 @@ def perplexity_figure(rows: list[dict[str, Any]]) -> Figure | None:
     ax.yaxis.set_major_formatter(plain)
     if max(values) < 10 * min(values):  # less than a decade: label the in-between ticks plainly too
         ax.yaxis.set_minor_formatter(plain)
-    ax.set(xlabel=SPARSITY, ylabel="perplexity (exp of nats per token, log scale)",
-           title="Pruned-model perplexity on the eval split")
+    ax.set(
+        xlabel=SPARSITY,
+        ylabel="perplexity (exp of nats per token, log scale)",
+        title="Pruned-model perplexity on the eval split",
+    )
     ax.legend()
     return fig
 
@@ -86,10 +91,20 @@ def survival_figure(rows: list[dict[str, Any]], baseline: dict[str, Any], r0: fl
     base = baseline.get("mean")
     if base is not None:
         if baseline["max"] > baseline["min"]:
-            ax.axhspan(baseline["min"], baseline["max"], color="grey", alpha=0.25,
-                       label=f"seed baseline: min–max over {baseline['n']} dense seed pairs")
-        ax.axhline(base, color="grey", lw=1.5, label=f"seed baseline: dense cross-seed shared@{TAU:g} "
-                                                     f"({'mean, ' if baseline['n'] > 1 else ''}{base:.3f})")
+            ax.axhspan(
+                baseline["min"],
+                baseline["max"],
+                color="grey",
+                alpha=0.25,
+                label=f"seed baseline: min–max over {baseline['n']} dense seed pairs",
+            )
+        ax.axhline(
+            base,
+            color="grey",
+            lw=1.5,
+            label=f"seed baseline: dense cross-seed shared@{TAU:g} "
+            f"({'mean, ' if baseline['n'] > 1 else ''}{base:.3f})",
+        )
     for label in sorted(set(geo) | set(func)):
         start = ":" not in label  # s = 0 is the dense model: S(0) = the seed baseline, functional = 1
         if label in geo:
@@ -100,10 +115,15 @@ def survival_figure(rows: list[dict[str, Any]], baseline: dict[str, Any], r0: fl
         if label in func:
             xs, ys = func[label]
             xs, ys = ([0.0, *xs], [1.0, *ys]) if start else (xs, ys)
-            ax.plot(xs, ys, marker="s", ls="--", color=color(label), label=f"{label}: functional (r ≥ {r0:g})")
+            ax.plot(
+                xs, ys, marker="s", ls="--", color=color(label), label=f"{label}: functional (r ≥ {r0:g})"
+            )
     ax.set_ylim(-0.02, 1.05)
-    ax.set(xlabel=SPARSITY, ylabel="surviving reference features (fraction of alive)",
-           title="RQ2: feature survival vs sparsity")
+    ax.set(
+        xlabel=SPARSITY,
+        ylabel="surviving reference features (fraction of alive)",
+        title="RQ2: feature survival vs sparsity",
+    )
     ax.legend(fontsize=8)
     return fig
 
@@ -122,22 +142,40 @@ def bins_figure(rows: list[dict[str, Any]], r0: float = 0.7) -> Figure | None:
             if not any(v == v for v in ys):
                 continue
             n = max(n, len(ys))
-            ax.plot(range(len(ys)), ys, marker="o", color=color(r["method"]), alpha=0.35 + 0.65 * r["sparsity"],
-                    ls="-" if ":" not in r["method"] else ":", label=f"{r['method']} s={r['sparsity']:g}")
-        ax.set_xticks(range(n), [f"{b}" + (" rarest" if b == 0 else " most frequent" if b == n - 1 else "")
-                                 for b in range(n)])
+            ax.plot(
+                range(len(ys)),
+                ys,
+                marker="o",
+                color=color(r["method"]),
+                alpha=0.35 + 0.65 * r["sparsity"],
+                ls="-" if ":" not in r["method"] else ":",
+                label=f"{r['method']} s={r['sparsity']:g}",
+            )
+        ax.set_xticks(
+            range(n),
+            [f"{b}" + (" rarest" if b == 0 else " most frequent" if b == n - 1 else "") for b in range(n)],
+        )
         ax.set_ylim(-0.02, 1.05)
-        ax.set(xlabel="firing-rate quintile bin of the reference feature (dense model)",
-               ylabel="surviving features in bin (fraction)", title=f"RQ4: survival by firing rate ({title})")
+        ax.set(
+            xlabel="firing-rate quintile bin of the reference feature (dense model)",
+            ylabel="surviving features in bin (fraction)",
+            title=f"RQ4: survival by firing rate ({title})",
+        )
         ax.legend(fontsize=7, ncol=2)
     return fig
 
 
-TRANSFER_PANELS = (("fvu", "FVU (fraction of variance unexplained)"), ("ce_recovered", "CE recovered (fraction)"),
-                   ("kl_score", "KL score (fraction)"), ("l0_ratio", "L0 / dense L0 (ratio)"))
+TRANSFER_PANELS = (
+    ("fvu", "FVU (fraction of variance unexplained)"),
+    ("ce_recovered", "CE recovered (fraction)"),
+    ("kl_score", "KL score (fraction)"),
+    ("l0_ratio", "L0 / dense L0 (ratio)"),
+)
 
 
-def transfer_figure(rows: list[dict[str, Any]], ce_factor: float = 0.9, fvu_factor: float = 2.0) -> Figure | None:
+def transfer_figure(
+    rows: list[dict[str, Any]], ce_factor: float = 0.9, fvu_factor: float = 2.0
+) -> Figure | None:
     ref = [r for r in rows if r["sae_kind"] == "reference" and r["method"] != "dense"]
     own = [r for r in rows if r["sae_kind"] == "retrained"]
     if not ref:
@@ -149,7 +187,7 @@ def transfer_figure(rows: list[dict[str, Any]], ce_factor: float = 0.9, fvu_fact
     cols = min(2, len(panels))
     fig = _figure(5.5 * cols, 3.75 * math.ceil(len(panels) / cols) + 0.3)
     axes = list(fig.subplots(math.ceil(len(panels) / cols), cols, squeeze=False).flat)
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.set_visible(False)
     for ax, (key, ylabel) in zip(axes, panels):
         for label, (xs, ys) in sorted(_series(ref, key).items()):
@@ -158,12 +196,21 @@ def transfer_figure(rows: list[dict[str, Any]], ce_factor: float = 0.9, fvu_fact
                 xs, ys = [0.0, *xs], [at_zero, *ys]
             ax.plot(xs, ys, marker="o", color=color(label), label=f"{label}: dense-model SAE")
         for label, (xs, ys) in sorted(_series(own, key).items()):
-            ax.plot(xs, ys, marker="x", ls="--", color=color(label), alpha=0.7, label=f"{label}: retrained SAE")
+            ax.plot(
+                xs, ys, marker="x", ls="--", color=color(label), alpha=0.7, label=f"{label}: retrained SAE"
+            )
         base = dense.get(key) if key != "l0_ratio" else 1.0
         if base is not None and key == "fvu":
-            ax.axhline(fvu_factor * base, color="red", ls=":", label=f"viability limit: {fvu_factor:g} x dense FVU")
+            ax.axhline(
+                fvu_factor * base, color="red", ls=":", label=f"viability limit: {fvu_factor:g} x dense FVU"
+            )
         if base is not None and key == "ce_recovered":
-            ax.axhline(ce_factor * base, color="red", ls=":", label=f"viability limit: {ce_factor:g} x dense CE recovered")
+            ax.axhline(
+                ce_factor * base,
+                color="red",
+                ls=":",
+                label=f"viability limit: {ce_factor:g} x dense CE recovered",
+            )
         if base is not None:
             ax.axhline(base, color="grey", ls="--", lw=1, label="dense-model SAE on the dense model")
         ax.set(xlabel=SPARSITY, ylabel=ylabel, title=f"RQ3: {key} vs sparsity")
@@ -188,9 +235,11 @@ def fragility_figure(by_method: dict[str, dict[str, Any]]) -> Figure | None:
             means = [y[idx == b].mean() for b in range(5) if np.any(idx == b)]
             ax.plot(centres, means, color="black", marker="o", label="mean per firing-rate quintile")
         rho = v["predictors"].get("log10 firing rate", (math.nan, math.nan))
-        ax.set(xlabel="log10 firing rate on the dense model (log10 fraction of tokens)",
-               ylabel="fragility F = 1 − mean matched cosine (1 − cosine)",
-               title=f"RQ4: {label}, s in {{{', '.join(f'{s:g}' for s in v['levels'])}}}; Spearman ρ = {rho[0]:.2f}")
+        ax.set(
+            xlabel="log10 firing rate on the dense model (log10 fraction of tokens)",
+            ylabel="fragility F = 1 − mean matched cosine (1 − cosine)",
+            title=f"RQ4: {label}, s in {{{', '.join(f'{s:g}' for s in v['levels'])}}}; Spearman ρ = {rho[0]:.2f}",
+        )
         ax.legend(fontsize=8)
     return fig
 
@@ -210,12 +259,22 @@ def importance_figure(results: list[dict[str, Any]]) -> Figure | None:
             cos, imp = r["cosine"], r["importance"]
             imp = np.maximum(imp, imp[imp > 0].min() / 2 if np.any(imp > 0) else 1e-9)  # log axis: no zeros
             p = r.get("spearman_p_bh")
-            ax.scatter(cos, imp, s=7, alpha=0.45, color=colormaps["viridis"](shade),
-                       label=f"s={r['sparsity']:g}: ρ = {r['spearman_rho']:.2f}, p_BH = "
-                             + ("–" if p is None or p != p else f"{p:.2g}") + f" (n = {r['n']})")
+            ax.scatter(
+                cos,
+                imp,
+                s=7,
+                alpha=0.45,
+                color=colormaps["viridis"](shade),
+                label=f"s={r['sparsity']:g}: ρ = {r['spearman_rho']:.2f}, p_BH = "
+                + ("–" if p is None or p != p else f"{p:.2g}")
+                + f" (n = {r['n']})",
+            )
         ax.axvline(TAU, color="grey", ls="--", lw=1, label=f"survival threshold τ = {TAU:g}")
         ax.set_yscale("log")
-        ax.set(xlabel="cross-seed matched cosine (cosine similarity)",
-               ylabel="|gradient attribution| (nats per firing token)", title=f"RQ5: importance vs survival, {label}")
+        ax.set(
+            xlabel="cross-seed matched cosine (cosine similarity)",
+            ylabel="|gradient attribution| (nats per firing token)",
+            title=f"RQ5: importance vs survival, {label}",
+        )
         ax.legend(fontsize=7)
     return fig

@@ -106,10 +106,16 @@ def markdown(title: str, blocks: list[Block]) -> str:
 def _gallery_md(record: dict[str, Any]) -> list[str]:
     out = []
     for f in record.get("features", []):
-        out += [f"- feature {f['feature']}: **{f['status']}** (Pearson r {_num(f.get('pearson_r'))}, matched cosine "
-                f"{_num(f.get('matched_cosine'))}, firing rate {_num(f.get('firing_rate'))})", "", "```text"]
+        out += [
+            f"- feature {f['feature']}: **{f['status']}** (Pearson r {_num(f.get('pearson_r'))}, matched cosine "
+            f"{_num(f.get('matched_cosine'))}, firing rate {_num(f.get('firing_rate'))})",
+            "",
+            "```text",
+        ]
         for model in ("dense", "pruned"):
-            for c in f.get(model, []) or [{"activation": None, "left": "", "token": "(never fires)", "right": ""}]:
+            for c in f.get(model, []) or [
+                {"activation": None, "left": "", "token": "(never fires)", "right": ""}
+            ]:
                 text = _visible(f"{c['left']}⟦{c['token']}⟧{c['right']}").replace("```", "`\u200b``")
                 out.append(f"{model:<7}{_num(c.get('activation')):>10}  {text}")
         out += ["```", ""]
@@ -131,10 +137,13 @@ def page(title: str, blocks: list[Block], images: dict[str, bytes]) -> str:
     body = [f"<h1>{html.escape(title)}</h1>", nav]
     for b in blocks:
         body.append(_block_html(b, images))
-    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>\n"
-            + "\n".join(body) + "\n</body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
 
 
 def _block_html(b: Block, images: dict[str, bytes]) -> str:
@@ -146,46 +155,62 @@ def _block_html(b: Block, images: dict[str, bytes]) -> str:
         return "<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in b.items) + "</ul>"
     if isinstance(b, Pre):
         pre = f"<pre>{html.escape(b.text)}</pre>"
-        return f"<details><summary>{html.escape(b.collapsed)}</summary>{pre}</details>" if b.collapsed else pre
+        return (
+            f"<details><summary>{html.escape(b.collapsed)}</summary>{pre}</details>" if b.collapsed else pre
+        )
     if isinstance(b, Table) and not b.rows:
         return f"<h3>{html.escape(b.title)}</h3><p>No finished data yet.</p>"
     if isinstance(b, Table):
         table = b.html()
         if b.name == "headline":  # colour the verdicts
             for verdict in ("not reproduced", "reproduced", "partly", "not measured"):
-                table = table.replace(f"<td>{verdict}</td>", f'<td class="verdict-{verdict.replace(" ", "-")}">{verdict}</td>')
+                table = table.replace(
+                    f"<td>{verdict}</td>", f'<td class="verdict-{verdict.replace(" ", "-")}">{verdict}</td>'
+                )
         note = f'<p class="note">{html.escape(b.note)}</p>' if b.note else ""
-        return (f"<h3>{html.escape(b.title)}</h3>{table}{note}"
-                f'<p class="note">CSV: tables/{html.escape(b.name)}.csv</p>')
+        return (
+            f"<h3>{html.escape(b.title)}</h3>{table}{note}"
+            f'<p class="note">CSV: tables/{html.escape(b.name)}.csv</p>'
+        )
     if isinstance(b, FigureRef):
         data = base64.b64encode(images[b.name]).decode("ascii")
-        return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(b.caption, quote=True)}">'
-                f"<figcaption>{html.escape(b.caption)} (figures/{html.escape(b.name)}.png)</figcaption></figure>")
+        return (
+            f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(b.caption, quote=True)}">'
+            f"<figcaption>{html.escape(b.caption)} (figures/{html.escape(b.name)}.png)</figcaption></figure>"
+        )
     if isinstance(b, Gallery):
         return _gallery_html(b.record)
     raise TypeError(f"unknown report block {type(b).__name__}")
 
 
 def _context_html(c: dict[str, Any]) -> str:
-    return (f'<span class="ctx">{html.escape(_visible(str(c.get("left", ""))))}'
-            f'<mark>{html.escape(_visible(str(c.get("token", ""))))}</mark>'
-            f'{html.escape(_visible(str(c.get("right", ""))))}</span>')
+    return (
+        f'<span class="ctx">{html.escape(_visible(str(c.get("left", ""))))}'
+        f"<mark>{html.escape(_visible(str(c.get('token', ''))))}</mark>"
+        f"{html.escape(_visible(str(c.get('right', ''))))}</span>"
+    )
 
 
 def _gallery_html(record: dict[str, Any]) -> str:
     rows = []
     for f in record.get("features", []):
         status = str(f.get("status", ""))
-        head = (f'<tr><th colspan="3">feature {html.escape(str(f.get("feature")))}: '
-                f'<span class="{"survived" if status == "survived" else "lost"}">{html.escape(status)}</span> '
-                f"(Pearson r {_num(f.get('pearson_r'))}, matched cosine {_num(f.get('matched_cosine'))}, "
-                f"firing rate {_num(f.get('firing_rate'))})</th></tr>")
+        head = (
+            f'<tr><th colspan="3">feature {html.escape(str(f.get("feature")))}: '
+            f'<span class="{"survived" if status == "survived" else "lost"}">{html.escape(status)}</span> '
+            f"(Pearson r {_num(f.get('pearson_r'))}, matched cosine {_num(f.get('matched_cosine'))}, "
+            f"firing rate {_num(f.get('firing_rate'))})</th></tr>"
+        )
         rows.append(head)
         for model in ("dense", "pruned"):
             contexts = f.get(model) or []
             if not contexts:
                 rows.append(f"<tr><td>{model}</td><td>–</td><td>(does not fire on these sequences)</td></tr>")
             for c in contexts:
-                rows.append(f"<tr><td>{model}</td><td>{_num(c.get('activation'))}</td><td>{_context_html(c)}</td></tr>")
-    return ('<div class="scroll"><table><thead><tr><th>model</th><th>activation</th><th>context (highlighted: the '
-            "token where the feature fires)</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>")
+                rows.append(
+                    f"<tr><td>{model}</td><td>{_num(c.get('activation'))}</td><td>{_context_html(c)}</td></tr>"
+                )
+    return (
+        '<div class="scroll"><table><thead><tr><th>model</th><th>activation</th><th>context (highlighted: the '
+        "token where the feature fires)</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>"
+    )

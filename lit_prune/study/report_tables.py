@@ -81,8 +81,10 @@ class Table:
         return [c for c in self.columns if c not in self.hide]
 
     def cells(self) -> list[list[str]]:
-        return [[self.formats.get(c, fmt)(v) for c, v in zip(self.columns, row) if c not in self.hide]
-                for row in self.rows]
+        return [
+            [self.formats.get(c, fmt)(v) for c, v in zip(self.columns, row) if c not in self.hide]
+            for row in self.rows
+        ]
 
     def markdown(self) -> str:
         esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
@@ -92,7 +94,9 @@ class Table:
 
     def html(self) -> str:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in self.shown)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in self.cells())
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in self.cells()
+        )
         return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
     def csv(self) -> str:
@@ -133,71 +137,135 @@ S_FMT = {"sparsity": fmt_s}
 # --- builders ---------------------------------------------------------------------------------
 def headline_table(claims: list[dict[str, str]]) -> Table:
     cols = ["claim", "paper", "ours", "verdict", "basis"]
-    return Table("headline", "The paper's claims and our results", cols, [[c[k] for k in cols] for c in claims])
+    return Table(
+        "headline", "The paper's claims and our results", cols, [[c[k] for k in cols] for c in claims]
+    )
 
 
 def perplexity_table(rows: list[dict[str, Any]]) -> Table:
     cols = ["condition", "method", "sparsity", "perplexity", "realised_sparsity", "prune_seconds"]
-    return Table("perplexity", "Perplexity of the dense and pruned models (eval split)", cols,
-                 [[r[c] for c in cols] for r in rows], formats=S_FMT)
+    return Table(
+        "perplexity",
+        "Perplexity of the dense and pruned models (eval split)",
+        cols,
+        [[r[c] for c in cols] for r in rows],
+        formats=S_FMT,
+    )
 
 
 def sae_table(rows: list[dict[str, Any]]) -> Table:
     cols = ["condition", "method", "sparsity", "seeds", *SAE_METRICS]
-    body = [[r["condition"], r["method"], r["sparsity"], ", ".join(map(str, r["seeds"])) or None,
-             *[_pm(r[m]) for m in SAE_METRICS]] for r in rows]
-    return Table("sae_metrics", "Each model's own SAEs (mean ± sd over seeds)", cols, body,
-                 note="fvu: fraction of variance unexplained; l0: active latents per token (count); ce_recovered, "
-                      "kl_score: fractions; delta_lm_loss: nats per token; dead_fraction: fraction of latents.",
-                 formats=S_FMT)
+    body = [
+        [
+            r["condition"],
+            r["method"],
+            r["sparsity"],
+            ", ".join(map(str, r["seeds"])) or None,
+            *[_pm(r[m]) for m in SAE_METRICS],
+        ]
+        for r in rows
+    ]
+    return Table(
+        "sae_metrics",
+        "Each model's own SAEs (mean ± sd over seeds)",
+        cols,
+        body,
+        note="fvu: fraction of variance unexplained; l0: active latents per token (count); ce_recovered, "
+        "kl_score: fractions; delta_lm_loss: nats per token; dead_fraction: fraction of latents.",
+        formats=S_FMT,
+    )
 
 
 def rq1_table(pairs: list[dict[str, Any]]) -> Table:
     cols = ["condition", "method", "sparsity", "seed_a", "seed_b", *RQ1_METRICS]
-    return Table("rq1_seed_stability", "RQ1: seed stability (pairs of SAEs trained on the same model)", cols,
-                 [[p.get(c) for c in cols] for p in pairs], formats=S_FMT,
-                 note="shared@τ: fraction of alive features of seed_a whose one-to-one matched cosine in seed_b is >= τ.")
+    return Table(
+        "rq1_seed_stability",
+        "RQ1: seed stability (pairs of SAEs trained on the same model)",
+        cols,
+        [[p.get(c) for c in cols] for p in pairs],
+        formats=S_FMT,
+        note="shared@τ: fraction of alive features of seed_a whose one-to-one matched cosine in seed_b is >= τ.",
+    )
 
 
 def survival_table(rows: list[dict[str, Any]], r0: float = 0.7) -> Table:
-    pairs = [("condition", "condition"), ("method", "method"), ("sparsity", "sparsity"),
-             *[(f"S@{t:g}", f"S@{t:g}") for t in TAUS], *[(f"S_same@{t:g}", f"S_same@{t:g}") for t in TAUS],
-             ("functional_S", "functional_S"), ("S_seed", "S_seed"), ("S/S_seed", "S_tilde"),
-             ("S_normalised (callback)", "S_normalised"), ("mean_cosine", "mean_cosine"), ("cross fits", "n_cross")]
+    pairs = [
+        ("condition", "condition"),
+        ("method", "method"),
+        ("sparsity", "sparsity"),
+        *[(f"S@{t:g}", f"S@{t:g}") for t in TAUS],
+        *[(f"S_same@{t:g}", f"S_same@{t:g}") for t in TAUS],
+        ("functional_S", "functional_S"),
+        ("S_seed", "S_seed"),
+        ("S/S_seed", "S_tilde"),
+        ("S_normalised (callback)", "S_normalised"),
+        ("mean_cosine", "mean_cosine"),
+        ("cross fits", "n_cross"),
+    ]
     if all(r["S_normalised"] is None for r in rows):  # only when the callback was given a seed baseline
         pairs.remove(("S_normalised (callback)", "S_normalised"))
     cols, keys = [c for c, _ in pairs], [k for _, k in pairs]
-    return Table("survival", "RQ2: survival of the reference SAE's features", cols,
-                 [[r[k] for k in keys] for r in rows], formats=S_FMT,
-                 note="S@τ: fraction of alive reference features whose matched cosine to an SAE trained with another "
-                      "seed on the pruned model is >= τ (cross-seed, the primary measure); S_same: same seed as the "
-                      "reference (inflated by latents that stay near their shared init); functional_S: fraction with "
-                      f"Pearson r >= {r0:g} between the reference's activations on the dense and the pruned model; S_seed: "
-                      "dense cross-seed shared@0.7 of the same seed pair (RQ1).")
+    return Table(
+        "survival",
+        "RQ2: survival of the reference SAE's features",
+        cols,
+        [[r[k] for k in keys] for r in rows],
+        formats=S_FMT,
+        note="S@τ: fraction of alive reference features whose matched cosine to an SAE trained with another "
+        "seed on the pruned model is >= τ (cross-seed, the primary measure); S_same: same seed as the "
+        "reference (inflated by latents that stay near their shared init); functional_S: fraction with "
+        f"Pearson r >= {r0:g} between the reference's activations on the dense and the pruned model; S_seed: "
+        "dense cross-seed shared@0.7 of the same seed pair (RQ1).",
+    )
 
 
 def bins_tables(rows: list[dict[str, Any]], r0: float = 0.7) -> list[Table]:
     """RQ4 survival per firing-rate bin: geometric (cross-seed, tau 0.7) and functional, one table each."""
     out = []
-    for prefix, key, what in (("", "bins", "geometric, τ = 0.7, cross-seed"),
-                              ("functional_", "functional_bins", f"functional, r >= {r0:g}")):
+    for prefix, key, what in (
+        ("", "bins", "geometric, τ = 0.7, cross-seed"),
+        ("functional_", "functional_bins", f"functional, r >= {r0:g}"),
+    ):
         n = max([len(r[key]) for r in rows] + [0])
-        cols = ["condition", "method", "sparsity", f"{prefix}rho_bin", "p", "95% CI", *[f"bin{b}" for b in range(n)]]
+        cols = [
+            "condition",
+            "method",
+            "sparsity",
+            f"{prefix}rho_bin",
+            "p",
+            "95% CI",
+            *[f"bin{b}" for b in range(n)],
+        ]
         if not prefix:
             cols += ["rho_feature", "rho_feature p"]
         body = []
         for r in rows:
             lo, hi = r[f"{prefix}rho_bin_ci_lo"], r[f"{prefix}rho_bin_ci_hi"]
             ci = None if lo is None or hi is None else f"[{lo:.2f}, {hi:.2f}]"
-            row = [r["condition"], r["method"], r["sparsity"], r[f"{prefix}rho_bin"], r[f"{prefix}rho_bin_p"], ci,
-                   *(list(r[key]) + [None] * (n - len(r[key])))]
+            row = [
+                r["condition"],
+                r["method"],
+                r["sparsity"],
+                r[f"{prefix}rho_bin"],
+                r[f"{prefix}rho_bin_p"],
+                ci,
+                *(list(r[key]) + [None] * (n - len(r[key]))),
+            ]
             body.append(row + ([r["rho_feature"], r["rho_feature_p"]] if not prefix else []))
-        out.append(Table(f"fragility_bins{'_functional' if prefix else ''}",
-                         f"RQ4: survival by firing-rate bin, {what} (bin 0 = rarest)", cols, body,
-                         formats={**S_FMT, "p": fmt_p, "rho_feature p": fmt_p}))
-    out[0].note = ("Bins: quintiles of log10 firing rate of the reference SAE on the dense model; binN: fraction of "
-                   "the bin's features that survive. rho_bin: Spearman(bin, survival in bin); −1 = survival falls "
-                   "monotonically from rare to frequent. rho_feature: Spearman(log10 p, matched cosine) over features.")
+        out.append(
+            Table(
+                f"fragility_bins{'_functional' if prefix else ''}",
+                f"RQ4: survival by firing-rate bin, {what} (bin 0 = rarest)",
+                cols,
+                body,
+                formats={**S_FMT, "p": fmt_p, "rho_feature p": fmt_p},
+            )
+        )
+    out[0].note = (
+        "Bins: quintiles of log10 firing rate of the reference SAE on the dense model; binN: fraction of "
+        "the bin's features that survive. rho_bin: Spearman(bin, survival in bin); −1 = survival falls "
+        "monotonically from rare to frequent. rho_feature: Spearman(log10 p, matched cosine) over features."
+    )
     return out
 
 
@@ -208,54 +276,128 @@ def fragility_table(by_method: dict[str, dict[str, Any]]) -> Table:
         cols += [f"Spearman(F, {n})", f"p ({n})"]
     body = []
     for label, v in sorted(by_method.items()):
-        row = [label, ", ".join(f"{s:g}" for s in v["levels"]), v["n_alive"], v["mean_F"], v["never_broken"],
-               v["median_s_star"]]
+        row = [
+            label,
+            ", ".join(f"{s:g}" for s in v["levels"]),
+            v["n_alive"],
+            v["mean_F"],
+            v["never_broken"],
+            v["median_s_star"],
+        ]
         for n in names:
             row += list(v["predictors"].get(n, (None, None)))
         body.append(row)
-    return Table("fragility", "RQ4: feature fragility per method", cols, body,
-                 formats={c: fmt_p for c in cols if c.startswith("p (")},
-                 note="F_i = 1 − mean over sparsities of the cross-seed matched cosine c_i(s); s*_i = smallest sparsity "
-                      "with c_i < 0.7 (never broken: fraction of features with c_i >= 0.7 at every sparsity).")
+    return Table(
+        "fragility",
+        "RQ4: feature fragility per method",
+        cols,
+        body,
+        formats={c: fmt_p for c in cols if c.startswith("p (")},
+        note="F_i = 1 − mean over sparsities of the cross-seed matched cosine c_i(s); s*_i = smallest sparsity "
+        "with c_i < 0.7 (never broken: fraction of features with c_i >= 0.7 at every sparsity).",
+    )
 
 
 def transfer_table(rows: list[dict[str, Any]]) -> Table:
-    cols = ["condition", "method", "sparsity", "sae", "fvu", "ce_recovered", "kl_score", "l0", "l0_ratio",
-            "delta_lm_loss", "alive_fraction", "viable"]
-    body = [[r.get(c) if c != "viable" or r.get(c) is None else bool(r[c] >= 0.5) for c in cols] for r in rows]
-    return Table("transfer", "RQ3: the dense-model SAE on the pruned models", cols, body, formats=S_FMT,
-                 note="reference: the dense-model SAE applied unchanged; retrained: an SAE trained on the pruned model "
-                      "(same seed); reference Wanda-pruned x: the reference SAE itself Wanda-pruned to x. Each against "
-                      "the pruned model's own clean and zero-ablated CE. viable: CE recovered >= 0.9 x and FVU <= 2 x "
-                      "the reference's values on the dense model.")
+    cols = [
+        "condition",
+        "method",
+        "sparsity",
+        "sae",
+        "fvu",
+        "ce_recovered",
+        "kl_score",
+        "l0",
+        "l0_ratio",
+        "delta_lm_loss",
+        "alive_fraction",
+        "viable",
+    ]
+    body = [
+        [r.get(c) if c != "viable" or r.get(c) is None else bool(r[c] >= 0.5) for c in cols] for r in rows
+    ]
+    return Table(
+        "transfer",
+        "RQ3: the dense-model SAE on the pruned models",
+        cols,
+        body,
+        formats=S_FMT,
+        note="reference: the dense-model SAE applied unchanged; retrained: an SAE trained on the pruned model "
+        "(same seed); reference Wanda-pruned x: the reference SAE itself Wanda-pruned to x. Each against "
+        "the pruned model's own clean and zero-ablated CE. viable: CE recovered >= 0.9 x and FVU <= 2 x "
+        "the reference's values on the dense model.",
+    )
 
 
 def rq5_table(groups: list[dict[str, Any]]) -> Table:
-    cols = ["group", "n_features", "ablation_ce_firing_mean", "ablation_kl_firing_mean", "ablation_ce_all_mean",
-            "attribution_mean", "spearman_ce_firing_vs_attribution", "spearman_ce_firing_vs_attribution_p"]
-    return Table("rq5_ablation", "RQ5: feature importance on the dense model", cols,
-                 [[g.get(c) for c in cols] for g in groups], formats={cols[-1]: fmt_p},
-                 note="Exact ablation (error term kept) of the top / random / rare features: mean CE and KL increase "
-                      "(nats per firing token); attribution: gradient estimate of the CE effect for every feature.")
+    cols = [
+        "group",
+        "n_features",
+        "ablation_ce_firing_mean",
+        "ablation_kl_firing_mean",
+        "ablation_ce_all_mean",
+        "attribution_mean",
+        "spearman_ce_firing_vs_attribution",
+        "spearman_ce_firing_vs_attribution_p",
+    ]
+    return Table(
+        "rq5_ablation",
+        "RQ5: feature importance on the dense model",
+        cols,
+        [[g.get(c) for c in cols] for g in groups],
+        formats={cols[-1]: fmt_p},
+        note="Exact ablation (error term kept) of the top / random / rare features: mean CE and KL increase "
+        "(nats per firing token); attribution: gradient estimate of the CE effect for every feature.",
+    )
 
 
 def importance_table(results: dict[str, list[dict[str, Any]]]) -> Table:
-    cols = ["importance", "condition", "method", "sparsity", "n", "n_survived", "spearman_rho", "spearman_p",
-            "spearman_p_bh", "mannwhitney_u", "mannwhitney_p", "mannwhitney_p_bh", "importance_survived_mean",
-            "importance_lost_mean"]
+    cols = [
+        "importance",
+        "condition",
+        "method",
+        "sparsity",
+        "n",
+        "n_survived",
+        "spearman_rho",
+        "spearman_p",
+        "spearman_p_bh",
+        "mannwhitney_u",
+        "mannwhitney_p",
+        "mannwhitney_p_bh",
+        "importance_survived_mean",
+        "importance_lost_mean",
+    ]
     label = {"attribution": "|attribution|", "exact": "exact ΔCE"}
     body = [[label[kind], *[r.get(c) for c in cols[1:]]] for kind, rs in results.items() for r in rs]
-    return Table("rq5_importance_vs_survival", "RQ5: does survival predict importance?", cols, body,
-                 formats={**S_FMT, **{c: fmt_p for c in cols if c.endswith(("_p", "_p_bh"))}},
-                 note="|attribution|: gradient attribution of every alive reference feature; exact ΔCE: exact "
-                      "ablation (scope firing) of the top / random / rare features. Survival: cross-seed matched cosine "
-                      "of the reference feature (survived iff >= 0.7). _bh: Benjamini–Hochberg across conditions, per "
-                      "importance measure.")
+    return Table(
+        "rq5_importance_vs_survival",
+        "RQ5: does survival predict importance?",
+        cols,
+        body,
+        formats={**S_FMT, **{c: fmt_p for c in cols if c.endswith(("_p", "_p_bh"))}},
+        note="|attribution|: gradient attribution of every alive reference feature; exact ΔCE: exact "
+        "ablation (scope firing) of the top / random / rare features. Survival: cross-seed matched cosine "
+        "of the reference feature (survived iff >= 0.7). _bh: Benjamini–Hochberg across conditions, per "
+        "importance measure.",
+    )
 
 
 def runs_table(runs: list[dict[str, Any]]) -> Table:
     stamp = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else None  # noqa: E731
-    body = [[r.get("shard"), stamp(r.get("started")), r.get("seconds"), len(r.get("ran", [])), len(r.get("skipped", []))]
-            for r in runs]
-    return Table("runs", "Invocations of the study (runs.jsonl)", ["shard", "started", "wall seconds", "steps ran",
-                                                                   "steps already done"], body)
+    body = [
+        [
+            r.get("shard"),
+            stamp(r.get("started")),
+            r.get("seconds"),
+            len(r.get("ran", [])),
+            len(r.get("skipped", [])),
+        ]
+        for r in runs
+    ]
+    return Table(
+        "runs",
+        "Invocations of the study (runs.jsonl)",
+        ["shard", "started", "wall seconds", "steps ran", "steps already done"],
+        body,
+    )

@@ -55,7 +55,7 @@ class Step:
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
-    """"i/n" -> (i, n) with 0 <= i < n; None -> (0, 1)."""
+    """ "i/n" -> (i, n) with 0 <= i < n; None -> (0, 1)."""
     if text is None:
         return 0, 1
     try:
@@ -79,8 +79,11 @@ class Runner:
             missing = [d for d in step.deps if d not in self.hashes]
             if missing:
                 raise ValueError(f"step {step.key} depends on {missing}, which come later or do not exist")
-            payload = json.dumps({"inputs": step.inputs, "deps": {d: self.hashes[d] for d in step.deps}},
-                                 sort_keys=True, default=str)
+            payload = json.dumps(
+                {"inputs": step.inputs, "deps": {d: self.hashes[d] for d in step.deps}},
+                sort_keys=True,
+                default=str,
+            )
             self.hashes[step.key] = hashlib.sha256(payload.encode()).hexdigest()[:20]
 
     def directory(self, key: str) -> Path:
@@ -115,8 +118,13 @@ class Runner:
                 want(step.key)
         return [s for s in self.steps.values() if s.key in wanted]
 
-    def run(self, steps: list[Step], progress: bool = True, poll: float = 0.5,
-            on_start: Callable[[Step], None] | None = None) -> dict[str, str]:
+    def run(
+        self,
+        steps: list[Step],
+        progress: bool = True,
+        poll: float = 0.5,
+        on_start: Callable[[Step], None] | None = None,
+    ) -> dict[str, str]:
         """Run `steps`; returns {key: "done" | "ran"}. Time left is estimated from the steps' costs.
 
         Other processes may run the same steps at the same time (shards, study workers): each time
@@ -140,7 +148,9 @@ class Runner:
                 step, lock = taken
                 pending.remove(step)
                 bar.set_description(f"study: {step.key}")
-                bar.set_postfix_str(f"{len(status)} of {len(steps)} steps finished, {len(pending)} left after this")
+                bar.set_postfix_str(
+                    f"{len(status)} of {len(steps)} steps finished, {len(pending)} left after this"
+                )
                 try:
                     if self.is_done(step.key):
                         status[step.key] = "done"
@@ -185,9 +195,15 @@ class Runner:
         tmp.mkdir(parents=True)
         started = time.time()
         summary = step.run(tmp)
-        record = {"hash": self.hashes[step.key], "step": step.key, "inputs": step.inputs,
-                  "deps": {d: self.hashes[d] for d in step.deps}, "seconds": time.time() - started,
-                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "summary": summary}
+        record = {
+            "hash": self.hashes[step.key],
+            "step": step.key,
+            "inputs": step.inputs,
+            "deps": {d: self.hashes[d] for d in step.deps},
+            "seconds": time.time() - started,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "summary": summary,
+        }
         (tmp / DONE).write_text(json.dumps(record, indent=1, sort_keys=True, default=str))
         if final.exists():
             os.replace(final, old)  # the old result stays complete until the new one is
@@ -200,15 +216,22 @@ class Runner:
 def keep_newest_run(folder: Path) -> None:
     """Delete all but the newest version_<n> TensorBoard run in `folder`: the runs of results since
     replaced, and of killed attempts. Called when a step has finished, so the newest run is its own."""
-    runs = sorted((p for p in folder.glob("version_*") if p.name[8:].isdigit()), key=lambda p: int(p.name[8:]))
+    runs = sorted(
+        (p for p in folder.glob("version_*") if p.name[8:].isdigit()), key=lambda p: int(p.name[8:])
+    )
     for run in runs[:-1]:
         shutil.rmtree(run, ignore_errors=True)
 
 
 def progress_bar(total_cost: float, show: bool) -> tqdm:
     """The study's progress bar over step costs (its time left is estimated from them)."""
-    return tqdm(total=round(total_cost, 3), disable=not show, unit="cost", dynamic_ncols=True,
-                bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
+    return tqdm(
+        total=round(total_cost, 3),
+        disable=not show,
+        unit="cost",
+        dynamic_ncols=True,
+        bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}",
+    )
 
 
 def _try_lock(path: Path) -> IO[str] | None:

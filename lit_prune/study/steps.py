@@ -95,21 +95,35 @@ class StudyContext:
         return dm
 
     def logger(self, step: str, condition: str) -> TensorBoardLogger:
-        return TensorBoardLogger(Path(self.settings.logs) / self.name / condition, name=step, default_hp_metric=False)
+        return TensorBoardLogger(
+            Path(self.settings.logs) / self.name / condition, name=step, default_hp_metric=False
+        )
 
     def load_lm(self) -> torch.nn.Module:
-        lm = load_model(self.model["model_name"], dtype=self.model.get("lm_dtype", "float32"),
-                        cache_dir=self.model.get("model_cache_dir", "checkpoints/models"))
+        lm = load_model(
+            self.model["model_name"],
+            dtype=self.model.get("lm_dtype", "float32"),
+            cache_dir=self.model.get("model_cache_dir", "checkpoints/models"),
+        )
         return lm.to(self.device)
 
     def reference(self) -> str:
         """The reference SAE for RQ2 / RQ3 / RQ5: the pretrained one if given, else dense/seed<ref>/sae."""
-        return self.settings.reference_sae or str(self.root / DENSE / f"seed{self.settings.reference_seed}" / "sae")
+        return self.settings.reference_sae or str(
+            self.root / DENSE / f"seed{self.settings.reference_seed}" / "sae"
+        )
 
-    def condition(self, method: str = DENSE, sparsity: float = 0.0, seed_a: int | None = None,
-                  seed_b: int | None = None) -> Condition:
-        return Condition(model=str(self.model["model_name"]), hook=hook_name(self.model["hook_layer"]),
-                         method=method, sparsity=sparsity, seed_a=seed_a, seed_b=seed_b)
+    def condition(
+        self, method: str = DENSE, sparsity: float = 0.0, seed_a: int | None = None, seed_b: int | None = None
+    ) -> Condition:
+        return Condition(
+            model=str(self.model["model_name"]),
+            hook=hook_name(self.model["hook_layer"]),
+            method=method,
+            sparsity=sparsity,
+            seed_a=seed_a,
+            seed_b=seed_b,
+        )
 
 
 def model_digest(ctx: StudyContext) -> str:
@@ -118,8 +132,9 @@ def model_digest(ctx: StudyContext) -> str:
     path = Path(model_dir(ctx.model["model_name"], ctx.model.get("model_cache_dir", "checkpoints/models")))
     if not path.is_dir():  # a hub id resolved by transformers itself
         return str(ctx.model["model_name"])
-    parts = [(path / "config.json").read_text()] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
-                                                    for f in sorted(path.glob("*.safetensors"))]
+    parts = [(path / "config.json").read_text()] + [
+        f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(path.glob("*.safetensors"))
+    ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -127,51 +142,133 @@ def build_steps(ctx: StudyContext, corpus_fingerprint: str) -> list[Step]:
     """Every step of the study in dependency order."""
     st = ctx.settings
     where = ("cache_dir", "model_cache_dir", "num_workers")  # where things are kept, not what they are
-    base = {"model": _without(ctx.model, where), "data": _without(ctx.data, where), "trainer": ctx.trainer,
-            "seed_everything": ctx.seed_everything,
-            "model_files": model_digest(ctx), "corpus": corpus_fingerprint}
+    base = {
+        "model": _without(ctx.model, where),
+        "data": _without(ctx.data, where),
+        "trainer": ctx.trainer,
+        "seed_everything": ctx.seed_everything,
+        "model_files": model_digest(ctx),
+        "corpus": corpus_fingerprint,
+    }
     ref_key = f"{DENSE}/seed{st.reference_seed}"
     reference = {"reference_sae": st.reference_sae or ref_key}
-    if st.reference_sae and Path(st.reference_sae).is_dir():  # a pretrained SAE on disk: its files, as the model's
-        reference["reference_files"] = [[f.name, f.stat().st_size, f.stat().st_mtime_ns]
-                                        for f in sorted(Path(st.reference_sae).iterdir()) if f.is_file()]
+    if (
+        st.reference_sae and Path(st.reference_sae).is_dir()
+    ):  # a pretrained SAE on disk: its files, as the model's
+        reference["reference_files"] = [
+            [f.name, f.stat().st_size, f.stat().st_mtime_ns]
+            for f in sorted(Path(st.reference_sae).iterdir())
+            if f.is_file()
+        ]
     fit_cost = 10.0
     # In dependency order; for several workers also the steps the rest waits on first (the dense
     # fits, the pruned models) and short ones last, to fill the gaps. A model's fits read the same
     # training activations: `shares` keeps them in one process's cache.
-    steps = [Step(DENSE, f"seed{s}", {**base, "seed": s, "epochs": st.epochs}, lambda out, s=s: fit_step(ctx, out, s, None),
-                  cost=fit_cost, shares=DENSE) for s in st.seeds]
+    steps = [
+        Step(
+            DENSE,
+            f"seed{s}",
+            {**base, "seed": s, "epochs": st.epochs},
+            lambda out, s=s: fit_step(ctx, out, s, None),
+            cost=fit_cost,
+            shares=DENSE,
+        )
+        for s in st.seeds
+    ]
     for cond in st.conditions():
-        prune_inputs = {**base, "method": cond.method, "sparsity": cond.sparsity, "nm": cond.nm,
-                        "n": st.perplexity_sequences}
+        prune_inputs = {
+            **base,
+            "method": cond.method,
+            "sparsity": cond.sparsity,
+            "nm": cond.nm,
+            "n": st.perplexity_sequences,
+        }
         group = st.magnitude_group_of(cond)
         if group not in (None, "matrix"):  # only then, so that older studies stay done
             prune_inputs["group"] = group
-        steps.append(Step(cond.name, "prune", prune_inputs, lambda out, c=cond: perplexity_step(ctx, out, c),
-                          cost=3 if cond.method == "wanda" else 1))
-    steps.append(Step(DENSE, "rq5", {**base, **reference, "ablation": st.ablation},
-                      lambda out: rq5_step(ctx, out), deps=[ref_key], cost=4))
+        steps.append(
+            Step(
+                cond.name,
+                "prune",
+                prune_inputs,
+                lambda out, c=cond: perplexity_step(ctx, out, c),
+                cost=3 if cond.method == "wanda" else 1,
+            )
+        )
+    steps.append(
+        Step(
+            DENSE,
+            "rq5",
+            {**base, **reference, "ablation": st.ablation},
+            lambda out: rq5_step(ctx, out),
+            deps=[ref_key],
+            cost=4,
+        )
+    )
     gallery = gallery_condition(st)
     for cond in st.conditions():
         for s in st.seeds:
-            inputs = {**base, **reference, "seed": s, "epochs": st.epochs, "survival": st.survival,
-                      "transfer": st.transfer if s == st.reference_seed else None}
-            steps.append(Step(cond.name, f"seed{s}", inputs, lambda out, s=s, c=cond: fit_step(ctx, out, s, c),
-                              deps=[f"{cond.name}/prune", ref_key], cost=fit_cost + 4, shares=cond.name))
+            inputs = {
+                **base,
+                **reference,
+                "seed": s,
+                "epochs": st.epochs,
+                "survival": st.survival,
+                "transfer": st.transfer if s == st.reference_seed else None,
+            }
+            steps.append(
+                Step(
+                    cond.name,
+                    f"seed{s}",
+                    inputs,
+                    lambda out, s=s, c=cond: fit_step(ctx, out, s, c),
+                    deps=[f"{cond.name}/prune", ref_key],
+                    cost=fit_cost + 4,
+                    shares=cond.name,
+                )
+            )
         if len(st.seeds) > 1:
-            steps.append(Step(cond.name, "rq1", {"seeds": st.seeds, **st.rq1_options()},
-                              lambda out, c=cond: rq1_step(ctx, out, c.name),
-                              deps=[f"{cond.name}/seed{s}" for s in st.seeds], cost=0.5))
+            steps.append(
+                Step(
+                    cond.name,
+                    "rq1",
+                    {"seeds": st.seeds, **st.rq1_options()},
+                    lambda out, c=cond: rq1_step(ctx, out, c.name),
+                    deps=[f"{cond.name}/seed{s}" for s in st.seeds],
+                    cost=0.5,
+                )
+            )
         if cond == gallery and st.gallery_features:
-            steps.append(Step(cond.name, "gallery", {**base, **reference, "n": st.gallery_features,
-                                                     "sequences": st.gallery_sequences},
-                              lambda out, c=cond: gallery_step(ctx, out, c),
-                              deps=[f"{cond.name}/prune", f"{cond.name}/seed{st.reference_seed}", ref_key], cost=1))
+            steps.append(
+                Step(
+                    cond.name,
+                    "gallery",
+                    {**base, **reference, "n": st.gallery_features, "sequences": st.gallery_sequences},
+                    lambda out, c=cond: gallery_step(ctx, out, c),
+                    deps=[f"{cond.name}/prune", f"{cond.name}/seed{st.reference_seed}", ref_key],
+                    cost=1,
+                )
+            )
     if len(st.seeds) > 1:
-        steps.append(Step(DENSE, "rq1", {"seeds": st.seeds, **st.rq1_options()}, lambda out: rq1_step(ctx, out, DENSE),
-                          deps=[f"{DENSE}/seed{s}" for s in st.seeds], cost=0.5))
-    steps.append(Step(DENSE, "perplexity", {**base, "n": st.perplexity_sequences},
-                      lambda out: perplexity_step(ctx, out, None), cost=1))
+        steps.append(
+            Step(
+                DENSE,
+                "rq1",
+                {"seeds": st.seeds, **st.rq1_options()},
+                lambda out: rq1_step(ctx, out, DENSE),
+                deps=[f"{DENSE}/seed{s}" for s in st.seeds],
+                cost=0.5,
+            )
+        )
+    steps.append(
+        Step(
+            DENSE,
+            "perplexity",
+            {**base, "n": st.perplexity_sequences},
+            lambda out: perplexity_step(ctx, out, None),
+            cost=1,
+        )
+    )
     return steps
 
 
@@ -191,28 +288,45 @@ def fit_step(ctx: StudyContext, out: Path, seed: int, cond: PruneCondition | Non
     return run_fit(ctx, out, seed, cond)[1]
 
 
-def run_fit(ctx: StudyContext, out: Path, seed: int, cond: PruneCondition | None,
-            distributed: bool = False) -> tuple[L.Trainer, dict[str, Any]]:
+def run_fit(
+    ctx: StudyContext, out: Path, seed: int, cond: PruneCondition | None, distributed: bool = False
+) -> tuple[L.Trainer, dict[str, Any]]:
     """The fit of `fit_step`: (trainer, {"metrics", "tokens_trained"}). Not distributed: devices=1.
     Distributed (every DDP rank calls this): devices / num_nodes / strategy from the study's trainer
     settings; global rank 0 writes the results, every rank returns the summary, whose
     tokens_trained is summed over the ranks (each trains on its own share of the sequences)."""
     st = ctx.settings
     L.seed_everything(ctx.seed_everything + seed, workers=True, verbose=False)
-    kwargs = {**ctx.model, "sae": SAESettings(**ctx.model.get("sae", {})), "seed": seed, "export_dir": str(out / "sae")}
+    kwargs = {
+        **ctx.model,
+        "sae": SAESettings(**ctx.model.get("sae", {})),
+        "seed": seed,
+        "export_dir": str(out / "sae"),
+    }
     callbacks: list[L.Callback] = []
     if cond is not None:
         dense_ref = ctx.root / DENSE / f"seed{st.reference_seed}" / "sae" / "lit_prune.json"
-        kwargs["norm_scale"] = json.loads(dense_ref.read_text())["norm_scale"]  # c is fitted on the dense model
+        kwargs["norm_scale"] = json.loads(dense_ref.read_text())[
+            "norm_scale"
+        ]  # c is fitted on the dense model
         masks = ctx.root / cond.name / "prune" / "masks.safetensors"
-        callbacks.append(PruningCallback(cond.method, 0.0 if cond.nm else cond.sparsity, list(cond.nm) if cond.nm else None,
-                                         group=st.magnitude_group_of(cond), masks_path=str(masks), perplexity_sequences=0))
+        callbacks.append(
+            PruningCallback(
+                cond.method,
+                0.0 if cond.nm else cond.sparsity,
+                list(cond.nm) if cond.nm else None,
+                group=st.magnitude_group_of(cond),
+                masks_path=str(masks),
+                perplexity_sequences=0,
+            )
+        )
         callbacks.append(FeatureSurvivalCallback(ctx.reference(), output_dir=str(out), **st.survival))
         if seed == st.reference_seed:
             callbacks.append(TransferabilityCallback(ctx.reference(), output_dir=str(out), **st.transfer))
     module = SAEModule(**kwargs)
-    trainer = fit_trainer(ctx, distributed, logger=ctx.logger(f"seed{seed}", cond.name if cond else DENSE),
-                          callbacks=callbacks)
+    trainer = fit_trainer(
+        ctx, distributed, logger=ctx.logger(f"seed{seed}", cond.name if cond else DENSE), callbacks=callbacks
+    )
     trainer.fit(module, datamodule=TokenDataModule(**ctx.data))
     tokens = module.tokens_trained
     if distributed:
@@ -229,16 +343,29 @@ def fit_trainer(ctx: StudyContext, distributed: bool, **kwargs: Any) -> L.Traine
     distributed) with the study's own (study.epochs, no checkpoints or progress bar); Lightning's
     refusals are one-line errors."""
     if distributed:
-        placement = {"devices": ctx.trainer.get("devices", 1), "num_nodes": ctx.trainer.get("num_nodes", 1),
-                     "strategy": ctx.trainer.get("strategy") or "ddp"}
+        placement = {
+            "devices": ctx.trainer.get("devices", 1),
+            "num_nodes": ctx.trainer.get("num_nodes", 1),
+            "strategy": ctx.trainer.get("strategy") or "ddp",
+        }
     else:
         device = torch.device(ctx.device)
         placement = {"devices": [device.index] if device.index is not None else 1}  # the GPU named, if any
     epochs = ctx.settings.epochs
-    return checked_trainer(lambda: L.Trainer(
-        max_epochs=epochs, check_val_every_n_epoch=epochs, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, **placement,
-        **{k: v for k, v in ctx.trainer.items() if k in TRAINER_KEYS}, **kwargs))
+    return checked_trainer(
+        lambda: L.Trainer(
+            max_epochs=epochs,
+            check_val_every_n_epoch=epochs,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            log_every_n_steps=1,
+            **placement,
+            **{k: v for k, v in ctx.trainer.items() if k in TRAINER_KEYS},
+            **kwargs,
+        )
+    )
 
 
 def perplexity_step(ctx: StudyContext, out: Path, cond: PruneCondition | None) -> dict[str, Any]:
@@ -247,14 +374,21 @@ def perplexity_step(ctx: StudyContext, out: Path, cond: PruneCondition | None) -
     metrics: dict[str, float] = {}
     if cond is not None:
         started = time.perf_counter()
-        masks = prune_model(lm, cond.method, 0.0 if cond.nm else cond.sparsity, nm=cond.nm,
-                            group=ctx.settings.magnitude_group_of(cond),
-                            calibration_ids=dm.calibration_ids, max_seq_len=dm.hparams.calibration_seq_len,
-                            progress=False)
+        masks = prune_model(
+            lm,
+            cond.method,
+            0.0 if cond.nm else cond.sparsity,
+            nm=cond.nm,
+            group=ctx.settings.magnitude_group_of(cond),
+            calibration_ids=dm.calibration_ids,
+            max_seq_len=dm.hparams.calibration_seq_len,
+            progress=False,
+        )
         metrics["prune_seconds"] = time.perf_counter() - started
         save_masks(masks, out / "masks.safetensors", {"method": cond.method, "sparsity": str(cond.sparsity)})
-        metrics["realised_sparsity"] = (sum(int((~m).sum()) for m in masks.values())
-                                        / sum(m.numel() for m in masks.values()))
+        metrics["realised_sparsity"] = sum(int((~m).sum()) for m in masks.values()) / sum(
+            m.numel() for m in masks.values()
+        )
     metrics["perplexity"] = perplexity(lm, dm.eval_ids[: ctx.settings.perplexity_sequences].to(ctx.device))
     metrics["perplexity_tokens"] = float(dm.eval_ids[: ctx.settings.perplexity_sequences, 1:].numel())
     condition = ctx.condition(cond.label, cond.sparsity) if cond else ctx.condition()
@@ -271,8 +405,14 @@ def rq5_step(ctx: StudyContext, out: Path) -> dict[str, Any]:
     sae, meta = load_sae(ctx.reference(), device=ctx.device)
     options = {"n_top": 64, "n_random": 64, "n_rare": 64, "eval_sequences": 8, "batch_size": 8, **st.ablation}
     ids = dm.eval_ids[: options.pop("eval_sequences")].to(ctx.device)
-    arrays = feature_importance(lm, ctx.model["hook_layer"], ids, sae_parts(sae.eval().requires_grad_(False)),
-                                seed=ctx.seed_everything, **options)
+    arrays = feature_importance(
+        lm,
+        ctx.model["hook_layer"],
+        ids,
+        sae_parts(sae.eval().requires_grad_(False)),
+        seed=ctx.seed_everything,
+        **options,
+    )
     metrics = summarise(arrays)
     seed = meta.get("seed")
     condition = ctx.condition(seed_a=None if seed is None else int(seed))
@@ -303,11 +443,19 @@ def rq1_step(ctx: StudyContext, out: Path, condition_name: str) -> dict[str, Any
         metrics.update({k: pair[k] for k in ("mmcs_ij", "mmcs_ji", "mean_cosine")})
         rows += make_rows(cond, metrics)
     write_rows(out / "results" / "rq1_seeds.json", rows)
-    write_arrays(out / "results" / "rq1_seeds.safetensors",
-                 **{f"stability_seed{s}": v for s, v in zip(seeds, result["stability"])})
+    write_arrays(
+        out / "results" / "rq1_seeds.safetensors",
+        **{f"stability_seed{s}": v for s, v in zip(seeds, result["stability"])},
+    )
     logger = ctx.logger("rq1", condition_name)
-    logger.log_metrics({f"rq1/{r['metric']}/seeds{r['seed_a']}-{r['seed_b']}": r["value"] for r in rows
-                        if r["value"] is not None}, step=0)
+    logger.log_metrics(
+        {
+            f"rq1/{r['metric']}/seeds{r['seed_a']}-{r['seed_b']}": r["value"]
+            for r in rows
+            if r["value"] is not None
+        },
+        step=0,
+    )
     logger.finalize("success")
     return {"pairs": len(result["pairs"])}
 

@@ -26,7 +26,7 @@ READY = "ready"
 
 
 def parse_worker(text: str) -> tuple[int, Path]:
-    """"i:FOLDER" (the internal --worker option) -> (i, FOLDER)."""
+    """ "i:FOLDER" (the internal --worker option) -> (i, FOLDER)."""
     index, _, folder = text.partition(":")
     if not index.isdigit() or not folder:
         raise invalid("--worker", text, "INDEX:FOLDER, set by the study for its worker processes")
@@ -63,9 +63,14 @@ class WorkerPool:
         self.failed = False
         for i, gpu in enumerate(worker_gpus(device, workers)):
             with self.log(i).open("w") as log:
-                self.procs.append(subprocess.Popen([*command, f"--worker={i}:{self.folder}"], stdout=log,
-                                                   stderr=subprocess.STDOUT,
-                                                   env=env if gpu is None else {**env, "CUDA_VISIBLE_DEVICES": gpu}))
+                self.procs.append(
+                    subprocess.Popen(
+                        [*command, f"--worker={i}:{self.folder}"],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=env if gpu is None else {**env, "CUDA_VISIBLE_DEVICES": gpu},
+                    )
+                )
 
     def log(self, worker: int) -> Path:
         return self.folder / f"{worker}.log"
@@ -89,12 +94,17 @@ class WorkerPool:
                 self._check()
                 finished = [s for s in steps if s.key not in done_before and runner.is_done(s.key)]
                 running = [ran[-1] for ran in self.started() if ran and not runner.is_done(ran[-1])]
-                if (len(finished), running) != shown or time.time() - drawn > 10:  # spare logs a line a second
+                if (
+                    len(finished),
+                    running,
+                ) != shown or time.time() - drawn > 10:  # spare logs a line a second
                     shown, drawn = (len(finished), running), time.time()
-                    bar.set_description(f"study ({len(self.procs)} workers): {', '.join(running) or 'waiting'}",
-                                        refresh=False)
-                    bar.set_postfix_str(f"{len(done_before) + len(finished)} of {len(steps)} steps finished",
-                                        refresh=False)
+                    bar.set_description(
+                        f"study ({len(self.procs)} workers): {', '.join(running) or 'waiting'}", refresh=False
+                    )
+                    bar.set_postfix_str(
+                        f"{len(done_before) + len(finished)} of {len(steps)} steps finished", refresh=False
+                    )
                     bar.update(round(sum(s.cost for s in finished), 3) - bar.n)
                     bar.refresh()
                 time.sleep(1.0)
@@ -103,8 +113,10 @@ class WorkerPool:
             bar.close()
         left = [s.key for s in steps if not runner.is_done(s.key)]
         if left:
-            raise LitPruneError(f"the study's workers exited leaving {len(left)} steps unfinished ({left[0]}, ...); "
-                                f"see {self.folder}/*.log")
+            raise LitPruneError(
+                f"the study's workers exited leaving {len(left)} steps unfinished ({left[0]}, ...); "
+                f"see {self.folder}/*.log"
+            )
         return {s.key: "done" if s.key in done_before else "ran" for s in steps}, self.started()
 
     def started(self) -> list[list[str]]:
@@ -117,11 +129,12 @@ class WorkerPool:
             if proc.poll() not in (None, 0):
                 tail = self.log(i).read_text(errors="replace").splitlines()[-20:]
                 if tail and tail[-1].startswith("error: "):  # the worker's own one-line error says it all
-                    raise LitPruneError(f"study worker {i}: {tail[-1][len('error: '):]}")
+                    raise LitPruneError(f"study worker {i}: {tail[-1][len('error: ') :]}")
                 self.failed = True  # keep the folder: the message points to the log
                 print("\n".join(tail), file=sys.stderr)
-                raise LitPruneError(f"study worker {i} exited with status {proc.returncode}; its output is in "
-                                    f"{self.log(i)}")
+                raise LitPruneError(
+                    f"study worker {i} exited with status {proc.returncode}; its output is in {self.log(i)}"
+                )
 
     def close(self) -> None:
         """Stop any worker still running; remove the folder unless a worker failed without a one-line
