@@ -1,4 +1,4 @@
-"""Pruning benchmark on the embedded model (METHODS §1, §5).
+"""Pruning benchmark on the embedded model (docs/methods.md §1, §5).
 
 Default (about 1-2 minutes on 2 idle cores):
 1. Wanda mask selection at 50%: one sequential calibration (`wanda_masks` on 8 x 256 tokens of

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from importlib import metadata
 
-from conftest import ROOT
+from helpers import ROOT
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version

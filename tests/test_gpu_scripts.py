@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import torch
-from conftest import ROOT
+from helpers import ROOT
 
 from lit_prune.models.registry import load_model
 

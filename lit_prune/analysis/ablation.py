@@ -1,13 +1,13 @@
 """RQ5 causal relevance of SAE features: exact ablation with the error term kept, gradient attribution.
 
-Definitions (METHODS §4, RQ5). `f(x)`: SAE features of the raw activation x; `dec`: the SAE decoder
+Definitions (docs/methods.md §4, RQ5). `f(x)`: SAE features of the raw activation x; `dec`: the SAE decoder
 in raw space (input scale and any decoder-norm rescaling included).
 - Ablating feature i keeps the SAE error term: at every valid position s (>= 1, not padding) where
   f_i(x_s) > 0, x'_s = x_s - (dec(f) - dec(f with f_i = 0)) = x_s - f_i(x_s) W_dec,i; every other
   position is left bit-for-bit untouched. All firing positions of a sequence are ablated at once.
 - Counted predictions: the prediction made at position t (of token t+1) is a *loss position* if
   `loss_positions` keeps it. n_i = number of loss positions t with f_i(x_t) > 0.
-- scope "firing" (METHODS' "mean over tokens where i fires"): I_i = (1/n_i) sum over firing loss
+- scope "firing" (docs/methods.md's "mean over tokens where i fires"): I_i = (1/n_i) sum over firing loss
   positions t of CE'_t - CE_t. CE'_t includes the effect of ablating earlier firing positions.
 - scope "all": I_i = (1/n_i) sum over ALL loss positions t of CE'_t - CE_t: the total downstream CE
   increase per firing token, later non-firing positions included (positions before the first firing
@@ -21,8 +21,8 @@ in raw space (input scale and any decoder-norm rescaling included).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

@@ -1,4 +1,4 @@
-"""Feature fragility (RQ4, METHODS.md §4): which features break first under pruning?
+"""Feature fragility (RQ4, docs/methods.md §4): which features break first under pruning?
 
 Convention: a NaN matched cosine (feature left unmatched) is read as 0 here, i.e. "no
 partner, nothing preserved": it never survives and it counts fully towards fragility.

@@ -1,4 +1,4 @@
-"""SAE quality metrics (METHODS §3), streamed over the eval split in fp32.
+"""SAE quality metrics (docs/methods.md §3), streamed over the eval split in fp32.
 
 Reconstruction: L0, MSE, cosine, FVU = sum||x - x_hat||^2 / sum||x - mean(x)||^2,
 firing rates (dead / dense fractions). Spliced CE: the model is re-run with
@@ -10,7 +10,7 @@ States are torchmetrics sums, so values sync across DDP processes.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -8,7 +8,7 @@ one empty condition in a grid of conditions must not stop the whole report.
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from scipy import stats as sps

@@ -1,4 +1,4 @@
-"""Seed stability (RQ1) and feature survival under pruning (RQ2), METHODS.md §4.
+"""Seed stability (RQ1) and feature survival under pruning (RQ2), docs/methods.md §4.
 
 Geometric survival matches decoder rows (see `matching`); functional survival
 correlates one SAE's activations on the dense and the pruned model over the same tokens.

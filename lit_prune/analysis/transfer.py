@@ -1,4 +1,4 @@
-"""SAE transferability (RQ3, METHODS.md §4) and the paired dense / pruned passes RQ2 needs.
+"""SAE transferability (RQ3, docs/methods.md §4) and the paired dense / pruned passes RQ2 needs.
 
 - `transfer_metrics`: every SAE metric of one SAE on one LM over fixed eval tokens, plus the
   per-latent firing rates, computed locally (no DDP sync: callers run it on one rank).
@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn

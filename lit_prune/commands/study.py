@@ -217,21 +217,15 @@ def _write_json(path: Path, record: dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps(record, indent=1, sort_keys=True, default=str))
 
 
-def _quiet_lightning() -> None:
-    """Each step is a Lightning run; their start-up chatter would drown the study's progress bar."""
-    import logging
-
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def run_study(argv: list[str]) -> Path:
     from lit_prune.models.activation_cache import sharing_activations
     from lit_prune.sae.io import versions
     from lit_prune.study.workers import WorkerPool
 
     ctx, shard, options = context_from_args(argv)
-    _quiet_lightning()
+    from lit_prune.lit.trainer_settings import quiet_lightning
+
+    quiet_lightning()
     root = ctx.root
     _check_identity(ctx, root)
     if options["worker"] is not None:  # started by a study process, which has made the checks below

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from transformers import PreTrainedTokenizerBase

@@ -6,16 +6,16 @@ Definitions (scopes, sign of the attribution) are in `lit_prune.analysis.ablatio
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_prune.analysis.ablation import GROUPS, SCOPES, feature_importance, sae_parts
-from lit_prune.analysis.results import Condition, make_rows, write_arrays, write_rows
-from lit_prune.analysis.stats import spearman
+from lit_prune.analysis.ablation import GROUPS, feature_importance, sae_parts
+from lit_prune.analysis.ablation_summary import summarise, summary_rows
+from lit_prune.analysis.figures import scatter_figure
+from lit_prune.analysis.results import Condition, write_arrays, write_rows
 from lit_prune.errors import invalid
 
 
@@ -130,70 +130,3 @@ class AblationCallback(L.Callback):
         out = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir) / "results"
         write_arrays(out / "rq5_ablation.safetensors", **arrays)
         write_rows(out / "rq5_ablation.json", rows)
-
-
-def summarise(arrays: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Metrics keyed "metric:group" (group: top, random, rare, selected; all for whole-SAE numbers)."""
-    rate, attribution = arrays["firing_rate"].double(), arrays["attribution"].double()
-    alive = rate > 0
-    out = {
-        "dead_fraction:all": float((~alive).double().mean()),
-        "n_alive:all": float(alive.sum()),
-        "attribution_mean:all": float(attribution[alive].mean()) if alive.any() else float("nan"),
-        "eval_tokens:all": float(arrays["eval_tokens"]),
-    }
-    for gi, group in enumerate((*GROUPS, "selected")):
-        take = (
-            arrays["group"] == gi
-            if group != "selected"
-            else torch.ones_like(arrays["group"], dtype=torch.bool)
-        )
-        attr = attribution[arrays["features"][take]]
-        out[f"n_features:{group}"] = float(take.sum())
-        out[f"attribution_mean:{group}"] = _mean(attr)
-        for scope in SCOPES:
-            for kind in ("ce", "kl"):
-                out[f"ablation_{kind}_{scope}_mean:{group}"] = _mean(arrays[f"exact_{kind}_{scope}"][take])
-            rho, p = spearman(arrays[f"exact_ce_{scope}"][take], attr)
-            out[f"spearman_ce_{scope}_vs_attribution:{group}"] = rho
-            out[f"spearman_ce_{scope}_vs_attribution_p:{group}"] = p
-    return out
-
-
-def summary_rows(condition: Condition, metrics: dict[str, float], **extra: Any) -> list[dict[str, Any]]:
-    """Tidy rows of `summarise` output: "metric:group" keys become a metric and a `group` column."""
-    rows = []
-    for key, value in metrics.items():
-        metric, group = key.split(":")
-        rows += make_rows(condition, {metric: value}, group=group, **extra)
-    return rows
-
-
-def _mean(values: torch.Tensor) -> float:
-    return float(values.double().mean()) if values.numel() else float("nan")
-
-
-def scatter_figure(arrays: dict[str, torch.Tensor]) -> Any:
-    """Exact ablation CE effect (both scopes) against gradient attribution, one colour per group."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend state
-
-    fig = Figure(figsize=(10, 4.5), layout="constrained")
-    attribution = arrays["attribution"][arrays["features"]].double()
-    for ax, scope in zip(fig.subplots(1, 2), SCOPES):
-        exact = arrays[f"exact_ce_{scope}"].double()
-        for gi, group in enumerate(GROUPS):
-            take = arrays["group"] == gi
-            ax.scatter(attribution[take], exact[take], s=14, alpha=0.7, label=f"{group} ({int(take.sum())})")
-        values = torch.cat([attribution, exact]).abs()
-        values = values[values > 0]
-        # effects span decades and can be negative: symmetric log axes, linear only near 0
-        linthresh = float(values.quantile(0.1)) if values.numel() else 1e-6
-        lim = float(values.max()) if values.numel() else 1.0
-        ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.8, ls="--", label="exact = attribution")
-        ax.set_xscale("symlog", linthresh=linthresh)
-        ax.set_yscale("symlog", linthresh=linthresh)
-        ax.set_xlabel("gradient attribution -f·(W_dec·dCE/dx) (nats per firing token)")
-        ax.set_ylabel(f"exact ablation ΔCE, scope {scope} (nats per firing token)")
-        ax.set_title(f"scope: {scope}")
-        ax.legend(fontsize=8)
-    return fig

@@ -181,15 +181,3 @@ def load_reference(path: str, d_model: int, layer: int) -> tuple[nn.Module, dict
         raise LitPruneError(f"reference_sae: {err}") from err
     check_compatible(sae, meta, d_model, layer, field="reference_sae")
     return sae.eval().requires_grad_(False), meta
-
-
-def __getattr__(name: str) -> Any:  # lazy: the callback modules import this one
-    if name == "TransferabilityCallback":
-        from lit_prune.lit.transfer_callback import TransferabilityCallback
-
-        return TransferabilityCallback
-    if name == "FeatureSurvivalCallback":
-        from lit_prune.lit.survival_callback import FeatureSurvivalCallback
-
-        return FeatureSurvivalCallback
-    raise AttributeError(name)

@@ -206,7 +206,7 @@ class SAEModule(L.LightningModule):
                 dist.all_reduce(mean)
                 mean /= dist.get_world_size()
             with torch.no_grad():
-                self.sae.b_dec.copy_(mean)  # b_dec starts at the activation mean (METHODS §2)
+                self.sae.b_dec.copy_(mean)  # b_dec starts at the activation mean (docs/methods.md §2)
         dead = self.tokens_since_fired > self.hparams.dead_window_tokens
         if self.settings.architecture == "topk" and self.settings.fast is not False:  # fast null: on for topk
             out = fast_topk_training_forward(self.sae, x, dead)

@@ -40,3 +40,11 @@ def check_launcher(trainer: L.Trainer) -> None:
             f"{type(trainer.strategy).__name__}(start_method={start!r})",
             "ddp (the default for several devices) or ddp_fork: spawned ranks cannot receive sae-lens' SAE",
         )
+
+
+def quiet_lightning() -> None:
+    """Each step is a Lightning run; their start-up chatter would drown the study's progress bar."""
+    import logging
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -40,7 +40,7 @@ class TransferabilityCallback(ReferenceSAECallback):
     The reference is also evaluated once on the dense LM M(0): rows with method "dense". Every SAE
     gets `l0_ratio` (its L0 over the reference's dense L0) and `viable` (1/0): CE recovered
     >= ce_factor x and FVU <= fvu_factor x the reference's dense values. For the reference this is
-    the METHODS §4 rule; for the baselines it asks whether they reach the same bar.
+    the docs/methods.md §4 rule; for the baselines it asks whether they reach the same bar.
     Rows (extra keys `sae`, `sae_sparsity`, `epoch`, `stage`) go to <dir>/results/rq3_transfer.json
     and scalars to the logger as rq3/<sae>/<metric>.
 

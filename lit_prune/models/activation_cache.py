@@ -18,7 +18,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections import OrderedDict
-from typing import Any, Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 import torch

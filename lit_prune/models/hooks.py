@@ -8,8 +8,8 @@ tokens count, and splices leave everything else untouched.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 from torch import nn

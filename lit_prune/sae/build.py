@@ -18,7 +18,7 @@ ARCHITECTURES = ("topk", "standard", "jumprelu", "batchtopk")
 
 @dataclass
 class SAESettings:
-    """What SAE to train. Defaults: TopK, k = 32, 8x width (METHODS §2)."""
+    """What SAE to train. Defaults: TopK, k = 32, 8x width (docs/methods.md §2)."""
 
     architecture: str = "topk"
     """sae-lens architecture: topk | batchtopk | standard (L1) | jumprelu."""

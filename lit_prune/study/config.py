@@ -20,6 +20,19 @@ METHODS = ("magnitude", "wanda")
 ABLATION_MINIMUM = {"n_top": 0, "n_random": 0, "n_rare": 0, "eval_sequences": 1, "batch_size": 1}
 """study.ablation's options and the least value of each."""
 
+DENSE = "dense"
+# The Trainer settings the fit steps take from the study's trainer section (the other steps only
+# read the accelerator). One device (the default, devices: 1 or absent): the fit runs in the study's
+# own process with devices=1. More (devices > 1 or a list of several, "auto" / -1 finding several
+# accelerators, num_nodes > 1): it runs as a child process, `python -m lit_prune.study.fit_child`,
+# an ordinary Lightning DDP run over them (strategy "ddp" unless given). Not in the study's process:
+# Lightning's DDP launcher re-runs the command line for the other ranks, which for a study would
+# re-enter the runner and wait forever on the step's lock. Each rank reads data.batch_size sequences
+# per LM batch (Lightning's DistributedSampler), so the global batch is devices x num_nodes x
+# batch_size. Shards (--shard i/n) still split the conditions between study processes.
+TRAINER_KEYS = ("accelerator", "precision", "deterministic")
+DDP_KEYS = ("devices", "num_nodes", "strategy")
+
 
 @dataclass
 class StudySettings:
@@ -52,7 +65,7 @@ class StudySettings:
     survival: dict[str, Any] = field(default_factory=dict)
     """Extra arguments of FeatureSurvivalCallback (e.g. functional_sequences, n_boot, matching). RQ1
     uses the same taus, matching and candidates, and seed_baseline_tau as its stability threshold.
-    taus must include the report's 0.5, 0.7 and 0.9 (METHODS §3; others may be added)."""
+    taus must include the report's 0.5, 0.7 and 0.9 (docs/methods.md §3; others may be added)."""
     transfer: dict[str, Any] = field(default_factory=dict)
     """Extra arguments of TransferabilityCallback (e.g. sae_prune_levels, ce_sequences)."""
     ablation: dict[str, Any] = field(default_factory=dict)

@@ -1,9 +1,9 @@
-"""`python -m lit_prune.study.fit_worker SPEC.json`: one fit step of a study as an ordinary Lightning DDP run.
+"""Launching one fit step of a study as an ordinary Lightning DDP run in a child process.
 
 A study whose trainer settings ask for several devices (`fit_processes` > 1) runs each fit
 step through `fit_in_worker`: the study process writes the step's spec (its StudyContext, seed and
 prune condition) into the step's temp directory, runs this module on it as a child process and
-waits. Lightning's DDP launcher re-runs this same command line for the other ranks (harmless here;
+waits (`python -m lit_prune.study.fit_child SPEC.json`). Lightning's DDP launcher re-runs this same command line for the other ranks (harmless here;
 a re-run study would re-enter its runner and wait on the step's lock). Every rank runs
 `steps.run_fit`; global rank 0 writes the step's results, `fit_result.json` (the summary the
 in-process fit returns) and waits for the other ranks before it exits.
@@ -70,7 +70,7 @@ def fit_in_worker(ctx: Any, out: Path, seed: int, cond: Any) -> dict[str, Any]:
     import torch
 
     from lit_prune.errors import LitPruneError
-    from lit_prune.study.steps import DDP_KEYS, DENSE, TRAINER_KEYS
+    from lit_prune.study.config import DDP_KEYS, DENSE, TRAINER_KEYS
 
     out = Path(out).resolve()
     step = f"{cond.name if cond is not None else DENSE}/seed{seed}"
@@ -95,7 +95,7 @@ def fit_in_worker(ctx: Any, out: Path, seed: int, cond: Any) -> dict[str, Any]:
     spec_path.write_text(json.dumps(spec, indent=1))
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()  # the ranks need the memory this process's earlier steps cached
-    command = [sys.executable, "-m", __name__, str(spec_path)]
+    command = [sys.executable, "-m", "lit_prune.study.fit_child", str(spec_path)]
     code = subprocess.run(command, env=child_env()).returncode
     result_path = out / RESULT
     if code != 0 or not result_path.is_file():
@@ -131,44 +131,3 @@ def die_with_parent() -> None:
         return
     if os.getppid() == 1:  # the parent died before prctl
         os._exit(1)
-
-
-def main(argv: list[str]) -> int:
-    die_with_parent()
-    if len(argv) != 1:
-        print("usage: python -m lit_prune.study.fit_worker SPEC.json", file=sys.stderr)
-        return 2
-    from lit_prune.commands.study import _quiet_lightning
-    from lit_prune.models.activation_cache import sharing_activations
-    from lit_prune.study.config import PruneCondition, StudySettings
-    from lit_prune.study.steps import StudyContext, run_fit
-
-    spec = json.loads(Path(argv[0]).read_text())
-    ctx = StudyContext(
-        name=spec["name"],
-        settings=StudySettings(**spec["settings"]),
-        model=spec["model"],
-        data=spec["data"],
-        trainer=spec["trainer"],
-        seed_everything=spec["seed_everything"],
-    )
-    c = spec["condition"]
-    cond = (
-        None if c is None else PruneCondition(c["method"], c["sparsity"], tuple(c["nm"]) if c["nm"] else None)
-    )
-    out = Path(spec["out"])
-    _quiet_lightning()
-    with sharing_activations(int(ctx.settings.cache_gb * (1 << 30))):
-        trainer, result = run_fit(ctx, out, int(spec["seed"]), cond, distributed=True)
-    failed = 0
-    for proc in getattr(trainer.strategy.launcher, "procs", None) or []:  # rank 0: the ranks it launched
-        failed |= proc.wait() != 0
-    if trainer.is_global_zero and not failed:
-        tmp = out / f".{RESULT}.tmp"
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, out / RESULT)
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -28,10 +28,11 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_prune.analysis.ablation import feature_importance, sae_parts
+from lit_prune.analysis.ablation_summary import summarise, summary_rows
+from lit_prune.analysis.figures import scatter_figure
 from lit_prune.analysis.perplexity import perplexity
 from lit_prune.analysis.results import Condition, make_rows, read_arrays, write_arrays, write_rows
 from lit_prune.analysis.survival import seed_stability
-from lit_prune.lit.ablation_callback import scatter_figure, summarise, summary_rows
 from lit_prune.lit.callbacks import PruningCallback
 from lit_prune.lit.datamodule import TokenDataModule
 from lit_prune.lit.sae_module import SAEModule
@@ -42,23 +43,10 @@ from lit_prune.models.registry import load_model, model_dir
 from lit_prune.pruning import prune_model, save_masks
 from lit_prune.sae.build import SAESettings
 from lit_prune.sae.io import hook_name, load_sae
-from lit_prune.study.config import PruneCondition, StudySettings
+from lit_prune.study.config import DENSE, TRAINER_KEYS, PruneCondition, StudySettings
 from lit_prune.study.fit_worker import device_ids, fit_in_worker, fit_processes
 from lit_prune.study.gallery import gallery_condition, gallery_step
 from lit_prune.study.runner import Step
-
-DENSE = "dense"
-# The Trainer settings the fit steps take from the study's trainer section (the other steps only
-# read the accelerator). One device (the default, devices: 1 or absent): the fit runs in the study's
-# own process with devices=1. More (devices > 1 or a list of several, "auto" / -1 finding several
-# accelerators, num_nodes > 1): it runs as a child process, `python -m lit_prune.study.fit_worker`,
-# an ordinary Lightning DDP run over them (strategy "ddp" unless given). Not in the study's process:
-# Lightning's DDP launcher re-runs the command line for the other ranks, which for a study would
-# re-enter the runner and wait forever on the step's lock. Each rank reads data.batch_size sequences
-# per LM batch (Lightning's DistributedSampler), so the global batch is devices x num_nodes x
-# batch_size. Shards (--shard i/n) still split the conditions between study processes.
-TRAINER_KEYS = ("accelerator", "precision", "deterministic")
-DDP_KEYS = ("devices", "num_nodes", "strategy")
 
 
 @dataclass

@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from lit_prune.study.report_analysis import TAU
+from lit_prune.study.report.analysis import TAU
 
 SPARSITY = "sparsity (fraction of weights pruned)"
 COLORS = {"magnitude": "tab:blue", "wanda": "tab:orange"}

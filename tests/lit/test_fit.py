@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, cli_in_process, run_cli
+from helpers import ROOT, cli_in_process, run_cli
 from sae_lens import SAE
 
 from lit_prune.cli import lightning_cli

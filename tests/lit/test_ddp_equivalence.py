@@ -3,7 +3,7 @@
 import json
 
 import torch
-from conftest import ROOT, run_cli
+from helpers import ROOT, run_cli
 
 from lit_prune.cli import lightning_cli
 

@@ -12,8 +12,9 @@ Conventions (stated in the report too):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from lit_prune.analysis.ablation import bh_correct, importance_vs_survival
 from lit_prune.analysis.fragility import breaking_points, fragility, fragility_predictors
 from lit_prune.analysis.survival import normalised_survival, wanda_magnitude_ratio
 from lit_prune.analysis.transfer import largest_viable_sparsity
-from lit_prune.study.report_data import DENSE, Cond, StudyData, value
+from lit_prune.study.report.data import DENSE, Cond, StudyData, value
 
 TAU = 0.7
 TAUS = (0.5, 0.7, 0.9)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_cli
+from helpers import ROOT, run_cli
 
 from lit_prune.analysis.results import read_arrays
 from lit_prune.errors import LitPruneError

@@ -9,6 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
 from scipy.optimize import linear_sum_assignment
 
 from lit_prune.analysis.fragility import breaking_points, survival_by_bin
@@ -287,13 +288,13 @@ def test_price_finds_every_violated_non_candidate_pair():
     assert (violated & ~candidate).sum() > 0  # the test exercises the bound
 
 
-def test_auto_uses_exact_on_square_inputs_above_threshold_and_hungarian_on_rectangular():
+def test_auto_uses_exact_above_threshold_on_square_and_rectangular_inputs():
     a, b = _rand(1100, 8, 70), _rand(1100, 8, 71)
     m = match_features(a, b)
     assert m.method == "exact"
     assert m.total == pytest.approx(_lsa_total(a, b), abs=1e-3)
-    rect = match_features(a[:1050], b, "exact")  # rectangular: dense Hungarian instead
-    assert rect.method == "hungarian"
+    rect = match_features(a[:1050], b)  # rectangular: the same certified solver
+    assert rect.method == "exact"
     assert rect.total == pytest.approx(_lsa_total(a[:1050], b), abs=1e-3)
 
 
@@ -343,7 +344,7 @@ print(m.method, int((m.partner >= 0).sum()), len(set(m.partner.tolist())), m.n_r
 @pytest.mark.skipif(not os.environ.get("LIT_PRUNE_SLOW"), reason="set LIT_PRUNE_SLOW=1 (minutes)")
 def test_matching_65536_fits_in_memory():
     # Separate process so ru_maxrss is this job's peak alone (GiB on Linux: KiB / 2**20).
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = str(ROOT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(_BIG)],

@@ -11,10 +11,11 @@ import html
 import io
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
-from lit_prune.study.report_analysis import RQ1_METRICS, SAE_METRICS, TAUS
+from lit_prune.study.report.analysis import RQ1_METRICS, SAE_METRICS, TAUS
 
 DASH = "–"
 

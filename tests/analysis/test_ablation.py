@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 from scipy import stats as sps
 
 from lit_prune.analysis.ablation import (

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cli_in_process, run_cli
+from helpers import cli_in_process, run_cli
 from transformers import AutoModelForCausalLM
 
 import lit_prune.pruning

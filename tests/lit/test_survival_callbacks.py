@@ -6,13 +6,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 
 from lit_prune.analysis.evaluate import evaluate_sae, harvest, sae_codec
 from lit_prune.analysis.fragility import survival_by_bin
 from lit_prune.analysis.matching import match_features
 from lit_prune.analysis.results import read_arrays, read_rows
 from lit_prune.analysis.survival import PearsonAccumulator, functional_survival
+from lit_prune.analysis.survival_measures import survival_measurements
 from lit_prune.analysis.transfer import (
     PairedPass,
     is_viable,
@@ -21,8 +22,8 @@ from lit_prune.analysis.transfer import (
     wanda_prune_sae,
 )
 from lit_prune.errors import LitPruneError
-from lit_prune.lit.analysis_callbacks import FeatureSurvivalCallback, TransferabilityCallback
-from lit_prune.lit.survival_callback import survival_measurements
+from lit_prune.lit.survival_callback import FeatureSurvivalCallback
+from lit_prune.lit.transfer_callback import TransferabilityCallback
 from lit_prune.models.registry import load_model
 from lit_prune.sae.build import SAESettings, build_training_sae
 from lit_prune.sae.io import export_sae, load_sae
@@ -226,9 +227,9 @@ def analysed_fit(tmp_path_factory, local_corpus, model_cache):
     config = tmp_path / "analysis.yaml"
     config.write_text(
         "trainer:\n  callbacks+:\n"
-        f"    - class_path: lit_prune.lit.analysis_callbacks.TransferabilityCallback\n"
+        f"    - class_path: lit_prune.lit.transfer_callback.TransferabilityCallback\n"
         f"      init_args: {{reference_sae: {tmp_path / 'dense'}, sae_prune_levels: [0.5], at_fit_end: true}}\n"
-        f"    - class_path: lit_prune.lit.analysis_callbacks.FeatureSurvivalCallback\n"
+        f"    - class_path: lit_prune.lit.survival_callback.FeatureSurvivalCallback\n"
         f"      init_args: {{reference_sae: {tmp_path / 'dense'}, n_boot: 20, at_fit_end: true}}\n"
     )
     cli = _fit(

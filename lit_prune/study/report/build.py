@@ -1,12 +1,10 @@
 """The study report: `write_report(<study dir>)` -> <study dir>/report/{report.md, report.html, figures/, tables/}.
 
-Reads only finished steps (done.json whose hash matches study.json; see `report_data`), so a
+Reads only finished steps (done.json whose hash matches study.json; see `report.data`), so a
 partial study renders too, with "–" for what is not measured yet and a list of missing / stale
 steps. The report is built in a temp directory beside report/ and renamed into place only when
 complete: a failed re-render leaves the previous report as it was.
 
-Layout: `report_data` (reading), `report_analysis` (numbers), `report_claims` (the headline),
-`report_tables` / `report_figures` (presentation), `report_render` (markdown / HTML).
 """
 
 from __future__ import annotations
@@ -22,12 +20,12 @@ from matplotlib.figure import Figure
 
 from lit_prune.errors import invalid
 from lit_prune.files import staging_dir
-from lit_prune.study import report_analysis as A
-from lit_prune.study import report_figures as F
-from lit_prune.study import report_tables as T
-from lit_prune.study.report_claims import headline
-from lit_prune.study.report_data import StudyData, load_study
-from lit_prune.study.report_render import (
+from lit_prune.study.report import analysis as A
+from lit_prune.study.report import figures as F
+from lit_prune.study.report import tables as T
+from lit_prune.study.report.claims import headline
+from lit_prune.study.report.data import StudyData, load_study
+from lit_prune.study.report.render import (
     Block,
     Bullets,
     FigureRef,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, cli_in_process, run_cli
+from helpers import ROOT, cli_in_process, run_cli
 
 from lit_prune.analysis.results import read_arrays
 from lit_prune.errors import LitPruneError

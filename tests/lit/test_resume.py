@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import ROOT, cli_in_process
+from helpers import ROOT, cli_in_process
 
 from lit_prune.cli import lightning_cli
 from lit_prune.errors import LitPruneError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lit_prune.study.report_analysis import TAU, count_rho_minus_one, mean, wanda_vs_magnitude
+from lit_prune.study.report.analysis import TAU, count_rho_minus_one, mean, wanda_vs_magnitude
 
 REPRODUCED, NOT_REPRODUCED, PARTLY, NOT_MEASURED, CONTEXT = (
     "reproduced",

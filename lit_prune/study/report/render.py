@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Union
 
-from lit_prune.study.report_tables import Table
+from lit_prune.study.report.tables import Table
 
 
 @dataclass

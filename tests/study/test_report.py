@@ -14,11 +14,11 @@ import torch
 from lit_prune.analysis.results import Condition, make_rows, write_arrays, write_rows
 from lit_prune.analysis.stats import spearman
 from lit_prune.errors import LitPruneError
-from lit_prune.study import report as R
-from lit_prune.study import report_analysis as A
-from lit_prune.study import report_tables as T
-from lit_prune.study.report_claims import headline
-from lit_prune.study.report_data import load_study
+from lit_prune.study.report import analysis as A
+from lit_prune.study.report import build as R
+from lit_prune.study.report import tables as T
+from lit_prune.study.report.claims import headline
+from lit_prune.study.report.data import load_study
 
 N = 40  # reference features
 S_07 = {("magnitude", 0.25): 0.4, ("magnitude", 0.5): 0.1, ("wanda", 0.25): 0.5, ("wanda", 0.5): 0.37}

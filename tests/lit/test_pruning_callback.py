@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 
 from lit_prune.analysis.evaluate import harvest
 from lit_prune.cli import lightning_cli

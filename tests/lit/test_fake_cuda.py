@@ -20,8 +20,8 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
 from fake_cuda import DeviceMismatch, fake_cuda
+from helpers import ROOT
 from torch.overrides import _get_current_function_mode_stack
 
 

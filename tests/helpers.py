@@ -1,0 +1,49 @@
+"""Builders and runners shared by the tests: the repository root and the two ways of running the CLI."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 600):
+    """`python -m lit_prune ARGS` in a fresh process; returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "lit_prune", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def cli_in_process(*args: str, cwd: Path) -> tuple[int, str]:
+    """`python -m lit_prune ARGS` run by this process, for tests of its errors without a new
+    process's start-up: (exit status, what it wrote to stderr). An error that escapes `main` (the
+    shell would print its traceback) fails the test."""
+    import contextlib
+    import io
+    import sys
+
+    from lit_prune.cli import main
+
+    stderr, old, argv = io.StringIO(), Path.cwd(), sys.argv
+    os.chdir(cwd)
+    sys.argv = ["lit_prune"]  # not pytest's: LightningCLI warns when it sees both
+    try:
+        with contextlib.redirect_stderr(stderr):
+            try:
+                code = main(list(args))
+            except SystemExit as exit_:  # jsonargparse's parser errors
+                code = exit_.code
+    finally:
+        os.chdir(old)
+        sys.argv = argv
+    return code, stderr.getvalue()
