@@ -1,4 +1,4 @@
-"""Match the latents of two SAEs by the cosine of their decoder rows (METHODS.md §3).
+"""Match the latents of two SAEs by the cosine of their decoder rows (docs/methods.md §3).
 
 `C = D_a D_b^T` over unit-norm decoder rows. MMCS is the mean best cosine; the one-to-one
 matching maximises the total cosine over full matchings (every row of the smaller side is
@@ -6,11 +6,13 @@ matched), like `scipy.optimize.linear_sum_assignment`.
 
 Three solvers:
 - "hungarian": exact, dense. `C` is materialised in float64 (2 GiB at 16,384^2).
-- "exact": the Hungarian answer without `C`, for square problems (`matching_exact`): sparse
+- "exact": the Hungarian answer without `C`, square or rectangular (`matching_exact`): sparse
   candidates, then LP duals certify optimality over all pairs, adding pairs until they do.
-  One GEMM pass over `C` plus sparse solves: at 16,384 latents measured 4.7-9.8x faster than
-  "hungarian" on random decoders and 3.7x on a noisy permuted copy (easy for the dense
-  solver too); 65,536 latents in 1.5 GiB (benchmarks/matching.py).
+  Rectangular inputs are solved with the smaller side as rows; the duals of the larger side's
+  unmatched latents are 0 and the others >= 0, as the rectangular LP requires. One GEMM pass
+  over `C` plus sparse solves: at 16,384 latents measured 4.7-9.8x faster than "hungarian" on
+  random decoders and 3.7x on a noisy permuted copy (easy for the dense solver too); 65,536
+  latents in 1.5 GiB (benchmarks/matching.py, which also times a rectangular case).
 - "sparse": the candidate graph keeps, for every row, its top-k cosines and, for every
   column, its top-k cosines (`matching_candidates.top_candidates`: in-cache tiles, never
   the dense C).
@@ -33,8 +35,8 @@ from scipy.optimize import linear_sum_assignment
 from lit_prune.analysis.matching_candidates import solve_candidates, top_candidates
 from lit_prune.errors import invalid
 
-HUNGARIAN_MAX = 16_384  # "auto" on rectangular inputs: sparse solver above this many latents
-EXACT_MIN = 1_024  # "auto" on square inputs: "exact" above this many latents (below, dense is as fast)
+HUNGARIAN_MAX = 16_384  # largest side the dense solver may take (fallback if "exact" fails to settle)
+EXACT_MIN = 1_024  # "auto": "exact" above this many latents on the larger side (below, dense is as fast)
 MATCH_METHODS = ("auto", "hungarian", "sparse", "exact")
 
 
@@ -154,27 +156,28 @@ def _sparse(a: torch.Tensor, b: torch.Tensor, k: int, depth: int = 0) -> MatchRe
 
 def _match_units(a: torch.Tensor, b: torch.Tensor, method: str, k: int, depth: int = 0):
     n = max(a.shape[0], b.shape[0])
-    square = a.shape[0] == b.shape[0]
     if method == "auto":
-        method = "exact" if square and n > EXACT_MIN else "hungarian" if n <= HUNGARIAN_MAX else "sparse"
-    if method == "exact":
-        if square:
-            return _exact(a, b, k) or _match_units(
-                a, b, "hungarian" if n <= HUNGARIAN_MAX else "sparse", k, depth
-            )
-        method = "hungarian" if n <= HUNGARIAN_MAX else "sparse"  # rectangular: not covered by "exact"
+        method = "exact" if n > EXACT_MIN else "hungarian"
+    if method == "exact":  # None only if the duals did not settle: dense if it fits, else sparse
+        return _exact(a, b, k) or _match_units(
+            a, b, "hungarian" if n <= HUNGARIAN_MAX else "sparse", k, depth
+        )
     return _hungarian(a, b) if method == "hungarian" else _sparse(a, b, k, depth)
 
 
 def _exact(a: torch.Tensor, b: torch.Tensor, k: int) -> MatchResult | None:
+    """The "exact" solver; with n_a > n_b it matches b's rows into a's and reads the answer back."""
     from lit_prune.analysis.matching_exact import exact_matching  # imports this module
 
-    out = exact_matching(a, b, k)
+    flip = a.shape[0] > b.shape[0]  # exact_matching matches every row of its (smaller) first side
+    out = exact_matching(b, a, k) if flip else exact_matching(a, b, k)
     if out is None:  # the duals did not settle (numerical trouble): let a dense or sparse solver answer
         return None
     partner, best_a, best_b, rounds = out
-    rows = np.arange(a.shape[0])
-    pair_cos = (a * b[torch.from_numpy(partner)]).sum(dim=1)
+    rows = np.arange(partner.shape[0])
+    if flip:
+        rows, partner, best_a, best_b = partner, rows, best_b, best_a
+    pair_cos = (a[torch.from_numpy(rows)] * b[torch.from_numpy(partner)]).sum(dim=1)
     result = _result(a.shape[0], rows, partner, pair_cos, "exact", best_a, best_b)
     result.rounds = rounds
     return result
@@ -187,9 +190,9 @@ def match_features(
 
     Maximises the total cosine over full matchings (min(n_a, n_b) pairs).
     method: "hungarian" (exact, dense), "exact" (the same answer without the dense matrix,
-    square inputs; rectangular ones fall back to "auto"'s rectangular choice), "sparse"
-    (exact on the top-`candidates` per row and per column graph), "auto" (square: hungarian
-    up to 1,024 latents, exact above; rectangular: hungarian up to 16,384, sparse above).
+    certified by LP duals, square or rectangular; docs/methods.md §3), "sparse" (exact only on
+    the top-`candidates` per row and per column graph), "auto" ("hungarian" up to 1,024
+    latents on the larger side, "exact" above, at any shape).
     candidates: top-k per row (and column) of the candidate graph of "sparse" and "exact"
     (for "exact" only a speed setting).
     """

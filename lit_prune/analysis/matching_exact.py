@@ -1,23 +1,33 @@
 """Exact one-to-one matching without the dense cosine matrix: sparse candidates + LP duality.
 
-For square problems (unit decoder rows a [n, d], b [n, d]; maximise the total cosine of a
-perfect matching) this returns the dense Hungarian answer (`linear_sum_assignment` on
-C = a b^T) while holding O(n k) edges instead of C (2 GiB in float64 at 16,384 latents):
+Unit decoder rows a [n, d] (the smaller side) and b [m, d], m >= n: maximise the total cosine of
+a matching that pairs every row of a (docs/methods.md §3). This returns the dense Hungarian
+answer (`linear_sum_assignment` on C = a b^T) while holding O(n k) edges instead of C (2 GiB in
+float64 at 16,384 latents):
 
 1. Candidates (`strip_candidates`): every row's exact top-k cosines, one GEMM strip at a time,
    plus the top-k of the few columns that too few rows chose.
 2. Solve the matching M on the candidate graph exactly (`min_weight_full_bipartite_matching`).
-3. Duals (`row_duals`): u [n], v [n] with u_i + v_j >= C_ij on every candidate edge and equality
-   on M. With v_j = C_{M^-1(j) j} - u_{M^-1(j)} these are longest-path conditions
-   u_i >= u_i' + C_ij - C_i'j (j matched to i'), settled by Bellman-Ford rounds; they exist
-   because M is optimal on the candidate graph (no positive cycle).
+3. Duals (`row_duals`, `column_duals`): the LP of the problem is max sum C_ij x_ij with every
+   row matched once and every column at most once; its dual is min sum u + sum v subject to
+   u_i + v_j >= C_ij and v >= 0 (a column may stay unmatched, so its dual is non-negative, and
+   0 when it is unmatched, by complementary slackness). With equality on M,
+   v_j = C_{M^-1(j) j} - u_{M^-1(j)} on matched columns, and the conditions are longest-path
+   ones: u_i >= u_i' + C_ij - C_i'j (j matched to i') and u_i >= C_ij (j unmatched), plus
+   u_i <= C_{i M(i)} (v >= 0). The square case (m = n) is the same without the last two kinds.
+   Bellman-Ford rounds settle them; they exist because M is optimal on the candidate graph
+   (no positive cycle). For m > n the unmatched columns act as one node D (the m - n dummy rows
+   of cosine 0 that would make the problem square, all alike): the edges D -> i (C_ij, j
+   unmatched) and i -> D (-C_{i M(i)}) carry those extra conditions, and shifting by D's
+   potential makes the unmatched columns' duals exactly 0.
 4. Pricing (`price`): find every pair with C_ij > u_i + v_j + tol. A non-candidate C_ij is at most
    the row's k-th largest cosine, so only pairs with v_j < kth_i - u_i - tol need their cosine
-   computed (~0.01-0.5% of pairs for random decoders). None: (u, v) is feasible for the full
-   problem and by LP duality M is optimal there too (to within n * tol; tol = 1e-6, below
+   computed (~0.01-0.5% of pairs for random square decoders; every unmatched column of a row
+   whose u_i is below its k-th cosine, for rectangular ones). None: (u, v) is feasible for the
+   full problem and by LP duality M is optimal there too (to within n * tol; tol = 1e-6, below
    float32 cosine noise). Otherwise the violated pairs join the candidates: back to 2.
 
-The cost is one GEMM pass over C (step 1) plus sparse solves; dense Hungarian is O(n^3).
+The cost is one GEMM pass over C (step 1) plus sparse solves; dense Hungarian is O(n^2 m).
 """
 
 from __future__ import annotations
@@ -89,28 +99,43 @@ def row_duals(
     partner: np.ndarray,
     start: np.ndarray | None = None,
     eps: float = 1e-12,
+    n_cols: int | None = None,
 ) -> np.ndarray | None:
-    """Least row duals u >= start (default 0) for the perfect matching row i -> partner[i].
+    """Least row duals u >= start (default 0) for the full matching row i -> partner[i].
 
-    rows, cols, cos: candidate edges (each pair once, the matched ones included).
+    rows, cols: candidate edges (each pair once, the matched ones included), cos their cosines.
+    n_cols: columns (default len(partner), square). With more columns than rows the returned u
+    is shifted so that the unmatched columns' duals are 0 and `column_duals` >= 0 (module doc,
+    step 3); `start` is then compared after that shift.
     Returns u [n] float64, or None if the rounds do not settle (M not optimal on the graph).
     """
     n = partner.shape[0]
-    row_of = np.empty(n, dtype=np.int64)
+    m = n if n_cols is None else n_cols
+    node_d = n  # the unmatched columns' node (used only when m > n)
+    row_of = np.full(m, node_d, dtype=np.int64)
     row_of[partner] = np.arange(n)
-    matched = np.empty(n)  # matched[j] = C[row_of[j], j]
+    matched = np.zeros(m)  # matched[j] = C[row_of[j], j]; 0 for unmatched j (D's edge weight is C_ij)
     is_matched = partner[rows] == cols
     matched[cols[is_matched]] = cos[is_matched]
     src = row_of[cols]  # edge (i, j): u_i >= u_src + C_ij - C_src,j
     keep = src != rows
     src, dst, w = src[keep], rows[keep], cos[keep] - matched[cols[keep]]
+    if m > n:  # i -> D: u_D >= u_i - C_i,partner[i] (v >= 0 on matched columns)
+        src = np.concatenate([src, np.arange(n)])
+        dst = np.concatenate([dst, np.full(n, node_d)])
+        w = np.concatenate([w, -matched[partner]])
     order = np.argsort(dst, kind="stable")
     src, dst, w = src[order], dst[order], w[order]
     heads, starts = np.unique(dst, return_index=True)
-    u = np.zeros(n) if start is None else start.copy()
-    if heads.size == 0:
-        return u
-    for _ in range(n + 1):
+    u = np.zeros(n + 1) if start is None else np.append(start, 0.0)
+    if heads.size:
+        u = _longest_paths(u, src, w, heads, starts, eps, n + 2)
+    return None if u is None else u[:n] - (u[node_d] if m > n else 0.0)
+
+
+def _longest_paths(u, src, w, heads, starts, eps, max_rounds):
+    """Bellman-Ford rounds u[heads] = max(u[heads], max over in-edges u[src] + w); None if unsettled."""
+    for _ in range(max_rounds):
         best = np.maximum.reduceat(u[src] + w, starts)
         up = best > u[heads] + eps
         if not up.any():
@@ -119,9 +144,9 @@ def row_duals(
     return None
 
 
-def column_duals(u: np.ndarray, partner: np.ndarray, matched_cos: np.ndarray) -> np.ndarray:
-    """v [n] with u_i + v_partner[i] = C_i,partner[i] (matched_cos[i])."""
-    v = np.empty_like(u)
+def column_duals(u: np.ndarray, partner: np.ndarray, matched_cos: np.ndarray, n_cols: int | None = None):
+    """v [n_cols] (default len(u)) with u_i + v_partner[i] = C_i,partner[i] (matched_cos[i]); 0 elsewhere."""
+    v = np.zeros(u.shape[0] if n_cols is None else n_cols)
     v[partner] = matched_cos - u
     return v
 
@@ -188,37 +213,41 @@ class _Graph:
         return int(keys.size)
 
     def solve(self) -> np.ndarray:
-        """Optimal perfect matching on the graph: partner [n] (row i -> column partner[i]).
+        """Optimal full matching on the graph (every row matched): partner [n_a] (row i -> column).
 
-        If the graph has none, a maximum matching is completed by pairing the rows and columns
-        it leaves free, and those pairs join the graph (pricing then removes any harm)."""
-        r, c = solve_candidates(self.rows, self.cols, self.cos, self.n, self.n)
-        if r.shape[0] < self.n:
-            everyone = np.arange(self.n)
-            self.add(np.setdiff1d(everyone, r), np.setdiff1d(everyone, c))
-            r, c = solve_candidates(self.rows, self.cols, self.cos, self.n, self.n)
-        partner = np.empty(self.n, dtype=np.int64)
+        If the graph has none, a maximum matching is completed by pairing the rows it leaves free
+        with as many free columns, and those pairs join the graph (pricing then removes any harm)."""
+        n_a = self.a.shape[0]
+        r, c = solve_candidates(self.rows, self.cols, self.cos, n_a, self.n)
+        if r.shape[0] < n_a:
+            free_rows = np.setdiff1d(np.arange(n_a), r)
+            self.add(free_rows, np.setdiff1d(np.arange(self.n), c)[: free_rows.size])
+            r, c = solve_candidates(self.rows, self.cols, self.cos, n_a, self.n)
+        partner = np.empty(n_a, dtype=np.int64)
         partner[r] = c
         return partner
 
 
 def exact_matching(a: torch.Tensor, b: torch.Tensor, k: int, tol: float = 1e-6, max_rounds: int = 50):
-    """Optimal perfect matching of unit rows a [n, d], b [n, d] (n equal) without dense C.
+    """Optimal matching of unit rows a [n, d] into b [m, d] (m >= n: every row of a matched)
+    without dense C.
 
-    Returns (partner [n] int64 numpy, row maxima [n], column maxima [n], rounds), or None if
+    Returns (partner [n] int64 numpy, row maxima [n], column maxima [m], rounds), or None if
     the duals do not settle within max_rounds (callers then fall back to another solver).
     """
-    n = a.shape[0]
+    n, m = a.shape[0], b.shape[0]
+    if m < n:
+        raise ValueError(f"exact_matching needs n_a <= n_b, got {n} > {m}: swap the sides")
     rows, cols, cos, best_a, best_b, kth = strip_candidates(a, b, k)
     graph = _Graph(a, b, rows, cols, cos)
     u = None
     with one_thread_per_worker() as workers:
         for rounds in range(1, max_rounds + 1):
             partner = graph.solve()
-            u = row_duals(graph.rows, graph.cols, graph.cos, partner, u)  # warm start: fewer rounds
+            u = row_duals(graph.rows, graph.cols, graph.cos, partner, u, n_cols=m)  # warm start
             if u is None:
                 return None
-            v = column_duals(u, partner, graph.cosines(np.arange(n), partner))
+            v = column_duals(u, partner, graph.cosines(np.arange(n), partner), m)
             if not graph.add(*price(a, b, u, v, kth, tol, workers)):  # no violated pair left
                 return partner, best_a, best_b, rounds
     return None
