@@ -1,4 +1,4 @@
-"""Weight pruning of causal LMs: magnitude, Wanda and N:M (METHODS §1).
+"""Weight pruning of causal LMs: magnitude, Wanda, SparseGPT and N:M (docs/methods.md §1).
 
 `prune_model` is the entry point: it validates the request, builds keep-masks
 (True = keep) for every Linear inside the decoder blocks, applies them in place
@@ -31,12 +31,16 @@ from lit_prune.pruning.masks import (
     sparsity_report,
 )
 from lit_prune.pruning.nm import check_nm, check_nm_shape, nm_mask
+from lit_prune.pruning.sparsegpt import sparsegpt_masks, sparsegpt_prune
 from lit_prune.pruning.wanda import wanda_mask, wanda_mask_reference, wanda_masks, wanda_scores
 
-METHODS = ("magnitude", "wanda")
+METHODS = ("magnitude", "wanda", "sparsegpt")
+CALIBRATED = ("wanda", "sparsegpt")
+"""The methods that need calibration token ids."""
 
 __all__ = [
     "METHODS",
+    "CALIBRATED",
     "GROUPS",
     "Masks",
     "SparsityMismatch",
@@ -53,6 +57,8 @@ __all__ = [
     "magnitude_mask",
     "magnitude_masks",
     "nm_mask",
+    "sparsegpt_masks",
+    "sparsegpt_prune",
     "wanda_mask",
     "wanda_mask_reference",
     "wanda_masks",
@@ -81,6 +87,10 @@ def resolve_group(method: str, group: str | None, nm: tuple[int, int] | None) ->
         if group is not None:
             raise invalid("group", group, "None when nm is set (N:M fixes the grouping)")
         return "row"
+    if method == "sparsegpt":
+        if group not in (None, "matrix"):
+            raise invalid("group", group, "None or 'matrix' for sparsegpt (exact count per matrix)")
+        return "matrix"
     if method == "wanda":
         if group not in (None, "row"):
             raise invalid("group", group, "None or 'row' for wanda (it prunes per output row)")
@@ -108,22 +118,30 @@ def prune_model(
     batch_size: int = 8,
     max_seq_len: int = 256,
     progress: bool = True,
+    dampening: float = 0.01,
+    column_block: int = 128,
 ) -> Masks:
     """Prune `model` in place and return its keep-masks ({qualified Linear name: bool [d_out, d_in]}).
 
     method: `magnitude` (group None = `matrix`, or `row` / `global`) or `wanda`
     (per output row; needs calibration_ids [n_seq, seq_len], truncated to max_seq_len).
-    nm: (N, M) semi-structured pattern; scores are |W| (magnitude) or Wanda scores.
+    `sparsegpt` (exact count per matrix, or N:M; kept weights get OBS updates; dampening = λ as a
+    fraction of mean diag H, column_block = columns per lazy-update block; calibration as for wanda).
+    nm: (N, M) semi-structured pattern; scores are |W| (magnitude), Wanda or SparseGPT scores.
     Raises LitPruneError on bad input, SparsityMismatch if the result is not exact.
     """
     if method not in METHODS:
         raise invalid("method", method, "one of " + ", ".join(METHODS))
     sparsity, nm = resolve_sparsity(sparsity, nm)
     group = resolve_group(method, group, nm)
-    if method == "wanda" and calibration_ids is None:
-        raise invalid("calibration_ids", None, "token ids [n_seq, seq_len] for wanda")
+    if method in CALIBRATED and calibration_ids is None:
+        raise invalid("calibration_ids", None, f"token ids [n_seq, seq_len] for {method}")
     if method == "magnitude":
         masks = _magnitude_nm(model, nm) if nm is not None else magnitude_masks(model, sparsity, group)
+    elif method == "sparsegpt":
+        masks = sparsegpt_masks(
+            model, calibration_ids, sparsity, nm, batch_size, max_seq_len, progress, dampening, column_block
+        )
     else:
         masks = wanda_masks(model, calibration_ids, sparsity, nm, batch_size, max_seq_len, progress)
     apply_masks(model, masks)

@@ -1,6 +1,6 @@
 """Wanda pruning (Sun et al. 2023): score S_ij = |W_ij| * ||X_j||_2, pruned per output row.
 
-`wanda_masks` runs the sequential procedure of METHODS §1: block-0 inputs are
+`wanda_masks` runs the sequential procedure of docs/methods.md §1: block-0 inputs are
 captured for the whole calibration set, then block by block the dense block
 yields input norms, all its Linears are pruned, and the pruned block produces
 the next block's inputs. Only one block's inputs are held at a time.
@@ -15,7 +15,8 @@ added, so every token counted is a real calibration token.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
@@ -152,32 +153,48 @@ def _capture_inputs(
     return inputs, per_size
 
 
-class _InputNorms:
-    """Running fp32 sums of x_j^2 over all tokens (and the token count) for each Linear of a block."""
+class InputStatistics:
+    """Running fp32 sums of a statistic of each Linear's inputs over all tokens (and the token
+    count), collected by forward pre-hooks while a block runs; subclasses say which statistic."""
 
     def __init__(self, linears: dict[str, nn.Linear]):
-        self.sq = {
-            n: torch.zeros(lin.in_features, dtype=torch.float32, device=lin.weight.device)
-            for n, lin in linears.items()
-        }
+        self.sums = {n: self.zeros(lin) for n, lin in linears.items()}
         self.tokens = {n: 0 for n in linears}
         self._handles = [lin.register_forward_pre_hook(self._hook(n)) for n, lin in linears.items()]
+
+    def zeros(self, linear: nn.Linear) -> torch.Tensor:
+        """The empty sum for one Linear."""
+        raise NotImplementedError
+
+    def add(self, total: torch.Tensor, x: torch.Tensor) -> None:
+        """Add the statistic of inputs `x: [tokens, d_in]` (fp32) to `total` in place."""
+        raise NotImplementedError
 
     def _hook(self, name: str) -> Callable:
         def hook(_module: nn.Module, args: tuple) -> None:
             x = args[0].detach()
             x = x.reshape(-1, x.shape[-1]).float()  # [tokens, d_in]
-            self.sq[name] += x.pow(2).sum(dim=0)
+            self.add(self.sums[name], x)
             self.tokens[name] += x.shape[0]
 
         return hook
 
-    def __enter__(self) -> "_InputNorms":
+    def __enter__(self) -> InputStatistics:
         return self
 
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+class _InputNorms(InputStatistics):
+    """Sums of x_j^2 [d_in] for each Linear of a block."""
+
+    def zeros(self, linear: nn.Linear) -> torch.Tensor:
+        return torch.zeros(linear.in_features, dtype=torch.float32, device=linear.weight.device)
+
+    def add(self, total: torch.Tensor, x: torch.Tensor) -> None:
+        total += x.pow(2).sum(dim=0)
 
 
 def _run_block(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -218,6 +235,45 @@ def wanda_masks(
     """
     sparsity = check_sparsity(sparsity)
     nm = check_nm(nm) if nm is not None else None
+    make_mask = _mask_fn(sparsity, nm)
+
+    def prune_block(linears: dict[str, nn.Linear], run_dense: Callable[[], None]) -> Masks:
+        with _InputNorms(linears) as norms:
+            run_dense()
+        return {name: make_mask(lin.weight, norms.sums[name]) for name, lin in linears.items()}
+
+    return sequential_masks(
+        model, calibration_ids, sparsity, nm, batch_size, max_seq_len, prune_block, "wanda", progress
+    )
+
+
+def _run_all(layer: nn.Module, inputs: list[torch.Tensor], per_size: dict[int, list[dict]], idx: int) -> None:
+    for x in inputs:
+        _run_block(layer, x, per_size[x.shape[0]][idx])
+
+
+@torch.no_grad()
+def sequential_masks(
+    model: nn.Module,
+    calibration_ids: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None,
+    batch_size: int,
+    max_seq_len: int,
+    prune_block: Callable[[dict[str, nn.Linear], Callable[[], None]], Masks],
+    desc: str,
+    progress: bool = True,
+) -> Masks:
+    """The sequential procedure of docs/methods.md §1, shared by Wanda and SparseGPT; PRUNES `model`.
+
+    Validates the calibration ids ([n_seq, seq_len], truncated to `max_seq_len`), the batch sizes and
+    the N:M shapes (sparsity and nm are already checked); sparsity 0 without N:M returns all-True
+    masks at once. Block-0 inputs of every calibration batch are captured once. For each block,
+    `prune_block(linears, run_dense)` receives the block's Linears and a function that runs the still
+    dense block over all calibration inputs (the caller's hooks collect its statistics); it returns the
+    block's keep-masks, which are applied, and the pruned block then produces the next block's inputs
+    in place of the old ones.
+    """
     batch_size = _check_positive("batch_size", batch_size)
     max_seq_len = _check_positive("max_seq_len", max_seq_len)
     ids = check_calibration(calibration_ids, model.get_input_embeddings().num_embeddings)
@@ -231,19 +287,15 @@ def wanda_masks(
 
     device = next(model.parameters()).device
     batches = list(ids[:, :max_seq_len].to(device).split(batch_size))
-    make_mask = _mask_fn(sparsity, nm)
     layers = decoder_layers(model)
     was_training = model.training
     model.eval()
     try:
         inputs, per_size = _capture_inputs(model, batches)
         masks: Masks = {}
-        for idx, linears in enumerate(tqdm(blocks, desc="wanda", unit="block", disable=not progress)):
+        for idx, linears in enumerate(tqdm(blocks, desc=desc, unit="block", disable=not progress)):
             layer = layers[idx]
-            with _InputNorms(linears) as norms:
-                for x in inputs:
-                    _run_block(layer, x, per_size[x.shape[0]][idx])
-            block_masks = {name: make_mask(lin.weight, norms.sq[name]) for name, lin in linears.items()}
+            block_masks = prune_block(linears, partial(_run_all, layer, inputs, per_size, idx))
             apply_masks(model, block_masks)
             masks.update(block_masks)
             if idx + 1 < len(blocks):

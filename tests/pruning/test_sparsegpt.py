@@ -88,7 +88,7 @@ def reference_model(model, ids, sparsity, nm=None, dampening=0.01, column_block=
         block = {n: lin for n, lin in linears.items() if n.startswith(f"model.layers.{index}.")}
         stored = {n: [] for n in block}
         handles = [
-            lin.register_forward_pre_hook(lambda _m, args, n=n: stored[n].append(args[0].clone()))
+            lin.register_forward_pre_hook(lambda _m, args, n=n, s=stored: s[n].append(args[0].clone()))
             for n, lin in block.items()
         ]
         model(input_ids=ids, use_cache=False)
