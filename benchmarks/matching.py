@@ -10,7 +10,11 @@
    --repeats times (default 3) and the medians are compared: single runs of the few-second
    solver varied by up to 40% from run to run here. Both totals are recomputed in float64
    from the same unit rows; their difference is printed.
-2. At --big_size latents (default 65,536, d = 64 random): ours only, in a subprocess, with its
+2. Rectangular (--rect_sizes, default 4,608 x 4,096 latents, d = --rect_d = 576; 0 skips): the
+   same comparison when the widths differ ("auto" is the "exact" solver at any shape; the
+   smaller side is matched in full, docs/methods.md §3), on random decoders and on a planted
+   case (the larger SAE holds a noisy permuted copy of the smaller one plus unrelated latents).
+3. At --big_size latents (default 65,536, d = 64 random): ours only, in a subprocess, with its
    peak RSS (the child's own `ru_maxrss` and the parent's RUSAGE_CHILDREN after it exits; Linux
    reports KiB). The baseline line shows what the dense float64 cost matrix alone would take
    (computed, not run: it does not fit in memory).
@@ -42,7 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=8192, help="latents per SAE in part 1 (target: 16384)")
     p.add_argument(
-        "--dims", type=int, nargs="+", default=[64, 576], help="decoder widths of the random cases"
+        "--dims",
+        type=int,
+        nargs="*",
+        default=[64, 576],
+        help="decoder widths of the random cases (none: skip)",
     )
     p.add_argument("--structured_d", type=int, default=576, help="width of the structured case (0: skip)")
     p.add_argument("--noise", type=float, default=0.5, help="structured case: noise norm relative to the row")
@@ -50,10 +58,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--repeats", type=int, default=3, help="timed runs of each solver per case (medians compared)"
     )
-    p.add_argument("--big_size", type=int, default=65536, help="latents of the memory run (part 2)")
+    p.add_argument(
+        "--rect_sizes", type=int, nargs=2, default=[4608, 4096], help="n_a n_b of the rectangular cases"
+    )
+    p.add_argument("--rect_d", type=int, default=576, help="width of the rectangular cases (0: skip)")
+    p.add_argument("--big_size", type=int, default=65536, help="latents of the memory run (part 3)")
     p.add_argument("--big_d", type=int, default=64)
     p.add_argument("--memory_limit_gib", type=float, default=4.0)
-    p.add_argument("--skip_big", action="store_true", help="skip part 2")
+    p.add_argument("--skip_big", action="store_true", help="skip part 3")
     p.add_argument("--seed", type=int, default=0)
     add_common_args(p, "matching")
     return p.parse_args(argv)
@@ -69,19 +81,31 @@ def decoders(n: int, d: int, seed: int, noise: float | None = None) -> tuple[tor
     return a, a[torch.randperm(n, generator=g)] + noise / d**0.5 * torch.randn(n, d, generator=g)
 
 
+def rect_decoders(n_a: int, n_b: int, d: int, seed: int, noise: float | None = None):
+    """[n_a, d] and [n_b, d] decoders: independent Gaussian rows, or (noise set) the larger one holds
+    a noisy permuted copy of the smaller one's rows followed by unrelated rows."""
+    small, large = sorted((n_a, n_b))
+    x, y = decoders(small, d, seed, noise)
+    extra = torch.randn(large - small, d, generator=torch.Generator().manual_seed(seed + 1))
+    y = torch.cat([y, extra])
+    return (x, y) if n_a <= n_b else (y, x)
+
+
 def dense_lsa(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
-    """Baseline: float64 cosine matrix, then linear_sum_assignment -> column of each row [n]."""
+    """Baseline: float64 cosine matrix, then linear_sum_assignment -> column of each row [n_a]
+    (-1 for the rows a rectangular matching leaves out)."""
     c = (unit_rows(a).double() @ unit_rows(b).double().T).numpy()
     rows, cols = linear_sum_assignment(c, maximize=True)
-    partner = np.empty(a.shape[0], dtype=np.int64)
+    partner = np.full(a.shape[0], -1, dtype=np.int64)
     partner[rows] = cols
     return partner
 
 
 def total64(a: torch.Tensor, b: torch.Tensor, partner: np.ndarray) -> float:
-    """Sum of matched cosines in float64 from the unit rows."""
+    """Sum of matched cosines (partner >= 0) in float64 from the unit rows."""
     ua, ub = unit_rows(a, torch.float64), unit_rows(b, torch.float64)
-    return float((ua * ub[torch.from_numpy(partner)]).sum())
+    ok = torch.from_numpy(partner >= 0)
+    return float((ua[ok] * ub[torch.from_numpy(partner)[ok]]).sum())
 
 
 def run_case(name: str, a: torch.Tensor, b: torch.Tensor, candidates: int, repeats: int) -> dict:
@@ -96,6 +120,7 @@ def run_case(name: str, a: torch.Tensor, b: torch.Tensor, candidates: int, repea
         base_s,
         "s",
         n=a.shape[0],
+        n_b=b.shape[0],
         d=a.shape[1],
         method=ours.method,
         rounds=ours.rounds,
@@ -191,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"matching_structured_d{args.structured_d}_{args.size}", a, b, args.candidates, args.repeats
             )
         )
+    if args.rect_d:
+        n_a, n_b = args.rect_sizes
+        for kind, noise in (("random", None), ("structured", args.noise)):
+            a, b = rect_decoders(n_a, n_b, args.rect_d, args.seed, noise)
+            name = f"matching_rect_{kind}_d{args.rect_d}_{n_a}x{n_b}"
+            rows.append(run_case(name, a, b, args.candidates, args.repeats))
     result = {"settings": {k: str(v) for k, v in vars(args).items()}, "results": rows}
     if not args.skip_big:
         result["big"] = run_big(args)

@@ -104,9 +104,9 @@ def row_duals(
     """Least row duals u >= start (default 0) for the full matching row i -> partner[i].
 
     rows, cols: candidate edges (each pair once, the matched ones included), cos their cosines.
-    n_cols: columns (default len(partner), square). With more columns than rows the returned u
-    is shifted so that the unmatched columns' duals are 0 and `column_duals` >= 0 (module doc,
-    step 3); `start` is then compared after that shift.
+    n_cols: columns (default len(partner), square). With more columns than rows, the least
+    potentials (rows >= start, the unmatched columns' node D unbounded) are returned shifted by
+    D's, so that the unmatched columns' duals are 0 and `column_duals` >= 0 (module doc, step 3).
     Returns u [n] float64, or None if the rounds do not settle (M not optimal on the graph).
     """
     n = partner.shape[0]
@@ -127,7 +127,10 @@ def row_duals(
     order = np.argsort(dst, kind="stable")
     src, dst, w = src[order], dst[order], w[order]
     heads, starts = np.unique(dst, return_index=True)
-    u = np.zeros(n + 1) if start is None else np.append(start, 0.0)
+    # D starts unbounded below: its least value max_i(u_i - C_i,partner[i]) gives the rows their
+    # highest duals, so few rows need pricing against the unmatched columns (whose v is 0). From
+    # 0 instead, u stayed ~0 on a planted case and every unmatched pair with C_ij > 0 was priced in.
+    u = np.append(np.zeros(n) if start is None else start, -np.inf)
     if heads.size:
         u = _longest_paths(u, src, w, heads, starts, eps, n + 2)
     return None if u is None else u[:n] - (u[node_d] if m > n else 0.0)
