@@ -147,3 +147,35 @@ def test_rectangular_falls_back_without_dense_matrix_above_hungarian_max(monkeyp
     monkeypatch.setattr(matching, "_hungarian", lambda a, b: pytest.fail("dense solver above HUNGARIAN_MAX"))
     m = match_features(_rand(150, 8, 92), _rand(120, 8, 93), "exact")
     assert m.method == "sparse"
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_exact_on_rectangular_clusters_duplicates_and_dead_latents(flip):
+    # Near-duplicate clusters, exact duplicate rows (tied cosines: the total is unique, the pairs
+    # need not be) and all-zero rows (cosine 0 to everything) on the larger side.
+    g = torch.Generator().manual_seed(2)
+    cent = torch.randn(10, 16, generator=g)
+    a = cent.repeat_interleave(25, 0) + 0.3 * torch.randn(250, 16, generator=g)
+    b = cent.repeat_interleave(30, 0) + 0.3 * torch.randn(300, 16, generator=g)
+    a[:20] = a[20:40]
+    b[270:] = 0.0
+    if flip:
+        a, b = b, a
+    m = match_features(a, b, "exact", 2)
+    assert m.method == "exact"
+    assert m.total == pytest.approx(_lsa(a, b)[0], abs=1e-4)
+    assert len(set(m.partner[m.partner >= 0].tolist())) == int((m.partner >= 0).sum()) == 250
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_exact_when_rectangular_candidates_have_no_full_matching(flip):
+    # Every row of the smaller side picks the same hub as its single candidate: the first graph
+    # matches one row, the others are paired with free columns and pricing repairs the rest.
+    g = torch.Generator().manual_seed(3)
+    hub = torch.randn(1, 16, generator=g)
+    a = hub + 0.05 * torch.randn(150, 16, generator=g)
+    b = torch.randn(200, 16, generator=g)
+    b[0] = hub
+    if flip:
+        a, b = b, a
+    _assert_equals_scipy(a, b, match_features(a, b, "exact", 1))
