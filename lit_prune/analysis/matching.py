@@ -13,8 +13,9 @@ Three solvers:
   over `C` plus sparse solves: at 16,384 latents measured 4.7-9.8x faster than "hungarian" on
   random decoders and 3.7x on a noisy permuted copy (easy for the dense solver too); 65,536
   latents in 1.5 GiB. Rectangular, d = 576: 2.1x (random) and 2.25x (planted) at 4,608 x
-  4,096; at 18,432 x 16,384 (random) 7.1 s against 73.8 s, the same pairs, 0.61 GiB peak
-  (benchmarks/matching.py; measured here on 2 shared cores).
+  4,096; at 18,432 x 16,384 6-15 s against 60-74 s (4.0-10x over single runs on 2 shared
+  cores), the same pairs, 0.61 GiB peak RSS for the match alone (benchmarks/matching.py
+  --rect_sizes 18432 16384).
 - "sparse": the candidate graph keeps, for every row, its top-k cosines and, for every
   column, its top-k cosines (`matching_candidates.top_candidates`: in-cache tiles, never
   the dense C).
