@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lit_prune.errors import LitPruneError, invalid
-from lit_prune.files import staging_dir
+from lit_prune.files import check_writable, staging_dir, umask_modes
 
 MASKS_FILE = "masks.safetensors"
 REPORT_FILE = "prune_report.json"
@@ -33,23 +33,24 @@ _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 @dataclass
 class PruneOptions:
-    """Prune a causal LM (magnitude or Wanda, optionally N:M) and save it with its masks and a report.
+    """Prune a causal LM (magnitude, Wanda or SparseGPT, optionally N:M); save it, its masks and a report.
 
     Args:
         output: Output directory (required): gets the pruned model + tokenizer, masks.safetensors and
             prune_report.json.
         model: Registry name (smollm2-135m, tiny-llama, tiny-gemma2, tiny-gemma3), a local model directory
             or a hub id org/name.
-        method: Pruning method: magnitude or wanda.
+        method: Pruning method: magnitude, wanda or sparsegpt.
         sparsity: Fraction of weights pruned in every matrix (Wanda: in every output row), in [0, 1). May be
             omitted with --nm, which implies N/M.
         nm: Semi-structured pattern N:M such as 2:4 (N of every M consecutive inputs of each row pruned);
             fixes the sparsity to N/M.
-        group: Magnitude grouping: matrix (default), row or global. Wanda always prunes per output row.
-        calibration_file: Wanda calibration data instead of the corpus: a text file (tokenized and packed
-            into windows) or token ids in .npy / .pt, 2-D [n, seq] or 1-D (cut into windows). Capped at
-            calibration_sequences x calibration_seq_len.
-        calibration_sequences: Number of calibration sequences (Wanda).
+        group: Magnitude grouping: matrix (default), row or global. Wanda always prunes per output row,
+            SparseGPT exactly floor(numel * s) per matrix.
+        calibration_file: Wanda / SparseGPT calibration data instead of the corpus: a text file (tokenized
+            and packed into windows) or token ids in .npy / .pt, 2-D [n, seq] or 1-D (cut into windows).
+            Capped at calibration_sequences x calibration_seq_len.
+        calibration_sequences: Number of calibration sequences (Wanda, SparseGPT).
         calibration_seq_len: Tokens per calibration sequence (an explicit cap, never the model's maximum).
         corpus: Corpus for the calibration sample (when no file is given) and for the eval perplexity:
             python-docs, a local .txt/.jsonl/.parquet file, folder or glob, or hf:org/name.
@@ -63,6 +64,9 @@ class PruneOptions:
         progress: Show progress bars for Wanda and perplexity.
         model_cache_dir: Where converted / built models are cached.
         cache_dir: Where corpora and tokenized splits are cached.
+        dampening: SparseGPT: lambda added to the Hessian's diagonal as a fraction of its mean (raised
+            tenfold, with a warning, while the Hessian is not positive definite).
+        column_block: SparseGPT: columns per block of lazy OBS updates (a multiple of M with --nm).
         device: Where the model runs (calibration, pruning, perplexity): auto (cuda when torch sees a
             GPU, else cpu), cpu, cuda or cuda:N. The model is saved in float32 either way.
     """
@@ -85,6 +89,8 @@ class PruneOptions:
     progress: bool = True
     model_cache_dir: str = "checkpoints/models"
     cache_dir: str = "checkpoints"
+    dampening: float = 0.01
+    column_block: int = 128
     device: str = "auto"
 
 
@@ -144,7 +150,8 @@ def parse_nm(nm: str | None) -> tuple[int, int] | None:
 def check_options(o: PruneOptions) -> tuple[float, tuple[int, int] | None, str, torch.device]:
     """Validate everything that needs no model: returns (sparsity, nm, group, device) as pruning will use them."""
     from lit_prune.models.registry import resolve_device
-    from lit_prune.pruning import METHODS, resolve_group, resolve_sparsity
+    from lit_prune.pruning import CALIBRATED, METHODS, resolve_group, resolve_sparsity
+    from lit_prune.pruning.sparsegpt import check_options as check_sparsegpt
 
     device = resolve_device(o.device)
     if o.method not in METHODS:
@@ -162,8 +169,12 @@ def check_options(o: PruneOptions) -> tuple[float, tuple[int, int] | None, str, 
         value = getattr(o, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise invalid(name, value, f"an integer >= {low}")
-    if o.method == "wanda" and o.calibration_sequences == 0:
-        raise invalid("calibration_sequences", 0, "an integer >= 1 for wanda (it needs calibration samples)")
+    if o.method in CALIBRATED and o.calibration_sequences == 0:
+        raise invalid(
+            "calibration_sequences", 0, f"an integer >= 1 for {o.method} (it needs calibration samples)"
+        )
+    if o.method == "sparsegpt":
+        check_sparsegpt(sparsity, nm, o.dampening, o.column_block)
     check_output(Path(o.output), o.overwrite)
     if o.calibration_file is not None:
         path = Path(o.calibration_file)
@@ -184,9 +195,37 @@ def check_output(output: Path, overwrite: bool) -> None:
         raise invalid(
             "output", str(output), "a directory other than the current one (it is replaced as a whole)"
         )
-    parent = next((p for p in output.absolute().parents if p.exists()), None)
-    if parent is not None and not (parent.is_dir() and os.access(parent, os.W_OK)):
-        raise invalid("output", str(output), f"a path under a writable directory ({parent} is not one)")
+    if output.exists() or output.is_symlink():
+        check_earlier_output(output)
+    check_writable("output", output.parent)  # tried, not read from mode bits (root, /proc)
+
+
+def check_earlier_output(output: Path) -> None:
+    """--overwrite replaces only an earlier `prune` output: a folder holding its report and masks and
+    nothing that report does not list, never a plain file, a link or a folder of other things."""
+    report = output / REPORT_FILE
+    if (
+        output.is_symlink()
+        or not output.is_dir()
+        or not (report.is_file() and (output / MASKS_FILE).is_file())
+    ):
+        raise invalid("output", str(output), f"a new path or an earlier prune output (with {REPORT_FILE})")
+    try:
+        listed = json.loads(report.read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    foreign = sorted(
+        e.name
+        for e in os.scandir(output)
+        if not e.is_file(follow_symlinks=False) or (listed is not None and e.name not in listed)
+    )
+    if foreign:
+        raise invalid(
+            "output",
+            str(output),
+            "a new path or an earlier prune output holding only what prune wrote "
+            f"(not {', '.join(foreign[:3])})",
+        )
 
 
 def load_splits(o: PruneOptions, calibration: bool):
@@ -236,7 +275,7 @@ def run_prune(o: PruneOptions) -> PruneResult:
     from lit_prune.data.calibration_file import read_calibration_file
     from lit_prune.data.tokens import tokens_fingerprint
     from lit_prune.models.registry import load_model, load_tokenizer, model_dir
-    from lit_prune.pruning import check_nm_shape, prunable_linears, prune_model, verify_masks
+    from lit_prune.pruning import CALIBRATED, check_nm_shape, prunable_linears, prune_model, verify_masks
 
     start = time.perf_counter()
     sparsity, nm, group, device = check_options(o)
@@ -254,9 +293,9 @@ def run_prune(o: PruneOptions) -> PruneResult:
             Path(o.calibration_file), tokenizer, o.calibration_sequences, o.calibration_seq_len, vocab
         )
     )
-    wanda = o.method == "wanda"  # magnitude uses no data: a given file is still validated, then ignored
-    dm = load_splits(o, calibration=wanda and file_ids is None)
-    calibration_ids = (file_ids if file_ids is not None else dm.calibration_ids) if wanda else None
+    calibrated = o.method in CALIBRATED  # magnitude uses no data: a given file is validated, then ignored
+    dm = load_splits(o, calibration=calibrated and file_ids is None)
+    calibration_ids = (file_ids if file_ids is not None else dm.calibration_ids) if calibrated else None
     data_seconds = time.perf_counter() - t
     eval_ids = dm.eval_ids[: o.eval_sequences]
     before = perplexity(model, eval_ids, o.batch_size, o.progress)
@@ -271,6 +310,8 @@ def run_prune(o: PruneOptions) -> PruneResult:
         o.batch_size,
         o.calibration_seq_len,
         o.progress,
+        o.dampening,
+        o.column_block,
     )
     prune_seconds = time.perf_counter() - t
     layers = verify_masks(model, masks, o.method, o.sparsity, nm, o.group)
@@ -337,8 +378,16 @@ def write_output(
         meta = {k: json.dumps(report[k]) for k in ("model", "method", "sparsity", "nm", "group")}
         save_masks(masks, tmp / MASKS_FILE, metadata=meta)
         report["seconds"]["total"] = time.perf_counter() - start
+        # what a later --overwrite may replace
+        report["files"] = sorted([*(p.name for p in tmp.iterdir()), REPORT_FILE])
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
+        umask_modes(tmp)  # save_pretrained and save_masks write 0600
         _publish(tmp, output, overwrite)
+    except OSError as err:  # a full disk, a folder made read-only meanwhile: one line, the old output kept
+        where = err.filename or output
+        raise LitPruneError(
+            f"output={str(output)!r}: could not be written ({where}: {err.strerror or err})"
+        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -10,9 +10,10 @@ import lightning as L
 import torch
 
 from lit_prune.analysis.perplexity import perplexity
-from lit_prune.errors import described, invalid
+from lit_prune.errors import LitPruneError, described, invalid
 from lit_prune.lit.sae_module import check_same_pruning
 from lit_prune.pruning import (
+    METHODS,
     SparsityMismatch,
     apply_masks,
     load_masks,
@@ -20,6 +21,7 @@ from lit_prune.pruning import (
     resolve_sparsity,
     verify_masks,
 )
+from lit_prune.pruning.sparsegpt import check_options as check_sparsegpt
 
 
 class PruningCallback(L.Callback):
@@ -30,12 +32,14 @@ class PruningCallback(L.Callback):
     realised sparsity is logged per matrix with the pruned model's eval perplexity.
 
     Args:
-        method: magnitude or wanda.
+        method: magnitude, wanda or sparsegpt.
         sparsity: fraction of weights removed per matrix (per row for wanda), in [0, 1);
             with nm it may be left at 0 (implied by the pattern).
         nm: N:M pattern as [N, M] (zero N of every M consecutive inputs), e.g. [2, 4]; null for unstructured.
         group: magnitude ranking group: matrix (default), row or global.
-        calibration_batch_size: sequences per forward pass during Wanda calibration.
+        calibration_batch_size: sequences per forward pass during Wanda / SparseGPT calibration.
+        dampening: SparseGPT: lambda added to the Hessian's diagonal as a fraction of its mean.
+        column_block: SparseGPT: columns per block of lazy OBS updates (a multiple of M with nm).
         perplexity_sequences: eval sequences for the dense and pruned perplexity (0 to skip).
         masks_path: apply these saved masks (`save_masks`, e.g. a study's or `prune`'s masks.safetensors)
             instead of computing them; they are still checked against method / sparsity / nm.
@@ -50,9 +54,11 @@ class PruningCallback(L.Callback):
         calibration_batch_size: int = 8,
         perplexity_sequences: int = 64,
         masks_path: str | None = None,
+        dampening: float = 0.01,
+        column_block: int = 128,
     ) -> None:
-        if method not in ("magnitude", "wanda"):
-            raise invalid("pruning.method", method, "magnitude or wanda")
+        if method not in METHODS:
+            raise invalid("pruning.method", method, "one of " + ", ".join(METHODS))
         self.sparsity, self.nm = resolve_sparsity(sparsity, tuple(nm) if nm else None)
         self.method, self.group = method, group
         for name, value, low in (
@@ -62,6 +68,12 @@ class PruningCallback(L.Callback):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise invalid(f"pruning.{name}", value, f"an integer >= {low}")
         self.calibration_batch_size = calibration_batch_size
+        self.dampening, self.column_block = dampening, column_block
+        if method == "sparsegpt":
+            try:
+                check_sparsegpt(self.sparsity, self.nm, dampening, column_block)
+            except LitPruneError as err:
+                raise LitPruneError(f"pruning.{err}") from None
         self.perplexity_sequences = perplexity_sequences
         self.masks: dict[str, torch.Tensor] | None = None
         self.masks_path = masks_path
@@ -102,6 +114,8 @@ class PruningCallback(L.Callback):
                 batch_size=self.calibration_batch_size,
                 max_seq_len=dm.hparams.calibration_seq_len,
                 progress=False,
+                dampening=self.dampening,
+                column_block=self.column_block,
             )
             self.masks = {
                 name: mask.cpu() for name, mask in masks.items()

@@ -16,7 +16,7 @@ from lit_prune.analysis.survival import TAUS as REPORT_TAUS
 from lit_prune.errors import LitPruneError, invalid
 from lit_prune.pruning import GROUPS
 
-METHODS = ("magnitude", "wanda")
+METHODS = ("magnitude", "wanda", "sparsegpt")
 ABLATION_MINIMUM = {"n_top": 0, "n_random": 0, "n_rare": 0, "eval_sequences": 1, "batch_size": 1}
 """study.ablation's options and the least value of each."""
 
@@ -41,8 +41,9 @@ class StudySettings:
     name: str | None = None
     """Study name: artefacts go to <checkpoints>/<name>/, TensorBoard runs to <logs>/<name>/.
     null: the config file's name (smollm2 for configs/smollm2.yaml)."""
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    """Pruning methods: magnitude and / or wanda."""
+    methods: list[str] = field(default_factory=lambda: ["magnitude", "wanda"])
+    """Pruning methods: any of magnitude, wanda and sparsegpt (SparseGPT with dampening 0.01 and
+    column blocks of 128)."""
     sparsities: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.6])
     """Unstructured sparsities in (0, 1), each run with every method (the dense model is always run)."""
     nm: list[list[int]] = field(default_factory=list)
@@ -103,7 +104,7 @@ class StudySettings:
             or set(self.methods) - set(METHODS)
         ):
             raise invalid(
-                "study.methods", self.methods, "a non-empty list without duplicates of magnitude, wanda"
+                "study.methods", self.methods, "a non-empty list without duplicates of " + ", ".join(METHODS)
             )
         if len(set(self.sparsities)) != len(self.sparsities):
             raise invalid("study.sparsities", self.sparsities, "a list without duplicates")

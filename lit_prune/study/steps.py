@@ -7,6 +7,7 @@ dense/rq5          feature importance of the reference SAE       results/rq5_abl
 <cond>/seed<s>     fit on the pruned LM + RQ2/RQ4 (+ RQ3 for the reference seed) callbacks
                                                                  sae/, results/{sae_metrics,rq2_survival,rq3_transfer}
 <cond>/rq1         seed stability across the seeds' SAEs        results/rq1_seeds.{json,safetensors}
+<cond>/pairs       every (dense seed a, seed b) pair matched     results/rq2_pairs.{json,safetensors}
 <gallery cond>/gallery  top contexts of surviving / lost features  gallery.json
 
 The fits run in the study's process on one device (the default), or, when the study's trainer
@@ -32,6 +33,7 @@ from lit_prune.analysis.ablation_summary import summarise, summary_rows
 from lit_prune.analysis.figures import scatter_figure
 from lit_prune.analysis.perplexity import perplexity
 from lit_prune.analysis.results import Condition, make_rows, read_arrays, write_arrays, write_rows
+from lit_prune.analysis.saebench import saebench_metrics
 from lit_prune.analysis.survival import seed_stability
 from lit_prune.lit.callbacks import PruningCallback
 from lit_prune.lit.datamodule import TokenDataModule
@@ -46,6 +48,7 @@ from lit_prune.sae.io import hook_name, load_sae
 from lit_prune.study.config import DENSE, TRAINER_KEYS, PruneCondition, StudySettings
 from lit_prune.study.fit_worker import device_ids, fit_in_worker, fit_processes
 from lit_prune.study.gallery import gallery_condition, gallery_step
+from lit_prune.study.pairs import pairs_step
 from lit_prune.study.runner import Step
 
 
@@ -180,7 +183,7 @@ def build_steps(ctx: StudyContext, corpus_fingerprint: str) -> list[Step]:
                 "prune",
                 prune_inputs,
                 lambda out, c=cond: perplexity_step(ctx, out, c),
-                cost=3 if cond.method == "wanda" else 1,
+                cost=1 if cond.method == "magnitude" else 3,
             )
         )
     steps.append(
@@ -226,6 +229,7 @@ def build_steps(ctx: StudyContext, corpus_fingerprint: str) -> list[Step]:
                     cost=0.5,
                 )
             )
+            steps.append(pairs_of(ctx, cond.name))
         if cond == gallery and st.gallery_features:
             steps.append(
                 Step(
@@ -248,6 +252,7 @@ def build_steps(ctx: StudyContext, corpus_fingerprint: str) -> list[Step]:
                 cost=0.5,
             )
         )
+        steps.append(pairs_of(ctx, DENSE))
     steps.append(
         Step(
             DENSE,
@@ -258,6 +263,14 @@ def build_steps(ctx: StudyContext, corpus_fingerprint: str) -> list[Step]:
         )
     )
     return steps
+
+
+def pairs_of(ctx: StudyContext, name: str) -> Step:
+    """The <name>/pairs step (`lit_prune.study.pairs`): every seed pair against the dense SAEs."""
+    seeds = ctx.settings.seeds
+    deps = [f"{DENSE}/seed{s}" for s in seeds] + ([] if name == DENSE else [f"{name}/seed{s}" for s in seeds])
+    inputs = {"seeds": seeds, **ctx.settings.rq1_options()}
+    return Step(name, "pairs", inputs, lambda out: pairs_step(ctx, out, name), deps=deps, cost=0.5)
 
 
 def _without(settings: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
@@ -321,7 +334,10 @@ def run_fit(
         tokens = trainer.strategy.reduce(tokens.clone(), reduce_op="sum")
     if trainer.is_global_zero:
         condition = ctx.condition(cond.label if cond else DENSE, cond.sparsity if cond else 0.0, seed_a=seed)
-        write_rows(out / "results" / "sae_metrics.json", make_rows(condition, module.last_val, sae="own"))
+        rows = make_rows(condition, module.last_val, sae="own")
+        # the same numbers under SAEBench's names, marked so (docs/metric_names.md)
+        rows += make_rows(condition, saebench_metrics(module.last_val), sae="own", names="saebench")
+        write_rows(out / "results" / "sae_metrics.json", rows)
         write_arrays(out / "results" / "sae_firing_rates.safetensors", firing_rate=module.last_firing_rates)
     return trainer, {"metrics": module.last_val, "tokens_trained": int(tokens)}
 

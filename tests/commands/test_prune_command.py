@@ -212,7 +212,7 @@ BAD = {
     "nm_malformed": (["--nm", "2-4"], "nm"),
     "nm_contradicts_sparsity": (["--nm", "2:4", "--sparsity", "0.3"], "sparsity"),
     "nm_not_dividing_d_in": (["--method", "magnitude", "--nm", "2:3", "--sparsity", "0"], "nm"),
-    "unknown_method": (["--method", "sparsegpt"], "method"),
+    "unknown_method": (["--method", "obs"], "method"),
     "unknown_device": (["--device", "tpu"], "device"),
     "malformed_device": (["--device", "cuda:x"], "device"),
     "gpu_not_there": (["--device", "cuda:99"], "device"),

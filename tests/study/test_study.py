@@ -145,7 +145,7 @@ def test_bad_shard_is_one_line_error(text):
         ({"sparsities": [0.5, 0.5]}, "study.sparsities"),
         ({"sparsities": [1.0]}, "study.sparsities"),
         ({"sparsities": [-0.1]}, "study.sparsities"),
-        ({"methods": ["sparsegpt"]}, "study.methods"),
+        ({"methods": ["obs"]}, "study.methods"),
         ({"seeds": []}, "study.seeds"),
         ({"nm": [[4, 2]]}, "study.nm"),
         ({"magnitude_group": "layer"}, "study.magnitude_group"),
