@@ -1,6 +1,6 @@
 """SAE quality metrics (docs/methods.md §3), streamed over the eval split in fp32.
 
-Reconstruction: L0, MSE, cosine, FVU = sum||x - x_hat||^2 / sum||x - mean(x)||^2,
+Reconstruction: L0, MSE, cosine, L2 ratio ||x_hat|| / ||x||, FVU = sum||x - x_hat||^2 / sum||x - mean(x)||^2,
 firing rates (dead / dense fractions). Spliced CE: the model is re-run with
 x_hat (or zeros) in place of x at positions >= 1 of the hooked block;
 CE recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean),
@@ -52,7 +52,7 @@ class ReconstructionMetrics(Metric):
 
     def __init__(self, d_model: int, d_sae: int) -> None:
         super().__init__()
-        for name in ("n", "sse", "sum_sq", "l0", "cos"):
+        for name in ("n", "sse", "sum_sq", "l0", "cos", "l2_ratio"):
             self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("sum_x", torch.zeros(d_model, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("fires", torch.zeros(d_sae, dtype=torch.float64), dist_reduce_fx="sum")
@@ -67,6 +67,7 @@ class ReconstructionMetrics(Metric):
         self.sum_x += x.sum(0)
         self.l0 += active.sum()
         self.cos += F.cosine_similarity(x, x_hat, dim=-1).sum()
+        self.l2_ratio += (x_hat.norm(dim=-1) / x.norm(dim=-1)).sum()  # SAEBench's l2_ratio
         self.fires += active.sum(0)
         self.max_act = torch.maximum(self.max_act, feats.amax(0).double())
 
@@ -76,6 +77,7 @@ class ReconstructionMetrics(Metric):
             "fvu": fvu(self.sse, self.sum_sq, self.sum_x, self.n),
             "mse": self.sse / (self.n * self.sum_x.numel()),
             "cos": self.cos / self.n,
+            "l2_ratio": self.l2_ratio / self.n,
             "l0": self.l0 / self.n,
             "dead_fraction": (rate == 0).double().mean(),
             "dense_fraction": (rate > 0.1).double().mean(),

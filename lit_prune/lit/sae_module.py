@@ -15,13 +15,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 from sae_lens.saes.sae import TrainStepInput
 
 from lit_prune.analysis.evaluate import SAEEvaluator, harvest, sae_codec
+from lit_prune.analysis.saebench import saebench_metrics
 from lit_prune.errors import LitPruneError, invalid
+from lit_prune.files import check_writable
 from lit_prune.models.hooks import check_layer
 from lit_prune.models.registry import load_model, move_outside_inference
 from lit_prune.sae.buffer import ActivationBuffer, fit_norm_scale
 from lit_prune.sae.build import SAESettings, build_training_sae
 from lit_prune.sae.fast import StepOutput, fast_topk_training_forward
-from lit_prune.sae.io import check_export_target, export_sae
+from lit_prune.sae.init_from import init_from_export
+from lit_prune.sae.io import LensMetadata, check_export_target, export_sae, lens_metadata
 from lit_prune.sae.schedule import sae_steps, warmup_decay
 
 # the val/ metrics are reduced over the DDP ranks by torchmetrics before they are logged
@@ -63,6 +66,11 @@ class SAEModule(L.LightningModule):
             CE / KL; the reconstruction metrics use the whole eval split.
         model_cache_dir: where converted / built models are cached.
         export_dir: where the trained SAE is written in sae-lens format; null: <log dir>/sae.
+        init_from: an exported SAE directory to continue training from (RQ2c's warm start): its
+            weights and b_dec (no b_dec re-initialisation) and its input scale c; the optimizer starts
+            fresh and the lr schedule applies. Its d_in, width and architecture must be this run's.
+        max_sae_steps: stop after this many SAE optimizer steps (the lr schedule spans them); null:
+            every harvested token once per epoch.
     """
 
     def __init__(
@@ -83,6 +91,8 @@ class SAEModule(L.LightningModule):
         ce_eval_sequences: int = 64,
         model_cache_dir: str = "checkpoints/models",
         export_dir: str | None = None,
+        init_from: str | None = None,
+        max_sae_steps: int | None = None,
     ) -> None:
         super().__init__()
         _validate(
@@ -95,9 +105,11 @@ class SAEModule(L.LightningModule):
             warmup_steps=warmup_steps,
             dead_window_tokens=dead_window_tokens,
             norm_sequences=norm_sequences,
+            max_sae_steps=max_sae_steps,
         )
         if export_dir is not None:
             check_export_target(export_dir, "model.export_dir")
+            check_writable("model.export_dir", export_dir)  # before training, not after it
         self.save_hyperparameters()
         self.settings = sae
         self.automatic_optimization = False
@@ -106,6 +118,8 @@ class SAEModule(L.LightningModule):
         object.__setattr__(self, "lm", lm)  # not a submodule: kept out of checkpoints and DDP
         d_model = lm.config.hidden_size
         self.sae = build_training_sae(self.settings, d_model, seed)
+        if init_from is not None:  # a warm start: the source's weights and its (the dense fit's) c
+            norm_scale = init_from_export(self.sae, init_from, norm_scale)
         self.register_buffer("norm_scale", torch.tensor(norm_scale or 0.0, dtype=torch.float64))
         self.register_buffer("tokens_since_fired", torch.zeros(self.sae.cfg.d_sae))
         self.register_buffer("tokens_trained", torch.zeros((), dtype=torch.long))
@@ -117,6 +131,7 @@ class SAEModule(L.LightningModule):
         self._tokens_trained_host: int | None = None
         self.resumed_pruning: dict[str, Any] | None = None  # what the checkpoint's run was trained on
         self._pending_logs: list[tuple[int, dict[str, float], list[str], torch.Tensor]] = []
+        self._step_losses: list[torch.Tensor] = []  # this LM batch's SAE losses, checked once per batch
 
     # --- set-up ---------------------------------------------------------------------------
     def lm_on_device(self) -> torch.nn.Module:
@@ -172,6 +187,8 @@ class SAEModule(L.LightningModule):
         total = sae_steps(
             int(self.trainer.estimated_stepping_batches), per_batch, self.hparams.sae_batch_tokens
         )
+        if self.hparams.max_sae_steps is not None:
+            total = min(total, self.hparams.max_sae_steps)
         sched = warmup_decay(opt, total, self.hparams.warmup_steps, self.hparams.decay_fraction)
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
@@ -181,15 +198,40 @@ class SAEModule(L.LightningModule):
         return harvest(self.lm_on_device(), ids, self.hparams.hook_layer)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.buffer.add(self.harvest(batch["input_ids"]) * self.norm_scale.float())
         last = batch_idx + 1 >= self.trainer.num_training_batches
+        if self._steps_done():  # max_sae_steps reached: the rest of the fit harvests nothing
+            self.buffer.clear()
+            return
+        self.buffer.add(self.harvest(batch["input_ids"]) * self.norm_scale.float())
         # The last batch also trains on what is left in the buffer, so every harvested token is
         # used once and validation (which runs before on_train_epoch_end) sees the final SAE.
-        while self.buffer.full() or (last and len(self.buffer) >= self.hparams.sae_batch_tokens // 2):
+        while not self._steps_done() and (
+            self.buffer.full() or (last and len(self.buffer) >= self.hparams.sae_batch_tokens // 2)
+        ):
             fvu = self.sae_step(self.buffer.pop(self.hparams.sae_batch_tokens))
             self.log("fvu", fvu, prog_bar=True, on_step=True, on_epoch=False)
         if last:
             self.buffer.clear()
+        self._check_finite()
+
+    def _check_finite(self) -> None:
+        """A diverged SAE (non-finite loss or weights) stops the fit with one line before any later
+        checkpoint or the export can hold it; one device sync per LM batch, not per SAE step."""
+        losses, self._step_losses = self._step_losses, []
+        checks = [torch.isfinite(torch.stack(losses))] if losses else []
+        checks += [torch.isfinite(p.detach()).all().reshape(1) for p in self.sae.parameters()]
+        if not checks or bool(torch.cat(checks).all()):
+            return
+        bad = [i for i, loss in enumerate(losses) if not torch.isfinite(loss)]
+        step = self.global_step - len(losses) + 1 + (bad[0] if bad else len(losses) - 1)
+        raise LitPruneError(
+            f"training diverged: the SAE's {'loss' if bad else 'weights'} became non-finite at SAE step "
+            f"{step} (model.lr={self.hparams.lr!r}); nothing is exported, the last checkpoint before it "
+            "is kept: try a lower model.lr"
+        )
+
+    def _steps_done(self) -> bool:
+        return self.hparams.max_sae_steps is not None and self.global_step >= self.hparams.max_sae_steps
 
     def sae_step(self, x: torch.Tensor) -> torch.Tensor:
         """One optimizer step on scaled activations x: [n, d_model]; returns the batch FVU."""
@@ -200,7 +242,8 @@ class SAEModule(L.LightningModule):
         opt, sched = self.optimizers(), self.lr_schedulers()
         if self._tokens_trained_host is None:
             self._tokens_trained_host = int(self.tokens_trained.item())
-        if self._tokens_trained_host == 0 and hasattr(self.sae, "b_dec"):
+        warm = self.hparams.init_from is not None  # b_dec comes from the source SAE
+        if self._tokens_trained_host == 0 and hasattr(self.sae, "b_dec") and not warm:
             mean = x.mean(0)
             if dist.is_available() and dist.is_initialized():  # every replica starts from the same b_dec
                 dist.all_reduce(mean)
@@ -243,6 +286,7 @@ class SAEModule(L.LightningModule):
         self.tokens_since_fired.masked_fill_(out.fired, 0)  # no boolean indexing: no GPU sync
         self.tokens_trained += x.shape[0]
         self._tokens_trained_host += x.shape[0]
+        self._step_losses.append(out.loss.detach().float().reshape(()))
         residual = (x - out.sae_out).pow(2).sum()
         fvu = residual / (x - x.mean(0)).pow(2).sum()
         if self.logger is not None and self.trainer.is_global_zero:
@@ -310,10 +354,27 @@ class SAEModule(L.LightningModule):
         with recon.sync_context():
             self.last_firing_rates = recon.firing_rates().cpu()
         self.log_dict({f"val/{k}": v for k, v in self.last_val.items()}, sync_dist=False)  # already reduced
+        # the same numbers under SAEBench's names (docs/metric_names.md), in a section of their own
+        aliases = saebench_metrics(self.last_val)
+        self.log_dict({f"saebench/{k}": v for k, v in aliases.items()}, sync_dist=False)
         self.evaluator.reset()
 
     # --- export ---------------------------------------------------------------------------
     def on_fit_end(self) -> None:
+        try:
+            self._export()
+        except OSError as err:  # a full disk or a folder made read-only during training: the SAE is
+            # in the checkpoint (saved before on_fit_end), so say where instead of a traceback
+            saved = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or getattr(
+                self.trainer.checkpoint_callback, "best_model_path", ""
+            )
+            kept = f"; the trained SAE is kept in the checkpoint {saved}" if saved else ""
+            raise LitPruneError(
+                f"model.export_dir: the SAE could not be exported ({err.filename or 'writing'}: "
+                f"{err.strerror or err}){kept}"
+            ) from None
+
+    def _export(self) -> None:
         if not self.trainer.is_global_zero:
             return
         target = Path(self.hparams.export_dir or _default_export_dir(self.trainer))
@@ -338,7 +399,11 @@ class SAEModule(L.LightningModule):
                 "corpus": getattr(dm, "provenance", {}),
                 "hparams": hparams,
                 "metrics": getattr(self, "last_val", {}),
+                # the training parametrisation a warm start (init_from) restores: the export folds it
+                "decoder_norms": self.sae.W_dec.detach().norm(dim=-1).cpu().tolist(),
+                "metrics_saebench": saebench_metrics(getattr(self, "last_val", {})),
             },
+            _lens_metadata(self.hparams, dm),
         )
         self.print(f"SAE exported to {target}")
 
@@ -350,6 +415,21 @@ class SAEModule(L.LightningModule):
         if "activation_buffer" in checkpoint:
             self.buffer.load_state_dict(checkpoint["activation_buffer"])
         self.resumed_pruning = checkpoint.get("pruning")
+
+
+def _lens_metadata(hparams: Any, dm: Any) -> LensMetadata | None:
+    """What sae-lens needs to rebuild the SAE's inputs (None without a TokenDataModule)."""
+    data = getattr(dm, "hparams", None)
+    if data is None or "corpus" not in data:
+        return None
+    return lens_metadata(
+        hparams.model_name,
+        hparams.model_cache_dir,
+        data.corpus,
+        data.cache_dir,
+        data.seq_len,
+        data.prepend_bos,
+    )
 
 
 def pruning_identity(info: dict[str, Any]) -> dict[str, Any]:
@@ -480,6 +560,7 @@ def _validate(**values: Any) -> None:
         "warmup_steps": (lambda v: v >= 0, "a non-negative integer"),
         "dead_window_tokens": (lambda v: v >= 0, "a non-negative integer"),
         "norm_sequences": (lambda v: v >= 1, "a positive integer"),
+        "max_sae_steps": (lambda v: v is None or v >= 1, "a positive integer or null"),
     }
     for name, value in values.items():
         ok, allowed = rules[name]

@@ -4,7 +4,15 @@ A directory holds `cfg.json` + `sae_weights.safetensors` (loadable with
 `sae_lens.SAE.load_from_disk`) and `lit_prune.json` (model, hook, pruning
 condition, seed, tokens, corpus fingerprint, versions, normalisation scalar).
 The exported SAE works on RAW activations: the training-time input scale `c`
-is folded into the weights (W_enc * c, W_dec / c, b_dec / c).
+is folded into the weights (W_enc * c, W_dec / c, b_dec / c), so cfg.json says
+`normalize_activations: none`.
+
+cfg.json's metadata is what sae-lens needs to run the SAE on its model by itself
+(`LensMetadata`): `sae_lens.load_model(model_class_name, model_name)` loads the LM
+(`AutoModelForCausalLM`, hooked by module name, so `hook_name` is the decoder block
+`model.layers.<L>`, whose output is resid_post), and `ActivationsStore.from_sae`
+reads `dataset_path`, `context_size`, `prepend_bos` and `seqpos_slice` (position 0,
+the attention sink, is never an SAE input: docs/methods.md §2).
 """
 
 from __future__ import annotations
@@ -12,7 +20,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
+from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -21,7 +31,7 @@ from sae_lens import SAE
 from sae_lens.saes.sae import TrainingSAE
 
 from lit_prune.errors import LitPruneError, described, invalid
-from lit_prune.files import staging_dir
+from lit_prune.files import staging_dir, umask_modes
 
 METADATA_FILE = "lit_prune.json"
 _PACKAGES = ("lit_prune", "torch", "transformers", "sae-lens", "lightning", "datasets")
@@ -42,6 +52,38 @@ def hook_name(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
 
+def module_hook_name(layer: int) -> str:
+    """sae-lens' name of the same point on a Hugging Face model (`HookedProxyLM` hooks modules by name)."""
+    return f"model.layers.{layer}"
+
+
+_HOOK_LAYER = re.compile(r"^(?:blocks\.(\d+)\.hook_resid_post|model\.layers\.(\d+))$")
+
+
+def hook_layer_of(name: str | None) -> int | None:
+    """The block whose resid_post a hook name reads (either spelling), None for other hooks."""
+    found = _HOOK_LAYER.match(name or "")
+    return None if found is None else int(found.group(1) or found.group(2))
+
+
+@dataclass(frozen=True)
+class LensMetadata:
+    """The settings sae-lens reads from cfg.json's metadata to rebuild the SAE's inputs."""
+
+    model_name: str
+    """hub id (org/name) or absolute local model directory that `AutoModelForCausalLM` loads."""
+    context_size: int
+    """tokens per sequence the SAE was trained on (data.seq_len)."""
+    prepend_bos: bool
+    """whether each sequence started with the BOS token (data.prepend_bos)."""
+    dataset_path: str | None
+    """hub id or local directory `datasets.load_dataset` reads the training corpus from."""
+    model_class_name: str = "AutoModelForCausalLM"
+    """how sae-lens' `load_model` wraps the LM."""
+    seqpos_slice: tuple[int | None, ...] = (1, None)
+    """token positions that are SAE inputs: all but position 0 (docs/methods.md §2)."""
+
+
 def check_export_target(path: str | Path, field: str = "export_dir") -> None:
     """An SAE may be exported to `path`: it is new, or an earlier export (which it replaces), never a
     file or a directory of other things, and its parent can be a directory."""
@@ -57,21 +99,82 @@ def check_export_target(path: str | Path, field: str = "export_dir") -> None:
         raise invalid(field, str(path), f"a path whose parent can be a directory ({parent} is a file)")
 
 
-def export_sae(sae: TrainingSAE, path: str | Path, norm_scale: float, metadata: dict[str, Any]) -> Path:
+LENS_DATASET_DIR = "python-docs-dataset"
+
+
+def lens_metadata(
+    model_name: str,
+    model_cache_dir: str | Path,
+    corpus: str,
+    cache_dir: str | Path,
+    context_size: int,
+    prepend_bos: bool,
+) -> LensMetadata:
+    """`LensMetadata` of a run on `model_name` (our name, path or hub id) and `corpus` (data.corpus)."""
+    from lit_prune.models.registry import model_dir
+
+    source = model_dir(model_name, model_cache_dir)
+    local = Path(source)
+    return LensMetadata(
+        model_name=str(local.resolve()) if local.is_dir() else source,
+        context_size=context_size,
+        prepend_bos=prepend_bos,
+        dataset_path=lens_dataset_path(corpus, cache_dir),
+    )
+
+
+def lens_dataset_path(corpus: str, cache_dir: str | Path) -> str | None:
+    """What `datasets.load_dataset(path)` reads `corpus` from: a hub id, or a local directory. The
+    embedded corpus gets a directory of its own holding a hard link to its cached JSONL (its folder
+    also holds the metadata sidecar, which `load_dataset` would read as data). A single local file or
+    a glob has no such name: None (pass `datasets.load_dataset("json", data_files=...)` instead)."""
+    from lit_prune.data.corpora import HUB_PREFIX, PYTHON_DOCS, python_docs_path
+
+    if corpus.startswith(HUB_PREFIX):
+        return corpus[len(HUB_PREFIX) :]
+    if corpus == PYTHON_DOCS:
+        jsonl = python_docs_path(Path(cache_dir) / "corpora")
+        folder = jsonl.parent / LENS_DATASET_DIR
+        linked = folder / "train.jsonl"
+        if not (linked.is_file() and linked.samefile(jsonl)):
+            folder.mkdir(exist_ok=True)
+            linked.unlink(missing_ok=True)
+            try:
+                os.link(jsonl, linked)
+            except OSError:  # a file system without hard links: a copy
+                shutil.copyfile(jsonl, linked)
+        return str(folder.resolve())
+    path = Path(corpus).expanduser()
+    return str(path.resolve()) if path.is_dir() else None
+
+
+def export_sae(
+    sae: TrainingSAE,
+    path: str | Path,
+    norm_scale: float,
+    metadata: dict[str, Any],
+    lens: LensMetadata | None = None,
+) -> Path:
     """Write the inference SAE (scale folded in) and metadata; replaces `path` only when complete, and
-    only if it is an earlier export (`check_export_target`)."""
+    only if it is an earlier export (`check_export_target`). With `lens`, cfg.json carries everything
+    `ActivationsStore.from_sae` needs; without, only the model and hook names."""
     path = Path(path)
     check_export_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     folded = copy.deepcopy(sae).cpu()
     folded.fold_activation_norm_scaling_factor(norm_scale)
     folded.cfg.metadata.model_name = metadata.get("model")
-    folded.cfg.metadata.hook_name = hook_name(metadata["hook_layer"])
+    folded.cfg.metadata.hook_name = module_hook_name(metadata["hook_layer"])
+    folded.cfg.metadata.hook_name_transformer_lens = hook_name(metadata["hook_layer"])
+    folded.cfg.normalize_activations = "none"  # the scale is folded into the weights
+    for key, value in asdict(lens).items() if lens is not None else ():
+        folded.cfg.metadata[key] = list(value) if isinstance(value, tuple) else value
     tmp = staging_dir(path.parent, f".{path.name}-")
     try:
         folded.save_inference_model(tmp)
         record = {**metadata, "norm_scale": norm_scale, "norm_scale_folded": True, "versions": versions()}
         (tmp / METADATA_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
+        umask_modes(tmp)  # safetensors' save_file writes 0600
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -87,7 +190,8 @@ def load_sae(path: str | Path, device: str = "cpu") -> tuple[SAE, dict[str, Any]
     """An SAE directory -> (inference SAE on raw activations, our metadata or {} for foreign SAEs).
 
     "sae-lens:<release>:<sae_id>" loads a pretrained SAE through sae-lens' registry instead
-    (downloaded from the hub on first use), e.g. sae-lens:gemma-scope-2b-pt-res-canonical:layer_12/width_16k/canonical.
+    (downloaded from the hub on first use), e.g.
+    sae-lens:gemma-scope-2b-pt-res-canonical:layer_12/width_16k/canonical.
     """
     if str(path).startswith(PRETRAINED_PREFIX):
         return _load_pretrained(str(path), device), {}
@@ -134,7 +238,11 @@ def check_compatible(
     recorded = metadata.get("hook_layer")
     if recorded is None:
         recorded_name = getattr(sae.cfg.metadata, "hook_name", None)
-        if recorded_name and recorded_name != hook_name(layer):
-            raise invalid(f"{field}.hook", recorded_name, f"{hook_name(layer)} (the hooked block)")
+        if recorded_name and hook_layer_of(recorded_name) != layer:
+            raise invalid(
+                f"{field}.hook",
+                recorded_name,
+                f"{hook_name(layer)} or {module_hook_name(layer)} (the hooked block)",
+            )
     elif recorded != layer:
         raise invalid(f"{field}.hook_layer", recorded, f"the hooked block {layer}")

@@ -38,7 +38,8 @@ def test_export_then_load_from_disk_gives_identical_outputs(tmp_path, architectu
     assert loaded.cfg.architecture() == architecture
     meta = json.loads((tmp_path / "sae" / "lit_prune.json").read_text())
     assert meta["norm_scale"] == c and meta["seed"] == 3 and "torch" in meta["versions"]
-    assert loaded.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
+    assert loaded.cfg.metadata.hook_name == "model.layers.1"  # sae-lens on the HF model
+    assert loaded.cfg.metadata.hook_name_transformer_lens == "blocks.1.hook_resid_post"
 
 
 def test_batchtopk_exports_folded_weights_as_jumprelu(tmp_path):
