@@ -1,5 +1,7 @@
 # `make run`: set up .venv and run the main job, the study, on the embedded model (offline, CPU).
-# `make test`: set up .venv and run the test suite.
+# `make test`: set up .venv and run the whole test suite; `make test-fast`: all but the end-to-end tests
+# (subprocesses, DDP, emulated CUDA, whole studies), the embedded model and the slow ones (a few minutes);
+# `make test-e2e`: exactly those. `make lint`: ruff (lint and format check) and pyright.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +12,12 @@ TORCH := 2.13.0
 # the README's numbers were measured with; `make lock` re-resolves it
 CONSTRAINTS := constraints.txt
 
-.PHONY: setup run study fit test bench lock clean
+# the two test lanes: together they run every test exactly once
+FAST := not e2e and not embedded and not slow
+PYTEST_FLAGS ?=
+PYTEST := $(PY) -m pytest -q $(PYTEST_FLAGS)
+
+.PHONY: setup run study fit lint test test-fast test-e2e bench lock clean
 
 setup: $(STAMP)
 
@@ -32,8 +39,20 @@ study: setup
 fit: setup
 	$(PY) -m lit_prune fit --config configs/smollm2.yaml
 
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pyright
+
 test: setup
-	$(PY) -m pytest -q
+	$(PYTEST)
+
+# pytest's status 5 (no test selected, e.g. with PYTEST_FLAGS=-k...) is not a failure of a lane
+test-fast: setup
+	$(PYTEST) -m "$(FAST)" || test $$? -eq 5
+
+test-e2e: setup
+	$(PYTEST) -m "not ($(FAST))" || test $$? -eq 5
 
 bench: setup
 	$(PY) benchmarks/sae_step.py
