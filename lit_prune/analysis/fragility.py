@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lit_prune.analysis.stats import bootstrap_ci, spearman
+from lit_prune.analysis.stats import MAX_EXACT_N, bootstrap_ci, spearman, spearman_exact
 from lit_prune.errors import invalid
 
 
@@ -56,9 +56,33 @@ def survival_by_bin(cosine, p, tau: float = 0.7, n_bins: int = 5) -> list[float]
 
 
 def rho_bin(survival: list[float]) -> tuple[float, float]:
-    """Spearman(bin index, bin survival) -> (rho, p). rho = -1: survival falls
-    monotonically from the rarest to the most frequent bin. Empty bins are skipped."""
-    return spearman(np.arange(len(survival)), survival)
+    """Spearman(bin index, bin survival) -> (rho, two-sided p). rho = -1: survival falls
+    monotonically from the rarest to the most frequent bin. Empty bins are skipped. Up to
+    MAX_EXACT_N bins the p-value is the exact permutation p (`stats.spearman_exact`; 5 bins: all 120
+    orderings), never scipy's t-approximation, which is invalid at n = 5 (docs/methods.md §4b)."""
+    x, y = np.arange(len(survival)), np.asarray(survival, dtype=np.float64)
+    if np.sum(~np.isnan(y)) <= MAX_EXACT_N:
+        return spearman_exact(x, y)
+    return spearman(x, y)
+
+
+def _rho_only(survival: list[float]) -> float:
+    return spearman(np.arange(len(survival)), survival)[0]  # rho alone: the bootstrap needs no p
+
+
+def bin_means(values, bins, n_bins: int = 5) -> np.ndarray:
+    """Per-bin mean over pairs of the per-pair mean: values, bins [P, F] (NaN value or bin -1: not
+    counted) -> [n_bins], NaN where no pair has a feature in the bin."""
+    v, b = np.asarray(values, dtype=np.float64), np.asarray(bins)
+    out = np.full(n_bins, np.nan)
+    for k in range(n_bins):
+        sel = (b == k) & np.isfinite(v)
+        count = sel.sum(1)
+        if not count.any():
+            continue
+        per_pair = np.where(sel, v, 0.0).sum(1)[count > 0] / count[count > 0]
+        out[k] = per_pair.mean()
+    return out
 
 
 def firing_rate_analysis(
@@ -77,7 +101,7 @@ def firing_rate_analysis(
     rb, rb_p = rho_bin(surv)
 
     def boot_rho_bin(cc: np.ndarray, rr: np.ndarray) -> float:
-        return rho_bin(_survival_by_bin_np(cc, _bins_np(rr, n_bins), tau, n_bins))[0]
+        return _rho_only(_survival_by_bin_np(cc, _bins_np(rr, n_bins), tau, n_bins))
 
     rho, rho_p = spearman(logp, c)
     return {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from itertools import permutations
 
 import numpy as np
 from scipy import stats as sps
@@ -119,3 +120,112 @@ def bootstrap_ci(
         return _NAN2
     lo, hi = np.quantile(values, [alpha / 2, 1 - alpha / 2])
     return float(lo), float(hi)
+
+
+# --- small-n exact tests, hierarchical bootstrap, CI verdicts (docs/methods.md §4b) -----------------
+MAX_EXACT_N = 8
+"""Largest n whose n! permutations `spearman_exact` enumerates (8! = 40,320)."""
+
+
+def _ranks(v: np.ndarray) -> np.ndarray:
+    return sps.rankdata(v)  # average ranks: tied values share their mean rank
+
+
+def _rank_corr(rx: np.ndarray, ry: np.ndarray) -> np.ndarray:
+    """Pearson correlation of rx [n] with each row of ry [..., n] (ranks in, Spearman out)."""
+    dx = rx - rx.mean()
+    dy = ry - ry.mean(-1, keepdims=True)
+    return (dy @ dx) / np.sqrt((dx @ dx) * (dy * dy).sum(-1))
+
+
+def spearman_exact(x, y, alternative: str = "two-sided") -> tuple[float, float]:
+    """Spearman rho of x, y [n] with its exact permutation p-value (n <= MAX_EXACT_N).
+
+    Every one of the n! orderings of y against x is enumerated (5 bins: 120), so the p-value is
+    exact where scipy's t-approximation is not. Ties: average ranks; permutations that only swap
+    tied values count as often as they occur. two-sided: P(|rho_perm| >= |rho|); less: P(rho_perm
+    <= rho); greater: P(rho_perm >= rho). Perfectly monotone 5 bins: p = 2/120 two-sided, 1/120
+    one-sided. NaN pairs are dropped; (nan, nan) for fewer than 3 pairs or a constant side.
+    """
+    if alternative not in ("two-sided", "less", "greater"):
+        raise invalid("alternative", alternative, "two-sided, less or greater")
+    x, y = _paired(x, y)
+    if x.size > MAX_EXACT_N:
+        raise invalid("len(x)", x.size, f"at most {MAX_EXACT_N} values for an exact permutation test")
+    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return _NAN2
+    rx, ry = _ranks(x), _ranks(y)
+    rho = float(_rank_corr(rx, ry[None])[0])
+    perms = _rank_corr(rx, ry[np.array(list(permutations(range(ry.size))))])
+    eps = 1e-12  # the same rho computed through another ordering may differ in the last bit
+    if alternative == "two-sided":
+        hits = np.abs(perms) >= abs(rho) - eps
+    elif alternative == "less":
+        hits = perms <= rho + eps
+    else:
+        hits = perms >= rho - eps
+    return rho, float(hits.mean())
+
+
+def hierarchical_bootstrap(
+    statistic: Callable[[dict[str, np.ndarray]], float],
+    samples: dict[str, np.ndarray],
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    crossed: bool = False,
+) -> tuple[float, float]:
+    """Percentile CI of `statistic` under a two-level bootstrap: seed pairs, then features within pair.
+
+    samples: name -> [P, F] per-feature values of P seed pairs (NaN: no value, e.g. a dead feature).
+    All arrays share P and F and are resampled jointly: the same pair draw, and within each drawn pair
+    the same feature draw, for every name (the pairs and features of two conditions are the same dense
+    SAEs' features, so their difference keeps its pairing). Each resample calls statistic(resampled
+    dict of [P, F] arrays). With P = 1 this is the ordinary feature bootstrap. crossed: one feature
+    draw shared by every drawn pair (column f is the same feature in every row: for per-feature
+    statistics such as a correlation over features of one SAE seen in several pairs). NaN / inf
+    resamples are dropped; (nan, nan) when none is left.
+    """
+    if n_boot < 1:
+        raise invalid("n_boot", n_boot, "an integer >= 1")
+    if not 0 < alpha < 1:
+        raise invalid("alpha", alpha, "a number in (0, 1)")
+    arrs = {k: np.asarray(v, dtype=np.float64) for k, v in samples.items()}
+    shapes = {a.shape for a in arrs.values()}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise invalid("samples shapes", sorted(shapes), "one common [pairs, features] shape")
+    n_pairs, n_features = next(iter(shapes))
+    if n_pairs < 1 or n_features < 1:
+        return _NAN2
+    rng = np.random.default_rng(seed)
+    values = np.empty(n_boot)
+    for b in range(n_boot):
+        pairs = rng.integers(0, n_pairs, size=n_pairs)[:, None]
+        feats = rng.integers(0, n_features, size=(1 if crossed else n_pairs, n_features))
+        values[b] = statistic({k: a[pairs, feats] for k, a in arrs.items()})
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return _NAN2
+    lo, hi = np.quantile(values, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+def pair_mean(values: np.ndarray) -> float:
+    """Mean over pairs of the per-pair mean over features (NaN = no value): [P, F] -> scalar."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN pair is NaN, then skipped
+        per_pair = np.nanmean(values, axis=1)
+    per_pair = per_pair[np.isfinite(per_pair)]
+    return float(per_pair.mean()) if per_pair.size else float("nan")
+
+
+def ci_side(lo: float | None, hi: float | None, null: float) -> int | None:
+    """+1 if the CI [lo, hi] lies above `null`, -1 if below, 0 if it contains it, None if undefined."""
+    if lo is None or hi is None or np.isnan(lo) or np.isnan(hi):
+        return None
+    return 1 if lo > null else -1 if hi < null else 0
+
+
+def within(lo: float | None, hi: float | None, bound: float) -> bool:
+    """Equivalence: the CI [lo, hi] lies strictly inside (-bound, bound)."""
+    return lo is not None and hi is not None and -bound < lo and hi < bound

@@ -216,3 +216,41 @@ def wanda_magnitude_ratio(S_wanda: dict[float, float], S_magnitude: dict[float, 
         return {"ratio": ratio, "max": math.nan, "argmax": None}
     best = max(defined, key=defined.get)
     return {"ratio": ratio, "max": defined[best], "argmax": best}
+
+
+def seed_pairs(seeds_a: list[int], seeds_b: list[int] | None = None) -> tuple[list, list]:
+    """Every ordered seed pair (a, b): (cross pairs with a != b, same-seed pairs with a == b).
+
+    seeds_b None: pairs within one set of SAEs (RQ1: the same SAE is never paired with itself, so
+    there are no same-seed pairs). Cross pairs are docs/methods.md §4's primary RQ2 measure.
+    """
+    within = seeds_b is None
+    seeds_b = list(seeds_a) if within else list(seeds_b)
+    cross = [(a, b) for a in seeds_a for b in seeds_b if a != b]
+    same = [] if within else [(a, b) for a in seeds_a for b in seeds_b if a == b]
+    return cross, same
+
+
+def pair_cosines(
+    decoders_a: dict[int, torch.Tensor],
+    decoders_b: dict[int, torch.Tensor] | None,
+    pairs: list[tuple[int, int]],
+    method: str = "auto",
+    candidates: int = 8,
+) -> torch.Tensor:
+    """Matched cosine of every feature of SAE a in SAE b, for each pair (a, b) -> [P, n_a] float32.
+
+    decoders_b None: pairs within decoders_a (RQ1); each unordered pair is matched once and (b, a)
+    is read from the b side of that one-to-one matching (the same assignment). NaN = unmatched.
+    """
+    out, done = [], {}
+    for a, b in pairs:
+        if decoders_b is None and (b, a) in done:
+            out.append(_b_side_cosine(done[(b, a)], decoders_a[a].shape[0]))
+            continue
+        m = match_features(
+            decoders_a[a], (decoders_a if decoders_b is None else decoders_b)[b], method, candidates
+        )
+        done[(a, b)] = m
+        out.append(m.cosine.float())
+    return torch.stack(out) if out else torch.zeros(0, 0)

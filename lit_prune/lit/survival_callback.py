@@ -15,7 +15,6 @@ from lit_prune.lit.analysis_callbacks import ReferenceSAECallback, dense_lm
 from lit_prune.models.activation_cache import weights_digest
 from lit_prune.sae.build import build_training_sae
 
-
 _RQ4 = (
     "rho",
     "survival_bin",

@@ -159,6 +159,35 @@ def survival(data: StudyData, cond: Cond) -> dict[str, Any]:
     s, s_seed = out["S@0.7"], out["S_seed"]
     out["S_tilde"] = finite(normalised_survival(s, s_seed)) if s is not None and s_seed is not None else None
     out["S_normalised"] = mean(value(rq2(f), "S_normalised", tau=TAU) for f in cross)
+    out.update(same_seed_init(data, cond))
+    return _with_pairs(data, cond, out)
+
+
+def _with_pairs(data: StudyData, cond: Cond, out: dict[str, Any]) -> dict[str, Any]:
+    """Replace the fits' reference-only survival by every seed pair's (the pairs step), when finished:
+    S over every cross-seed pair, same-seed pairs apart, S_seed over the same dense pairs, and RQ4's
+    bins normalised by each bin's own dense seed baseline."""
+    p, effects = pairs(data, cond), cross_effects(data, cond)
+    if p is None or effects is None:
+        return out
+    cross, same = np.flatnonzero(~p.same), np.flatnonzero(p.same)
+    for tau in TAUS:
+        out[f"S@{tau:g}"] = finite(np.nanmean(p.survived(tau, cross))) if cross.size else None
+        out[f"S_same@{tau:g}"] = finite(np.nanmean(p.survived(tau, same))) if same.size else None
+    out["S@0.7"] = effects["S"]["value"]
+    out["n_cross"], out["n_same"] = int(cross.size), int(same.size)
+    out["S_seed"], out["S_tilde"] = effects["S_seed"]["value"], effects["S_tilde"]["value"]
+    out["S_tilde_ci"] = (effects["S_tilde"]["lo"], effects["S_tilde"]["hi"])
+    out["survivors"] = effects["survivors"]
+    out["bins"], out["seed_bins"] = effects["bins"], effects["seed_bins"]
+    out["normalised_bins"] = effects["normalised_bins"]
+    for key, e in (("rho_bin", effects["rho_bin_raw"]), ("rho_bin_norm", effects["rho_bin"])):
+        out[key], out[f"{key}_p"], out[f"{key}_ci_lo"], out[f"{key}_ci_hi"] = (
+            e["value"],
+            e["p"],
+            e["lo"],
+            e["hi"],
+        )
     return out
 
 
@@ -264,7 +293,7 @@ def feature_survival(data: StudyData, cond: Cond) -> FeatureSurvival | None:
 
 
 def fragility_by_method(data: StudyData) -> dict[str, dict[str, Any]]:
-    """Per unstructured method: F_i, s*_i over its sparsities and Spearman(F, predictors) over alive features."""
+    """Per unstructured method: F_i, s*_i over its sparsities, Spearman(F, predictors) over alive features."""
     stability = None
     if not data.settings.get("reference_sae"):  # our own dense SAE: its RQ1 per-feature stability
         arrays = data.arrays("dense/rq1", "rq1_seeds.safetensors")
@@ -344,3 +373,323 @@ def rq5_groups(data: StudyData) -> list[dict[str, Any]]:
         )
     order = {"top": 0, "random": 1, "rare": 2, "selected": 3, "all": 4}
     return sorted(groups.values(), key=lambda g: order.get(g["group"], 5))
+
+
+# --- every cross-seed pair, effect sizes with seed-level CIs (docs/methods.md §4b) -------------
+MIN_SURVIVORS = 30
+"""A compared group with fewer surviving features (mean per seed pair) cannot decide a verdict."""
+
+
+@dataclass
+class Pairs:
+    """The <cond>/pairs step's arrays (`lit_prune.study.pairs`): every (dense seed a, seed b) pair."""
+
+    cosine: np.ndarray
+    """[P, n] matched cosine of dense SAE a's features in SAE b (NaN: unmatched, read as 0)."""
+    rate: np.ndarray
+    """[P, n] SAE a's firing rate on the dense model (0: dead, excluded)."""
+    labels: list[tuple[int, int]]
+    same: np.ndarray
+    """[P] bool: a == b."""
+
+    def survived(self, tau: float = TAU, rows: np.ndarray | None = None) -> np.ndarray:
+        """[P', n]: 1.0 survived at tau, 0.0 lost (unmatched included), NaN for dead features."""
+        rows = np.arange(len(self.labels)) if rows is None else rows
+        hit = (np.nan_to_num(self.cosine[rows], nan=0.0) >= tau).astype(np.float64)
+        return np.where(self.rate[rows] > 0, hit, np.nan)
+
+    def bins(self, rows: np.ndarray, n_bins: int = 5) -> np.ndarray:
+        """[P', n] firing-rate quintile bin of each feature of SAE a (-1: dead), per pair."""
+        from lit_prune.analysis.fragility import firing_rate_bins
+
+        return np.stack([firing_rate_bins(self.rate[r], n_bins).numpy() for r in rows])
+
+    def rows(self, labels: list[tuple[int, int]]) -> np.ndarray:
+        index = {lab: i for i, lab in enumerate(self.labels)}
+        return np.array([index[lab] for lab in labels], dtype=np.int64)
+
+    @property
+    def cross(self) -> list[tuple[int, int]]:
+        return [lab for lab, s in zip(self.labels, self.same, strict=False) if not s]
+
+
+def pairs(data: StudyData, cond: Cond) -> Pairs | None:
+    """The pairs step's arrays of a condition (dense: the seed baseline), None if not finished."""
+    arr = data.arrays(f"{cond.name}/pairs", "rq2_pairs.safetensors")
+    if arr is None:
+        return None
+    labels = list(zip(arr["seed_a"].tolist(), arr["seed_b"].tolist(), strict=False))
+    return Pairs(
+        arr["cosine"].double().numpy(), arr["firing_rate"].double().numpy(), labels, arr["same_seed"].numpy()
+    )
+
+
+def n_boot(data: StudyData) -> int:
+    return int(data.settings.get("survival", {}).get("n_boot", 1000))
+
+
+def _survivors(surv: np.ndarray) -> float:
+    """Mean number of surviving features per pair of a [P, n] survived matrix."""
+    return float(np.nansum(surv, axis=1).mean()) if surv.size else 0.0
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else (math.inf if a > 0 else math.nan)
+
+
+def _with_ci(point: float, ci: tuple[float, float]) -> dict[str, float | None]:
+    return {"value": finite(point), "lo": finite(ci[0]), "hi": finite(ci[1])}
+
+
+def cross_effects(data: StudyData, cond: Cond, tau: float = TAU) -> dict[str, Any] | None:
+    """Geometric survival of a condition over every cross-seed pair, against the dense seed pairs.
+
+    S = mean over pairs (a != b) of the fraction of SAE a's alive features surviving in b; S_seed the
+    same over the dense pairs with the same labels; S~ = S / S_seed; per-bin S_bin / S_seed,bin and
+    rho_bin of the normalised bins (exact permutation p). CIs: hierarchical bootstrap, pairs then
+    features, the condition's and the dense pairs drawn jointly (same labels, same features of a).
+    """
+    from lit_prune.analysis.fragility import bin_means, rho_bin
+    from lit_prune.analysis.stats import hierarchical_bootstrap, pair_mean, spearman
+
+    mine, dense = pairs(data, cond), pairs(data, Cond(DENSE, DENSE, 0.0))
+    if mine is None or dense is None:
+        return None
+    labels = [lab for lab in mine.cross if lab in dense.labels]
+    if not labels:
+        return None
+    rows, drows = mine.rows(labels), dense.rows(labels)
+    samples = {"c": mine.survived(tau, rows), "d": dense.survived(tau, drows), "bin": mine.bins(rows)}
+    same_rows = np.flatnonzero(mine.same)
+    S, S_seed = pair_mean(samples["c"]), pair_mean(samples["d"])
+
+    def normalised_bins(s: dict[str, np.ndarray]) -> np.ndarray:
+        return bin_means(s["c"], s["bin"]) / bin_means(s["d"], s["bin"])
+
+    def rho(s: dict[str, np.ndarray]) -> float:
+        return spearman(np.arange(5), normalised_bins(s))[0]
+
+    def rho_raw(s: dict[str, np.ndarray]) -> float:
+        return spearman(np.arange(5), bin_means(s["c"], s["bin"]))[0]
+
+    boot = lambda f: hierarchical_bootstrap(f, samples, n_boot(data))  # noqa: E731
+    norm = normalised_bins(samples)
+    counts = [
+        float(np.nansum(np.where(samples["bin"] == b, samples["c"], 0.0), axis=1).mean()) for b in range(5)
+    ]
+    rb_norm, rb_norm_p = rho_bin(list(norm))
+    rb_raw, rb_raw_p = rho_bin(list(bin_means(samples["c"], samples["bin"])))
+    return {
+        "pairs": labels,
+        "n_pairs": len(labels),
+        "per_pair": {lab: float(np.nanmean(samples["c"][i])) for i, lab in enumerate(labels)},
+        "S": _with_ci(S, boot(lambda s: pair_mean(s["c"]))),
+        "S_seed": _with_ci(S_seed, boot(lambda s: pair_mean(s["d"]))),
+        "S_tilde": _with_ci(_ratio(S, S_seed), boot(lambda s: _ratio(pair_mean(s["c"]), pair_mean(s["d"])))),
+        "S_same": finite(pair_mean(mine.survived(tau, same_rows))) if same_rows.size else None,
+        "survivors": _survivors(samples["c"]),
+        "bins": [finite(v) for v in bin_means(samples["c"], samples["bin"])],
+        "seed_bins": [finite(v) for v in bin_means(samples["d"], samples["bin"])],
+        "normalised_bins": [finite(v) for v in norm],
+        "bin_survivors": counts,
+        "rho_bin": {**_with_ci(rb_norm, boot(rho)), "p": finite(rb_norm_p)},
+        "rho_bin_raw": {**_with_ci(rb_raw, boot(rho_raw)), "p": finite(rb_raw_p)},
+    }
+
+
+def functional_effects(data: StudyData, cond: Cond, r0: float = 0.7) -> dict[str, Any] | None:
+    """Functional survival of the reference (r_i >= r0; no seed variance: one SAE on two models), with
+    feature-bootstrap CIs; per-bin survival and rho_bin with its exact permutation p."""
+    from lit_prune.analysis.fragility import bin_means, firing_rate_bins, rho_bin
+    from lit_prune.analysis.stats import hierarchical_bootstrap, pair_mean, spearman
+
+    arr = _reference_arrays(data, cond)
+    if arr is None or "pearson_r" not in arr:
+        return None
+    surv = functional_matrix(arr, r0)
+    bins = firing_rate_bins(arr["firing_rate"], 5).numpy()[None]
+    samples = {"c": surv, "bin": bins}
+    boot = lambda f: hierarchical_bootstrap(f, samples, n_boot(data))  # noqa: E731
+    rb, rb_p = rho_bin(list(bin_means(surv, bins)))
+    return {
+        "S": _with_ci(pair_mean(surv), boot(lambda s: pair_mean(s["c"]))),
+        "survivors": _survivors(surv),
+        "bins": [finite(v) for v in bin_means(surv, bins)],
+        "bin_survivors": [float(np.nansum(np.where(bins == b, surv, 0.0))) for b in range(5)],
+        "rho_bin": {
+            **_with_ci(rb, boot(lambda s: spearman(np.arange(5), bin_means(s["c"], s["bin"]))[0])),
+            "p": finite(rb_p),
+        },
+    }
+
+
+def functional_matrix(arr: dict[str, Any], r0: float) -> np.ndarray:
+    """[1, n]: 1.0 where the reference feature's Pearson r >= r0 (NaN r: lost), NaN for dead ones."""
+    r = np.nan_to_num(arr["pearson_r"].double().numpy(), nan=-2.0)
+    alive = arr["firing_rate"].double().numpy() > 0
+    return np.where(alive, (r >= r0).astype(np.float64), np.nan)[None]
+
+
+def _reference_arrays(data: StudyData, cond: Cond) -> dict[str, Any] | None:
+    """rq2_survival.safetensors of the condition's reference-seed fit (else any fit)."""
+    fits = sorted(data.fits(cond), key=lambda f: f.seed != data.reference_seed)
+    for f in fits:
+        arr = data.arrays(f"{cond.name}/seed{f.seed}", "rq2_survival.safetensors")
+        if arr is not None:
+            return arr
+    return None
+
+
+def method_contrast(
+    data: StudyData, sparsity: float, tau: float = TAU, r0: float = 0.7
+) -> dict[str, Any] | None:
+    """Wanda vs magnitude at one sparsity: ratio and difference of S with joint hierarchical CIs
+    (the two conditions' cross pairs share labels and the dense SAEs' features), each method's S~ CI
+    (is it within the seed band?), survivors, and the functional ratio with its feature-bootstrap CI."""
+    from lit_prune.analysis.stats import hierarchical_bootstrap, pair_mean
+
+    conds = {c.label: c for c in data.pruned if not c.nm and math.isclose(c.sparsity, sparsity)}
+    if "wanda" not in conds or "magnitude" not in conds:
+        return None
+    w, m, d = (pairs(data, c) for c in (conds["wanda"], conds["magnitude"], Cond(DENSE, DENSE, 0.0)))
+    out: dict[str, Any] = {"sparsity": sparsity}
+    if w is not None and m is not None and d is not None:
+        labels = [lab for lab in w.cross if lab in m.labels and lab in d.labels]
+        if labels:
+            samples = {
+                "w": w.survived(tau, w.rows(labels)),
+                "m": m.survived(tau, m.rows(labels)),
+                "d": d.survived(tau, d.rows(labels)),
+            }
+            boot = lambda f: hierarchical_bootstrap(f, samples, n_boot(data))  # noqa: E731
+            mean_of = lambda k: lambda s: pair_mean(s[k])  # noqa: E731
+            ratio_of = lambda a, b: lambda s: _ratio(pair_mean(s[a]), pair_mean(s[b]))  # noqa: E731
+            Sw, Sm, Sd = (pair_mean(samples[k]) for k in "wmd")
+            out.update(
+                n_pairs=len(labels),
+                S_wanda=_with_ci(Sw, boot(mean_of("w"))),
+                S_magnitude=_with_ci(Sm, boot(mean_of("m"))),
+                ratio=_with_ci(_ratio(Sw, Sm), boot(ratio_of("w", "m"))),
+                difference=_with_ci(Sw - Sm, boot(lambda s: pair_mean(s["w"]) - pair_mean(s["m"]))),
+                tilde_wanda=_with_ci(_ratio(Sw, Sd), boot(ratio_of("w", "d"))),
+                tilde_magnitude=_with_ci(_ratio(Sm, Sd), boot(ratio_of("m", "d"))),
+                survivors_wanda=_survivors(samples["w"]),
+                survivors_magnitude=_survivors(samples["m"]),
+            )
+    fw, fm = (_reference_arrays(data, conds[k]) for k in ("wanda", "magnitude"))
+    if fw is not None and fm is not None and "pearson_r" in fw and "pearson_r" in fm:
+        samples = {"w": functional_matrix(fw, r0), "m": functional_matrix(fm, r0)}
+        point = _ratio(pair_mean(samples["w"]), pair_mean(samples["m"]))
+        ci = hierarchical_bootstrap(
+            lambda s: _ratio(pair_mean(s["w"]), pair_mean(s["m"])), samples, n_boot(data)
+        )
+        out["functional_ratio"] = _with_ci(point, ci)
+        out["functional_survivors"] = min(_survivors(samples["w"]), _survivors(samples["m"]))
+    return out
+
+
+def method_contrasts(data: StudyData, tau: float = TAU, r0: float = 0.7) -> list[dict[str, Any]]:
+    levels = sorted({c.sparsity for c in data.pruned if not c.nm})
+    return [c for s in levels for c in [method_contrast(data, s, tau, r0)] if c is not None]
+
+
+def importance_effects(
+    data: StudyData, tau: float = TAU, r0: float = 0.7, scope: str = "firing"
+) -> list[dict[str, Any]]:
+    """RQ5 at the effect-size level: per condition, Spearman(exact ablation ΔCE, survival) of the
+    ablated top / random / rare features, geometric (mean matched cosine over the reference's cross
+    pairs; CI: crossed bootstrap over those pairs and the features) and functional (Pearson r; CI:
+    feature bootstrap); Mann-Whitney survived vs lost for both; p-values BH-corrected across
+    conditions, per measure."""
+    from lit_prune.analysis.stats import benjamini_hochberg, hierarchical_bootstrap, mann_whitney, spearman
+
+    rq5 = data.arrays("dense/rq5", "rq5_ablation.safetensors")
+    if rq5 is None:
+        return []
+    features = rq5["features"].long().numpy()
+    imp = rq5[f"exact_ce_{scope}"].double().numpy()
+    out = []
+    for c in data.pruned:
+        row: dict[str, Any] = {**_base(c), "n": int(features.size)}
+        p = pairs(data, c)
+        ref_rows = (
+            np.array([i for i, (a, b) in enumerate(p.labels) if a == data.reference_seed and a != b])
+            if p is not None
+            else np.array([], dtype=np.int64)
+        )
+        if ref_rows.size and p.cosine.shape[1] > features.max(initial=0):
+            cos = np.nan_to_num(p.cosine[np.ix_(ref_rows, features)], nan=0.0)
+            samples = {"c": cos, "i": np.broadcast_to(imp, cos.shape)}
+            stat = lambda s: spearman(s["i"][0], s["c"].mean(0))[0]  # noqa: E731
+            mean_c = cos.mean(0)
+            rho, rho_p = spearman(imp, mean_c)
+            kept = mean_c >= tau
+            row["geometric"] = {
+                **_with_ci(rho, hierarchical_bootstrap(stat, samples, n_boot(data), crossed=True)),
+                "p": finite(rho_p),
+                "mw_p": finite(mann_whitney(imp[kept], imp[~kept])[1]),
+                "n_survived": int(kept.sum()),
+                "n_pairs": int(ref_rows.size),
+            }
+        arr = _reference_arrays(data, c)
+        if arr is not None and "pearson_r" in arr and arr["pearson_r"].numel() > features.max(initial=0):
+            r = arr["pearson_r"].double().numpy()[features]
+            samples = {"c": r[None], "i": imp[None]}
+            rho, rho_p = spearman(imp, r)
+            kept = np.nan_to_num(r, nan=-2.0) >= r0
+            row["functional"] = {
+                **_with_ci(
+                    rho,
+                    hierarchical_bootstrap(
+                        lambda s: spearman(s["i"][0], s["c"][0])[0], samples, n_boot(data)
+                    ),
+                ),
+                "p": finite(rho_p),
+                "mw_p": finite(mann_whitney(imp[kept], imp[~kept])[1]),
+                "n_survived": int(kept.sum()),
+            }
+        out.append(row)
+    for kind in ("geometric", "functional"):
+        have = [r[kind] for r in out if kind in r]
+        for key in ("p", "mw_p"):
+            adjusted = benjamini_hochberg([np.nan if h[key] is None else h[key] for h in have])
+            for h, v in zip(have, adjusted, strict=False):
+                h[f"{key}_bh"] = finite(v)
+    return out
+
+
+def dense_baseline(data: StudyData, tau: float = TAU) -> dict[str, Any] | None:
+    """The seed baseline S_seed over every ordered dense pair (a != b), with its hierarchical CI."""
+    from lit_prune.analysis.stats import hierarchical_bootstrap, pair_mean
+
+    dense = pairs(data, Cond(DENSE, DENSE, 0.0))
+    if dense is None or not dense.labels:
+        return None
+    surv = dense.survived(tau)
+    ci = hierarchical_bootstrap(lambda s: pair_mean(s["d"]), {"d": surv}, n_boot(data))
+    return {
+        "S_seed": _with_ci(pair_mean(surv), ci),
+        "n_pairs": len(dense.labels),
+        "per_pair": {lab: float(np.nanmean(surv[i])) for i, lab in enumerate(dense.labels)},
+    }
+
+
+def same_seed_init(data: StudyData, cond: Cond, tau: float = TAU) -> dict[str, float | None]:
+    """The measured mechanism of same-seed inflation: how far the same-seed SAEs' latents moved from
+    their (shared) init. init_cosine_mean / init_near_fraction over all latents (rq2 rows), and the
+    median cosine to its own init of the partners of same-seed survivors (partner_init_cosine)."""
+    same = [f for f in data.fits(cond) if f.same_seed is True]
+    rq2 = lambda f: f.rows["rq2_survival.json"]  # noqa: E731
+    partner = []
+    for f in same:
+        arr = data.arrays(f"{cond.name}/seed{f.seed}", "rq2_survival.safetensors")
+        if arr is not None and "partner_init_cosine" in arr:
+            hit = np.nan_to_num(arr["matched_cosine"].double().numpy(), nan=0.0) >= tau
+            vals = arr["partner_init_cosine"].double().numpy()[hit]
+            partner += list(vals[np.isfinite(vals)])
+    return {
+        "init_cosine_mean": mean(value(rq2(f), "init_cosine_mean") for f in same),
+        "init_near_fraction": mean(value(rq2(f), "init_near_fraction") for f in same),
+        "partner_init_cosine_median": float(np.median(partner)) if partner else None,
+        "same_survivors": float(len(partner) / len(same)) if same else None,
+    }

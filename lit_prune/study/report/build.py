@@ -23,7 +23,7 @@ from lit_prune.files import staging_dir
 from lit_prune.study.report import analysis as A
 from lit_prune.study.report import figures as F
 from lit_prune.study.report import tables as T
-from lit_prune.study.report.claims import headline
+from lit_prune.study.report.claims import headline, same_seed_text
 from lit_prune.study.report.data import StudyData, load_study
 from lit_prune.study.report.render import (
     Block,
@@ -112,9 +112,7 @@ def build_report(data: StudyData) -> tuple[str, list[Block], dict[str, Figure]]:
         Para(_status(data)),
         Heading("Headline: the paper's claims and ours"),
         Para(
-            "Survival is measured cross-seed (the reference SAE against an SAE trained with another seed on the pruned "
-            "model): with a shared seed, rarely-updated latents stay near their common init and survive trivially. "
-            "Verdicts are for this study's model and grid only."
+            same_seed_text(surv) + " Verdicts are for this study's model and grid only."
             + (
                 ""
                 if len(data.seeds) > 1 or st.get("reference_sae")
@@ -122,7 +120,7 @@ def build_report(data: StudyData) -> tuple[str, list[Block], dict[str, Figure]]:
                 "survival tests need two or more seeds (study.seeds)."
             )
         ),
-        T.headline_table(headline(surv, viable, importance["attribution"], baseline, reference, r0)),
+        T.headline_table(_headline(data, surv, viable, reference, r0)),
         Heading("Perplexity"),
         T.perplexity_table(ppl),
         *figure("perplexity", F.perplexity_figure(ppl), "Perplexity vs sparsity per method (log scale)"),
@@ -171,6 +169,30 @@ def build_report(data: StudyData) -> tuple[str, list[Block], dict[str, Figure]]:
         *_provenance(data),
     ]
     return f"Study report: {data.study.get('name', data.root.name)}", blocks, figures
+
+
+def _headline(
+    data: StudyData, surv: list[dict[str, Any]], viable: dict[str, Any], reference: str, r0: float
+) -> list[dict[str, str]]:
+    """The claims with effect sizes and seed-level CIs (`report.claims`; docs/methods.md §4b)."""
+    geo = [{"condition": c.name, "effects": A.cross_effects(data, c)} for c in data.pruned]
+    func = [{"condition": c.name, "effects": A.functional_effects(data, c, r0)} for c in data.pruned]
+    wanda_f = ", ".join(
+        f"s={r['sparsity']:g}: {r['functional_S']:.3f}"
+        for r in surv
+        if r["method"] == "wanda" and r.get("functional_S") is not None
+    )
+    return headline(
+        geo,
+        func,
+        A.method_contrasts(data, r0=r0),
+        viable,
+        A.importance_effects(data, r0=r0),
+        A.dense_baseline(data),
+        reference,
+        r0,
+        f"functional S of Wanda: {wanda_f}" if wanda_f else "–",
+    )
 
 
 def _status(data: StudyData) -> str:

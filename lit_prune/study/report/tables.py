@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from lit_prune.study.report.analysis import RQ1_METRICS, SAE_METRICS, TAUS
+from lit_prune.study.report.claims import COLUMNS
 
 DASH = "–"
 
@@ -83,7 +84,11 @@ class Table:
 
     def cells(self) -> list[list[str]]:
         return [
-            [self.formats.get(c, fmt)(v) for c, v in zip(self.columns, row) if c not in self.hide]
+            [
+                self.formats.get(c, fmt)(v)
+                for c, v in zip(self.columns, row, strict=False)
+                if c not in self.hide
+            ]
             for row in self.rows
         ]
 
@@ -103,14 +108,14 @@ class Table:
     def csv(self) -> str:
         pm = [any(isinstance(row[i], PM) for row in self.rows) for i in range(len(self.columns))]
         header: list[str] = []
-        for c, is_pm in zip(self.columns, pm):
+        for c, is_pm in zip(self.columns, pm, strict=False):
             header += [c, f"{c}_sd"] if is_pm else [c]
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(header)
         for row in self.rows:
             line: list[Any] = []
-            for v, is_pm in zip(row, pm):
+            for v, is_pm in zip(row, pm, strict=False):
                 if is_pm:
                     v = v if isinstance(v, PM) else PM(v, None)
                     line += [_raw(v.mean), _raw(v.sd)]
@@ -137,9 +142,16 @@ S_FMT = {"sparsity": fmt_s}
 
 # --- builders ---------------------------------------------------------------------------------
 def headline_table(claims: list[dict[str, str]]) -> Table:
-    cols = ["claim", "paper", "ours", "verdict", "basis"]
+    cols = list(COLUMNS)
     return Table(
-        "headline", "The paper's claims and our results", cols, [[c[k] for k in cols] for c in claims]
+        "headline",
+        "The paper's claims and our results",
+        cols,
+        [[c.get(k, "–") for k in cols] for c in claims],
+        note="ours: geometric survival over every cross-seed pair, effect [95% CI] (hierarchical bootstrap: "
+        "seed pairs, then features); functional: the reference SAE's activations on the dense vs the pruned "
+        "model (CI over features). A verdict is 'reproduced' / 'not reproduced' only when the CI decides; "
+        "otherwise 'not determinable at this budget', with the reason.",
     )
 
 
@@ -185,7 +197,8 @@ def rq1_table(pairs: list[dict[str, Any]]) -> Table:
         cols,
         [[p.get(c) for c in cols] for p in pairs],
         formats=S_FMT,
-        note="shared@τ: fraction of alive features of seed_a whose one-to-one matched cosine in seed_b is >= τ.",
+        note="shared@τ: fraction of alive features of seed_a whose one-to-one matched cosine in seed_b is "
+        ">= τ.",
     )
 
 
@@ -199,41 +212,60 @@ def survival_table(rows: list[dict[str, Any]], r0: float = 0.7) -> Table:
         ("functional_S", "functional_S"),
         ("S_seed", "S_seed"),
         ("S/S_seed", "S_tilde"),
+        ("S/S_seed 95% CI", "S_tilde_ci"),
+        ("survivors/pair@0.7", "survivors"),
         ("S_normalised (callback)", "S_normalised"),
         ("mean_cosine", "mean_cosine"),
-        ("cross fits", "n_cross"),
+        ("cross pairs", "n_cross"),
+        ("same pairs", "n_same"),
+        ("same-seed init cosine", "init_cosine_mean"),
+        ("same-seed near init", "init_near_fraction"),
+        ("survivors' partner init cosine", "partner_init_cosine_median"),
     ]
     if all(r["S_normalised"] is None for r in rows):  # only when the callback was given a seed baseline
         pairs.remove(("S_normalised (callback)", "S_normalised"))
     cols, keys = [c for c, _ in pairs], [k for _, k in pairs]
     return Table(
         "survival",
-        "RQ2: survival of the reference SAE's features",
+        "RQ2: survival of the dense SAEs' features",
         cols,
-        [[r[k] for k in keys] for r in rows],
+        [[_ci_cell(r.get(k)) if k == "S_tilde_ci" else r.get(k) for k in keys] for r in rows],
         formats=S_FMT,
-        note="S@τ: fraction of alive reference features whose matched cosine to an SAE trained with another "
-        "seed on the pruned model is >= τ (cross-seed, the primary measure); S_same: same seed as the "
-        "reference (inflated by latents that stay near their shared init); functional_S: fraction with "
-        f"Pearson r >= {r0:g} between the reference's activations on the dense and the pruned model; S_seed: "
-        "dense cross-seed shared@0.7 of the same seed pair (RQ1).",
+        note="S@τ: mean over every cross-seed pair (dense SAE of seed a, SAE of seed b ≠ a on the pruned "
+        "model) of the fraction of a's alive features whose matched cosine is >= τ (the primary measure); "
+        "S_same: the same-seed pairs (a = b), which share init and data order; functional_S: fraction of "
+        f"the reference's features with Pearson r >= {r0:g} between its activations on the dense and the "
+        "pruned model; S_seed: the dense shared@0.7 over the same pairs (RQ1); CI: hierarchical bootstrap "
+        "over pairs and features. Same-seed init columns: mean cosine of the same-seed SAE's latents to "
+        "their own init, the fraction within 0.9 of it, and the median init cosine of the partners of "
+        "same-seed survivors.",
     )
+
+
+def _ci_cell(ci: Any) -> str | None:
+    if not ci or any(v is None for v in ci):
+        return None
+    return f"[{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
 def bins_tables(rows: list[dict[str, Any]], r0: float = 0.7) -> list[Table]:
     """RQ4 survival per firing-rate bin: geometric (cross-seed, tau 0.7) and functional, one table each."""
     out = []
-    for prefix, key, what in (
+    kinds = [
         ("", "bins", "geometric, τ = 0.7, cross-seed"),
         ("functional_", "functional_bins", f"functional, r >= {r0:g}"),
-    ):
-        n = max([len(r[key]) for r in rows] + [0])
+    ]
+    if any(r.get("normalised_bins") for r in rows):
+        kinds.append(("norm_", "normalised_bins", "geometric over each bin's own dense seed baseline"))
+    for prefix, key, what in kinds:
+        n = max([len(r.get(key) or []) for r in rows] + [0])
+        rho = "rho_bin_norm" if prefix == "norm_" else f"{prefix}rho_bin"
         cols = [
             "condition",
             "method",
             "sparsity",
-            f"{prefix}rho_bin",
-            "p",
+            rho,
+            "exact p",
             "95% CI",
             *[f"bin{b}" for b in range(n)],
         ]
@@ -241,32 +273,41 @@ def bins_tables(rows: list[dict[str, Any]], r0: float = 0.7) -> list[Table]:
             cols += ["rho_feature", "rho_feature p"]
         body = []
         for r in rows:
-            lo, hi = r[f"{prefix}rho_bin_ci_lo"], r[f"{prefix}rho_bin_ci_hi"]
-            ci = None if lo is None or hi is None else f"[{lo:.2f}, {hi:.2f}]"
+            ci = _ci_cell((r.get(f"{rho}_ci_lo"), r.get(f"{rho}_ci_hi")))
+            values = list(r.get(key) or [])
             row = [
                 r["condition"],
                 r["method"],
                 r["sparsity"],
-                r[f"{prefix}rho_bin"],
-                r[f"{prefix}rho_bin_p"],
+                r.get(rho),
+                r.get(f"{rho}_p"),
                 ci,
-                *(list(r[key]) + [None] * (n - len(r[key]))),
+                *(values + [None] * (n - len(values))),
             ]
             body.append(row + ([r["rho_feature"], r["rho_feature_p"]] if not prefix else []))
         out.append(
             Table(
-                f"fragility_bins{'_functional' if prefix else ''}",
+                "fragility_bins" + {"": "", "functional_": "_functional", "norm_": "_normalised"}[prefix],
                 f"RQ4: survival by firing-rate bin, {what} (bin 0 = rarest)",
                 cols,
                 body,
-                formats={**S_FMT, "p": fmt_p, "rho_feature p": fmt_p},
+                formats={**S_FMT, "exact p": fmt_p, "rho_feature p": fmt_p},
             )
         )
     out[0].note = (
         "Bins: quintiles of log10 firing rate of the reference SAE on the dense model; binN: fraction of "
-        "the bin's features that survive. rho_bin: Spearman(bin, survival in bin); −1 = survival falls "
-        "monotonically from rare to frequent. rho_feature: Spearman(log10 p, matched cosine) over features."
+        "the bin's features that survive (mean over every cross-seed pair, each pair binned by its dense "
+        "SAE's rates). rho_bin: Spearman(bin, survival in bin); −1 = survival falls monotonically from rare "
+        "to frequent; p: exact permutation p over the 120 orderings of 5 bins (two-sided); CI: hierarchical "
+        "bootstrap over pairs and features. rho_feature: Spearman(log10 p, matched cosine) over features."
     )
+    if len(out) > 2:
+        out[2].note = (
+            "binN: S_bin / S_seed,bin, the bin's survival over the same bin's survival between two "
+            "dense SAEs of the same seed pair (firing rate and seed stability are confounded: frequent "
+            "features are also the most seed-stable). rho_bin of these ratios is what the headline's "
+            "rare-features verdict reads."
+        )
     return out
 
 
