@@ -11,6 +11,7 @@ EXTRA_COMMANDS: dict[str, str] = {  # name -> "module:function"
     "prune": "lit_prune.commands.prune:main",
     "study": "lit_prune.commands.study:main",
     "report": "lit_prune.commands.report:main",
+    "export": "lit_prune.commands.export:main",
 }
 LIGHTNING_COMMANDS = ("fit", "validate")  # LightningCLI's, but test and predict: an SAE has no such steps
 # shared code names the fields of fit and study's configs; how a command spells them, where it differs
@@ -23,8 +24,9 @@ OPTION_NAMES: dict[str, dict[str, str]] = {
 DESCRIPTION = (
     "What does weight pruning do to the features a language model has learned? fit and validate "
     "train and evaluate an SAE on a (pruned) LM's activations; the other commands are prune (write a "
-    "pruned model), study (the whole grid, resumable, with a report) and report (write a study's "
-    "report from its finished steps). `python -m lit_prune <command> --help` explains each option."
+    "pruned model), study (the whole grid, resumable, with a report), report (write a study's "
+    "report from its finished steps) and export (SAEs as a release for sae-lens' registry and "
+    "Neuronpedia). `python -m lit_prune <command> --help` explains each option."
 )
 
 
