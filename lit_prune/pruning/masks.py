@@ -13,6 +13,7 @@ from fractions import Fraction
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -257,17 +258,45 @@ def check_pattern(
             )
 
 
+# Masks are stored one bit per weight (numpy.packbits, big-endian bit order) in flat uint8 tensors,
+# with each mask's shape in the file's metadata: 1/8 of one byte per weight (13 MB, not 106 MB, for
+# SmolLM2-135M). Files written before this format (one uint8 0/1 per weight, no FORMAT_KEY) still load.
+FORMAT_KEY = "lit_prune.masks"
+PACKED = "packbits-v1"
+_SHAPE = "shape:"
+
+
 def save_masks(masks: Masks, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """Write masks to a safetensors file (bool stored as uint8), atomically (temp file + rename)."""
-    tensors = {name: mask.detach().to("cpu", torch.uint8).contiguous() for name, mask in masks.items()}
+    """Write masks to a safetensors file, one bit per weight, atomically (temp file + rename)."""
+    tensors, info = {}, {**(metadata or {}), FORMAT_KEY: PACKED}
+    for name, mask in masks.items():
+        flat = mask.detach().to("cpu", torch.bool).contiguous().reshape(-1).numpy()
+        tensors[name] = torch.from_numpy(np.packbits(flat))
+        info[_SHAPE + name] = ",".join(str(d) for d in mask.shape)
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+        save_file(tensors, tmp, metadata=info)
 
 
 def load_masks(path: str | os.PathLike) -> Masks:
-    """Read masks written by `save_masks`; returns bool tensors on CPU."""
+    """Read masks written by `save_masks` (packed, or the older one byte per weight); bool tensors on CPU."""
+    with safe_open(str(path), "pt") as f:
+        info = f.metadata() or {}
     tensors = load_file(str(path))
+    if info.get(FORMAT_KEY) == PACKED:
+        return {name: _unpack(name, t, info.get(_SHAPE + name)) for name, t in tensors.items()}
     for name, t in tensors.items():
         if t.dtype != torch.uint8 or bool((t > 1).any()):
             raise invalid(f"masks[{name}]", str(t.dtype), "uint8 0/1 values written by save_masks")
     return {name: t.bool() for name, t in tensors.items()}
+
+
+def _unpack(name: str, packed: torch.Tensor, shape_text: str | None) -> torch.Tensor:
+    try:
+        shape = tuple(int(d) for d in shape_text.split(",")) if shape_text else None
+    except ValueError:
+        shape = None
+    numel = math.prod(shape) if shape is not None else -1
+    if shape is None or packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != -(-numel // 8):
+        raise invalid(f"masks[{name}]", shape_text, "a packed mask with its shape, written by save_masks")
+    bits = np.unpackbits(packed.numpy(), count=numel).astype(bool)
+    return torch.from_numpy(bits).reshape(shape)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from lit_prune.errors import LitPruneError
@@ -225,9 +226,55 @@ def test_save_load_round_trip(tmp_path) -> None:
     save_masks(masks, path, metadata={"method": "magnitude"})
     assert [p.name for p in path.parent.iterdir()] == ["masks.safetensors"]  # no temp file left
     with safe_open(str(path), framework="pt") as f:
-        assert f.metadata() == {"method": "magnitude"}
-        assert f.get_tensor("model.layers.1.proj").dtype == torch.uint8
+        info = f.metadata()
+        assert info["method"] == "magnitude" and info["lit_prune.masks"] == "packbits-v1"
+        packed = f.get_tensor("model.layers.1.proj")
+    weight = masks["model.layers.1.proj"]
+    assert info["shape:model.layers.1.proj"] == ",".join(map(str, weight.shape))
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-weight.numel() // 8)  # one bit per weight
     loaded = load_masks(path)
     assert loaded.keys() == masks.keys()
     for name, mask in masks.items():
         assert loaded[name].dtype == torch.bool and torch.equal(loaded[name], mask)
+
+
+def test_packed_masks_of_odd_sizes_and_old_byte_files(tmp_path) -> None:
+    """Sizes that are no multiple of 8 round-trip; files of one uint8 per weight (before packing) load."""
+    g = torch.Generator().manual_seed(0)
+    masks = {f"m{n}": torch.rand(n, 3, generator=g) > 0.5 for n in (1, 5, 11)}
+    save_masks(masks, tmp_path / "packed.safetensors")
+    assert all(torch.equal(load_masks(tmp_path / "packed.safetensors")[k], m) for k, m in masks.items())
+    save_file({k: m.to(torch.uint8) for k, m in masks.items()}, str(tmp_path / "old.safetensors"))
+    assert all(torch.equal(load_masks(tmp_path / "old.safetensors")[k], m) for k, m in masks.items())
+    save_file(
+        {"m5": torch.zeros(3, dtype=torch.uint8)},
+        str(tmp_path / "bad.safetensors"),
+        {"lit_prune.masks": "packbits-v1"},
+    )
+    with pytest.raises(LitPruneError, match=r"masks\[m5\]"):
+        load_masks(tmp_path / "bad.safetensors")  # no shape recorded
+
+
+@pytest.mark.embedded
+def test_embedded_model_masks_take_a_sixth_of_one_byte_per_weight(tmp_path) -> None:
+    """SmolLM2-135M's 210 prunable matrices: one byte per weight took 106 MB; packed takes 1/8 of it.
+    The size depends on the shapes only, so the model is built on the meta device from its config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lit_prune.models.registry import model_dir
+    from lit_prune.pruning.masks import prunable_linears
+
+    config = AutoConfig.from_pretrained(model_dir("smollm2-135m"))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    g = torch.Generator().manual_seed(0)
+    masks = {
+        name: torch.rand(m.weight.shape, generator=g) > 0.5 for name, m in prunable_linears(model).items()
+    }
+    weights = sum(mask.numel() for mask in masks.values())
+    save_masks(masks, tmp_path / "masks.safetensors")
+    size = (tmp_path / "masks.safetensors").stat().st_size
+    assert len(masks) == 210 and weights > 105_000_000  # the one-byte file's 106 MB
+    assert size <= 106e6 / 6 and size < weights / 8 + 100_000  # bits plus a header of names and shapes
+    loaded = load_masks(tmp_path / "masks.safetensors")
+    assert all(torch.equal(loaded[name], mask) for name, mask in masks.items())
