@@ -125,3 +125,31 @@ def _on_the_way_to(filename: object, folder: str | os.PathLike) -> bool:
         return False
     target, missing = Path(folder).absolute(), Path(filename).absolute()
     return missing == target or missing in target.parents
+
+
+def umask_modes(tree: str | os.PathLike) -> None:
+    """Give every file and folder under `tree` (itself included) the mode a new one gets under the
+    user's umask: safetensors' save_file (save_pretrained, sae-lens' exports, masks) writes 0600."""
+    mask = _umask()
+    for folder, _dirs, files in os.walk(tree):
+        os.chmod(folder, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
+def check_writable(field: str, path: str | os.PathLike) -> None:
+    """`path` can be created and written into, tried (not guessed from its mode bits, which root
+    ignores and /proc contradicts) by making and removing a folder in its nearest existing ancestor,
+    before any work whose output would be lost at the end."""
+    target = Path(path).absolute()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        raise invalid(field, str(path), f"a directory path ({existing} is a file)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".lit_prune-probe-", dir=existing))
+    except OSError as err:
+        raise invalid(
+            field, str(path), f"a directory this user can create and write into ({existing}: {err.strerror})"
+        ) from None
