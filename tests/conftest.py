@@ -51,3 +51,13 @@ def local_corpus(tmp_path_factory) -> Path:
                 if len(para) > 200:
                     out.write(json.dumps({"text": para, "id": f"{key}-{i}"}) + "\n")
     return path
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `gpu` run only where torch sees a CUDA device (skipped, with the reason, elsewhere)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu: torch sees no CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

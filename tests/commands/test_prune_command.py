@@ -300,6 +300,7 @@ def test_help_explains_every_option():
         assert len(helps[name].split("(type:")[0].strip()) > 10, name
 
 
+@pytest.mark.e2e
 def test_cli_process_exit_code_and_one_line_stderr(tmp_path, model_cache):
     """A real process: exit status 2, the error as the only stderr line, nothing written."""
     result = run_cli(

@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
 import torch
 from helpers import ROOT, run_cli
 
 from lit_prune.cli import lightning_cli
+
+pytestmark = pytest.mark.e2e  # two-process DDP through the CLI
 
 SEQ_LEN, GLOBAL_BATCH, TRAIN_TOKENS, EVAL_SEQS = 32, 8, 65536, 32
 # |DDP - single| allowed per exported metric; see the test docstring for where the numbers come from.

@@ -24,6 +24,8 @@ from fake_cuda import DeviceMismatch, fake_cuda
 from helpers import ROOT
 from torch.overrides import _get_current_function_mode_stack
 
+pytestmark = pytest.mark.e2e  # Lightning fits and a study on the emulated device: the end-to-end lane
+
 
 # --- the emulator: planted bugs raise, legal patterns pass ---------------------------------------
 def _cuda_ones(*shape: int) -> torch.Tensor:

@@ -102,6 +102,7 @@ def test_every_shipped_config_parses():
         assert classes and all(c.startswith("lit_prune.lit.") for c in classes), path
 
 
+@pytest.mark.e2e
 def test_ddp_two_cpu_processes(tmp_path, local_corpus, model_cache):
     result = run_cli(
         *_fit_args(

@@ -184,3 +184,21 @@ def test_gradients_do_not_depend_on_the_thread_count(n, d_in, d_sae, k, n_dead):
         torch.set_num_threads(threads)
     for name in grads[0]:
         assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+# --- on a real GPU (marked gpu: skipped where torch sees no CUDA device) -----------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("d_in, d_sae, k, n", SIZES)
+def test_cuda_step_equals_sae_lens_on_cuda_and_the_cpu_step(d_in, d_sae, k, n, layout):
+    sae = _sae(d_in, d_sae, k)
+    x, dead = _data(n, d_in, d_sae, n_dead=round(0.03 * d_sae))  # a few dead: the auxiliary loss runs
+    on_cpu = copy.deepcopy(sae)
+    want = _ours(on_cpu, x, dead, layout)
+    want.loss.backward()
+    on_gpu = sae.cuda()
+    got, _ = _assert_same_step(on_gpu, x.cuda(), dead.cuda(), layout)  # ours equals sae-lens on the GPU
+    assert got.loss.device.type == "cuda" and torch.equal(got.fired.cpu(), want.fired)
+    _close(got.loss.cpu(), want.loss)
+    for name in PARAMS:
+        _close(getattr(on_gpu, name).grad.cpu(), getattr(on_cpu, name).grad)

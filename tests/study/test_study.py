@@ -276,6 +276,7 @@ def reference_study(tmp_path_factory, local_corpus, model_cache):
     return tmp / "checkpoints" / "tiny"
 
 
+@pytest.mark.e2e
 def test_study_writes_every_result(reference_study):
     results = _results(reference_study)
     conditions = ["dense", "magnitude-0.5", "wanda-0.5"]
@@ -296,6 +297,7 @@ def test_study_writes_every_result(reference_study):
     assert ppl["realised_sparsity"] == pytest.approx(0.5, abs=1e-3)
 
 
+@pytest.mark.e2e
 def test_rerun_does_nothing_and_a_changed_setting_reruns_only_what_it_touches(
     reference_study, tmp_path, local_corpus, model_cache
 ):
@@ -330,6 +332,7 @@ def test_rerun_does_nothing_and_a_changed_setting_reruns_only_what_it_touches(
     ]
 
 
+@pytest.mark.e2e
 def test_magnitude_group_reprunes_only_magnitude(reference_study, tmp_path, local_corpus, model_cache):
     import shutil
 
@@ -355,6 +358,7 @@ def test_magnitude_group_reprunes_only_magnitude(reference_study, tmp_path, loca
     assert len({round(pruned[n] / masks[n].numel(), 3) for n in masks}) > 1
 
 
+@pytest.mark.e2e
 def test_sigkilled_study_resumes_to_identical_results(reference_study, tmp_path, local_corpus, model_cache):
     import os
 
@@ -377,6 +381,7 @@ def test_sigkilled_study_resumes_to_identical_results(reference_study, tmp_path,
     assert _results(study) == _results(reference_study)
 
 
+@pytest.mark.e2e
 def test_shards_and_report_equal_one_unsharded_run(reference_study, tmp_path, local_corpus, model_cache):
     for shard in ("0/2", "1/2"):
         result = run_cli(*_study_args(tmp_path, local_corpus, model_cache, f"--shard={shard}"), cwd=tmp_path)
@@ -390,6 +395,7 @@ def test_shards_and_report_equal_one_unsharded_run(reference_study, tmp_path, lo
     assert (study / "report" / "report.md").is_file() and (study / "report" / "report.html").is_file()
 
 
+@pytest.mark.e2e
 def test_workers_share_the_steps_and_reproduce_one_process(
     reference_study, tmp_path, local_corpus, model_cache
 ):
@@ -410,6 +416,7 @@ def test_workers_share_the_steps_and_reproduce_one_process(
         )
 
 
+@pytest.mark.e2e
 def test_a_failing_worker_stops_the_study_with_its_one_line_error(
     tmp_path, local_corpus, model_cache, monkeypatch
 ):
@@ -432,6 +439,7 @@ def test_a_failing_worker_stops_the_study_with_its_one_line_error(
     assert list((tmp_path / "tmp").iterdir()) == []  # the one line says it all: no log folder is kept
 
 
+@pytest.mark.e2e
 def test_study_help_explains_the_grid():
     result = run_cli("study", "--help", cwd=ROOT)
     assert result.returncode == 0
@@ -521,6 +529,7 @@ def test_shipped_study_configs_parse(name):
         assert max(settings.sparsities) == 0.6 and ctx.data["corpus"].startswith("hf:")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "config, arch", [("llama", "tiny-llama"), ("gemma2", "tiny-gemma2"), ("gemma3", "tiny-gemma3")]
 )

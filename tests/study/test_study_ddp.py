@@ -62,6 +62,7 @@ def _snapshot(study: Path) -> dict[str, bytes]:
     return {str(p.relative_to(study)): p.read_bytes() for p in sorted(study.glob("*/*/**/*")) if p.is_file()}
 
 
+@pytest.mark.e2e
 def test_two_device_study_runs_ddp_fits_that_match_one_device(tmp_path, local_corpus, model_cache):
     """The DDP study against the same study on one device, at the same global batch and seed.
 
