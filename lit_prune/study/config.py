@@ -35,6 +35,38 @@ DDP_KEYS = ("devices", "num_nodes", "strategy")
 
 
 @dataclass
+class WarmStartSettings:
+    """RQ2c, survival under retraining (docs/methods.md §4): each dense seed's SAE is trained further
+    on every pruned model and, as the control, on the dense model, for the same steps and data order
+    (the study's training tokens, its seed's order); the lr schedule's warm-up and decay are the
+    study's. Costs one short fit per (condition + 1) x seed."""
+
+    enabled: bool = True
+    """Run the warm-start steps (dense/warm<s> and <condition>/warm<s>)."""
+    steps: int = 500
+    """T: SAE optimizer steps of each warm start (passes over the training tokens as needed)."""
+    lr: float = 1e-3
+    """Peak Adam learning rate of the warm starts (a fresh optimizer)."""
+    sae_batch_tokens: int = 256
+    """Activations per warm-start step."""
+    seeds: list[int] | None = None
+    """Dense seeds whose SAE is warm-started (each a subset of study.seeds); null: every seed, so that
+    the ratio's CI includes seed variance. [<first seed>] costs 1 / len(seeds) as much."""
+    n_boot: int = 1000
+    """Bootstrap resamples of the ratio's CI (over seeds, then features)."""
+
+    def __post_init__(self) -> None:
+        positive = {"steps": self.steps, "sae_batch_tokens": self.sae_batch_tokens, "n_boot": self.n_boot}
+        for name, value in positive.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise invalid(f"study.warm_start.{name}", value, "an integer >= 1")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise invalid("study.warm_start.lr", self.lr, "a positive number")
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise invalid("study.warm_start.seeds", self.seeds, "null or a non-empty list of distinct seeds")
+
+
+@dataclass
 class StudySettings:
     """The paper's grid: model x hook x SAE settings x methods x sparsities x seeds."""
 
@@ -92,6 +124,8 @@ class StudySettings:
     Python and small kernels not at all). Each worker has its own cache_gb. Must be 1 when a fit uses
     several devices. On several GPUs each worker takes one of them in turn (unless trainer.devices names
     one); on a single GPU the workers would share it, so keep it 1 there."""
+    warm_start: WarmStartSettings = field(default_factory=WarmStartSettings)
+    """RQ2c: the dense SAEs trained further on each pruned model, against a dense control."""
     checkpoints: str = "checkpoints"
     """Root of the study's artefacts."""
     logs: str = "logs"
@@ -146,6 +180,12 @@ class StudySettings:
                 raise invalid(f"study.ablation.{key}", value, "a key among " + ", ".join(ABLATION_MINIMUM))
             if isinstance(value, bool) or not isinstance(value, int) or value < ABLATION_MINIMUM[key]:
                 raise invalid(f"study.ablation.{key}", value, f"an integer >= {ABLATION_MINIMUM[key]}")
+        if isinstance(self.warm_start, dict):  # from a parsed config or study.json
+            self.warm_start = WarmStartSettings(**self.warm_start)
+        if not set(self.warm_seeds()) <= set(self.seeds):
+            raise invalid(
+                "study.warm_start.seeds", self.warm_start.seeds, f"seeds among study.seeds {self.seeds}"
+            )
         if self.epochs < 1:
             raise invalid("study.epochs", self.epochs, "an integer >= 1")
         if not isinstance(self.workers, int) or self.workers < 1:
@@ -164,6 +204,12 @@ class StudySettings:
     def _grid(self) -> list[PruneCondition]:
         out = [PruneCondition(m, float(s)) for m in self.methods for s in sorted(self.sparsities) if s > 0]
         return out + [PruneCondition(m, p[0] / p[1], (p[0], p[1])) for m in self.methods for p in self.nm]
+
+    def warm_seeds(self) -> list[int]:
+        """The dense seeds whose SAE RQ2c warm-starts ([] when it is off)."""
+        if not self.warm_start.enabled:
+            return []
+        return list(self.seeds if self.warm_start.seeds is None else self.warm_start.seeds)
 
     def rq1_options(self) -> dict[str, Any]:
         """seed_stability's options that the survival settings set (RQ1 and RQ2 must agree)."""

@@ -8,6 +8,8 @@ dense/rq5          feature importance of the reference SAE       results/rq5_abl
                                                                  sae/, results/{sae_metrics,rq2_survival,rq3_transfer}
 <cond>/rq1         seed stability across the seeds' SAEs        results/rq1_seeds.{json,safetensors}
 <cond>/pairs       every (dense seed a, seed b) pair matched     results/rq2_pairs.{json,safetensors}
+dense/warm<s>, <cond>/warm<s>  RQ2c: dense/seed<s>'s SAE trained further on the dense (control) / pruned
+                   LM (lit_prune.study.warm)                     sae/, results/warm_start.{json,safetensors}
 <gallery cond>/gallery  top contexts of surviving / lost features  gallery.json
 
 The fits run in the study's process on one device (the default), or, when the study's trainer
@@ -45,11 +47,13 @@ from lit_prune.models.registry import load_model, model_dir
 from lit_prune.pruning import prune_model, save_masks
 from lit_prune.sae.build import SAESettings
 from lit_prune.sae.io import hook_name, load_sae
+from lit_prune.sae.schedule import sae_steps
 from lit_prune.study.config import DENSE, TRAINER_KEYS, PruneCondition, StudySettings
 from lit_prune.study.fit_worker import device_ids, fit_in_worker, fit_processes
 from lit_prune.study.gallery import gallery_condition, gallery_step
 from lit_prune.study.pairs import pairs_step
 from lit_prune.study.runner import Step
+from lit_prune.study.warm import warm_steps
 
 
 @dataclass
@@ -262,6 +266,7 @@ def build_steps(ctx: StudyContext, corpus_fingerprint: str) -> list[Step]:
             cost=1,
         )
     )
+    steps += warm_steps(ctx, base, lambda out, s, c: warm_fit(ctx, out, s, c))  # RQ2c
     return steps
 
 
@@ -310,17 +315,7 @@ def run_fit(
         kwargs["norm_scale"] = json.loads(dense_ref.read_text())[
             "norm_scale"
         ]  # c is fitted on the dense model
-        masks = ctx.root / cond.name / "prune" / "masks.safetensors"
-        callbacks.append(
-            PruningCallback(
-                cond.method,
-                0.0 if cond.nm else cond.sparsity,
-                list(cond.nm) if cond.nm else None,
-                group=st.magnitude_group_of(cond),
-                masks_path=str(masks),
-                perplexity_sequences=0,
-            )
-        )
+        callbacks.append(pruning_callback(ctx, cond))
         callbacks.append(FeatureSurvivalCallback(ctx.reference(), output_dir=str(out), **st.survival))
         if seed == st.reference_seed:
             callbacks.append(TransferabilityCallback(ctx.reference(), output_dir=str(out), **st.transfer))
@@ -342,10 +337,59 @@ def run_fit(
     return trainer, {"metrics": module.last_val, "tokens_trained": int(tokens)}
 
 
-def fit_trainer(ctx: StudyContext, distributed: bool, **kwargs: Any) -> L.Trainer:
+def pruning_callback(ctx: StudyContext, cond: PruneCondition) -> PruningCallback:
+    """Prunes a fit's LM with the masks of <cond>/prune."""
+    return PruningCallback(
+        cond.method,
+        0.0 if cond.nm else cond.sparsity,
+        list(cond.nm) if cond.nm else None,
+        group=ctx.settings.magnitude_group_of(cond),
+        masks_path=str(ctx.root / cond.name / "prune" / "masks.safetensors"),
+        perplexity_sequences=0,
+    )
+
+
+def warm_fit(ctx: StudyContext, out: Path, seed: int, cond: PruneCondition | None) -> dict[str, Any]:
+    """RQ2c's fit (`lit_prune.study.warm`): dense/seed<seed>'s SAE trained further on the dense
+    (cond None) or pruned LM for study.warm_start.steps steps, on one device, with as many passes over
+    the training tokens as those steps need; exports the warm SAE to out/sae."""
+    w = ctx.settings.warm_start
+    L.seed_everything(ctx.seed_everything + seed, workers=True, verbose=False)
+    ids = ctx.datamodule().train_ids
+    epochs = -(-w.steps // sae_steps(1, ids.shape[0] * (ids.shape[1] - 1), w.sae_batch_tokens))
+    module = SAEModule(
+        **{
+            **ctx.model,
+            "sae": SAESettings(**ctx.model.get("sae", {})),
+            "seed": seed,
+            "lr": w.lr,
+            "sae_batch_tokens": w.sae_batch_tokens,
+            "max_sae_steps": w.steps,
+            "init_from": str(ctx.root / DENSE / f"seed{seed}" / "sae"),
+            "norm_scale": None,  # the source's own c (the dense fit's)
+            "export_dir": str(out / "sae"),
+        }
+    )
+    name = cond.name if cond else DENSE
+    trainer = fit_trainer(
+        ctx,
+        False,
+        epochs=epochs,
+        logger=ctx.logger(f"warm{seed}", name),
+        callbacks=[pruning_callback(ctx, cond)] if cond else [],
+    )
+    trainer.fit(module, datamodule=TokenDataModule(**ctx.data))
+    return {
+        "metrics": module.last_val,
+        "tokens_trained": int(module.tokens_trained),
+        "steps": module.global_step,
+    }
+
+
+def fit_trainer(ctx: StudyContext, distributed: bool, epochs: int | None = None, **kwargs: Any) -> L.Trainer:
     """The Trainer of a study fit: the user's trainer settings (TRAINER_KEYS, and DDP_KEYS when
-    distributed) with the study's own (study.epochs, no checkpoints or progress bar); Lightning's
-    refusals are one-line errors."""
+    distributed) with the study's own (`epochs`, default study.epochs, no checkpoints or progress
+    bar); Lightning's refusals are one-line errors."""
     if distributed:
         placement = {
             "devices": ctx.trainer.get("devices", 1),
@@ -355,7 +399,7 @@ def fit_trainer(ctx: StudyContext, distributed: bool, **kwargs: Any) -> L.Traine
     else:
         device = torch.device(ctx.device)
         placement = {"devices": [device.index] if device.index is not None else 1}  # the GPU named, if any
-    epochs = ctx.settings.epochs
+    epochs = epochs or ctx.settings.epochs
     return checked_trainer(
         lambda: L.Trainer(
             max_epochs=epochs,

@@ -298,6 +298,29 @@ def test_study_writes_every_result(reference_study):
 
 
 @pytest.mark.e2e
+def test_study_warm_starts_every_condition_against_its_control(reference_study):
+    """RQ2c: each dense seed's SAE trained a few steps further on every model; rows read back."""
+    results = _results(reference_study)
+    for seed in (0, 1):
+        control = {r["metric"]: r["value"] for r in results[f"dense/warm{seed}/results/warm_start.json"]}
+        assert control["warm_steps"] == 20 and 0 < control["warm_control@0.5"] <= 1
+        for cond in ("magnitude-0.5", "wanda-0.5"):
+            rows = results[f"{cond}/warm{seed}/results/warm_start.json"]
+            got = {r["metric"]: r["value"] for r in rows}
+            assert {(r["seed_a"], r["seed_b"]) for r in rows} == {(seed, seed)}
+            assert got["warm_control@0.7"] == control["warm_control@0.7"]  # the same control
+            assert got["warm_ratio@0.7"] == pytest.approx(got["warm_survival@0.7"] / got["warm_control@0.7"])
+            assert "val_fvu" in got and got["warm_steps"] == 20
+            arrays = read_arrays(
+                reference_study / cond / f"warm{seed}" / "results" / "warm_start.safetensors"
+            )
+            alive = arrays["firing_rate"] > 0
+            assert got["warm_survival@0.7"] == pytest.approx(
+                float((arrays["cosine"][alive] >= 0.7).double().mean())
+            )
+
+
+@pytest.mark.e2e
 def test_rerun_does_nothing_and_a_changed_setting_reruns_only_what_it_touches(
     reference_study, tmp_path, local_corpus, model_cache
 ):
@@ -350,6 +373,8 @@ def test_magnitude_group_reprunes_only_magnitude(reference_study, tmp_path, loca
         "magnitude-0.5/rq1",
         "magnitude-0.5/seed0",
         "magnitude-0.5/seed1",
+        "magnitude-0.5/warm0",
+        "magnitude-0.5/warm1",
     ]
     masks = load_masks(study / "magnitude-0.5" / "prune" / "masks.safetensors")
     pruned = {name: int((~m).sum()) for name, m in masks.items()}
