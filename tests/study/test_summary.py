@@ -123,3 +123,21 @@ def test_blocks_of_a_real_tiny_study(tmp_path, local_corpus, model_cache):
     doc.write_text(DOC)
     assert S.fill_files([doc], blocks) == {str(doc): ["results"]}
     assert Path(doc).read_text().count("| claim |") == 1
+
+
+def test_pruned_perplexity_has_a_column_per_method(tmp_path):
+    rows = [
+        {"method": "dense", "label": "0%", "perplexity": 40.0},
+        {"method": "magnitude", "label": "50%", "perplexity": 700.0},
+        {"method": "wanda", "label": "50%", "perplexity": 65.5},
+        {"method": "sparsegpt", "label": "2:4", "perplexity": 90.125},
+    ]
+    (tmp_path / "prune.json").write_text(json.dumps({"results": [], "perplexity": rows}))
+    assert S.perplexity_markdown(tmp_path).splitlines() == [
+        "| sparsity | magnitude | wanda | sparsegpt |",
+        "|---|---:|---:|---:|",
+        "| 0% (dense) | 40.00 | 40.00 | 40.00 |",
+        "| 50% | 700.00 | 65.50 | – |",
+        "| 2:4 | – | – | 90.12 |",
+    ]
+    assert S.perplexity_markdown(tmp_path / "nothing") is None

@@ -10,8 +10,9 @@ Blocks of one study: every report table by its CSV name (`headline`, `perplexity
 seeds, corpus fingerprint, versions, time). With `--label L` they are named `L.headline`, ... so that
 several studies (for example three disjoint seed sets) fill one page. `--stability DIR ...` adds
 `stability`: each claim's verdict in every listed study, side by side. `--benchmarks benchmarks/results`
-adds `benchmarks`: every `ours / baseline / ratio` row of the benchmark scripts' JSON files. A marker
-whose block was not built this time is left as it is.
+adds `benchmarks`: every `ours / baseline / ratio` row of the benchmark scripts' JSON files, and
+`pruned_perplexity` from `benchmarks/prune.py --perplexity`. A marker whose block was not built this
+time is left as it is.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def provenance_markdown(data: Any) -> str:
     study, st = data.study, data.settings
     model, corpus = study.get("model") or {}, study.get("corpus") or {}
     versions = study.get("versions") or {}
+    wall = sum(float(r.get("seconds") or 0.0) for r in data.runs)
     grid = ", ".join(st.get("methods", [])) + " at " + ", ".join(f"{s:g}" for s in st.get("sparsities", []))
     rows = [
         ("model, hook", f"{model.get('model_name')}, residual stream after block {model.get('hook_layer')}"),
@@ -83,6 +85,7 @@ def provenance_markdown(data: Any) -> str:
         ("versions", ", ".join(f"{k} {versions[k]}" for k in VERSIONS if k in versions) or "–"),
         ("steps", f"{len(data.finished)} finished of {len(study.get('steps', {}))}"),
         ("step time", f"{data.step_seconds:.0f} s summed over the finished steps"),
+        ("study command", f"{wall:.0f} s of wall time over {len(data.runs)} invocation(s)"),
     ]
     return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
 
@@ -177,6 +180,25 @@ def benchmarks_markdown(results_dir: str | Path) -> str:
     return "\n".join(lines)
 
 
+def perplexity_markdown(results_dir: str | Path) -> str | None:
+    """The pruned-perplexity table of `benchmarks/prune.py --perplexity` (prune.json's `perplexity`
+    rows): one row per sparsity or N:M pattern, one column per method; None without such rows."""
+    path = Path(results_dir) / "prune.json"
+    rows = json.loads(path.read_text(encoding="utf-8")).get("perplexity") if path.is_file() else None
+    if not rows:
+        return None
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))
+    dense = next((r["perplexity"] for r in rows if r["method"] == "dense"), None)
+    cell = {(r["label"], r["method"]): r["perplexity"] for r in rows}
+    lines = ["| sparsity | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+    if dense is not None:
+        lines.append("| 0% (dense) | " + " | ".join(f"{dense:.2f}" for _ in methods) + " |")
+    for label in dict.fromkeys(r["label"] for r in rows if r["method"] != "dense"):
+        values = [cell.get((label, m)) for m in methods]
+        lines.append(f"| {label} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in values) + " |")
+    return "\n".join(lines)
+
+
 def _num(v: Any) -> str:
     if not isinstance(v, (int, float)):
         return str(v)
@@ -264,6 +286,9 @@ def run(argv: list[str]) -> list[str]:
         blocks[f"{args.label}.stability" if args.label else "stability"] = stability_markdown(args.stability)
     if args.benchmarks:
         blocks["benchmarks"] = benchmarks_markdown(args.benchmarks)
+        ppl = perplexity_markdown(args.benchmarks)
+        if ppl is not None:
+            blocks["pruned_perplexity"] = ppl
     if args.markdown:
         if not args.study_dir:
             raise invalid("markdown", args.markdown, "a study_dir to take the tables from")
