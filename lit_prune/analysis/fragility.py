@@ -73,16 +73,16 @@ def _rho_only(survival: list[float]) -> float:
 def bin_means(values, bins, n_bins: int = 5) -> np.ndarray:
     """Per-bin mean over pairs of the per-pair mean: values, bins [P, F] (NaN value or bin -1: not
     counted) -> [n_bins], NaN where no pair has a feature in the bin."""
-    v, b = np.asarray(values, dtype=np.float64), np.asarray(bins)
-    out = np.full(n_bins, np.nan)
-    for k in range(n_bins):
-        sel = (b == k) & np.isfinite(v)
-        count = sel.sum(1)
-        if not count.any():
-            continue
-        per_pair = np.where(sel, v, 0.0).sum(1)[count > 0] / count[count > 0]
-        out[k] = per_pair.mean()
-    return out
+    v, b = np.asarray(values, dtype=np.float64), np.asarray(bins).astype(np.int64)
+    keep = (b >= 0) & (b < n_bins) & np.isfinite(v)
+    index = (b + n_bins * np.arange(v.shape[0])[:, None])[keep]  # one slot per (pair, bin)
+    size = v.shape[0] * n_bins
+    sums = np.bincount(index, weights=v[keep], minlength=size).reshape(-1, n_bins)
+    counts = np.bincount(index, minlength=size).reshape(-1, n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_pair = np.where(counts > 0, sums / counts, np.nan)
+        used = (counts > 0).sum(0)
+        return np.where(used > 0, np.nansum(per_pair, 0) / np.maximum(used, 1), np.nan)
 
 
 def firing_rate_analysis(

@@ -138,6 +138,15 @@ def _rank_corr(rx: np.ndarray, ry: np.ndarray) -> np.ndarray:
     return (dy @ dx) / np.sqrt((dx @ dx) * (dy * dy).sum(-1))
 
 
+def rank_correlation(x, y) -> float:
+    """Spearman rho alone, without scipy's per-call overhead (for bootstrap resamples of a few bins):
+    NaN pairs dropped, average ranks for ties; NaN for fewer than 3 pairs or a constant side."""
+    x, y = _paired(x, y)
+    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(_rank_corr(_ranks(x), _ranks(y)[None])[0])
+
+
 def spearman_exact(x, y, alternative: str = "two-sided") -> tuple[float, float]:
     """Spearman rho of x, y [n] with its exact permutation p-value (n <= MAX_EXACT_N).
 
@@ -186,6 +195,18 @@ def hierarchical_bootstrap(
     statistics such as a correlation over features of one SAE seen in several pairs). NaN / inf
     resamples are dropped; (nan, nan) when none is left.
     """
+    return hierarchical_bootstraps({"s": statistic}, samples, n_boot, alpha, seed, crossed)["s"]
+
+
+def hierarchical_bootstraps(
+    statistics: dict[str, Callable[[dict[str, np.ndarray]], float]],
+    samples: dict[str, np.ndarray],
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    crossed: bool = False,
+) -> dict[str, tuple[float, float]]:
+    """`hierarchical_bootstrap` of several statistics from the same resamples (one draw, one CI each)."""
     if n_boot < 1:
         raise invalid("n_boot", n_boot, "an integer >= 1")
     if not 0 < alpha < 1:
@@ -196,18 +217,21 @@ def hierarchical_bootstrap(
         raise invalid("samples shapes", sorted(shapes), "one common [pairs, features] shape")
     n_pairs, n_features = next(iter(shapes))
     if n_pairs < 1 or n_features < 1:
-        return _NAN2
+        return {name: _NAN2 for name in statistics}
     rng = np.random.default_rng(seed)
-    values = np.empty(n_boot)
+    values = np.empty((n_boot, len(statistics)))
     for b in range(n_boot):
         pairs = rng.integers(0, n_pairs, size=n_pairs)[:, None]
         feats = rng.integers(0, n_features, size=(1 if crossed else n_pairs, n_features))
-        values[b] = statistic({k: a[pairs, feats] for k, a in arrs.items()})
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return _NAN2
-    lo, hi = np.quantile(values, [alpha / 2, 1 - alpha / 2])
-    return float(lo), float(hi)
+        drawn = {k: a[pairs, feats] for k, a in arrs.items()}
+        values[b] = [fn(drawn) for fn in statistics.values()]
+    out = {}
+    for name, column in zip(statistics, values.T, strict=True):
+        column = column[np.isfinite(column)]
+        out[name] = (
+            _NAN2 if column.size == 0 else tuple(map(float, np.quantile(column, [alpha / 2, 1 - alpha / 2])))
+        )
+    return out
 
 
 def pair_mean(values: np.ndarray) -> float:

@@ -109,3 +109,91 @@ def test_bootstrap_ci_degenerate():
         bootstrap_ci(spearman, np.arange(3.0), np.arange(4.0))
     with pytest.raises(LitPruneError, match="alpha"):
         bootstrap_ci(np.mean, np.arange(3.0), alpha=1.5)
+
+
+# --- exact permutation p, hierarchical bootstrap, CI sides (docs/methods.md §4b) -------------------
+def test_spearman_exact_on_perfectly_monotone_five_bins():
+    """Only the identity (and, two-sided, the reversal) of the 120 orderings reaches |rho| = 1."""
+    from lit_prune.analysis.stats import spearman_exact
+
+    x, y = [0, 1, 2, 3, 4], [0.5, 0.4, 0.3, 0.2, 0.1]
+    assert spearman_exact(x, y) == (pytest.approx(-1.0), pytest.approx(2 / 120))
+    assert spearman_exact(x, y, "less")[1] == pytest.approx(1 / 120)
+    assert spearman_exact(x, y, "greater")[1] == pytest.approx(1.0)
+    assert spearman(x, y)[1] < 1e-20  # the t-approximation this replaces: absurdly small at n = 5
+
+
+def test_spearman_exact_with_ties_counts_distinct_arrangements():
+    """y has two 1s and three 0s: 10 distinct arrangements, each 12 times among the 120 orderings;
+    |rho| is largest (0.866) for the 1s at either end: p = 2 / 10."""
+    from lit_prune.analysis.stats import spearman_exact
+
+    rho, p = spearman_exact([0, 1, 2, 3, 4], [1, 1, 0, 0, 0])
+    assert rho == pytest.approx(-math.sqrt(3) / 2) and p == pytest.approx(0.2)
+
+
+def test_spearman_exact_matches_brute_force_rank_correlation():
+    from itertools import permutations
+
+    from lit_prune.analysis.stats import spearman_exact
+
+    x, y = np.arange(5.0), np.array([0.3, 0.1, 0.5, 0.2, 0.4])
+    rho, p = spearman_exact(x, y)
+    perms = [sps.spearmanr(x, y[list(q)]).statistic for q in permutations(range(5))]
+    assert rho == pytest.approx(sps.spearmanr(x, y).statistic)
+    assert p == pytest.approx(np.mean(np.abs(perms) >= abs(rho) - 1e-12))
+
+
+def test_spearman_exact_refuses_large_n():
+    from lit_prune.analysis.stats import spearman_exact
+
+    with pytest.raises(LitPruneError, match="len"):
+        spearman_exact(range(9), range(9))
+
+
+def test_hierarchical_bootstrap_resamples_pairs_not_only_features():
+    """Two pairs whose features all agree within the pair (0s and 1s): feature resampling changes
+    nothing, the pair draw gives a mean of 0, 0.5 or 1 with probabilities 1/4, 1/2, 1/4, so the 95%
+    CI is [0, 1]. A feature-only bootstrap (one pooled pair) would give a much narrower CI."""
+    from lit_prune.analysis.stats import hierarchical_bootstrap, pair_mean
+
+    values = np.array([[0.0] * 50, [1.0] * 50])
+    lo, hi = hierarchical_bootstrap(lambda s: pair_mean(s["v"]), {"v": values}, n_boot=2000)
+    assert (lo, hi) == (0.0, 1.0)
+    pooled = values.reshape(1, -1)
+    lo1, hi1 = hierarchical_bootstrap(lambda s: pair_mean(s["v"]), {"v": pooled}, n_boot=2000)
+    assert 0.35 < lo1 < 0.5 < hi1 < 0.65  # 0.5 ± 1.96 * 0.05
+
+
+def test_hierarchical_bootstrap_draws_every_sample_jointly():
+    """The same pair and feature draw for every name: a - b of identical arrays is 0 in every
+    resample, and a shifted copy keeps its exact shift."""
+    from lit_prune.analysis.stats import hierarchical_bootstrap, pair_mean
+
+    a = _rng(1).random((3, 40))
+    diff = lambda s: pair_mean(s["a"]) - pair_mean(s["b"])  # noqa: E731
+    assert hierarchical_bootstrap(diff, {"a": a, "b": a.copy()}, n_boot=200) == (0.0, 0.0)
+    lo, hi = hierarchical_bootstrap(diff, {"a": a + 0.25, "b": a}, n_boot=200)
+    assert lo == pytest.approx(0.25) and hi == pytest.approx(0.25)
+
+
+def test_hierarchical_bootstrap_nan_features_and_crossed_draws():
+    from lit_prune.analysis.stats import hierarchical_bootstrap, pair_mean
+
+    v = np.array([[1.0, np.nan, 1.0], [1.0, 1.0, np.nan]])  # NaN: a dead feature, never counted
+    assert hierarchical_bootstrap(lambda s: pair_mean(s["v"]), {"v": v}, n_boot=100) == (1.0, 1.0)
+    cols = np.tile(np.arange(6.0), (3, 1))  # crossed: column f is feature f in every row
+    same = hierarchical_bootstrap(
+        lambda s: float(np.ptp(s["c"], axis=0).max()), {"c": cols}, n_boot=50, crossed=True
+    )
+    assert same == (0.0, 0.0)
+    with pytest.raises(LitPruneError, match="shape"):
+        hierarchical_bootstrap(pair_mean, {"a": np.zeros((2, 3)), "b": np.zeros((2, 4))})
+
+
+def test_ci_side_and_within():
+    from lit_prune.analysis.stats import ci_side, within
+
+    assert ci_side(1.1, 2.0, 1.0) == 1 and ci_side(0.2, 0.9, 1.0) == -1 and ci_side(0.5, 1.5, 1.0) == 0
+    assert ci_side(float("nan"), 1.0, 0.0) is None and ci_side(2.0, float("inf"), 1.0) == 1
+    assert within(-0.1, 0.15, 0.2) and not within(-0.1, 0.2, 0.2) and not within(None, 0.1, 0.2)

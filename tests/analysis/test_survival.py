@@ -212,3 +212,33 @@ def test_fragility_predictors():
     assert out["noisy"] == pytest.approx(tuple(sps.spearmanr(F[:4], [1.0, 3.0, 2.0, 5.0])))
     masked = fragility_predictors(F, {"x": F}, mask=np.array([1, 1, 0, 0, 0], dtype=bool))
     assert all(math.isnan(v) for v in masked["x"])  # 2 features left: undefined
+
+
+def test_seed_pairs_enumerates_every_ordered_cross_pair():
+    from lit_prune.analysis.survival import seed_pairs
+
+    cross, same = seed_pairs([0, 1, 2], [0, 1, 2])
+    assert cross == [(0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1)] and same == [(0, 0), (1, 1), (2, 2)]
+    cross, same = seed_pairs([0, 1, 2])  # within one set (the dense seed baseline): no same-seed pairs
+    assert cross == [(0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1)] and same == []
+    assert seed_pairs([3]) == ([], []) and seed_pairs([3], [3]) == ([], [(3, 3)])
+
+
+def test_pair_cosines_reads_the_reverse_pair_from_the_same_matching():
+    from lit_prune.analysis.matching import match_features
+    from lit_prune.analysis.survival import pair_cosines
+
+    gen = torch.Generator().manual_seed(0)
+    dec = {s: torch.randn(12, 6, generator=gen) for s in (0, 1, 2)}
+    within = pair_cosines(dec, None, [(0, 1), (1, 0), (2, 0)])
+    assert within.shape == (3, 12)
+    assert torch.allclose(within[0], match_features(dec[0], dec[1]).cosine.float(), equal_nan=True)
+    assert torch.allclose(within[1], match_features(dec[1], dec[0]).cosine.float(), equal_nan=True)
+    assert torch.allclose(within[2], match_features(dec[2], dec[0]).cosine.float(), equal_nan=True)
+    other = {s: d + 0.1 for s, d in dec.items()}
+    across = pair_cosines(dec, other, [(0, 1), (1, 0), (1, 1)])
+    assert torch.allclose(across[1], match_features(dec[1], other[0]).cosine.float(), equal_nan=True)
+
+
+def test_rho_bin_p_is_the_exact_permutation_p():
+    assert rho_bin([0.5, 0.4, 0.3, 0.2, 0.1]) == (pytest.approx(-1.0), pytest.approx(2 / 120))

@@ -442,6 +442,14 @@ def _with_ci(point: float, ci: tuple[float, float]) -> dict[str, float | None]:
 
 
 def cross_effects(data: StudyData, cond: Cond, tau: float = TAU) -> dict[str, Any] | None:
+    """`_cross_effects`, computed once per study, condition and tau (the tables and the headline share it)."""
+    cache = data.__dict__.setdefault("_cross_effects", {})
+    if (cond.name, tau) not in cache:
+        cache[cond.name, tau] = _cross_effects(data, cond, tau)
+    return cache[cond.name, tau]
+
+
+def _cross_effects(data: StudyData, cond: Cond, tau: float = TAU) -> dict[str, Any] | None:
     """Geometric survival of a condition over every cross-seed pair, against the dense seed pairs.
 
     S = mean over pairs (a != b) of the fraction of SAE a's alive features surviving in b; S_seed the
@@ -450,7 +458,7 @@ def cross_effects(data: StudyData, cond: Cond, tau: float = TAU) -> dict[str, An
     features, the condition's and the dense pairs drawn jointly (same labels, same features of a).
     """
     from lit_prune.analysis.fragility import bin_means, rho_bin
-    from lit_prune.analysis.stats import hierarchical_bootstrap, pair_mean, spearman
+    from lit_prune.analysis.stats import hierarchical_bootstraps, pair_mean, rank_correlation
 
     mine, dense = pairs(data, cond), pairs(data, Cond(DENSE, DENSE, 0.0))
     if mine is None or dense is None:
@@ -467,12 +475,22 @@ def cross_effects(data: StudyData, cond: Cond, tau: float = TAU) -> dict[str, An
         return bin_means(s["c"], s["bin"]) / bin_means(s["d"], s["bin"])
 
     def rho(s: dict[str, np.ndarray]) -> float:
-        return spearman(np.arange(5), normalised_bins(s))[0]
+        return rank_correlation(np.arange(5), normalised_bins(s))
 
     def rho_raw(s: dict[str, np.ndarray]) -> float:
-        return spearman(np.arange(5), bin_means(s["c"], s["bin"]))[0]
+        return rank_correlation(np.arange(5), bin_means(s["c"], s["bin"]))
 
-    boot = lambda f: hierarchical_bootstrap(f, samples, n_boot(data))  # noqa: E731
+    ci = hierarchical_bootstraps(
+        {
+            "S": lambda s: pair_mean(s["c"]),
+            "S_seed": lambda s: pair_mean(s["d"]),
+            "S_tilde": lambda s: _ratio(pair_mean(s["c"]), pair_mean(s["d"])),
+            "rho": rho,
+            "rho_raw": rho_raw,
+        },
+        samples,
+        n_boot(data),
+    )
     norm = normalised_bins(samples)
     counts = [
         float(np.nansum(np.where(samples["bin"] == b, samples["c"], 0.0), axis=1).mean()) for b in range(5)
@@ -483,17 +501,17 @@ def cross_effects(data: StudyData, cond: Cond, tau: float = TAU) -> dict[str, An
         "pairs": labels,
         "n_pairs": len(labels),
         "per_pair": {lab: float(np.nanmean(samples["c"][i])) for i, lab in enumerate(labels)},
-        "S": _with_ci(S, boot(lambda s: pair_mean(s["c"]))),
-        "S_seed": _with_ci(S_seed, boot(lambda s: pair_mean(s["d"]))),
-        "S_tilde": _with_ci(_ratio(S, S_seed), boot(lambda s: _ratio(pair_mean(s["c"]), pair_mean(s["d"])))),
+        "S": _with_ci(S, ci["S"]),
+        "S_seed": _with_ci(S_seed, ci["S_seed"]),
+        "S_tilde": _with_ci(_ratio(S, S_seed), ci["S_tilde"]),
         "S_same": finite(pair_mean(mine.survived(tau, same_rows))) if same_rows.size else None,
         "survivors": _survivors(samples["c"]),
         "bins": [finite(v) for v in bin_means(samples["c"], samples["bin"])],
         "seed_bins": [finite(v) for v in bin_means(samples["d"], samples["bin"])],
         "normalised_bins": [finite(v) for v in norm],
         "bin_survivors": counts,
-        "rho_bin": {**_with_ci(rb_norm, boot(rho)), "p": finite(rb_norm_p)},
-        "rho_bin_raw": {**_with_ci(rb_raw, boot(rho_raw)), "p": finite(rb_raw_p)},
+        "rho_bin": {**_with_ci(rb_norm, ci["rho"]), "p": finite(rb_norm_p)},
+        "rho_bin_raw": {**_with_ci(rb_raw, ci["rho_raw"]), "p": finite(rb_raw_p)},
     }
 
 
@@ -501,7 +519,7 @@ def functional_effects(data: StudyData, cond: Cond, r0: float = 0.7) -> dict[str
     """Functional survival of the reference (r_i >= r0; no seed variance: one SAE on two models), with
     feature-bootstrap CIs; per-bin survival and rho_bin with its exact permutation p."""
     from lit_prune.analysis.fragility import bin_means, firing_rate_bins, rho_bin
-    from lit_prune.analysis.stats import hierarchical_bootstrap, pair_mean, spearman
+    from lit_prune.analysis.stats import hierarchical_bootstrap, pair_mean, rank_correlation
 
     arr = _reference_arrays(data, cond)
     if arr is None or "pearson_r" not in arr:
@@ -517,7 +535,7 @@ def functional_effects(data: StudyData, cond: Cond, r0: float = 0.7) -> dict[str
         "bins": [finite(v) for v in bin_means(surv, bins)],
         "bin_survivors": [float(np.nansum(np.where(bins == b, surv, 0.0))) for b in range(5)],
         "rho_bin": {
-            **_with_ci(rb, boot(lambda s: spearman(np.arange(5), bin_means(s["c"], s["bin"]))[0])),
+            **_with_ci(rb, boot(lambda s: rank_correlation(np.arange(5), bin_means(s["c"], s["bin"])))),
             "p": finite(rb_p),
         },
     }
@@ -546,7 +564,7 @@ def method_contrast(
     """Wanda vs magnitude at one sparsity: ratio and difference of S with joint hierarchical CIs
     (the two conditions' cross pairs share labels and the dense SAEs' features), each method's S~ CI
     (is it within the seed band?), survivors, and the functional ratio with its feature-bootstrap CI."""
-    from lit_prune.analysis.stats import hierarchical_bootstrap, pair_mean
+    from lit_prune.analysis.stats import hierarchical_bootstrap, hierarchical_bootstraps, pair_mean
 
     conds = {c.label: c for c in data.pruned if not c.nm and math.isclose(c.sparsity, sparsity)}
     if "wanda" not in conds or "magnitude" not in conds:
@@ -561,18 +579,28 @@ def method_contrast(
                 "m": m.survived(tau, m.rows(labels)),
                 "d": d.survived(tau, d.rows(labels)),
             }
-            boot = lambda f: hierarchical_bootstrap(f, samples, n_boot(data))  # noqa: E731
-            mean_of = lambda k: lambda s: pair_mean(s[k])  # noqa: E731
             ratio_of = lambda a, b: lambda s: _ratio(pair_mean(s[a]), pair_mean(s[b]))  # noqa: E731
+            ci = hierarchical_bootstraps(
+                {
+                    "w": lambda s: pair_mean(s["w"]),
+                    "m": lambda s: pair_mean(s["m"]),
+                    "ratio": ratio_of("w", "m"),
+                    "difference": lambda s: pair_mean(s["w"]) - pair_mean(s["m"]),
+                    "tilde_w": ratio_of("w", "d"),
+                    "tilde_m": ratio_of("m", "d"),
+                },
+                samples,
+                n_boot(data),
+            )
             Sw, Sm, Sd = (pair_mean(samples[k]) for k in "wmd")
             out.update(
                 n_pairs=len(labels),
-                S_wanda=_with_ci(Sw, boot(mean_of("w"))),
-                S_magnitude=_with_ci(Sm, boot(mean_of("m"))),
-                ratio=_with_ci(_ratio(Sw, Sm), boot(ratio_of("w", "m"))),
-                difference=_with_ci(Sw - Sm, boot(lambda s: pair_mean(s["w"]) - pair_mean(s["m"]))),
-                tilde_wanda=_with_ci(_ratio(Sw, Sd), boot(ratio_of("w", "d"))),
-                tilde_magnitude=_with_ci(_ratio(Sm, Sd), boot(ratio_of("m", "d"))),
+                S_wanda=_with_ci(Sw, ci["w"]),
+                S_magnitude=_with_ci(Sm, ci["m"]),
+                ratio=_with_ci(_ratio(Sw, Sm), ci["ratio"]),
+                difference=_with_ci(Sw - Sm, ci["difference"]),
+                tilde_wanda=_with_ci(_ratio(Sw, Sd), ci["tilde_w"]),
+                tilde_magnitude=_with_ci(_ratio(Sm, Sd), ci["tilde_m"]),
                 survivors_wanda=_survivors(samples["w"]),
                 survivors_magnitude=_survivors(samples["m"]),
             )
@@ -601,7 +629,13 @@ def importance_effects(
     pairs; CI: crossed bootstrap over those pairs and the features) and functional (Pearson r; CI:
     feature bootstrap); Mann-Whitney survived vs lost for both; p-values BH-corrected across
     conditions, per measure."""
-    from lit_prune.analysis.stats import benjamini_hochberg, hierarchical_bootstrap, mann_whitney, spearman
+    from lit_prune.analysis.stats import (
+        benjamini_hochberg,
+        hierarchical_bootstrap,
+        mann_whitney,
+        rank_correlation,
+        spearman,
+    )
 
     rq5 = data.arrays("dense/rq5", "rq5_ablation.safetensors")
     if rq5 is None:
@@ -620,7 +654,7 @@ def importance_effects(
         if ref_rows.size and p.cosine.shape[1] > features.max(initial=0):
             cos = np.nan_to_num(p.cosine[np.ix_(ref_rows, features)], nan=0.0)
             samples = {"c": cos, "i": np.broadcast_to(imp, cos.shape)}
-            stat = lambda s: spearman(s["i"][0], s["c"].mean(0))[0]  # noqa: E731
+            stat = lambda s: rank_correlation(s["i"][0], s["c"].mean(0))  # noqa: E731
             mean_c = cos.mean(0)
             rho, rho_p = spearman(imp, mean_c)
             kept = mean_c >= tau
@@ -641,7 +675,7 @@ def importance_effects(
                 **_with_ci(
                     rho,
                     hierarchical_bootstrap(
-                        lambda s: spearman(s["i"][0], s["c"][0])[0], samples, n_boot(data)
+                        lambda s: rank_correlation(s["i"][0], s["c"][0]), samples, n_boot(data)
                     ),
                 ),
                 "p": finite(rho_p),

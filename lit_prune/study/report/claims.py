@@ -330,9 +330,9 @@ def same_seed_text(rows: list[dict[str, Any]], near: float = 0.9) -> str:
     measured = [r for r in rows if r.get("init_near_fraction") is not None]
     text = (
         "Survival is measured over every cross-seed pair (the dense SAE of seed a against the SAE of "
-        "seed b ≠ a trained on the pruned model); same-seed pairs (a = b) are reported apart. A same-seed pair shares "
-        "its initialisation and its data order, so both SAEs follow one training trajectory and agree more "
-        "than reseeding allows."
+        "seed b ≠ a trained on the pruned model); same-seed pairs (a = b) are reported apart. A same-seed "
+        "pair shares its initialisation and its data order, so both SAEs follow one training trajectory "
+        "and agree more than reseeding allows."
     )
     if not measured:
         return text

@@ -1,0 +1,157 @@
+"""The headline's verdict rules (docs/methods.md §4b) on synthetic studies with every seed pair:
+"not determinable at this budget" at the noise floor, "reproduced" where the effect is clear."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lit_prune.analysis.results import write_arrays
+from lit_prune.analysis.survival import seed_pairs
+from lit_prune.study.report import analysis as A
+from lit_prune.study.report import build as R
+from lit_prune.study.report import claims as C
+from lit_prune.study.report.data import load_study
+
+SEEDS = [0, 1, 2]
+N = 1000  # features per dense SAE: 200 per firing-rate quintile
+RATE = np.logspace(-4, -1, N)  # bin b = features 200 b .. 200 b + 199 (rarest first)
+BIN = np.arange(N) // (N // 5)
+
+
+def _cosines(rng, p_survive: np.ndarray, n_pairs: int) -> torch.Tensor:
+    """[n_pairs, N] matched cosines: 0.9 with probability p_survive[feature], else 0.3."""
+    hit = rng.random((n_pairs, N)) < p_survive
+    return torch.tensor(np.where(hit, 0.9, 0.3), dtype=torch.float32)
+
+
+def _write_pairs(root: Path, name: str, p_survive: np.ndarray, rng) -> None:
+    cross, same = seed_pairs(SEEDS) if name == "dense" else seed_pairs(SEEDS, SEEDS)
+    labels = cross + same
+    write_arrays(
+        root / name / "pairs" / "results" / "rq2_pairs.safetensors",
+        cosine=_cosines(rng, p_survive, len(labels)),
+        firing_rate=torch.tensor(np.tile(RATE, (len(labels), 1))),
+        seed_a=torch.tensor([a for a, _ in labels]),
+        seed_b=torch.tensor([b for _, b in labels]),
+        same_seed=torch.tensor([a == b for a, b in labels]),
+    )
+
+
+def make_study(root: Path, dense: np.ndarray, wanda: np.ndarray, magnitude: np.ndarray, importance) -> Path:
+    """A finished study with the pairs steps, the reference fits' functional r and dense/rq5.
+
+    dense / wanda / magnitude: per-feature survival probabilities of the seed pairs (functional r is
+    0.9 with the same probability as wanda's / magnitude's geometric survival)."""
+    rng = np.random.default_rng(0)
+    keys = ["dense/seed0", "dense/pairs", "dense/rq5"]
+    _write_pairs(root, "dense", dense, rng)
+    for method, p in (("wanda", wanda), ("magnitude", magnitude)):
+        name = f"{method}-0.5"
+        keys += [f"{name}/pairs", f"{name}/seed0"]
+        _write_pairs(root, name, p, rng)
+        r = np.where(rng.random(N) < p, 0.9, 0.1)
+        write_arrays(
+            root / name / "seed0" / "results" / "rq2_survival.safetensors",
+            pearson_r=torch.tensor(r, dtype=torch.float32),
+            firing_rate=torch.tensor(RATE),
+            matched_cosine=torch.full((N,), 0.3),
+        )
+    write_arrays(
+        root / "dense" / "rq5" / "results" / "rq5_ablation.safetensors",
+        features=torch.arange(N),
+        exact_ce_firing=torch.tensor(importance(rng), dtype=torch.float64),
+    )
+    steps = {k: f"h-{k}" for k in keys}
+    for k in keys:
+        (root / k).mkdir(parents=True, exist_ok=True)
+        (root / k / "done.json").write_text(json.dumps({"hash": steps[k]}))
+    settings = {
+        "methods": ["magnitude", "wanda"],
+        "sparsities": [0.5],
+        "seeds": SEEDS,
+        "survival": {"n_boot": 200},
+    }
+    (root / "study.json").write_text(json.dumps({"name": "v", "settings": settings, "steps": steps}))
+    return root
+
+
+def _claims(root: Path) -> dict[str, dict[str, str]]:
+    data = load_study(root)
+    rows = R._headline(data, A.survivals(data), {}, "ref", 0.7)
+    return {c["claim"].split()[0]: c for c in rows}  # Rare, Wanda, Dense-model, Geometric, ...
+
+
+def test_noise_floor_is_not_determinable(tmp_path):
+    """S ~ 0.03 everywhere (about 30 survivors of 1,000 per pair, about 6 per bin): the ratio and
+    rho_bin cannot decide, whatever their point values."""
+    floor = np.full(N, 0.03)
+    claims = _claims(make_study(tmp_path, floor, np.full(N, 0.035), np.full(N, 0.02), lambda g: g.random(N)))
+    for name in ("Rare", "Wanda"):
+        assert claims[name]["verdict"] == C.NOT_DETERMINABLE, claims[name]["ours"]
+        assert "fewer than 30 survivors" in claims[name]["ours"]
+    assert claims["Wanda"]["functional verdict"] == C.NOT_DETERMINABLE
+
+
+def test_clear_effects_are_reproduced(tmp_path):
+    """Wanda keeps 50%, magnitude 10% (ratio 5, 100 survivors per pair); wanda's survival falls from
+    the rarest bin (0.8) to the most frequent (0.2) over a flat dense baseline; importance is
+    independent of survival over 1,000 features: every claim decides, and as built."""
+    wanda = 0.8 - 0.15 * BIN
+    claims = _claims(make_study(tmp_path, np.full(N, 0.6), wanda, np.full(N, 0.1), lambda g: g.random(N)))
+    assert claims["Wanda"]["verdict"] == C.REPRODUCED, claims["Wanda"]["ours"]
+    assert claims["Wanda"]["functional verdict"] == C.REPRODUCED
+    rare = claims["Rare"]
+    assert "wanda-0.5: -1.00" in rare["ours"] and "exact p 0.0167" in rare["ours"]
+    assert "1 of 2 reproduced" in rare["ours"]  # magnitude's flat bins: inside ±0.2 or undecided
+    assert rare["verdict"] in (C.REPRODUCED, C.PARTLY)
+    assert claims["Geometric"]["verdict"] == C.REPRODUCED, claims["Geometric"]["ours"]
+    assert claims["Geometric"]["functional verdict"] == C.REPRODUCED
+
+
+def test_importance_that_follows_survival_is_not_a_dissociation(tmp_path):
+    wanda = np.full(N, 0.5)
+    root = make_study(tmp_path, np.full(N, 0.6), wanda, np.full(N, 0.4), lambda g: np.zeros(N))
+    # importance = the reference pairs' mean matched cosine of wanda-0.5: a strong relation there
+    cos = A.pairs(load_study(root), A.Cond("wanda-0.5", "wanda", 0.5))
+    rows = [i for i, (a, b) in enumerate(cos.labels) if a == 0 and b != 0]
+    imp = np.nan_to_num(cos.cosine[rows], nan=0.0).mean(0)
+    write_arrays(
+        root / "dense" / "rq5" / "results" / "rq5_ablation.safetensors",
+        features=torch.arange(N),
+        exact_ce_firing=torch.tensor(imp),
+    )
+    effects = {r["condition"]: r for r in A.importance_effects(load_study(root))}
+    assert effects["wanda-0.5"]["geometric"]["value"] == pytest.approx(1.0)
+    assert C.dissociation_verdict(effects["wanda-0.5"]["geometric"])[0] == C.NOT_REPRODUCED
+
+
+def test_rq4_bins_are_normalised_by_each_bins_own_seed_baseline(tmp_path):
+    """Survival that only follows the dense seed stability (frequent bins more stable) is no
+    firing-rate effect: the raw rho_bin is +1, the normalised one is not."""
+    stability = 0.2 + 0.15 * BIN
+    root = make_study(tmp_path, stability, stability, stability * 0.5, lambda g: g.random(N))
+    effects = A.cross_effects(load_study(root), A.Cond("wanda-0.5", "wanda", 0.5))
+    assert effects["rho_bin_raw"]["value"] == pytest.approx(1.0)
+    assert effects["normalised_bins"] == pytest.approx([1.0] * 5, abs=0.1)
+    assert effects["n_pairs"] == 6 and len(effects["per_pair"]) == 6
+    assert C.in_seed_band(effects["S_tilde"])  # wanda = the dense baseline: within the seed band
+    verdict, why = C.negative_rho_verdict(effects["rho_bin"], effects["bin_survivors"], True)
+    assert verdict == C.NOT_DETERMINABLE and "seed band" in why
+
+
+def test_survival_rows_use_every_pair_and_report_same_seed_pairs_apart(tmp_path):
+    root = make_study(tmp_path, np.full(N, 0.6), np.full(N, 0.5), np.full(N, 0.1), lambda g: g.random(N))
+    data = load_study(root)
+    row = next(r for r in A.survivals(data) if r["condition"] == "wanda-0.5")
+    arr = A.pairs(data, A.Cond("wanda-0.5", "wanda", 0.5))
+    cross = ~arr.same
+    assert row["n_cross"] == 6 and row["n_same"] == 3
+    assert row["S@0.7"] == pytest.approx(float((arr.cosine[cross] >= 0.7).mean()))
+    assert row["S_same@0.7"] == pytest.approx(float((arr.cosine[~cross] >= 0.7).mean()))
+    baseline = A.dense_baseline(data)
+    assert baseline["n_pairs"] == 6 and baseline["S_seed"]["value"] == pytest.approx(0.6, abs=0.03)
