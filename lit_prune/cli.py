@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import math
 import os
+import re
 import sys
+from argparse import ArgumentError
+from pathlib import Path
 
-from lit_prune.errors import LitPruneError, first_line, invalid
+from lit_prune.errors import LitPruneError, described, first_line, invalid
 
 EXTRA_COMMANDS: dict[str, str] = {  # name -> "module:function"
     "prune": "lit_prune.commands.prune:main",
@@ -13,6 +18,12 @@ EXTRA_COMMANDS: dict[str, str] = {  # name -> "module:function"
     "report": "lit_prune.commands.report:main",
     "export": "lit_prune.commands.export:main",
 }
+# the sections of a config (and of its study: section) that hold key: value settings
+SECTIONS = ("model", "data", "trainer", "study", "model.sae", "study.model", "study.data", "study.survival")
+SECTIONS += ("study.transfer", "study.ablation")
+# failed reads and writes of the user's paths (a full disk, a read-only folder, ...): one line
+IO_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ENOENT}
+IO_ERRORS |= {errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EFBIG}
 LIGHTNING_COMMANDS = ("fit", "validate")  # LightningCLI's, but test and predict: an SAE has no such steps
 # shared code names the fields of fit and study's configs; how a command spells them, where it differs
 OPTION_NAMES: dict[str, dict[str, str]] = {
@@ -69,6 +80,9 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
                     "seed_everything", seed, "an integer from 0 to 2**32 - 1, true (a random one) or false"
                 )
             self.given_model = config.get("model").clone() if config.get("model") is not None else None
+            check_finite(config.as_dict())
+            if config.get("ckpt_path"):  # before Lightning reads its hyperparameters
+                check_checkpoint(config["ckpt_path"])
 
         def before_instantiate_classes(self) -> None:
             # with --ckpt_path, Lightning has just replaced the model settings by the checkpoint's
@@ -87,7 +101,13 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
         args=args,
         run=run,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "python -m lit_prune", "description": DESCRIPTION},
+        # no usage text before a bad option's error: main prints it as one line
+        parser_kwargs={
+            "prog": "python -m lit_prune",
+            "description": DESCRIPTION,
+            "exit_on_error": False,
+            **{name: {"exit_on_error": False} for name in LIGHTNING_COMMANDS},
+        },
     )
 
 
@@ -99,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         commands = (*LIGHTNING_COMMANDS, *EXTRA_COMMANDS)
         if argv and not argv[0].startswith("-") and argv[0] not in commands:
             raise invalid("command", argv[0], "one of " + ", ".join(commands))
+        if argv and argv[0] in (*LIGHTNING_COMMANDS, "study"):
+            check_config_files(argv[1:])
         if argv and argv[0] in EXTRA_COMMANDS:
             import importlib
 
@@ -113,6 +135,14 @@ def main(argv: list[str] | None = None) -> int:
         ):  # Lightning's exit(1) after its graceful shutdown
             return _interrupted(argv)
         raise
+    except ArgumentError as err:  # jsonargparse's, for an option of the wrong type or an unknown key
+        print(f"error: {_argument_message(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in IO_ERRORS:
+            raise
+        print(f"error: {_io_message(err, argv)}", file=sys.stderr)
+        return 2
     except Exception as err:
         ours = _our_error(err)
         if ours is None:
@@ -122,6 +152,80 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {where}{_named_as_option(first_line(ours), names)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _io_message(err: OSError, argv: list[str]) -> str:
+    """A failed read or write as one line: the path and the cause."""
+    where = err.filename if err.filename is not None else "writing the outputs"
+    resumes = "; finished steps are kept: the same command resumes the study" if argv[:1] == ["study"] else ""
+    return f"{where}: {err.strerror or err}{resumes}"
+
+
+def _argument_message(err: ArgumentError) -> str:
+    """jsonargparse's message in one line; a value of the wrong type in the house style."""
+    message = " ".join(str(err).split())
+    wrong = re.fullmatch(r'Parser key "([^"]+)": Expected a <class \'(\w+)\'>\. Got value: (.*)', message)
+    if wrong is None:
+        return message
+    key, kind, value = wrong.groups()
+    return str(invalid(key, value, "a finite float" if kind == "float" else f"a value of type {kind}"))
+
+
+def check_finite(config: object, key: str = "") -> None:
+    """Every float setting is finite: YAML's .inf / .nan parse as floats, and no setting means them."""
+    if isinstance(config, float) and not math.isfinite(config):
+        raise invalid(key, config, "a finite number")
+    items = (
+        config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, list) else []
+    )
+    for name, value in items:
+        check_finite(value, f"{key}.{name}" if key else str(name))
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Each --config file is readable YAML whose sections are mappings: one line naming the file,
+    not a parser's traceback or (for `study:` written as a list) a silently ignored section."""
+    import yaml
+
+    for i, arg in enumerate(argv):
+        path = arg.partition("=")[2] if arg.startswith("--config=") else None
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            path = argv[i + 1]
+        if path is None or not Path(path).is_file():
+            continue  # jsonargparse also takes a config as a string, and names a missing file itself
+        try:
+            config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            raise invalid("--config", path, f"a readable YAML file ({_yaml_problem(err)})") from None
+        if config is not None and not isinstance(config, dict):
+            raise invalid("--config", path, f"a YAML mapping of sections, not a {type(config).__name__}")
+        for name, section in (config or {}).items():
+            if name in SECTIONS and section is not None and not isinstance(section, dict):
+                raise invalid(
+                    name, section, f"a mapping (`{name}:` followed by indented key: value lines) in {path}"
+                )
+            for sub, value in (section or {}).items() if isinstance(section, dict) else ():
+                if f"{name}.{sub}" in SECTIONS and value is not None and not isinstance(value, dict):
+                    raise invalid(f"{name}.{sub}", value, f"a mapping of settings in {path}")
+
+
+def _yaml_problem(err: Exception) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(err, 'problem', None) or first_line(err)}{where}"
+
+
+def check_checkpoint(path: str) -> None:
+    """--ckpt_path is an existing, complete checkpoint (a truncated one has no zip directory)."""
+    import zipfile
+
+    if not Path(path).is_file():
+        raise invalid("ckpt_path", path, "an existing checkpoint file (.ckpt) written by fit")
+    try:
+        with zipfile.ZipFile(path):
+            pass
+    except (OSError, zipfile.BadZipFile) as err:
+        raise invalid("ckpt_path", path, f"a complete checkpoint written by fit ({described(err)})") from None
 
 
 def _interrupted(argv: list[str]) -> int:

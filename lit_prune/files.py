@@ -139,17 +139,17 @@ def umask_modes(tree: str | os.PathLike) -> None:
                 os.chmod(path, 0o666 & ~mask)
 
 
-def check_writable(field: str, path: str | os.PathLike) -> None:
+def check_writable(field: str, path: str | os.PathLike, shown: str | None = None) -> None:
     """`path` can be created and written into, tried (not guessed from its mode bits, which root
     ignores and /proc contradicts) by making and removing a folder in its nearest existing ancestor,
     before any work whose output would be lost at the end."""
-    target = Path(path).absolute()
+    target, shown = Path(path).absolute(), str(path) if shown is None else shown
     existing = next(p for p in (target, *target.parents) if p.exists())
     if not existing.is_dir():
-        raise invalid(field, str(path), f"a directory path ({existing} is a file)")
+        raise invalid(field, shown, f"a directory path ({existing} is a file)")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".lit_prune-probe-", dir=existing))
     except OSError as err:
         raise invalid(
-            field, str(path), f"a directory this user can create and write into ({existing}: {err.strerror})"
+            field, shown, f"a directory this user can create and write into ({existing}: {err.strerror})"
         ) from None

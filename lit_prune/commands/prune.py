@@ -197,7 +197,7 @@ def check_output(output: Path, overwrite: bool) -> None:
         )
     if output.exists() or output.is_symlink():
         check_earlier_output(output)
-    check_writable("output", output.parent)  # tried, not read from mode bits (root, /proc)
+    check_writable("output", output.parent, str(output))  # tried, not read from mode bits (root, /proc)
 
 
 def check_earlier_output(output: Path) -> None:

@@ -18,10 +18,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from lit_prune.cli import IO_ERRORS, check_finite
 from lit_prune.errors import LitPruneError, invalid
-from lit_prune.files import write_text_atomic
+from lit_prune.files import check_writable, write_text_atomic
 
 STUDY_FILE = "study.json"
+HELD_FILE = ".study.lock"  # every process running the study holds a shared lock on it
+GUARD_FILE = ".study.guard"  # taken while a process compares and writes study.json
 RUNS_FILE = "runs.jsonl"
 IDENTITY = ("model_name", "hook_layer")
 
@@ -110,6 +113,7 @@ def context_from_args(argv: list[str]):
     except ArgumentError as err:
         raise LitPruneError(" ".join(str(err).split())) from None  # one line, with the value and the type
     plain = lambda ns: ns.as_dict() if isinstance(ns, Namespace) else dict(ns)  # noqa: E731
+    check_finite({k: v for k, v in plain(cfg).items() if k != "config"})  # YAML's .inf and .nan
     study_fields = plain(cfg.study)
     settings = StudySettings(**study_fields)
     model = _merge(plain(cfg.model), settings.model, "study.model")
@@ -143,11 +147,8 @@ def _check_run_settings(settings, trainer: dict[str, Any], seed_everything: int)
         pretrained_id(ref) is None if ref.startswith(PRETRAINED_PREFIX) else not Path(ref).is_dir()
     ):
         raise invalid("study.reference_sae", ref, "an SAE directory or sae-lens:<release>:<sae_id>")
-    for name in ("checkpoints", "logs"):
-        path = Path(getattr(settings, name)).absolute()
-        existing = next(p for p in (path, *path.parents) if p.exists())
-        if not existing.is_dir():
-            raise invalid(f"study.{name}", str(path), f"a directory path ({existing} is a file)")
+    for name in ("checkpoints", "logs"):  # tried before any work, not found unwritable after it
+        check_writable(f"study.{name}", Path(getattr(settings, name)).absolute())
     if seed_everything < 0 or seed_everything + max(settings.seeds) >= 2**32:  # a run's seed is their sum
         raise invalid(
             "seed_everything",
@@ -213,6 +214,50 @@ def _check_identity(ctx, root: Path) -> None:
             )
 
 
+def _hold_study(name: str, root: Path, record: dict[str, Any]):
+    """Write study.json and hold the study (a shared lock, released when the process ends). Shards
+    and reruns of the same settings share it; a process whose steps differ from those of the
+    processes holding it refuses, instead of mixing two studies' results in one directory."""
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True)
+    held = (root / HELD_FILE).open("a")
+    with (root / GUARD_FILE).open("a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)  # held only for the comparison and the write
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # other processes run this study now: only with the same steps
+            theirs = json.loads((root / STUDY_FILE).read_text()) if (root / STUDY_FILE).is_file() else {}
+            if theirs.get("steps") != record["steps"]:
+                held.close()
+                raise invalid(
+                    "study.name",
+                    name,
+                    f"a name no running study uses: another process is running {root} with other "
+                    "settings (wait until it ends, or give this study another name)",
+                ) from None
+        _write_json(root / STUDY_FILE, record)
+        fcntl.flock(held, fcntl.LOCK_SH)
+    return held
+
+
+def _check_reference_sae(ctx) -> None:
+    """study.reference_sae is loaded and checked against the model (width, hook) before any step,
+    not when RQ5 reaches it after the dense fits and the pruning."""
+    ref = ctx.settings.reference_sae
+    if ref is None:
+        return
+    from lit_prune.models.registry import model_skeleton
+    from lit_prune.sae.io import check_compatible, load_sae
+
+    try:
+        sae, meta = load_sae(ref)
+    except LitPruneError as err:  # load_sae names its own argument
+        raise LitPruneError(str(err).replace("sae_path=", "study.reference_sae=", 1)) from None
+    d_model = model_skeleton(ctx.model["model_name"], ctx.model["model_cache_dir"]).config.hidden_size
+    check_compatible(sae, meta, d_model, ctx.model["hook_layer"], field="study.reference_sae")
+
+
 def _write_json(path: Path, record: dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps(record, indent=1, sort_keys=True, default=str))
 
@@ -236,12 +281,14 @@ def run_study(argv: list[str]) -> Path:
     started = time.time()
     # started first: their imports overlap the set-up
     pool = WorkerPool(argv, ctx.settings.workers, ctx.device) if ctx.settings.workers > 1 else None
+    held = None
     try:
         _check_nm_shapes(ctx)
+        _check_reference_sae(ctx)
         dm, runner, selected = _plan(ctx, shard)
-        root.mkdir(parents=True, exist_ok=True)
-        _write_json(
-            root / STUDY_FILE,
+        held = _hold_study(
+            ctx.name,
+            root,
             {
                 "name": ctx.name,
                 "settings": asdict(ctx.settings),
@@ -261,9 +308,18 @@ def run_study(argv: list[str]) -> Path:
         else:
             with sharing_activations(int(ctx.settings.cache_gb * (1 << 30))):
                 status = runner.run(selected, progress=options["progress"])
+    except OSError as err:  # a full disk, a folder made read-only: the finished steps are kept
+        if err.errno not in IO_ERRORS:
+            raise
+        raise LitPruneError(
+            f"study {ctx.name}: could not write its results ({err.filename or root}: {err.strerror}); "
+            "finished steps are kept: the same command resumes the study"
+        ) from None
     finally:
         if pool is not None:
             pool.close()
+        if held is not None:
+            held.close()  # other processes may now run this study with other settings
     record = {
         "shard": f"{shard[0]}/{shard[1]}",
         "started": started,

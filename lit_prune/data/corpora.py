@@ -13,6 +13,7 @@ Which split a document joins is decided in `splits`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import hashlib
@@ -242,9 +243,10 @@ def _local_texts(files: list[Path], text_field: str, streaming: bool, source: st
         if group:
             kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
             try:
-                ds = datasets.load_dataset(
-                    builder, data_files=group, split="train", streaming=streaming, **kwargs
-                )
+                with _hub_off(datasets):
+                    ds = datasets.load_dataset(
+                        builder, data_files=group, split="train", streaming=streaming, **kwargs
+                    )
                 # The text loader always names its column `text`.
                 streams.append(_texts(ds, "text" if builder == "text" else text_field, source))
             except LitPruneError:
@@ -252,6 +254,20 @@ def _local_texts(files: list[Path], text_field: str, streaming: bool, source: st
             except Exception as err:  # malformed JSON, not parquet, ...: pyarrow raises many types
                 raise _unreadable(source, err) from None
     return chain.from_iterable(streams)
+
+
+@contextlib.contextmanager
+def _hub_off(datasets) -> Iterator[None]:
+    """Local files need no hub, but `load_dataset("json", data_files=...)` still sends a download-count
+    request for its packaged loader unless the library is offline: switch it off for this call only
+    (a later `hf:` corpus in the same process still reaches the hub)."""
+    config = datasets.config
+    saved = config.HF_HUB_OFFLINE, config.HF_UPDATE_DOWNLOAD_COUNTS
+    config.HF_HUB_OFFLINE, config.HF_UPDATE_DOWNLOAD_COUNTS = True, False
+    try:
+        yield
+    finally:
+        config.HF_HUB_OFFLINE, config.HF_UPDATE_DOWNLOAD_COUNTS = saved
 
 
 def load_documents(

@@ -140,6 +140,23 @@ class PruningCallback(L.Callback):
         pl_module.pruning_info = info
         self._log(trainer, report, info)
 
+    # validate (and test / predict) never call on_fit_start: without these the SAE would be measured on
+    # the dense LM. The checkpoint's masks (restored by load_state_dict) or the configured pruning
+    # are applied once per LM, before the first batch.
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._outside_fit(trainer, pl_module)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._outside_fit(trainer, pl_module)
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._outside_fit(trainer, pl_module)
+
+    def _outside_fit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn != "fit" and getattr(self, "_pruned_lm", None) is not pl_module.lm:
+            self.on_fit_start(trainer, pl_module)
+            self._pruned_lm = pl_module.lm
+
     def _log(self, trainer: L.Trainer, report: list[dict], info: dict[str, Any]) -> None:
         if trainer.logger is None:
             return

@@ -327,6 +327,9 @@ class SAEModule(L.LightningModule):
 
     def on_validation_start(self) -> None:
         self._flush_train_logs()
+        if self.trainer.state.fn != "fit" and self.resumed_pruning is not None:
+            # runs after the callbacks' hooks: a checkpoint of a pruned run is never measured on the dense LM
+            check_same_pruning(self.resumed_pruning, self.pruning_info)
 
     def on_train_epoch_end(self) -> None:
         self._flush_train_logs()

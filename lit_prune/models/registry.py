@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from lit_prune.errors import LitPruneError, first_line, invalid
-from lit_prune.files import staging_dir, writing_into
+from lit_prune.files import staging_dir, umask_modes, writing_into
 from lit_prune.models.tiny import TINY_ARCHS, build_tiny
 
 M = TypeVar("M", bound=torch.nn.Module)
@@ -146,6 +146,7 @@ def _cached_build(target: Path, build) -> Path:
         tmp = staging_dir(target.parent, f".{target.name}-")
     try:
         build(tmp)
+        umask_modes(tmp)  # save_pretrained's safetensors are written 0600
         try:
             os.replace(tmp, target)
         except OSError:  # another process (e.g. a DDP rank) finished first
