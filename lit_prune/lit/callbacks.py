@@ -160,9 +160,13 @@ class PruningCallback(L.Callback):
     def _log(self, trainer: L.Trainer, report: list[dict], info: dict[str, Any]) -> None:
         if trainer.logger is None:
             return
-        scalars = {f"pruning/sparsity/{row['name']}": row["sparsity"] for row in report}
-        scalars.update({f"pruning/{k}": float(v) for k, v in info.items() if isinstance(v, (int, float))})
+        scalars = {f"pruning/{k}": float(v) for k, v in info.items() if isinstance(v, (int, float))}
         trainer.logger.log_metrics(scalars, step=0)
+        experiment = getattr(trainer.logger, "experiment", None)
+        if hasattr(experiment, "add_histogram"):  # per matrix: one histogram and one table, not 210 charts
+            sparsities = torch.tensor([row["sparsity"] for row in report], dtype=torch.float64)
+            experiment.add_histogram("pruning/sparsity_per_matrix", sparsities, global_step=0)
+            experiment.add_text("pruning/sparsity_per_matrix", sparsity_table(report), global_step=0)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self.masks is not None and any(p.requires_grad for p in pl_module.lm.parameters()):
@@ -181,3 +185,10 @@ class PruningCallback(L.Callback):
         mine = self.state_dict()
         check_same_pruning({**mine, **state_dict}, mine)  # checkpoints before "group" was saved: assume ours
         self.masks = state_dict["masks"]
+
+
+def sparsity_table(report: list[dict]) -> str:
+    """A markdown table (TensorBoard's text tab) of each matrix's realised sparsity."""
+    lines = ["| matrix | weights | pruned | sparsity |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['name']} | {r['numel']:,} | {r['pruned']:,} | {r['sparsity']:.4f} |" for r in report]
+    return "\n".join(lines)

@@ -209,7 +209,8 @@ class SAEModule(L.LightningModule):
             self.buffer.full() or (last and len(self.buffer) >= self.hparams.sae_batch_tokens // 2)
         ):
             fvu = self.sae_step(self.buffer.pop(self.hparams.sae_batch_tokens))
-            self.log("fvu", fvu, prog_bar=True, on_step=True, on_epoch=False)
+            # the progress bar's; TensorBoard has train/fvu
+            self.log("fvu", fvu, prog_bar=True, logger=False, on_step=True, on_epoch=False)
         if last:
             self.buffer.clear()
         self._check_finite()
@@ -293,7 +294,8 @@ class SAEModule(L.LightningModule):
             logs = {
                 "train/loss": out.loss,
                 "train/fvu": fvu,
-                "train/mse": residual / x.numel(),
+                # raw activations' scale, like val/mse (x is scaled by norm_scale; the loss stays scaled)
+                "train/mse": residual / x.numel() / self.norm_scale.float() ** 2,
                 "train/l0": out.l0,
                 "train/dead_fraction": (self.tokens_since_fired > self.hparams.dead_window_tokens)
                 .float()
@@ -360,6 +362,14 @@ class SAEModule(L.LightningModule):
         # the same numbers under SAEBench's names (docs/metric_names.md), in a section of their own
         aliases = saebench_metrics(self.last_val)
         self.log_dict({f"saebench/{k}": v for k, v in aliases.items()}, sync_dist=False)
+        # the hparams tab's metric: the run's headline number (Lightning logged the hparams with -1)
+        self.log("hp_metric", self.last_val["fvu"], sync_dist=False)
+        experiment = getattr(self.logger, "experiment", None)
+        histograms = hasattr(experiment, "add_histogram") and not self.trainer.sanity_checking
+        if self.trainer.is_global_zero and histograms:
+            live = self.last_firing_rates[self.last_firing_rates > 0]  # dead ones: val/dead_fraction
+            if live.numel():
+                experiment.add_histogram("val/firing_rate_log10", live.log10(), global_step=self.global_step)
         self.evaluator.reset()
 
     # --- export ---------------------------------------------------------------------------

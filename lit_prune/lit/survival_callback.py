@@ -173,6 +173,10 @@ class FeatureSurvivalCallback(ReferenceSAECallback):
                 scalars[f"{rq}/{name}" + ("" if tau is None else f"@{tau:g}")] = value
         self.log_scalars(trainer, scalars)
         experiment = getattr(trainer.logger, "experiment", None)
+        if hasattr(experiment, "add_histogram"):  # the distribution behind the matched-cosine scalars
+            experiment.add_histogram(
+                "rq2/matched_cosine", result.arrays["matched_cosine"], global_step=trainer.global_step
+            )
         if self.log_figures and hasattr(experiment, "add_figure"):
             when = f"epoch {epoch}" if stage == "validation" else "end of fit"
             title = f"{cond.method} s={cond.sparsity:g}, {when}, {'same' if same else 'cross'}-seed"

@@ -395,7 +395,7 @@ def test_unknown_command_is_one_line_error_naming_every_command(tmp_path, comman
     code, stderr = cli_in_process(command, cwd=tmp_path)
     assert (code, stderr) == (
         2,
-        f"error: command='{command}' is invalid: expected one of fit, validate, prune, study, report\n",
+        f"error: command='{command}' is invalid: expected one of fit, validate, prune, study, report, export\n",
     )
 
 
@@ -403,4 +403,4 @@ def test_top_level_help_names_every_command(tmp_path, capsys):
     code, _ = cli_in_process("--help", cwd=tmp_path)
     out = capsys.readouterr().out
     assert code == 0 and out.startswith("usage: python -m lit_prune [-c CONFIG] {fit,validate} ...")
-    assert all(f"{name} (" in out.replace("\n", " ") for name in ("prune", "study", "report")), out
+    assert all(f"{name} (" in out.replace("\n", " ") for name in ("prune", "study", "report", "export")), out

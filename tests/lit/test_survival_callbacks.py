@@ -50,7 +50,7 @@ def test_bad_reference_is_one_line_error_naming_the_field(tmp_path, callback):
     }
     foreign = _export(tmp_path / "foreign", layer=2)
     (foreign / "lit_prune.json").unlink()  # a foreign sae-lens SAE: only cfg.json records the hook
-    cases["reference_sae.hook='blocks.2.hook_resid_post' is invalid"] = foreign
+    cases["reference_sae.hook='model.layers.2' is invalid"] = foreign
     truncated = _export(tmp_path / "truncated")
     weights = truncated / "sae_weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
