@@ -28,24 +28,50 @@ def build_parser():
     )
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML file with study_dir: <study dir>.")
     parser.add_argument("study_dir", type=str, help=STUDY_DIR_HELP)
+    parser.add_argument(
+        "--markdown_summary",
+        default=None,
+        help="Also write every table of the report into this Markdown file.",
+    )
+    parser.add_argument(
+        "--fill",
+        nargs="+",
+        default=[],
+        help="Also refill the <!-- NAME:begin --> ... <!-- NAME:end --> blocks of these Markdown files "
+        "(README.md, docs/results.md) with the study's tables (lit_prune.study.report.summary).",
+    )
     return parser
 
 
-def parse_study_dir(argv: list[str]) -> str:
-    """argv (after `report`) -> the study dir; parser errors become one-line LitPruneErrors."""
+def parse_options(argv: list[str]):
+    """argv (after `report`) -> the parsed options; parser errors become one-line LitPruneErrors."""
     from jsonargparse import ArgumentError
 
     try:
-        return str(build_parser().parse_args(argv).study_dir)
+        return build_parser().parse_args(argv)
     except ArgumentError as err:
         raise LitPruneError("arguments: " + " ".join(str(err).split())) from None
 
 
+def parse_study_dir(argv: list[str]) -> str:
+    """argv (after `report`) -> the study dir."""
+    return str(parse_options(argv).study_dir)
+
+
 def main(argv: list[str]) -> int:
     """Entry point of `python -m lit_prune report ARGS`; bad input raises LitPruneError (exit 2)."""
-    study_dir = parse_study_dir(argv)
+    options = parse_options(argv)
     from lit_prune.study.report import write_report
 
-    path = write_report(study_dir)
+    path = write_report(options.study_dir)
     print(f"report: {path} (and {path.with_suffix('.html')})")
+    if options.markdown_summary or options.fill:
+        from lit_prune.files import write_text_atomic
+        from lit_prune.study.report import summary
+
+        if options.markdown_summary:
+            write_text_atomic(options.markdown_summary, summary.all_tables_markdown(options.study_dir))
+            print(f"summary: {options.markdown_summary}")
+        for doc, names in summary.fill_files(options.fill, summary.study_blocks(options.study_dir)).items():
+            print(f"{doc}: filled {', '.join(names) or 'nothing (no marker of these blocks)'}")
     return 0

@@ -141,3 +141,15 @@ def test_pruned_perplexity_has_a_column_per_method(tmp_path):
         "| 2:4 | – | – | 90.12 |",
     ]
     assert S.perplexity_markdown(tmp_path / "nothing") is None
+
+
+def test_report_command_writes_the_summary_and_fills_the_docs(study, tmp_path, capsys):  # noqa: F811
+    from lit_prune.commands.report import main
+
+    doc, tables = tmp_path / "results.md", tmp_path / "summary.md"
+    doc.write_text(DOC.replace("results:", "perplexity:"))
+    assert main([str(study), "--markdown_summary", str(tables), "--fill", str(doc)]) == 0
+    out = capsys.readouterr().out
+    assert f"{doc}: filled perplexity" in out and (study / "report" / "report.md").is_file()
+    assert "| method | sparsity | perplexity |" in doc.read_text()
+    assert tables.read_text().startswith("# Summary tables: synthetic")
