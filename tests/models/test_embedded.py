@@ -35,4 +35,4 @@ def test_position_zero_is_an_outlier_excluded_from_sae_inputs(smollm2):
     model, tokenizer, _ = smollm2
     ids = torch.tensor([tokenizer("Return the number of items in a container.")["input_ids"]])
     norms = capture_resid_post(model, ids, 6).norm(dim=-1)[0]
-    assert norms[0] > 3 * norms[1:].median()  # why METHODS excludes position 0
+    assert norms[0] > 3 * norms[1:].median()  # why docs/methods.md §0 excludes position 0
