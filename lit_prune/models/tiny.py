@@ -8,6 +8,7 @@ model directory.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -18,11 +19,12 @@ from transformers import (
     Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
 )
 
 VOCAB = 512
-_COMMON = dict(
+_COMMON: dict[str, Any] = dict(
     vocab_size=VOCAB,
     hidden_size=64,
     intermediate_size=128,
@@ -34,19 +36,21 @@ _COMMON = dict(
     eos_token_id=2,
     pad_token_id=2,
 )
-_GEMMA = dict(head_dim=16, sliding_window=16, query_pre_attn_scalar=16)
+_GEMMA: dict[str, Any] = dict(head_dim=16, sliding_window=16, query_pre_attn_scalar=16)
 
 
-def _llama() -> torch.nn.Module:
+def _llama() -> PreTrainedModel:
     return LlamaForCausalLM(LlamaConfig(**_COMMON, tie_word_embeddings=True))
 
 
-def _gemma2() -> torch.nn.Module:
+def _gemma2() -> PreTrainedModel:
     return Gemma2ForCausalLM(Gemma2Config(**_COMMON, **_GEMMA))
 
 
-def _gemma3() -> torch.nn.Module:
-    return Gemma3ForCausalLM(Gemma3TextConfig(**_COMMON, **_GEMMA, sliding_window_pattern=2))
+def _gemma3() -> PreTrainedModel:
+    # Gemma3TextConfig reads sliding_window_pattern from its **kwargs (not a named parameter)
+    config = Gemma3TextConfig(**_COMMON, **_GEMMA, sliding_window_pattern=2)  # pyright: ignore[reportCallIssue]
+    return Gemma3ForCausalLM(config)
 
 
 TINY_ARCHS = {"tiny-llama": _llama, "tiny-gemma2": _gemma2, "tiny-gemma3": _gemma3}

@@ -45,6 +45,7 @@ class ActivationBuffer:
         if self.storage is None or self.n + m > self.storage.shape[0]:
             grown = acts.new_empty((max(self.capacity, self.n) + m, acts.shape[1]))  # room for one more add
             if self.n:
+                assert self.storage is not None  # n > 0 only once storage exists
                 grown[: self.n] = self.storage[: self.n]
             self.storage = grown
         self.storage[self.n : self.n + m] = acts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
@@ -65,7 +66,7 @@ def build_training_sae(settings: SAESettings, d_in: int, seed: int) -> TrainingS
     d_sae = settings.width(d_in)
     if settings.architecture in ("topk", "batchtopk") and settings.k > d_sae:
         raise invalid("sae.k", settings.k, f"at most d_sae={d_sae}")
-    common = dict(d_in=d_in, d_sae=d_sae, decoder_init_norm=settings.decoder_init_norm)
+    common: dict[str, Any] = dict(d_in=d_in, d_sae=d_sae, decoder_init_norm=settings.decoder_init_norm)
     cls, cfg = {
         "topk": lambda: (
             TopKTrainingSAE,

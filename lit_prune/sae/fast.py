@@ -1,4 +1,5 @@
-"""A sparse TopK SAE training step: sae-lens' loss and gradients without dense [n, d_sae] work after the encoder.
+"""A sparse TopK SAE training step: sae-lens' loss and gradients without dense [n, d_sae] work after the
+encoder.
 
 sae-lens' `TopKTrainingSAE.training_forward_pass` keeps the TopK codes dense: the decoder is a dense
 [n, d_sae] x [d_sae, d_in] matmul, and autograd then does two more dense matmuls for the decoder, two
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from sae_lens.saes.sae import TrainStepOutput
 from sae_lens.saes.topk_sae import TopKTrainingSAE
 
 DENSE_THRESHOLD = 0.125
@@ -49,7 +51,7 @@ class StepOutput:
     """0-dim float: mean number of active latents per token."""
 
     @classmethod
-    def from_sae_lens(cls, out: object) -> StepOutput:
+    def from_sae_lens(cls, out: TrainStepOutput) -> StepOutput:
         """Adapt sae-lens' TrainStepOutput (dense feature_acts: [n, d_sae])."""
         active = out.feature_acts > 0
         return cls(out.loss, out.losses, out.sae_out, active.any(0), active.float().sum(-1).mean())
