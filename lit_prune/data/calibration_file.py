@@ -28,7 +28,8 @@ def _load_ids(path: Path) -> torch.Tensor | str:
 
 
 def read_calibration_file(path: Path, tokenizer, n_seq: int, seq_len: int, vocab_size: int) -> torch.Tensor:
-    """Calibration ids [n <= n_seq, <= seq_len] from a text or token-id file, checked against [0, vocab_size)."""
+    """Calibration ids [n <= n_seq, <= seq_len] from a text or token-id file, checked against
+    [0, vocab_size)."""
     raw, shown = _load_ids(path), str(path)
     if isinstance(raw, str):
         if not raw.strip():

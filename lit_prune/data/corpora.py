@@ -216,8 +216,8 @@ def resolve_files(source: str) -> list[Path]:
     return files
 
 
-def _texts(rows: Iterable[Mapping[str, Any]], text_field: str, source: str) -> Iterator[str]:
-    """The text column of a `datasets` stream; checks the field on the first row, eagerly."""
+def _texts(rows: Iterable[Any], text_field: str, source: str) -> Iterator[str]:
+    """The text column of a `datasets` stream of mappings; checks the field on the first row, eagerly."""
     rows = iter(rows)
     first = next(rows, None)
     if first is not None and text_field not in first:
@@ -241,7 +241,7 @@ def _local_texts(files: list[Path], text_field: str, streaming: bool, source: st
     for builder in ("text", "json", "parquet"):
         group = [str(f) for f in files if _BUILDERS[f.suffix.lower()] == builder]
         if group:
-            kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+            kwargs: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
             try:
                 with _hub_off(datasets):
                     ds = datasets.load_dataset(

@@ -177,13 +177,12 @@ def _strip_blocks(lines: list[str]) -> list[str]:
             if google in _ITEM_SECTIONS:
                 out += _item_descriptions(lines[i + 1 : end], numpydoc=False, indent=ind)
             i = end
-        elif _FIELD.fullmatch(s):  # Sphinx field list: keep the description, drop `:type x:`
-            field = _FIELD.fullmatch(s)
+        elif field := _FIELD.fullmatch(s):  # Sphinx field list: keep the description, drop `:type x:`
             if not field.group(1).endswith("type"):
                 out += ["", " " * ind + (field.group(2) or "")]
             i += 1
-        elif _HF_ITEM.fullmatch(s):  # `name (type): description` without an `Args:` title
-            out += ["", " " * ind + (_HF_ITEM.fullmatch(s).group(1) or "")]
+        elif item := _HF_ITEM.fullmatch(s):  # `name (type): description` without an `Args:` title
+            out += ["", " " * ind + (item.group(1) or "")]
             i += 1
         elif (
             _is_rule(s)

@@ -211,7 +211,7 @@ def topic_docs(*, min_chars: int = 200) -> list[DocRecord]:
     for name in sorted(topics):
         lines = topics[name].splitlines()
         starts = [0] + [i for i in range(1, len(lines)) if is_header(lines, i)]
-        for k, (a, b) in enumerate(zip(starts, starts[1:] + [len(lines)])):
+        for k, (a, b) in enumerate(zip(starts, starts[1:] + [len(lines)], strict=True)):
             section = lines[a:b]
             title = section[0].strip() if is_header(lines, a) else name
             text = clean_doc("\n".join(section))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Iterable, Iterator
+from typing import cast
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -40,7 +41,7 @@ def pack_documents(
     chunk_docs: int = 256,
 ) -> torch.Tensor:
     """Up to `max_sequences` windows: LongTensor [n, seq_len]. Fewer if the documents run out."""
-    eos = tokenizer.eos_token_id
+    eos, bos = cast("int | None", tokenizer.eos_token_id), cast(int, tokenizer.bos_token_id)
     body = seq_len - 1 if prepend_bos else seq_len
     stream: list[int] = []
     rows: list[list[int]] = []
@@ -49,7 +50,7 @@ def pack_documents(
         while len(stream) >= body and len(rows) < max_sequences:
             window = stream[:body]
             del stream[:body]
-            rows.append([tokenizer.bos_token_id, *window] if prepend_bos else window)
+            rows.append([bos, *window] if prepend_bos else window)
 
     chunk: list[str] = []
     for doc in docs:
