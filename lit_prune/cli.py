@@ -7,9 +7,10 @@ import math
 import os
 import re
 import sys
-from argparse import ArgumentError
+from argparse import SUPPRESS, ArgumentError
 from pathlib import Path
 
+from lit_prune.cli_manners import print_cached_help, top_level_help, with_suggestion
 from lit_prune.errors import LitPruneError, described, first_line, invalid
 
 EXTRA_COMMANDS: dict[str, str] = {  # name -> "module:function"
@@ -55,7 +56,6 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
     from lit_prune.lit.datamodule import TokenDataModule
     from lit_prune.lit.sae_module import RESUME_FREE, SAEModule, check_resumed_settings
     from lit_prune.lit.trainer_settings import checked_trainer
-    from lit_prune.study.config import StudySettings
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -69,10 +69,15 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments("model.model_name", "data.model_name")
             parser.link_arguments("model.model_cache_dir", "data.model_cache_dir")
-            parser.add_class_arguments(StudySettings, "study")  # read by `study`, ignored by fit
+            # a config's study: section is read by `study` (which checks it) and ignored by fit: accepted
+            # as it is and kept out of fit's --help
+            parser.add_argument("--study", type=dict | None, default=None, help=SUPPRESS)
 
         def parse_arguments(self, parser, args) -> None:
-            super().parse_arguments(parser, args)
+            try:
+                super().parse_arguments(parser, args)
+            except ArgumentError as err:  # a misspelt option: one line with the closest valid one
+                raise with_suggestion(err, parser, sys.argv[1:] if args is None else list(args)) from None
             config = self.config.get(self.config.get("subcommand")) or self.config
             seed = config.get("seed_everything")
             if not isinstance(seed, bool) and isinstance(seed, int) and not 0 <= seed < 2**32:
@@ -106,7 +111,8 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
             "prog": "python -m lit_prune",
             "description": DESCRIPTION,
             "exit_on_error": False,
-            **{name: {"exit_on_error": False} for name in LIGHTNING_COMMANDS},
+            "allow_abbrev": False,  # --trainer.max_epoch is a typo, not --trainer.max_epochs
+            **{name: {"exit_on_error": False, "allow_abbrev": False} for name in LIGHTNING_COMMANDS},
         },
     )
 
@@ -121,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             raise invalid("command", argv[0], "one of " + ", ".join(commands))
         if argv and argv[0] in (*LIGHTNING_COMMANDS, "study"):
             check_config_files(argv[1:])
+        if argv in (["--help"], ["-h"]):  # written here: no parser, no torch
+            print(top_level_help(DESCRIPTION))
+            return 0
+        if argv and argv[0] in LIGHTNING_COMMANDS and ("--help" in argv or "-h" in argv):
+            return print_cached_help(argv, lambda: lightning_cli(None if from_shell else argv))
         if argv and argv[0] in EXTRA_COMMANDS:
             import importlib
 

@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
     from lit_prune.study.report import write_report
 
     path = write_report(options.study_dir)
-    print(f"report: {path} (and {path.with_suffix('.html')})")
+    print(f"report: {path.with_suffix('.html')} (and report.md beside it)")
     if options.markdown_summary or options.fill:
         from lit_prune.files import write_text_atomic
         from lit_prune.study.report import summary

@@ -338,7 +338,7 @@ def run_study(argv: list[str]) -> Path:
     if options["report"] and shard == (0, 1):
         from lit_prune.study.report import write_report
 
-        print(f"report: {write_report(root)}")
+        print(f"report: {write_report(root).with_suffix('.html')} (and report.md beside it)")
     return root
 
 

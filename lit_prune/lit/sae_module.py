@@ -418,7 +418,8 @@ class SAEModule(L.LightningModule):
             },
             _lens_metadata(self.hparams, dm),
         )
-        self.print(f"SAE exported to {target}")
+        if self.trainer.progress_bar_callback is not None:  # not a study's fit: its step folder is a
+            self.print(f"SAE exported to {target}")  # temporary one, renamed when the step is done
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["activation_buffer"] = self.buffer.state_dict()

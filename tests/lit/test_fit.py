@@ -395,12 +395,36 @@ def test_unknown_command_is_one_line_error_naming_every_command(tmp_path, comman
     code, stderr = cli_in_process(command, cwd=tmp_path)
     assert (code, stderr) == (
         2,
-        f"error: command='{command}' is invalid: expected one of fit, validate, prune, study, report, export\n",
+        f"error: command='{command}' is invalid: expected one of "
+        "fit, validate, prune, study, report, export\n",
     )
 
 
 def test_top_level_help_names_every_command(tmp_path, capsys):
+    from lit_prune.cli import EXTRA_COMMANDS, LIGHTNING_COMMANDS
+
     code, _ = cli_in_process("--help", cwd=tmp_path)
     out = capsys.readouterr().out
-    assert code == 0 and out.startswith("usage: python -m lit_prune [-c CONFIG] {fit,validate} ...")
-    assert all(f"{name} (" in out.replace("\n", " ") for name in ("prune", "study", "report", "export")), out
+    assert code == 0 and out.startswith("usage: python -m lit_prune <command> [options]")
+    listed = out.split("commands:\n")[1].split("\n\n")[0]
+    assert [line.split()[0] for line in listed.splitlines()] == [*LIGHTNING_COMMANDS, *EXTRA_COMMANDS]
+
+
+def test_misspelt_and_abbreviated_options_are_one_line_errors_naming_the_option(tmp_path):
+    code, err = cli_in_process("fit", "--model.learning_rate", "1", cwd=tmp_path)
+    assert (code, err) == (2, "error: unknown option --model.learning_rate: did you mean --model.lr?\n")
+    code, err = cli_in_process("fit", "--trainer.max_epoch", "2", cwd=tmp_path)  # no silent abbreviation
+    assert (code, err) == (
+        2,
+        "error: unknown option --trainer.max_epoch: did you mean --trainer.max_epochs?\n",
+    )
+
+
+def test_fit_help_shows_fit_options_only_and_is_cached(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    code, _ = cli_in_process("fit", "--help", cwd=tmp_path)
+    out = capsys.readouterr().out
+    assert code == 0 and "--model.lr" in out and "--study" not in out
+    assert len(list((tmp_path / "cache" / "lit_prune" / "help").iterdir())) == 1
+    assert cli_in_process("fit", "--help", cwd=tmp_path)[0] == 0  # from the cache, the same text
+    assert capsys.readouterr().out == out
