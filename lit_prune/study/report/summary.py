@@ -28,6 +28,7 @@ from typing import Any
 from lit_prune.errors import LitPruneError, invalid
 from lit_prune.files import write_text_atomic
 
+DOC = __doc__ or ""
 MARKER = re.compile(
     r"(?P<begin><!--\s*(?P<name>[\w.\-/]+):begin\s*-->)(?P<body>.*?)(?P<end><!--\s*(?P=name):end\s*-->)",
     re.DOTALL,
@@ -122,8 +123,8 @@ def stability_markdown(study_dirs: Iterable[str | Path]) -> str:
         data, tables = study_tables(directory)
         columns.append("seeds " + ", ".join(map(str, data.seeds)))
         head = next((t for t in tables if t.name == "headline"), None)
-        for row in head.rows if head else []:
-            record = dict(zip(head.columns, row, strict=False))
+        records = [dict(zip(head.columns, row, strict=False)) for row in head.rows] if head else []
+        for record in records:
             claim = str(record.get("claim", "?"))
             cells.setdefault(claim, [""] * k).append(
                 f"{record.get('verdict', '–')} ({record.get('ours', '–')})"
@@ -245,8 +246,8 @@ def build_parser():
 
     parser = ArgumentParser(
         prog="python -m lit_prune.study.report.summary",
-        description=__doc__.split("\n\n")[0],
-        epilog="Blocks: " + __doc__.split("\n\n")[2].replace("\n", " "),
+        description=DOC.split("\n\n")[0],
+        epilog="Blocks: " + DOC.split("\n\n")[2].replace("\n", " "),
         exit_on_error=False,
     )
     parser.add_argument(
