@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from lit_prune.analysis.metrics import loss_positions, next_token_ce, next_token
 from lit_prune.analysis.stats import benjamini_hochberg, mann_whitney, spearman
 from lit_prune.errors import invalid
 from lit_prune.models.hooks import capture_resid_post, resume_after, splice_resid_post, valid_positions
+
+if TYPE_CHECKING:  # annotations only: importing sae_lens costs seconds
+    from sae_lens.saes.sae import SAE
 
 SCOPES = ("firing", "all")
 GROUPS = ("top", "random", "rare")
@@ -51,7 +55,7 @@ class SAEParts:
         return feats, self.decode(feats)
 
 
-def sae_parts(sae: nn.Module, scale: float = 1.0) -> SAEParts:
+def sae_parts(sae: SAE[Any], scale: float = 1.0) -> SAEParts:
     """Parts of an sae-lens SAE trained on inputs scaled by `scale` (same maps as `sae_codec`)."""
     dtype = sae.W_dec.dtype
     return SAEParts(lambda x: sae.encode(x.to(dtype) * scale), lambda f: sae.decode(f) / scale)
@@ -228,6 +232,7 @@ def firing_rates(lm: nn.Module, layer: int, ids: Tensor, parts: SAEParts, batch_
         count = (feats[valid] > 0).sum(0).double()
         fires = count if fires is None else fires + count
         n += int(valid.sum())
+    assert fires is not None, "ids has no rows"
     return fires / max(n, 1)
 
 
@@ -290,10 +295,12 @@ def gradient_attribution(
                     directions = decoder_directions(parts, feats.shape[1], feats)
                     sums = torch.zeros(feats.shape[1], dtype=torch.float64, device=feats.device)
                     counts = torch.zeros_like(sums)
+                assert sums is not None and counts is not None  # set with directions
                 proj = grad[valid].to(feats.dtype) @ directions.T  # [n, d_sae]: d_i . dL/dx
                 sums -= (feats * proj).sum(0).double()
                 counted = torch.cat([loss_positions(valid), valid.new_zeros(len(chunk), 1)], 1)[valid]
                 counts += ((feats > 0) & counted[:, None]).sum(0).double()
+    assert sums is not None and counts is not None, "ids has no rows"
     return sums / counts.clamp(min=1)
 
 

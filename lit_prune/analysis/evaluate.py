@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,10 +22,14 @@ from lit_prune.analysis.metrics import (
 from lit_prune.models.activation_cache import cached
 from lit_prune.models.hooks import capture_resid_post, valid_positions
 
+if TYPE_CHECKING:  # annotations only: importing sae_lens costs seconds
+    from sae_lens.saes.sae import SAE
+    from transformers import PreTrainedModel
+
 Codec = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def sae_codec(sae: nn.Module, scale: float = 1.0) -> Codec:
+def sae_codec(sae: SAE[Any], scale: float = 1.0) -> Codec:
     """Raw-space encode/decode of an SAE trained on inputs scaled by `scale` (1.0: exported SAEs)."""
 
     def codec(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +104,7 @@ class SAEEvaluator(nn.Module):
 
 
 def evaluate_sae(
-    lm: nn.Module,
+    lm: PreTrainedModel,
     layer: int,
     codec: Codec,
     eval_ids: torch.Tensor,

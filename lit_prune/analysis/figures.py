@@ -75,8 +75,8 @@ def survival_figures(
     cur = a["firing_rate_current"].numpy()
     logp_cur = np.log10(cur[cur > 0])
     shared = np.histogram_bin_edges(np.concatenate([logp, logp_cur]), bins=40)  # same bins: comparable bars
-    ax.hist(logp, bins=shared, alpha=0.6, label="dense model (alive features)")
-    ax.hist(logp_cur, bins=shared, alpha=0.6, label="this run's model")
+    ax.hist(logp, bins=shared.tolist(), alpha=0.6, label="dense model (alive features)")
+    ax.hist(logp_cur, bins=shared.tolist(), alpha=0.6, label="this run's model")
     for x in edges[1:-1]:
         ax.axvline(x, color="black", linestyle=":", linewidth=1)
     ax.plot([], [], color="black", linestyle=":", label="quantile bin edges (dense)")

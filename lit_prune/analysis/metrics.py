@@ -11,6 +11,7 @@ States are torchmetrics sums, so values sync across DDP processes.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from torchmetrics import Metric
 from lit_prune.models.hooks import resume_after, splice_resid_post
 
 Reconstruct = Callable[[torch.Tensor], torch.Tensor]
+_Num = TypeVar("_Num", float, torch.Tensor)  # the metrics below take floats or 0-dim tensors alike
 
 
 def fvu(sse: torch.Tensor, sum_sq: torch.Tensor, sum_x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -28,19 +30,19 @@ def fvu(sse: torch.Tensor, sum_sq: torch.Tensor, sum_x: torch.Tensor, n: torch.T
     return _ratio(sse, total_variance)
 
 
-def _ratio(num, den):
+def _ratio(num: _Num, den: _Num) -> _Num:
     """num / den for floats or tensors; NaN ("undefined", never +-inf) where den is 0."""
     if isinstance(den, torch.Tensor):
         return torch.where(den != 0, num / den, torch.full_like(den, float("nan")))
     return num / den if den != 0 else float("nan")
 
 
-def ce_recovered(ce_clean: float, ce_sae: float, ce_zero: float) -> float:
+def ce_recovered(ce_clean: _Num, ce_sae: _Num, ce_zero: _Num) -> _Num:
     """NaN when zero-ablating the hook costs nothing (CE_zero = CE_clean): nothing to recover."""
     return _ratio(ce_zero - ce_sae, ce_zero - ce_clean)
 
 
-def kl_score(kl_sae: float, kl_zero: float) -> float:
+def kl_score(kl_sae: _Num, kl_zero: _Num) -> _Num:
     """NaN when the zero-ablated model's KL is 0."""
     return 1.0 - _ratio(kl_sae, kl_zero)
 
@@ -49,6 +51,15 @@ class ReconstructionMetrics(Metric):
     """L0, MSE, cosine, FVU and per-latent firing counts over tokens x: [n, d_model]."""
 
     full_state_update = False
+    n: torch.Tensor  # the states add_state registers (annotations for type checkers)
+    sse: torch.Tensor
+    sum_sq: torch.Tensor
+    l0: torch.Tensor
+    cos: torch.Tensor
+    l2_ratio: torch.Tensor
+    sum_x: torch.Tensor
+    fires: torch.Tensor
+    max_act: torch.Tensor
 
     def __init__(self, d_model: int, d_sae: int) -> None:
         super().__init__()
@@ -98,7 +109,7 @@ _POSITIONS_PER_CHUNK = 128
 def _position_chunks(*tensors: torch.Tensor):
     """Aligned chunks of [batch, positions, ...] tensors, batch by batch."""
     for b in range(tensors[0].shape[0]):
-        yield from zip(*(t[b].split(_POSITIONS_PER_CHUNK) for t in tensors))
+        yield from zip(*(t[b].split(_POSITIONS_PER_CHUNK) for t in tensors), strict=False)
 
 
 def next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -159,6 +170,12 @@ class SplicedCEMetrics(Metric):
 
     full_state_update = False
     _NAMES = ("n", "ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero")
+    n: torch.Tensor  # the states add_state registers (annotations for type checkers)
+    ce_clean: torch.Tensor
+    ce_sae: torch.Tensor
+    ce_zero: torch.Tensor
+    kl_sae: torch.Tensor
+    kl_zero: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from itertools import permutations
+from typing import Any
 
 import numpy as np
 from scipy import stats as sps
@@ -45,7 +46,7 @@ def spearman(x, y) -> tuple[float, float]:
         return _NAN2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ±inf ranks etc. are handled by scipy itself
-        res = sps.spearmanr(x, y)
+        res: Any = sps.spearmanr(x, y)  # a SignificanceResult, which scipy's annotations lose
     return float(res.statistic), float(res.pvalue)
 
 
@@ -84,7 +85,7 @@ def benjamini_hochberg(pvalues) -> np.ndarray:
 
 
 def bootstrap_ci(
-    fn: Callable[..., float],
+    fn: Callable[..., float | tuple[float, float]],
     *arrays,
     n_boot: int = 1000,
     alpha: float = 0.05,

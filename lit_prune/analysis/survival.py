@@ -61,6 +61,7 @@ def seed_stability(
     for i in range(len(decoders)):
         for j in range(i + 1, len(decoders)):
             m = match_features(decoders[i], decoders[j], method, candidates)
+            assert m.best_a is not None and m.best_b is not None  # match_features fills both
             pairs.append(
                 {
                     "i": i,
@@ -93,6 +94,7 @@ def geometric_survival(
     """
     alive = None if alive_dense is None else torch.as_tensor(alive_dense, dtype=torch.bool)
     m = match_features(dec_dense, dec_pruned, method, candidates)
+    assert m.best_a is not None and m.best_b is not None  # match_features fills both
     return {
         "S": shared_fraction(m.cosine, taus, alive),
         "cosine": m.cosine,
@@ -123,7 +125,11 @@ class PearsonAccumulator:
 
     def __init__(self) -> None:
         self.n = 0
-        self.mean_a = self.mean_b = self.m2_a = self.m2_b = self.c_ab = None
+        self.mean_a: torch.Tensor | None = None  # [n_features] running means, M2 sums and co-moment
+        self.mean_b: torch.Tensor | None = None
+        self.m2_a: torch.Tensor | None = None
+        self.m2_b: torch.Tensor | None = None
+        self.c_ab: torch.Tensor | None = None
         self.fired_a: torch.Tensor | None = None  # [n_features] tokens with f_a > 0
         self.max_a: torch.Tensor | None = None  # [n_features] largest f_a
 
@@ -147,6 +153,9 @@ class PearsonAccumulator:
             self.m2_a, self.m2_b, self.c_ab = m2_a, m2_b, c_ab
             self.fired_a, self.max_a, self.n = fired, max_a, nb
             return
+        assert self.mean_a is not None and self.mean_b is not None and self.fired_a is not None
+        assert self.m2_a is not None and self.m2_b is not None and self.c_ab is not None  # set with n
+        assert self.max_a is not None
         if mean_a.shape != self.mean_a.shape:
             raise invalid("n_features", mean_a.numel(), f"{self.mean_a.numel()} as before")
         n = self.n + nb
@@ -165,6 +174,8 @@ class PearsonAccumulator:
         """r [n_features] float32; NaN where either stream is constant (e.g. never fires)."""
         if self.n == 0:
             raise invalid("PearsonAccumulator", "empty", "at least one update() before compute()")
+        assert self.mean_a is not None and self.mean_b is not None and self.c_ab is not None
+        assert self.m2_a is not None and self.m2_b is not None  # set with n
         # "constant" up to float64 rounding: spread tiny against the raw second moment
         flat_a = self.m2_a <= 1e-12 * self.n * self.mean_a**2
         flat_b = self.m2_b <= 1e-12 * self.n * self.mean_b**2
@@ -196,6 +207,7 @@ def functional_survival(
 def survival_from_accumulator(acc: PearsonAccumulator, threshold: float = 0.7) -> FunctionalSurvival:
     """Finish a streamed functional-survival measurement."""
     r = acc.compute()
+    assert acc.fired_a is not None  # compute() refuses an empty accumulator
     alive = acc.fired_a.cpu() > 0
     frac = float((r[alive].double() >= threshold).double().mean()) if alive.any() else float("nan")
     return FunctionalSurvival(r, frac, alive)
@@ -214,7 +226,7 @@ def wanda_magnitude_ratio(S_wanda: dict[float, float], S_magnitude: dict[float, 
     defined = {s: r for s, r in ratio.items() if not np.isnan(r)}
     if not defined:
         return {"ratio": ratio, "max": math.nan, "argmax": None}
-    best = max(defined, key=defined.get)
+    best = max(defined, key=lambda s: defined[s])
     return {"ratio": ratio, "max": defined[best], "argmax": best}
 
 

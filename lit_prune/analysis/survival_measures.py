@@ -101,6 +101,7 @@ def survival_measurements(
         "init_cosine_mean": float(init_cos.double().mean()),
         "init_near_fraction": float((init_cos >= near_init).double().mean()),
     }
+    assert paired.acc.max_a is not None  # survival_from_accumulator above refuses an empty pass
     arrays = {
         "matched_cosine": geo["cosine"].float(),
         "partner": partner,

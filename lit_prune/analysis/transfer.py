@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -25,6 +25,10 @@ from lit_prune.analysis.survival import PearsonAccumulator
 from lit_prune.errors import invalid
 from lit_prune.pruning.masks import check_sparsity
 from lit_prune.pruning.wanda import wanda_mask
+
+if TYPE_CHECKING:  # annotations only: importing sae_lens costs seconds
+    from sae_lens.saes.sae import SAE
+    from transformers import PreTrainedModel
 
 
 def l0_ratio(l0: float, l0_dense: float) -> float:
@@ -66,7 +70,10 @@ def largest_viable_sparsity(per_sparsity: dict[float, bool]) -> float | None:
     return best
 
 
-def _local(evaluator: nn.Module) -> nn.Module:
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def _local(evaluator: _M) -> _M:
     """Turn off torchmetrics' DDP sync: these evaluations run on one rank only, and a sync
     there would wait forever for the other ranks."""
     for metric in evaluator.modules():
@@ -78,7 +85,7 @@ def _local(evaluator: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def transfer_metrics(
-    lm: nn.Module,
+    lm: PreTrainedModel,
     layer: int,
     codec: Codec,
     eval_ids: torch.Tensor,
@@ -104,7 +111,7 @@ def transfer_metrics(
 
 
 @torch.no_grad()
-def sae_input_sq_norm(sae: nn.Module, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+def sae_input_sq_norm(sae: SAE[Any], x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """Mean square of what W_enc reads, per input dim: [d_in], from raw activations x: [n, d_in].
 
     The encoder input is `sae.process_sae_in(x * scale)`: x - b_dec when apply_b_dec_to_input,
@@ -114,15 +121,15 @@ def sae_input_sq_norm(sae: nn.Module, x: torch.Tensor, scale: float = 1.0) -> to
 
 
 @torch.no_grad()
-def sae_feature_sq_norm(sae: nn.Module, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+def sae_feature_sq_norm(sae: SAE[Any], x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """Mean square of what W_dec reads (the feature activations), per latent: [d_sae]."""
     return sae.encode(x.float() * scale).double().pow(2).mean(0).float()
 
 
 @torch.no_grad()
 def wanda_prune_sae(
-    sae: nn.Module, input_sq_norm: torch.Tensor, sparsity: float, feature_sq_norm: torch.Tensor | None = None
-) -> nn.Module:
+    sae: SAE[Any], input_sq_norm: torch.Tensor, sparsity: float, feature_sq_norm: torch.Tensor | None = None
+) -> SAE[Any]:
     """A Wanda-pruned copy of an sae-lens SAE (the baseline of arXiv 2507.15977); `sae` is untouched.
 
     Encoder (always): W_enc [d_in, d_sae] acts as a Linear with weight W_enc^T [d_sae, d_in]
@@ -188,4 +195,5 @@ def paired_features(
         fired_b = fired if fired_b is None else fired_b + fired
     if acc.n == 0:
         raise invalid("eval_ids", tuple(eval_ids.shape), "at least one sequence of at least 2 tokens")
+    assert acc.fired_a is not None and fired_b is not None  # set by the first batch
     return PairedPass(acc, acc.fired_a.cpu().double() / acc.n, fired_b.cpu().double() / acc.n, acc.n)
