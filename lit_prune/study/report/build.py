@@ -158,6 +158,7 @@ def build_report(data: StudyData) -> tuple[str, list[Block], dict[str, Figure]]:
         Heading("RQ5: causal relevance"),
         T.rq5_table(A.rq5_groups(data)),
         T.importance_table(importance),
+        T.importance_effects_table(A.importance_effects(data, r0=r0)),
         *figure(
             "importance",
             F.importance_figure(importance["attribution"]),
@@ -215,8 +216,9 @@ def _gallery(data: StudyData) -> list[Block]:
                     f"Top-activating eval contexts of reference features on the dense and on the {c.title} model "
                     f"({record.get('sequences', '?')} eval sequences searched). Survived / lost: functional "
                     f"survival, Pearson r >= {record.get('threshold', 0.7):g} between the feature's activations "
-                    "on the two models; matched cosine: to the SAE retrained on the pruned model with the "
-                    "reference's seed. "
+                    "on the two models; matched cosine: mean over the cross-seed pairs (the reference against "
+                    "the SAEs of the other seeds on the pruned model). Features are distinct (decoder cosine "
+                    "<= 0.9); ⚑ marks features that fire only on separator / end-of-document tokens. "
                     "⏎ marks a newline; the highlighted token is where the feature fires."
                 ),
                 Gallery(record),
