@@ -31,6 +31,7 @@ OPTION_NAMES: dict[str, dict[str, str]] = {
     "prune": {"model_name": "model", "data.cache_dir": "cache_dir"},
     "": {"model_name": "model.model_name", "model_cache_dir": "model.model_cache_dir"},  # the others
 }
+OPTION_NAMES[""].update({"hook_layer": "model.hook_layer", "sae": "model.sae"})
 
 
 DESCRIPTION = (
@@ -92,6 +93,7 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
         def before_instantiate_classes(self) -> None:
             # with --ckpt_path, Lightning has just replaced the model settings by the checkpoint's
             config = self.config.get(self.config.get("subcommand")) or self.config
+            check_output_dirs(config.get("trainer") or {})
             if config.get("ckpt_path") and self.given_model is not None:
                 for key in RESUME_FREE:  # this run's settings, not the checkpoint's
                     config["model"][key] = self.given_model[key]
@@ -186,6 +188,8 @@ def check_finite(config: object, key: str = "") -> None:
     """Every float setting is finite: YAML's .inf / .nan parse as floats, and no setting means them."""
     if isinstance(config, float) and not math.isfinite(config):
         raise invalid(key, config, "a finite number")
+    if isinstance(config, list) and any(isinstance(v, float) and not math.isfinite(v) for v in config):
+        raise invalid(key, config, "a list of finite numbers")
     items = (
         config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, list) else []
     )
@@ -208,7 +212,9 @@ def check_config_files(argv: list[str]) -> None:
             config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
             raise invalid("--config", path, f"a readable YAML file ({_yaml_problem(err)})") from None
-        if config is not None and not isinstance(config, dict):
+        if config is None:  # jsonargparse's own message would be "Unexpected config:"
+            raise invalid("--config", path, "a YAML mapping of sections (the file holds none)")
+        if not isinstance(config, dict):
             raise invalid("--config", path, f"a YAML mapping of sections, not a {type(config).__name__}")
         for name, section in (config or {}).items():
             if name in SECTIONS and section is not None and not isinstance(section, dict):
@@ -224,6 +230,21 @@ def _yaml_problem(err: Exception) -> str:
     mark = getattr(err, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
     return f"{getattr(err, 'problem', None) or first_line(err)}{where}"
+
+
+def check_output_dirs(trainer) -> None:
+    """Where Lightning will write checkpoints and logs can be written: tried before training, not
+    found out at the first checkpoint, after an epoch's work."""
+    from lit_prune.files import check_writable
+
+    dirs = {"trainer.default_root_dir": trainer.get("default_root_dir") or os.getcwd()}
+    loggers = trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init_args = logger.get("init_args") if hasattr(logger, "get") else None
+        if init_args is not None and init_args.get("save_dir"):
+            dirs["trainer.logger.init_args.save_dir"] = init_args["save_dir"]
+    for field, path in dirs.items():
+        check_writable(field, path)
 
 
 def check_checkpoint(path: str) -> None:
@@ -249,6 +270,9 @@ def _interrupted(argv: list[str]) -> int:
 def _named_as_option(message: str, names: dict[str, str]) -> str:
     """`field=value is invalid...` with the field as the command spells its option."""
     field, equals, rest = message.partition("=")
+    head, dot, tail = field.partition(".")  # sae.k: a field of a section the command names (model.sae)
+    if equals and field not in names and head in names:
+        return names[head] + dot + tail + equals + rest
     return names[field] + equals + rest if equals and field in names else message
 
 

@@ -20,6 +20,7 @@ from lit_prune import cli
 from lit_prune.analysis.perplexity import perplexity
 from lit_prune.commands.prune import MASKS_FILE, REPORT_FILE, PruneOptions, build_parser, run_prune
 from lit_prune.data.tokens import pack_documents, tokens_fingerprint
+from lit_prune.errors import LitPruneError
 from lit_prune.lit.datamodule import TokenDataModule
 from lit_prune.models.registry import load_model, load_tokenizer
 from lit_prune.pruning import load_masks, prunable_linears, prune_model
@@ -283,7 +284,7 @@ def test_overwrite_replaces_only_after_the_new_output_is_complete(options, tmp_p
     monkeypatch.setattr(
         lit_prune.pruning, "save_masks", disk_full
     )  # fails half-way through writing the new output
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(LitPruneError, match="No space"):  # one line naming the output (#25)
         run_prune(options(method="magnitude", sparsity=0.7, overwrite=True))
     assert unchanged() and leftovers(tmp_path) == []
     monkeypatch.undo()

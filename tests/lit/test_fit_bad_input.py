@@ -90,6 +90,12 @@ def test_validate_without_the_pruning_is_refused(pruned_fit, local_corpus, model
         ("model:\n  decay_fraction: .nan\n", "error: model.decay_fraction=nan is invalid"),
         ("model:\n  norm_scale: -.inf\n", "error: model.norm_scale=-inf is invalid"),
         ("model:\n  sae:\n    k: .inf\n", "model.sae.k"),
+        ("trainer:\n  gradient_clip_val: .inf\n", "error: trainer.gradient_clip_val=inf is invalid"),
+        (
+            "trainer:\n  callbacks:\n    - class_path: lit_prune.lit.callbacks.PruningCallback\n"
+            "      init_args:\n        method: magnitude\n        sparsity: .nan\n",
+            "error: trainer.callbacks.0.init_args.sparsity=nan is invalid: expected a finite number",
+        ),
     ],
 )
 def test_non_finite_yaml_values_are_one_line_errors(tmp_path, local_corpus, model_cache, text, message):
@@ -182,6 +188,10 @@ def test_a_failed_export_keeps_the_trained_sae_in_its_checkpoint(
         ("- 1\n- 2\n", "error: --config='{path}' is invalid: expected a YAML mapping of sections"),
         ("model:\n  no_such_option: 1\n", "no_such_option"),
         ("trainer:\n  max_epochs: many\n", "trainer.max_epochs"),
+        (
+            "",
+            "error: --config='{path}' is invalid: expected a YAML mapping of sections (the file holds none)",
+        ),
     ],
 )
 def test_config_errors_are_one_line(tmp_path, local_corpus, model_cache, text, message):
@@ -208,3 +218,42 @@ def test_exported_sae_and_cached_models_get_umask_modes(tmp_path, local_corpus):
     assert any(p.name == "model.safetensors" for p in written)
     for path in written:
         assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path
+
+
+# --- more bad inputs (beyond the list) ----------------------------------------------
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ("--model.hook_layer=9", "error: model.hook_layer=9 is invalid"),  # named as fit spells it
+        ("--model.sae.k=0", "error: model.sae.k=0 is invalid"),
+        (
+            "--trainer.default_root_dir=/proc/lit_prune_root",
+            "error: trainer.default_root_dir='/proc/lit_prune_root'",
+        ),
+    ],
+)
+def test_more_bad_options_are_one_line_before_any_work(tmp_path, local_corpus, model_cache, option, message):
+    args = _args("fit", tmp_path, local_corpus, model_cache, f"--model.export_dir={tmp_path / 'sae'}", option)
+    code, stderr = cli_in_process(*args, cwd=tmp_path)
+    assert code == 2 and message in stderr.strip().splitlines()[-1]
+    assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "sae").exists()
+
+
+def test_a_logger_dir_that_is_a_file_is_refused_before_training(tmp_path, local_corpus, model_cache):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    args = _args("fit", tmp_path, local_corpus, model_cache, f"--trainer.logger.init_args.save_dir={a_file}")
+    code, stderr = cli_in_process(*args, "--trainer.fast_dev_run=true", cwd=tmp_path)
+    assert code == 2 and f"trainer.logger.init_args.save_dir='{a_file}' is invalid" in _one_error_line(stderr)
+    assert a_file.read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", ["fit", "validate"])
+def test_a_checkpoint_of_another_model_is_one_line(pruned_fit, local_corpus, model_cache, tmp_path, command):
+    _, ckpt, _, _ = pruned_fit
+    args = _args(command, tmp_path, local_corpus, model_cache, "--config", WANDA50, f"--ckpt_path={ckpt}")
+    code, stderr = cli_in_process(*args, "--model.model_name=tiny-gemma2", cwd=tmp_path)
+    line = stderr.strip().splitlines()[-1]
+    assert code == 2 and line.startswith(
+        "error: --ckpt_path: the checkpoint's run has model_name='tiny-llama'"
+    )

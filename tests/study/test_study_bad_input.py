@@ -117,6 +117,8 @@ def test_reference_sae_is_checked_before_any_step(
         ("study:\n  cache_gb: .inf\n", "error: study.cache_gb=inf is invalid: expected a finite number"),
         ("model:\n  lr: .nan\n", "error: model.lr=nan is invalid: expected a finite number"),
         ("study:\n  model:\n    lr: .inf\n", "study.model.lr"),
+        ("study:\n  sparsities: [0.5, .nan]\n", "error: study.sparsities=[0.5, nan] is invalid"),
+        ("", "expected a YAML mapping of sections (the file holds none)"),
     ],
 )
 def test_bad_sections_and_values_are_one_line(tmp_path, local_corpus, model_cache, no_steps, text, message):
