@@ -241,7 +241,8 @@ def build_steps(ctx: StudyContext, corpus_fingerprint: str) -> list[Step]:
                     "gallery",
                     {**base, **reference, "n": st.gallery_features, "sequences": st.gallery_sequences},
                     lambda out, c=cond: gallery_step(ctx, out, c),
-                    deps=[f"{cond.name}/prune", f"{cond.name}/seed{st.reference_seed}", ref_key],
+                    deps=[f"{cond.name}/prune", f"{cond.name}/seed{st.reference_seed}", ref_key]
+                    + ([f"{cond.name}/pairs"] if len(st.seeds) > 1 else []),  # the cross-seed cosine
                     cost=1,
                 )
             )
@@ -447,11 +448,18 @@ def perplexity_step(ctx: StudyContext, out: Path, cond: PruneCondition | None) -
     return metrics
 
 
+RQ5_TOKENS = 4096
+"""The default RQ5 ablation runs on at least this many eval tokens (study.ablation.eval_sequences)."""
+
+
 def rq5_step(ctx: StudyContext, out: Path) -> dict[str, Any]:
     """RQ5 on the dense model: exact ablation of selected reference features, attribution for all."""
     st, dm, lm = ctx.settings, ctx.datamodule(), ctx.load_lm()
     sae, meta = load_sae(ctx.reference(), device=ctx.device)
-    options = {"n_top": 64, "n_random": 64, "n_rare": 64, "eval_sequences": 8, "batch_size": 8, **st.ablation}
+    seq_len = int(ctx.data.get("seq_len", 128))
+    at_least_4k = -(-RQ5_TOKENS // seq_len)  # docs/methods.md §4 RQ5: 64 / 64 / 64 features on >= 4k tokens
+    options = {"n_top": 64, "n_random": 64, "n_rare": 64, "eval_sequences": at_least_4k, "batch_size": 8}
+    options.update(st.ablation)
     ids = dm.eval_ids[: options.pop("eval_sequences")].to(ctx.device)
     arrays = feature_importance(
         lm,

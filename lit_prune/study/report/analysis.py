@@ -624,6 +624,16 @@ def method_contrasts(data: StudyData, tau: float = TAU, r0: float = 0.7) -> list
 def importance_effects(
     data: StudyData, tau: float = TAU, r0: float = 0.7, scope: str = "firing"
 ) -> list[dict[str, Any]]:
+    """`_importance_effects`, computed once per study and arguments (the headline and a table share it)."""
+    cache = data.__dict__.setdefault("_importance_effects", {})
+    if (tau, r0, scope) not in cache:
+        cache[tau, r0, scope] = _importance_effects(data, tau, r0, scope)
+    return cache[tau, r0, scope]
+
+
+def _importance_effects(
+    data: StudyData, tau: float = TAU, r0: float = 0.7, scope: str = "firing"
+) -> list[dict[str, Any]]:
     """RQ5 at the effect-size level: per condition, Spearman(exact ablation ΔCE, survival) of the
     ablated top / random / rare features, geometric (mean matched cosine over the reference's cross
     pairs; CI: crossed bootstrap over those pairs and the features) and functional (Pearson r; CI:
@@ -727,3 +737,45 @@ def same_seed_init(data: StudyData, cond: Cond, tau: float = TAU) -> dict[str, f
         "partner_init_cosine_median": float(np.median(partner)) if partner else None,
         "same_survivors": float(len(partner) / len(same)) if same else None,
     }
+
+
+def warm_start(data: StudyData) -> list[dict[str, Any]]:
+    """RQ2c per pruned condition (docs/methods.md §4): the warm starts' S_warm and control per tau
+    (means over the warm-started seeds), the ratio pooled over them with a bootstrap CI over seeds
+    and features (`lit_prune.analysis.warm_start.ratio_ci`), and the mean per-bin movement."""
+    from lit_prune.analysis.warm_start import ratio_ci
+    from lit_prune.study.warm import ARRAYS, RESULTS, warm_arms
+
+    w = data.settings.get("warm_start") or {}
+    if not w.get("enabled", False):
+        return []
+    seeds = [int(s) for s in (w.get("seeds") or data.seeds)]
+    read = lambda key: data.arrays(key, ARRAYS)  # noqa: E731
+    out = []
+    for cond in data.pruned:
+        rows = [data.rows(f"{cond.name}/warm{s}", RESULTS) for s in seeds]
+        rows = [r for r in rows if r]
+        if not rows:
+            continue
+        got = lambda metric, rows=rows: mean(value(r, metric) for r in rows)  # noqa: E731
+        arms = warm_arms(read, cond.name, seeds)
+        row = {**_base(cond), "seeds": len(rows)}
+        for t in TAUS:
+            tag = f"@{t:g}"
+            s, s0 = got(f"warm_survival{tag}"), got(f"warm_control{tag}")
+            ci = ratio_ci(arms, t, n_boot=int(w.get("n_boot", 1000))) if arms else (math.nan, math.nan)
+            hits = sum(float((c[a] >= t).sum()) for c, _, a in arms)
+            control_hits = sum(float((c0[a] >= t).sum()) for _, c0, a in arms)
+            row |= {
+                f"S_warm{tag}": s,
+                f"control{tag}": s0,
+                f"ratio{tag}": finite(_ratio(hits, control_hits)) if arms else None,
+                f"ratio_ci{tag}": [finite(ci[0]), finite(ci[1])],
+            }
+        row["excess_movement_bins"] = [got(f"warm_bin{b}_excess_movement") for b in range(5)]
+        row["bins"] = [got(f"warm_bin{b}_survival") for b in range(5)]
+        row["control_bins"] = [got(f"warm_bin{b}_control_survival") for b in range(5)]
+        row["rho_bin_movement"] = got("warm_rho_bin_excess_movement")
+        row["val_fvu"] = got("val_fvu")
+        out.append(row)
+    return out

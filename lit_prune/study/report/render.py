@@ -108,7 +108,8 @@ def _gallery_md(record: dict[str, Any]) -> list[str]:
     for f in record.get("features", []):
         out += [
             f"- feature {f['feature']}: **{f['status']}** (Pearson r {_num(f.get('pearson_r'))}, matched cosine "
-            f"{_num(f.get('matched_cosine'))}, firing rate {_num(f.get('firing_rate'))})",
+            f"{_num(f.get('matched_cosine'))}, firing rate {_num(f.get('firing_rate'))})"
+            + (f" ⚑ {f['note']}" if f.get("note") else ""),
             "",
             "```text",
         ]
@@ -199,7 +200,9 @@ def _gallery_html(record: dict[str, Any]) -> str:
             f'<tr><th colspan="3">feature {html.escape(str(f.get("feature")))}: '
             f'<span class="{"survived" if status == "survived" else "lost"}">{html.escape(status)}</span> '
             f"(Pearson r {_num(f.get('pearson_r'))}, matched cosine {_num(f.get('matched_cosine'))}, "
-            f"firing rate {_num(f.get('firing_rate'))})</th></tr>"
+            f"firing rate {_num(f.get('firing_rate'))})"
+            + (f" ⚑ {html.escape(str(f['note']))}" if f.get("note") else "")
+            + "</th></tr>"
         )
         rows.append(head)
         for model in ("dense", "pruned"):

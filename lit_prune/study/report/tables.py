@@ -242,6 +242,39 @@ def survival_table(rows: list[dict[str, Any]], r0: float = 0.7) -> Table:
     )
 
 
+def warm_start_table(rows: list[dict[str, Any]]) -> Table:
+    """RQ2c: survival under retraining from the dense SAE, against the dense control."""
+    cols = ["condition", "method", "sparsity", "seeds"]
+    cols += [f"S_warm@{t:g}" for t in TAUS] + [f"control@{t:g}" for t in TAUS]
+    cols += [f"ratio@{t:g}" for t in TAUS] + [f"ratio@{t:g} 95% CI" for t in TAUS]
+    cols += ["excess movement by bin (rare→frequent)", "ρ_bin movement", "warm FVU"]
+    body = []
+    for r in rows:
+        moves = r.get("excess_movement_bins") or []
+        body.append(
+            [r["condition"], r["method"], r["sparsity"], r["seeds"]]
+            + [r.get(f"S_warm@{t:g}") for t in TAUS]
+            + [r.get(f"control@{t:g}") for t in TAUS]
+            + [r.get(f"ratio@{t:g}") for t in TAUS]
+            + [_ci_cell(r.get(f"ratio_ci@{t:g}")) for t in TAUS]
+            + [" ".join(fmt(v) for v in moves) or None, r.get("rho_bin_movement"), r.get("val_fvu")]
+        )
+    return Table(
+        "warm_start",
+        "RQ2c: survival under retraining (warm start from the dense SAE)",
+        cols,
+        body,
+        formats=S_FMT,
+        note="Each dense seed's SAE trained T more steps on the pruned model (S_warm) and, as the control, "
+        "on the dense model with the same steps and data order (control). A feature survives iff its decoder "
+        "cosine to where it started is >= τ (indices preserved: no matching, no seed noise); fractions of "
+        "the source's alive features, mean over the warm-started seeds. ratio = S_warm / control pooled over "
+        "seeds; CI: bootstrap over seeds, then features. Excess movement: mean (1 - cosine) minus the "
+        "control's, per quantile bin of the dense firing rate at τ = 0.7; ρ_bin > 0: frequent features "
+        "move more. Warm FVU: the warm SAE on its own model's eval split.",
+    )
+
+
 def _ci_cell(ci: Any) -> str | None:
     if not ci or any(v is None for v in ci):
         return None
@@ -335,7 +368,8 @@ def fragility_table(by_method: dict[str, dict[str, Any]]) -> Table:
         cols,
         body,
         formats={c: fmt_p for c in cols if c.startswith("p (")},
-        note="F_i = 1 − mean over sparsities of the cross-seed matched cosine c_i(s); s*_i = smallest sparsity "
+        note="F_i = 1 − mean over sparsities of the cross-seed matched cosine c_i(s); s*_i = smallest "
+        "sparsity "
         "with c_i < 0.7 (never broken: fraction of features with c_i >= 0.7 at every sparsity).",
     )
 
@@ -364,7 +398,8 @@ def transfer_table(rows: list[dict[str, Any]]) -> Table:
         cols,
         body,
         formats=S_FMT,
-        note="reference: the dense-model SAE applied unchanged; retrained: an SAE trained on the pruned model "
+        note="reference: the dense-model SAE applied unchanged; retrained: an SAE trained on the pruned "
+        "model "
         "(same seed); reference Wanda-pruned x: the reference SAE itself Wanda-pruned to x. Each against "
         "the pruned model's own clean and zero-ablated CE. viable: CE recovered >= 0.9 x and FVU <= 2 x "
         "the reference's values on the dense model.",
@@ -442,4 +477,43 @@ def runs_table(runs: list[dict[str, Any]]) -> Table:
         "Invocations of the study (runs.jsonl)",
         ["shard", "started", "wall seconds", "steps ran", "steps already done"],
         body,
+    )
+
+
+def importance_effects_table(effects: list[dict[str, Any]]) -> Table:
+    """RQ5 at the effect-size level: exact-ablation importance against geometric and functional survival."""
+    cols = [
+        "condition",
+        "method",
+        "sparsity",
+        "survival",
+        "n",
+        "rho",
+        "95% CI",
+        "p_bh",
+        "n_survived",
+        "mw_p_bh",
+    ]
+    body = []
+    for r in effects:
+        for kind in ("geometric", "functional"):
+            e = r.get(kind)
+            if e is None:
+                continue
+            ci = _ci_cell((e.get("lo"), e.get("hi")))
+            body.append(
+                [r["condition"], r["method"], r["sparsity"], kind, r["n"], e.get("value"), ci, e.get("p_bh")]
+                + [e.get("n_survived"), e.get("mw_p_bh")]
+            )
+    return Table(
+        "rq5_effects",
+        "RQ5: exact-ablation importance against geometric and functional survival",
+        cols,
+        body,
+        formats={**S_FMT, "p_bh": fmt_p, "mw_p_bh": fmt_p},
+        note="rho: Spearman(exact ablation ΔCE on the tokens where the feature fires, survival) over the "
+        "ablated top / random / rare features; geometric survival: the mean matched cosine over the "
+        "reference's cross-seed pairs (CI: bootstrap over those pairs and the features), functional: the "
+        "Pearson r of the reference on the dense vs the pruned model (CI over features). p_bh, mw_p_bh: "
+        "Spearman and Mann–Whitney (survived vs lost) p-values, Benjamini–Hochberg across conditions.",
     )
