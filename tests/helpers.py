@@ -47,3 +47,16 @@ def cli_in_process(*args: str, cwd: Path) -> tuple[int, str]:
         os.chdir(old)
         sys.argv = argv
     return code, stderr.getvalue()
+
+
+def tiny_fit_args(tmp_path: Path, corpus: Path, model_cache: Path, *extra: str) -> list[str]:
+    """`fit` of configs/tiny.yaml on a local corpus, its caches under tmp_path, plus `extra` options."""
+    return [
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "tiny.yaml"),
+        f"--model.model_cache_dir={model_cache}",
+        f"--data.corpus={corpus}",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        *extra,
+    ]

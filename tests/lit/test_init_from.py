@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import ROOT
+from helpers import tiny_fit_args
 from sae_lens import SAE
 
 from lit_prune.cli import lightning_cli
@@ -12,19 +12,16 @@ from lit_prune.lit.sae_module import SAEModule
 
 def _fit(tmp_path, corpus, model_cache, export, *extra):
     return lightning_cli(
-        [
-            "fit",
-            "--config",
-            str(ROOT / "configs" / "tiny.yaml"),
-            f"--model.model_cache_dir={model_cache}",
-            f"--data.corpus={corpus}",
-            f"--data.cache_dir={tmp_path / 'cache'}",
+        tiny_fit_args(
+            tmp_path,
+            corpus,
+            model_cache,
             f"--trainer.default_root_dir={tmp_path}",
             "--trainer.logger=false",
             "--trainer.enable_checkpointing=false",
             f"--model.export_dir={export}",
             *extra,
-        ]
+        )
     )
 
 

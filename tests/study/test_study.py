@@ -290,6 +290,12 @@ def test_study_writes_every_result(reference_study):
         assert f"{cond}/seed1/results/rq2_survival.json" in results
     assert "dense/rq5/results/rq5_ablation.json" in results
     assert "wanda-0.5/gallery/gallery.json" in results
+    # every seed pair (docs/methods.md §4b): dense pairs a != b; pruned pairs cross and same-seed
+    def pairs(c):
+        return {(r["seed_a"], r["seed_b"], r["same_seed"]) for r in results[f"{c}/pairs/results/rq2_pairs.json"]}
+
+    assert pairs("dense") == {(0, 1, False), (1, 0, False)}
+    assert pairs("wanda-0.5") == {(0, 1, False), (1, 0, False), (0, 0, True), (1, 1, True)}
     # survival rows: cross-seed (seed 1 vs the seed-0 reference) and same-seed
     rows = results["wanda-0.5/seed1/results/rq2_survival.json"]
     assert {(r["seed_a"], r["seed_b"], r["same_seed"]) for r in rows} == {(0, 1, False)}
@@ -318,6 +324,19 @@ def test_study_warm_starts_every_condition_against_its_control(reference_study):
             assert got["warm_survival@0.7"] == pytest.approx(
                 float((arrays["cosine"][alive] >= 0.7).double().mean())
             )
+    # the report's RQ2c section: a row per condition with the seed-aware ratio CI, and its figure
+    from lit_prune.study.report.analysis import warm_start
+    from lit_prune.study.report.build import build_report
+    from lit_prune.study.report.data import load_study
+
+    data = load_study(reference_study)
+    rows = warm_start(data)
+    assert [(r["condition"], r["seeds"]) for r in rows] == [("magnitude-0.5", 2), ("wanda-0.5", 2)]
+    for r in rows:
+        lo, hi = r["ratio_ci@0.7"]
+        assert lo is None or lo <= r["ratio@0.7"] <= hi
+    _, blocks, figures = build_report(data)
+    assert "warm_start" in figures and any(getattr(b, "name", None) == "warm_start" for b in blocks)
 
 
 @pytest.mark.e2e

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,7 @@ def build_report(data: StudyData) -> tuple[str, list[Block], dict[str, Figure]]:
             F.survival_figure(surv, baseline, r0),
             "Survival vs sparsity: geometric (cross-seed, τ = 0.7) and functional, with the seed baseline band",
         ),
+        *_warm_start(data, figure),
         Heading("RQ3: SAE transferability"),
         T.transfer_table(transfer),
         *figure(
@@ -170,6 +172,30 @@ def build_report(data: StudyData) -> tuple[str, list[Block], dict[str, Figure]]:
         *_provenance(data),
     ]
     return f"Study report: {data.study.get('name', data.root.name)}", blocks, figures
+
+
+def _warm_start(
+    data: StudyData, figure: Callable[[str, Figure | None, str], list[Block]]
+) -> list[Block]:
+    """RQ2c beside the cross-seed numbers: warm-start survival against its control."""
+    rows = A.warm_start(data)
+    if not rows:
+        return []
+    return [
+        Heading("RQ2c: survival under retraining (warm start)"),
+        Para(
+            "The dense SAE trained further on each pruned model, against the same SAE trained further on the "
+            "dense model for the same steps and data order: no matching and no seed noise, so a ratio below "
+            "1 whose CI excludes 1 is pruning moving features beyond what retraining alone moves."
+        ),
+        T.warm_start_table(rows),
+        *figure(
+            "warm_start",
+            F.warm_start_figure(rows),
+            "Warm-start survival relative to its dense control vs sparsity (τ = 0.7, 95% CI over seeds and "
+            "features), and which features move by firing-rate bin",
+        ),
+    ]
 
 
 def _headline(

@@ -128,6 +128,49 @@ def survival_figure(rows: list[dict[str, Any]], baseline: dict[str, Any], r0: fl
     return fig
 
 
+def warm_start_figure(rows: list[dict[str, Any]]) -> Figure | None:
+    """RQ2c: S_warm / control at τ = 0.7 vs sparsity with its CI (left); excess movement by bin (right)."""
+    rows = [r for r in rows if r.get(f"ratio@{TAU:g}") is not None]
+    if not rows:
+        return None
+    fig = _figure(11.0, 4.4)
+    left, right = fig.subplots(1, 2)
+    left.axhline(1.0, color="grey", lw=1.5, label="control: retrained on the dense model")
+    for label, (xs, ys) in _series(rows, f"ratio@{TAU:g}").items():
+        ci = [
+            r[f"ratio_ci@{TAU:g}"] for r in sorted(rows, key=lambda r: r["sparsity"]) if r["method"] == label
+        ]
+        lo = [y - (c[0] if c[0] is not None else y) for y, c in zip(ys, ci, strict=True)]
+        hi = [(c[1] if c[1] is not None else y) - y for y, c in zip(ys, ci, strict=True)]
+        left.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, color=color(label), label=label)
+    left.set(
+        xlabel=SPARSITY,
+        ylabel=f"S_warm / control (τ = {TAU:g})",
+        title="RQ2c: survival under retraining, relative to the control",
+    )
+    left.set_ylim(bottom=0)
+    left.legend(fontsize=8)
+    for r in rows:
+        moves = r.get("excess_movement_bins") or []
+        xs = [b for b, v in enumerate(moves) if v is not None]
+        right.plot(
+            xs,
+            [moves[b] for b in xs],
+            marker="o",
+            color=color(r["method"]),
+            alpha=0.4 + 0.6 * float(r["sparsity"]),
+            label=f"{r['method']} {r['sparsity']:g}",
+        )
+    right.axhline(0.0, color="grey", lw=1)
+    right.set(
+        xlabel="firing-rate bin on the dense model (0 = rarest)",
+        ylabel="mean (1 − cosine) beyond the control",
+        title="Which features move",
+    )
+    right.legend(fontsize=8)
+    return fig
+
+
 def bins_figure(rows: list[dict[str, Any]], r0: float = 0.7) -> Figure | None:
     panels = [("bins", f"geometric, τ = {TAU:g}, cross-seed"), ("functional_bins", f"functional, r ≥ {r0:g}")]
     panels = [(k, t) for k, t in panels if any(any(v is not None for v in r[k]) for r in rows)]
