@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, cli_in_process
 
 DOCS = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
 DOCS = [p for p in DOCS if p.exists()]
@@ -88,23 +88,6 @@ MODULES = [(doc, line) for doc, line in COMMANDS if re.match(r"python -m lit_pru
 SCRIPTS = [(doc, line) for doc, line in COMMANDS if re.match(r"python benchmarks/|bash benchmarks/", line)]
 
 
-def _run_in_process(argv: list[str]) -> tuple[int, str]:
-    """`python -m lit_prune ARGV` in this process: (exit status, stdout + stderr)."""
-    from lit_prune.cli import main
-
-    out, old_argv = io.StringIO(), sys.argv
-    sys.argv = ["lit_prune"]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            try:
-                code = main(argv)
-            except SystemExit as exit_:
-                code = exit_.code or 0
-    finally:
-        sys.argv = old_argv
-    return code, out.getvalue()
-
-
 def _parse_own(module: str, argv: list[str]) -> None:
     """Parse argv with a command module's `build_parser()`, as its main() does, without running it."""
     parser = importlib.import_module(module).build_parser()
@@ -124,15 +107,15 @@ def test_every_lit_prune_command_in_the_docs_parses(doc, line, monkeypatch):
     argv = _ours(_argv(line)) or ["--help"]  # the bare command: its help
     command = argv[0]
     if len(argv) == 1 and not command.startswith("-"):  # a command named in prose: its help
-        code, out = _run_in_process([command, "--help"])
+        code, out = cli_in_process(command, "--help", cwd=ROOT)
         assert code == 0, f"{doc}: {line}\n{out[-2000:]}"
     elif command in LIGHTNING:
-        code, out = _run_in_process([*argv, "--print_config"])
+        code, out = cli_in_process(*argv, "--print_config", cwd=ROOT)
         assert code == 0, f"{doc}: {line}\n{out[-2000:]}"
     elif command in EXTRA_COMMANDS:
         _parse_own(EXTRA_COMMANDS[command].split(":")[0], argv[1:])
     else:
-        code, out = _run_in_process(argv)
+        code, out = cli_in_process(*argv, cwd=ROOT)
         assert code == 0, f"{doc}: {line}\n{out[-2000:]}"
 
 
