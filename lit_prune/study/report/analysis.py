@@ -740,11 +740,10 @@ def same_seed_init(data: StudyData, cond: Cond, tau: float = TAU) -> dict[str, f
 
 
 def warm_start(data: StudyData) -> list[dict[str, Any]]:
-    """RQ2c per pruned condition (docs/methods.md §4): the warm starts' S_warm and control per tau
-    (means over the warm-started seeds), the ratio pooled over them with a bootstrap CI over seeds
-    and features (`lit_prune.analysis.warm_start.ratio_ci`), and the mean per-bin movement."""
-    from lit_prune.analysis.warm_start import ratio_ci
-    from lit_prune.study.warm import ARRAYS, RESULTS, warm_arms
+    """RQ2c per pruned condition (docs/methods.md §4): S_warm and its control per tau (means over the
+    warm-started seeds), the ratio pooled over them with a bootstrap CI over seeds and features, and
+    the mean per-bin movement (`lit_prune.study.warm.warm_comparison`)."""
+    from lit_prune.study.warm import ARRAYS, RESULTS, warm_comparison
 
     w = data.settings.get("warm_start") or {}
     if not w.get("enabled", False):
@@ -753,29 +752,25 @@ def warm_start(data: StudyData) -> list[dict[str, Any]]:
     read = lambda key: data.arrays(key, ARRAYS)  # noqa: E731
     out = []
     for cond in data.pruned:
-        rows = [data.rows(f"{cond.name}/warm{s}", RESULTS) for s in seeds]
-        rows = [r for r in rows if r]
-        if not rows:
+        found = warm_comparison(read, cond.name, seeds, TAUS, n_boot=int(w.get("n_boot", 1000)))
+        if found is None:
             continue
-        got = lambda metric, rows=rows: mean(value(r, metric) for r in rows)  # noqa: E731
-        arms = warm_arms(read, cond.name, seeds)
-        row = {**_base(cond), "seeds": len(rows)}
+        per_seed, pooled = found["per_seed"], found["pooled"]
+        got = lambda metric, per_seed=per_seed: mean(s[metric] for s in per_seed)  # noqa: E731
+        row = {**_base(cond), "seeds": len(per_seed)}
         for t in TAUS:
             tag = f"@{t:g}"
-            s, s0 = got(f"warm_survival{tag}"), got(f"warm_control{tag}")
-            ci = ratio_ci(arms, t, n_boot=int(w.get("n_boot", 1000))) if arms else (math.nan, math.nan)
-            hits = sum(float((c[a] >= t).sum()) for c, _, a in arms)
-            control_hits = sum(float((c0[a] >= t).sum()) for _, c0, a in arms)
             row |= {
-                f"S_warm{tag}": s,
-                f"control{tag}": s0,
-                f"ratio{tag}": finite(_ratio(hits, control_hits)) if arms else None,
-                f"ratio_ci{tag}": [finite(ci[0]), finite(ci[1])],
+                f"S_warm{tag}": got(f"warm_survival{tag}"),
+                f"control{tag}": got(f"warm_control{tag}"),
+                f"ratio{tag}": finite(pooled[f"ratio{tag}"]),
+                f"ratio_ci{tag}": [finite(v) for v in pooled[f"ratio_ci{tag}"]],
             }
         row["excess_movement_bins"] = [got(f"warm_bin{b}_excess_movement") for b in range(5)]
         row["bins"] = [got(f"warm_bin{b}_survival") for b in range(5)]
         row["control_bins"] = [got(f"warm_bin{b}_control_survival") for b in range(5)]
         row["rho_bin_movement"] = got("warm_rho_bin_excess_movement")
-        row["val_fvu"] = got("val_fvu")
+        rows = [data.rows(f"{cond.name}/warm{s}", RESULTS) for s in seeds]
+        row["val_fvu"] = mean(value(r, "val_fvu") for r in rows if r)
         out.append(row)
     return out
