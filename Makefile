@@ -17,7 +17,7 @@ FAST := not e2e and not embedded and not slow
 PYTEST_FLAGS ?=
 PYTEST := $(PY) -m pytest -q $(PYTEST_FLAGS)
 
-.PHONY: setup run study fit lint test test-fast test-e2e bench lock clean
+.PHONY: setup run study fit docs lint test test-fast test-e2e bench lock clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,10 @@ study: setup
 
 fit: setup
 	$(PY) -m lit_prune fit --config configs/smollm2.yaml
+
+# refill the generated blocks of README.md and docs/results.md from the default study's results
+docs: setup
+	$(PY) -m lit_prune report checkpoints/smollm2 --fill README.md docs/results.md
 
 lint: setup
 	$(VENV)/bin/ruff check .
