@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 from helpers import ROOT
 
@@ -24,6 +25,7 @@ def test_dependency_walk_follows_extras_and_leaves_out_what_is_there():
     assert "jsonargparse" in without
 
 
+@pytest.mark.e2e
 def test_random_model_has_the_source_shapes_and_new_weights(tiny_dir, tmp_path):
     target = tmp_path / "random"
     subprocess.run(

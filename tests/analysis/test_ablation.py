@@ -202,6 +202,7 @@ def test_importance_vs_survival_matches_scipy():
         assert [r[f"{key}_bh"] for r in corrected] == pytest.approx(list(ref))
 
 
+@pytest.mark.e2e
 def test_callback_in_fit_writes_rows_equal_to_arrays(tmp_path, local_corpus, model_cache):
     from lit_prune.analysis.results import read_arrays, read_rows
     from lit_prune.cli import lightning_cli

@@ -296,6 +296,7 @@ def test_cache_round_trip(tmp_path, monkeypatch):
     assert not list((tmp_path / "cache").glob(".*.tmp"))  # atomic write left no temp file
 
 
+@pytest.mark.e2e
 def test_embedded_corpus_restricted_build(tmp_path):
     # The full build (2-3 min on 2 shared cores) is too slow for a test: topics, capped stdlib.
     options = PythonDocsOptions(packages=("json",), max_chars_per_package=150_000)

@@ -15,6 +15,8 @@ from lit_prune.cli import lightning_cli
 from lit_prune.lit.sae_module import SAEModule
 from lit_prune.sae.fast import fast_topk_training_forward
 
+pytestmark = pytest.mark.e2e  # Lightning fits (in process): the end-to-end lane
+
 
 def _fit_args(tmp_path, model, corpus, model_cache, *extra):
     return [
@@ -102,7 +104,6 @@ def test_every_shipped_config_parses():
         assert classes and all(c.startswith("lit_prune.lit.") for c in classes), path
 
 
-@pytest.mark.e2e
 def test_ddp_two_cpu_processes(tmp_path, local_corpus, model_cache):
     result = run_cli(
         *_fit_args(

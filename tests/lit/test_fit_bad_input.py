@@ -16,6 +16,8 @@ from helpers import ROOT, cli_in_process
 import lit_prune.lit.sae_module
 from lit_prune.cli import lightning_cli
 
+pytestmark = pytest.mark.e2e  # Lightning fits (in process): the end-to-end lane
+
 WANDA50 = str(ROOT / "configs" / "pruning" / "wanda50.yaml")
 
 

@@ -9,6 +9,8 @@ from lit_prune.cli import lightning_cli
 from lit_prune.errors import LitPruneError
 from lit_prune.lit.sae_module import SAEModule
 
+pytestmark = pytest.mark.e2e  # Lightning fits (in process): the end-to-end lane
+
 
 def _fit(tmp_path, corpus, model_cache, export, *extra):
     return lightning_cli(

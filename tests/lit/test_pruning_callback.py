@@ -13,6 +13,8 @@ from lit_prune.models.registry import load_model
 from lit_prune.pruning import prunable_linears
 from lit_prune.sae.buffer import fit_norm_scale
 
+pytestmark = pytest.mark.e2e  # Lightning fits (in process): the end-to-end lane
+
 
 def _fit(tmp_path, local_corpus, model_cache, *extra):
     return lightning_cli(

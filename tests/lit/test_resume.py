@@ -9,6 +9,8 @@ from lit_prune.cli import lightning_cli
 from lit_prune.errors import LitPruneError
 from lit_prune.lit.sae_module import check_resumed_settings, check_same_pruning
 
+pytestmark = pytest.mark.e2e  # Lightning fits (in process): the end-to-end lane
+
 WANDA = ROOT / "configs" / "pruning" / "wanda50.yaml"
 
 

@@ -12,6 +12,8 @@ from lit_prune.errors import LitPruneError
 from lit_prune.lit.callbacks import PruningCallback
 from lit_prune.pruning import prunable_linears, verify_masks
 
+pytestmark = pytest.mark.e2e  # Lightning fits (in process): the end-to-end lane
+
 
 def test_sparsegpt_fit_prunes_exactly_and_checkpoints_masks(tmp_path, local_corpus, model_cache):
     cli = lightning_cli(

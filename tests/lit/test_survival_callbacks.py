@@ -28,6 +28,8 @@ from lit_prune.models.registry import load_model
 from lit_prune.sae.build import SAESettings, build_training_sae
 from lit_prune.sae.io import export_sae, load_sae
 
+pytestmark = pytest.mark.e2e  # Lightning fits (in process): the end-to-end lane
+
 
 # --- the reference SAE is checked at setup ---------------------------------------------------
 def _fake_module(d_model=64, layer=1):

@@ -8,6 +8,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lit_prune.cli import lightning_cli
 
+pytestmark = pytest.mark.e2e  # Lightning fits (in process): the end-to-end lane
+
 
 @pytest.fixture(scope="module")
 def events(tmp_path_factory, local_corpus, model_cache):

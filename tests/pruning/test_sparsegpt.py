@@ -101,6 +101,7 @@ def reference_model(model, ids, sparsity, nm=None, dampening=0.01, column_block=
     return masks
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "arch, sparsity, nm, column_block",
     [("tiny-llama", 0.5, None, 48), ("tiny-gemma3", 0.3, None, 128), ("tiny-llama", 0.5, (2, 4), 32)],
