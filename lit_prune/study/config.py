@@ -84,7 +84,12 @@ class StudySettings:
     """What magnitude pruning ranks |W| within for the unstructured conditions: matrix (each matrix
     to the exact sparsity), row (each output row) or global (all decoder-block matrices together)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1])
-    """SAE seeds trained on every model; the first is the reference seed (RQ1 needs two or more)."""
+    """SAE seeds trained on the dense model; the first is the reference seed (RQ1 needs two or more)."""
+    pruned_seeds: list[int] | None = None
+    """SAE seeds trained on every pruned model: a subset of seeds that holds the reference seed (its
+    fit also measures RQ3 and functional survival); null: every seed. RQ2 counts every cross-seed
+    pair (dense seed a, pruned seed b, a != b), so [<reference seed>] with three seeds still gives
+    two cross-seed pairs per condition, at a third of the pruned fits' cost."""
     epochs: int = 1
     """Passes of each SAE over its training tokens; later passes reuse the shared activations (no LM
     forwards), so on a CPU they buy SAE quality cheaply. Validation and the RQ callbacks run after the last."""
@@ -186,6 +191,17 @@ class StudySettings:
             raise invalid(
                 "study.warm_start.seeds", self.warm_start.seeds, f"seeds among study.seeds {self.seeds}"
             )
+        if self.pruned_seeds is not None and (
+            len(set(self.pruned_seeds)) != len(self.pruned_seeds)
+            or not set(self.pruned_seeds) <= set(self.seeds)
+            or self.reference_seed not in self.pruned_seeds
+        ):
+            raise invalid(
+                "study.pruned_seeds",
+                self.pruned_seeds,
+                f"null or distinct seeds among study.seeds {self.seeds} that include the reference seed "
+                f"{self.reference_seed}",
+            )
         if self.epochs < 1:
             raise invalid("study.epochs", self.epochs, "an integer >= 1")
         if not isinstance(self.workers, int) or self.workers < 1:
@@ -204,6 +220,10 @@ class StudySettings:
     def _grid(self) -> list[PruneCondition]:
         out = [PruneCondition(m, float(s)) for m in self.methods for s in sorted(self.sparsities) if s > 0]
         return out + [PruneCondition(m, p[0] / p[1], (p[0], p[1])) for m in self.methods for p in self.nm]
+
+    def seeds_of_pruned(self) -> list[int]:
+        """The SAE seeds trained on each pruned model (study.pruned_seeds, else every seed)."""
+        return list(self.seeds if self.pruned_seeds is None else self.pruned_seeds)
 
     def warm_seeds(self) -> list[int]:
         """The dense seeds whose SAE RQ2c warm-starts ([] when it is off)."""

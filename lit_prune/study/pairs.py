@@ -29,10 +29,9 @@ if TYPE_CHECKING:  # steps imports this module
 RESULTS, ARRAYS = "rq2_pairs.json", "rq2_pairs.safetensors"
 
 
-def _decoders(ctx: StudyContext, condition_name: str) -> dict[int, torch.Tensor]:
+def _decoders(ctx: StudyContext, condition_name: str, seeds: list[int]) -> dict[int, torch.Tensor]:
     return {
-        s: load_sae(ctx.root / condition_name / f"seed{s}" / "sae")[0].W_dec.detach().float()
-        for s in ctx.settings.seeds
+        s: load_sae(ctx.root / condition_name / f"seed{s}" / "sae")[0].W_dec.detach().float() for s in seeds
     }
 
 
@@ -48,13 +47,14 @@ def pairs_step(ctx: StudyContext, out: Path, condition_name: str) -> dict[str, A
     seeds, opts = ctx.settings.seeds, ctx.settings.rq1_options()
     taus = tuple(opts.get("taus", TAUS))
     match = {k: opts[k] for k in ("method", "candidates") if k in opts}
-    dense = _decoders(ctx, DENSE)
+    dense = _decoders(ctx, DENSE, seeds)
     if condition_name == DENSE:
         cross, same = seed_pairs(seeds)
         cosine = pair_cosines(dense, None, cross, **match)
     else:
-        cross, same = seed_pairs(seeds, seeds)
-        cosine = pair_cosines(dense, _decoders(ctx, condition_name), cross + same, **match)
+        pruned = ctx.settings.seeds_of_pruned()
+        cross, same = seed_pairs(seeds, pruned)
+        cosine = pair_cosines(dense, _decoders(ctx, condition_name, pruned), cross + same, **match)
     pairs = cross + same
     rates = {a: _dense_rate(ctx, a) for a in seeds}
     rate = torch.stack([rates[a] for a, _ in pairs])

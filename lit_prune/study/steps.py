@@ -201,8 +201,9 @@ def build_steps(ctx: StudyContext, corpus_fingerprint: str) -> list[Step]:
         )
     )
     gallery = gallery_condition(st)
+    pruned_seeds = st.seeds_of_pruned()
     for cond in st.conditions():
-        for s in st.seeds:
+        for s in pruned_seeds:
             inputs = {
                 **base,
                 **reference,
@@ -222,17 +223,18 @@ def build_steps(ctx: StudyContext, corpus_fingerprint: str) -> list[Step]:
                     shares=cond.name,
                 )
             )
-        if len(st.seeds) > 1:
+        if len(pruned_seeds) > 1:
             steps.append(
                 Step(
                     cond.name,
                     "rq1",
-                    {"seeds": st.seeds, **st.rq1_options()},
+                    {"seeds": pruned_seeds, **st.rq1_options()},
                     lambda out, c=cond: rq1_step(ctx, out, c.name),
-                    deps=[f"{cond.name}/seed{s}" for s in st.seeds],
+                    deps=[f"{cond.name}/seed{s}" for s in pruned_seeds],
                     cost=0.5,
                 )
             )
+        if len(st.seeds) > 1:
             steps.append(pairs_of(ctx, cond.name))
         if cond == gallery and st.gallery_features:
             steps.append(
@@ -273,9 +275,13 @@ def build_steps(ctx: StudyContext, corpus_fingerprint: str) -> list[Step]:
 
 def pairs_of(ctx: StudyContext, name: str) -> Step:
     """The <name>/pairs step (`lit_prune.study.pairs`): every seed pair against the dense SAEs."""
-    seeds = ctx.settings.seeds
-    deps = [f"{DENSE}/seed{s}" for s in seeds] + ([] if name == DENSE else [f"{name}/seed{s}" for s in seeds])
+    seeds, pruned = ctx.settings.seeds, ctx.settings.seeds_of_pruned()
+    deps = [f"{DENSE}/seed{s}" for s in seeds] + (
+        [] if name == DENSE else [f"{name}/seed{s}" for s in pruned]
+    )
     inputs = {"seeds": seeds, **ctx.settings.rq1_options()}
+    if name != DENSE and pruned != seeds:  # only then, so that studies of every seed stay done
+        inputs["pruned_seeds"] = pruned
     return Step(name, "pairs", inputs, lambda out: pairs_step(ctx, out, name), deps=deps, cost=0.5)
 
 
@@ -483,7 +489,7 @@ def rq5_step(ctx: StudyContext, out: Path) -> dict[str, Any]:
 
 def rq1_step(ctx: StudyContext, out: Path, condition_name: str) -> dict[str, Any]:
     """RQ1: pairwise one-to-one matching of the seeds' SAEs on one model; per-feature stability."""
-    seeds = ctx.settings.seeds
+    seeds = ctx.settings.seeds if condition_name == DENSE else ctx.settings.seeds_of_pruned()
     decoders, alive = [], []
     for s in seeds:
         fit = ctx.root / condition_name / f"seed{s}"
