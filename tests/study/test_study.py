@@ -155,6 +155,11 @@ def test_bad_shard_is_one_line_error(text):
         ({"seeds": [-1]}, "study.seeds"),
         ({"sparsities": [0.1234561, 0.1234562]}, "study.sparsities"),  # both would be magnitude-0.123456
         ({"cache_gb": float("inf")}, "study.cache_gb"),
+        ({"warm_start": {"steps": 0}}, "study.warm_start.steps"),
+        ({"warm_start": {"lr": 0.0}}, "study.warm_start.lr"),
+        ({"warm_start": {"sae_batch_tokens": 1.5}}, "study.warm_start.sae_batch_tokens"),
+        ({"warm_start": {"seeds": [2]}}, "study.warm_start.seeds"),  # not among study.seeds [0, 1]
+        ({"warm_start": {"seeds": []}}, "study.warm_start.seeds"),
     ],
 )
 def test_bad_grid_is_rejected(kwargs, field):
