@@ -87,13 +87,13 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
                 )
             self.given_model = config.get("model").clone() if config.get("model") is not None else None
             check_finite(config.as_dict())
+            check_output_dirs(config.get("trainer") or {})  # before seeding: its log line would come first
             if config.get("ckpt_path"):  # before Lightning reads its hyperparameters
                 check_checkpoint(config["ckpt_path"])
 
         def before_instantiate_classes(self) -> None:
             # with --ckpt_path, Lightning has just replaced the model settings by the checkpoint's
             config = self.config.get(self.config.get("subcommand")) or self.config
-            check_output_dirs(config.get("trainer") or {})
             if config.get("ckpt_path") and self.given_model is not None:
                 for key in RESUME_FREE:  # this run's settings, not the checkpoint's
                     config["model"][key] = self.given_model[key]
