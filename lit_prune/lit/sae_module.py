@@ -96,6 +96,7 @@ class SAEModule(L.LightningModule):
     ) -> None:
         super().__init__()
         _validate(
+            seed=seed,
             lr=lr,
             decay_fraction=decay_fraction,
             sae_batch_tokens=sae_batch_tokens,
@@ -565,6 +566,7 @@ def _plain(hparams: Any) -> dict[str, Any]:
 
 def _validate(**values: Any) -> None:
     rules = {
+        "seed": (lambda v: 0 <= v < 2**32, "an integer from 0 to 2**32 - 1"),  # as seed_everything
         "lr": (lambda v: v > 0, "a positive float"),
         "decay_fraction": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
         "sae_batch_tokens": (lambda v: v >= 1, "a positive integer"),

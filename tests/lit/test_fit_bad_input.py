@@ -228,6 +228,7 @@ def test_exported_sae_and_cached_models_get_umask_modes(tmp_path, local_corpus):
     [
         ("--model.hook_layer=9", "error: model.hook_layer=9 is invalid"),  # named as fit spells it
         ("--model.sae.k=0", "error: model.sae.k=0 is invalid"),
+        ("--model.seed=-1", "error: model.seed=-1 is invalid"),  # was accepted
         (
             "--trainer.default_root_dir=/proc/lit_prune_root",
             "error: trainer.default_root_dir='/proc/lit_prune_root'",
