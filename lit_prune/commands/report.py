@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from lit_prune.errors import LitPruneError
 
+_DOC = __doc__ or ""
 STUDY_DIR_HELP = (
     "A study directory with study.json, e.g. checkpoints/smollm2 (<study.checkpoints>/<study name> of "
     "`python -m lit_prune study`). May also come from --config (a YAML file with study_dir: ...)."
@@ -18,12 +19,15 @@ STUDY_DIR_HELP = (
 
 def build_parser():
     """The jsonargparse parser (the style of `prune` and `study`): a positional study dir and --config."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import (
+        ActionConfigFile,  # pyright: ignore[reportPrivateImportUsage] (left out of __all__)
+        ArgumentParser,
+    )
 
     parser = ArgumentParser(
         prog="python -m lit_prune report",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1].replace("\n", " "),
+        description=_DOC.split("\n\n")[0],
+        epilog=_DOC.split("\n\n", 1)[1].replace("\n", " "),
         exit_on_error=False,
     )
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML file with study_dir: <study dir>.")

@@ -6,6 +6,7 @@ Definitions (scopes, sign of the attribution) are in `lit_prune.analysis.ablatio
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
@@ -17,6 +18,10 @@ from lit_prune.analysis.ablation_summary import summarise, summary_rows
 from lit_prune.analysis.figures import scatter_figure
 from lit_prune.analysis.results import Condition, write_arrays, write_rows
 from lit_prune.errors import invalid
+from lit_prune.lit.datamodule import datamodule_of
+
+if TYPE_CHECKING:  # annotations only (sae_module imports these callbacks' modules)
+    from lit_prune.lit.sae_module import SAEModule
 
 
 class AblationCallback(L.Callback):
@@ -64,18 +69,18 @@ class AblationCallback(L.Callback):
         self.eval_sequences, self.every_n_epochs = eval_sequences, every_n_epochs
         self.output_dir, self.seed, self.batch_size = output_dir, seed, batch_size
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: SAEModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return  # rank 0 alone: the work needs no collective and the outputs are single files
         if (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        arrays = self.measure(pl_module, trainer.datamodule.eval_ids[: self.eval_sequences])
+        arrays = self.measure(pl_module, datamodule_of(trainer).eval_ids[: self.eval_sequences])
         metrics = summarise(arrays)
         self._warn_if_short(metrics)
         self._log(trainer, metrics, arrays)
         self._write(trainer, pl_module, arrays, metrics)
 
-    def measure(self, pl_module: L.LightningModule, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    def measure(self, pl_module: SAEModule, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-feature arrays for ids: [n, seq] (keys as in the safetensors file)."""
         parts = sae_parts(pl_module.sae, pl_module.norm_scale.item())
         return feature_importance(
@@ -112,7 +117,7 @@ class AblationCallback(L.Callback):
     def _write(
         self,
         trainer: L.Trainer,
-        pl_module: L.LightningModule,
+        pl_module: SAEModule,
         arrays: dict[str, torch.Tensor],
         metrics: dict[str, float],
     ) -> None:

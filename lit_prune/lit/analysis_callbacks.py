@@ -24,22 +24,28 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import nn
 
 from lit_prune.analysis.results import Condition, read_rows, write_rows
 from lit_prune.errors import LitPruneError
+from lit_prune.lit.datamodule import datamodule_of
 from lit_prune.models.registry import load_model, move_outside_inference
 from lit_prune.sae.io import check_compatible, hook_name, load_sae
+
+if TYPE_CHECKING:  # annotations only (sae_module imports these callbacks' modules)
+    from sae_lens.saes.sae import SAE
+    from transformers import PreTrainedModel
+
+    from lit_prune.lit.sae_module import SAEModule
 
 _DENSE_ATTR = "_analysis_dense_lm"  # on the module, via object.__setattr__: not a submodule
 _ROW_KEY = ("model", "hook", "method", "sparsity", "seed_a", "seed_b", "epoch", "stage")
 
 
-def dense_lm(module: L.LightningModule) -> nn.Module:
+def dense_lm(module: SAEModule) -> PreTrainedModel:
     """The dense LM on the module's device: the module's own if it was not pruned, else a shared copy."""
     if module.pruning_info.get("method", "dense") == "dense":
         return module.lm_on_device()
@@ -51,7 +57,7 @@ def dense_lm(module: L.LightningModule) -> nn.Module:
     return move_outside_inference(lm, module.device)
 
 
-def release_dense_lm(module: L.LightningModule) -> None:
+def release_dense_lm(module: SAEModule) -> None:
     module.__dict__.pop(_DENSE_ATTR, None)
 
 
@@ -90,11 +96,11 @@ class ReferenceSAECallback(L.Callback):
         self.output_dir = output_dir
         self.batch_size = batch_size
         self.at_fit_end = at_fit_end
-        self.reference: nn.Module | None = None
+        self.reference: SAE[Any] | None = None
         self.reference_meta: dict[str, Any] = {}
 
     # --- set-up ------------------------------------------------------------------------------
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: SAEModule, stage: str) -> None:
         if self.reference is None:
             self.reference, self.reference_meta = load_reference(
                 self.reference_path, pl_module.lm.config.hidden_size, pl_module.hparams.hook_layer
@@ -106,26 +112,28 @@ class ReferenceSAECallback(L.Callback):
                     f"{pl_module.hparams.model_name!r}"
                 )
 
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def teardown(self, trainer: L.Trainer, pl_module: SAEModule, stage: str) -> None:
         release_dense_lm(pl_module)
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: SAEModule) -> None:
         if not trainer.sanity_checking and trainer.is_global_zero:
+            assert self.reference is not None  # loaded in setup
             move_outside_inference(self.reference, pl_module.device)
             self.measure(trainer, pl_module, "validation")
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_fit_end(self, trainer: L.Trainer, pl_module: SAEModule) -> None:
         if self.at_fit_end and trainer.is_global_zero:
             # Lightning has moved the module back to the CPU by now: measure on the accelerator
             device = trainer.strategy.root_device
             pl_module.to(device)
             try:
+                assert self.reference is not None  # loaded in setup
                 move_outside_inference(self.reference, device)
                 self.measure(trainer, pl_module, "fit_end")
             finally:
                 pl_module.cpu()
 
-    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def measure(self, trainer: L.Trainer, pl_module: SAEModule, stage: str) -> None:
         """One measurement; stage is "validation" or "fit_end" (rows: epoch None at fit_end)."""
         raise NotImplementedError
 
@@ -135,7 +143,7 @@ class ReferenceSAECallback(L.Callback):
         seed = self.reference_meta.get("seed")
         return None if seed is None else int(seed)
 
-    def condition(self, module: L.LightningModule, dense: bool = False) -> Condition:
+    def condition(self, module: SAEModule, dense: bool = False) -> Condition:
         """Row condition: the run's pruning (or M(0) when `dense`), seed_a = reference, seed_b = module."""
         info = {"method": "dense", "sparsity": 0.0} if dense else module.pruning_info
         return Condition(
@@ -148,7 +156,7 @@ class ReferenceSAECallback(L.Callback):
         )
 
     def eval_batch_size(self, trainer: L.Trainer) -> int:
-        return self.batch_size or int(trainer.datamodule.hparams.batch_size)
+        return self.batch_size or int(datamodule_of(trainer).hparams.batch_size)
 
     def results_dir(self, trainer: L.Trainer) -> Path:
         base = self.output_dir or trainer.log_dir or trainer.default_root_dir
@@ -173,7 +181,7 @@ def _key(row: dict[str, Any]) -> tuple:
     return tuple(row.get(k) for k in _ROW_KEY)
 
 
-def load_reference(path: str, d_model: int, layer: int) -> tuple[nn.Module, dict[str, Any]]:
+def load_reference(path: str, d_model: int, layer: int) -> tuple[SAE[Any], dict[str, Any]]:
     """Load and check a reference SAE; every failure is one line naming `reference_sae`."""
     try:
         sae, meta = load_sae(path)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 
 from lit_prune.analysis.perplexity import perplexity
 from lit_prune.errors import LitPruneError, described, invalid
+from lit_prune.lit.datamodule import datamodule_of
 from lit_prune.lit.sae_module import check_same_pruning
 from lit_prune.pruning import (
     METHODS,
@@ -22,6 +23,9 @@ from lit_prune.pruning import (
     verify_masks,
 )
 from lit_prune.pruning.sparsegpt import check_options as check_sparsegpt
+
+if TYPE_CHECKING:  # annotations only (sae_module imports this module)
+    from lit_prune.lit.sae_module import SAEModule
 
 
 class PruningCallback(L.Callback):
@@ -87,12 +91,12 @@ class PruningCallback(L.Callback):
                     "pruning.masks_path", masks_path, f"a masks file written by save_masks ({described(err)})"
                 ) from None
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: SAEModule) -> None:
         if getattr(pl_module, "resumed_pruning", None) is not None:  # before pruning, which may take minutes
             check_same_pruning(pl_module.resumed_pruning, self.state_dict())
         pl_module.ensure_norm_scale()  # c is fitted on the dense model, never on the pruned one
         lm = pl_module.lm_on_device()
-        dm = trainer.datamodule
+        dm = datamodule_of(trainer)
         eval_ids = dm.eval_ids[: self.perplexity_sequences]
         info: dict[str, Any] = {
             "method": self.method,
@@ -143,16 +147,16 @@ class PruningCallback(L.Callback):
     # validate (and test / predict) never call on_fit_start: without these the SAE would be measured on
     # the dense LM. The checkpoint's masks (restored by load_state_dict) or the configured pruning
     # are applied once per LM, before the first batch.
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_start(self, trainer: L.Trainer, pl_module: SAEModule) -> None:
         self._outside_fit(trainer, pl_module)
 
-    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_test_start(self, trainer: L.Trainer, pl_module: SAEModule) -> None:
         self._outside_fit(trainer, pl_module)
 
-    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_predict_start(self, trainer: L.Trainer, pl_module: SAEModule) -> None:
         self._outside_fit(trainer, pl_module)
 
-    def _outside_fit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _outside_fit(self, trainer: L.Trainer, pl_module: SAEModule) -> None:
         if trainer.state.fn != "fit" and getattr(self, "_pruned_lm", None) is not pl_module.lm:
             self.on_fit_start(trainer, pl_module)
             self._pruned_lm = pl_module.lm
@@ -162,13 +166,13 @@ class PruningCallback(L.Callback):
             return
         scalars = {f"pruning/{k}": float(v) for k, v in info.items() if isinstance(v, (int, float))}
         trainer.logger.log_metrics(scalars, step=0)
-        experiment = getattr(trainer.logger, "experiment", None)
+        experiment: Any = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_histogram"):  # per matrix: one histogram and one table, not 210 charts
             sparsities = torch.tensor([row["sparsity"] for row in report], dtype=torch.float64)
             experiment.add_histogram("pruning/sparsity_per_matrix", sparsities, global_step=0)
             experiment.add_text("pruning/sparsity_per_matrix", sparsity_table(report), global_step=0)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: SAEModule, *args: Any) -> None:
         if self.masks is not None and any(p.requires_grad for p in pl_module.lm.parameters()):
             apply_masks(pl_module.lm, self.masks)  # an optimizer step may have revived pruned weights
 

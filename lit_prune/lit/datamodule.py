@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -58,6 +58,9 @@ class TokenDataModule(L.LightningDataModule):
         cache_dir: where the embedded corpus and tokenized splits are cached.
         model_cache_dir: where converted / built models are cached.
     """
+
+    if TYPE_CHECKING:  # save_hyperparameters() fills it; Lightning's MutableMapping type has no fields
+        hparams: Any
 
     def __init__(
         self,
@@ -200,3 +203,8 @@ class TokenDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.eval_ids)
+
+
+def datamodule_of(trainer: L.Trainer) -> TokenDataModule:
+    """The trainer's TokenDataModule (Lightning sets `trainer.datamodule` at run time; its typing omits it)."""
+    return trainer.datamodule  # pyright: ignore[reportAttributeAccessIssue]

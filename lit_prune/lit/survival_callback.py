@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import lightning as L
 import torch
 
@@ -12,8 +14,12 @@ from lit_prune.analysis.survival_measures import SurvivalResult, survival_measur
 from lit_prune.analysis.transfer import PairedPass, paired_features
 from lit_prune.errors import invalid
 from lit_prune.lit.analysis_callbacks import ReferenceSAECallback, dense_lm
+from lit_prune.lit.datamodule import datamodule_of
 from lit_prune.models.activation_cache import weights_digest
 from lit_prune.sae.build import build_training_sae
+
+if TYPE_CHECKING:  # annotations only (sae_module imports these callbacks' modules)
+    from lit_prune.lit.sae_module import SAEModule
 
 _RQ4 = (
     "rho",
@@ -101,11 +107,11 @@ class FeatureSurvivalCallback(ReferenceSAECallback):
         self._cache: tuple[str, PairedPass] | None = None
         self.last: SurvivalResult | None = None
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: SAEModule) -> None:
         if self.init_decoder is None and int(pl_module.tokens_trained) == 0:
             self.init_decoder = pl_module.sae.W_dec.detach().cpu().clone()
 
-    def _init(self, module: L.LightningModule) -> torch.Tensor:
+    def _init(self, module: SAEModule) -> torch.Tensor:
         """The module SAE's decoder at init; rebuilt from its seed when the fit resumed mid-training."""
         if self.init_decoder is None:
             fresh = build_training_sae(
@@ -114,15 +120,16 @@ class FeatureSurvivalCallback(ReferenceSAECallback):
             self.init_decoder = fresh.W_dec.detach().clone()
         return self.init_decoder
 
-    def same_seed(self, module: L.LightningModule) -> bool:
+    def same_seed(self, module: SAEModule) -> bool:
         return self.reference_seed is not None and self.reference_seed == int(module.hparams.seed)
 
-    def _paired(self, trainer: L.Trainer, module: L.LightningModule) -> PairedPass:
+    def _paired(self, trainer: L.Trainer, module: SAEModule) -> PairedPass:
         """Reference on dense vs current LM; cached while the current LM's weights stay the same."""
         lm = module.lm_on_device()
         fingerprint = weights_digest(lm)
         if self._cache is None or self._cache[0] != fingerprint:
-            ids = trainer.datamodule.eval_ids[: self.functional_sequences]
+            assert self.reference is not None  # loaded in setup
+            ids = datamodule_of(trainer).eval_ids[: self.functional_sequences]
             self._cache = (
                 fingerprint,
                 paired_features(
@@ -136,8 +143,9 @@ class FeatureSurvivalCallback(ReferenceSAECallback):
             )
         return self._cache[1]
 
-    def measure(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+    def measure(self, trainer: L.Trainer, module: SAEModule, stage: str) -> None:
         paired = self._paired(trainer, module)
+        assert self.reference is not None  # loaded in setup
         result = survival_measurements(
             self.reference.W_dec.detach().cpu(),
             module.sae.W_dec.detach().cpu(),
@@ -172,7 +180,7 @@ class FeatureSurvivalCallback(ReferenceSAECallback):
                 rq = "rq4" if name.startswith(_RQ4) else "rq2"
                 scalars[f"{rq}/{name}" + ("" if tau is None else f"@{tau:g}")] = value
         self.log_scalars(trainer, scalars)
-        experiment = getattr(trainer.logger, "experiment", None)
+        experiment: Any = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_histogram"):  # the distribution behind the matched-cosine scalars
             experiment.add_histogram(
                 "rq2/matched_cosine", result.arrays["matched_cosine"], global_step=trainer.global_step

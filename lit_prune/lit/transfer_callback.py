@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -20,8 +20,15 @@ from lit_prune.analysis.transfer import (
 )
 from lit_prune.errors import invalid
 from lit_prune.lit.analysis_callbacks import ReferenceSAECallback, dense_lm
+from lit_prune.lit.datamodule import datamodule_of
 from lit_prune.models.activation_cache import cached, weights_digest
 from lit_prune.pruning.masks import check_sparsity
+
+if TYPE_CHECKING:  # annotations only (sae_module imports these callbacks' modules)
+    from sae_lens.saes.sae import SAE
+    from transformers import PreTrainedModel
+
+    from lit_prune.lit.sae_module import SAEModule
 
 Metrics = dict[str, float]
 
@@ -87,7 +94,8 @@ class TransferabilityCallback(ReferenceSAECallback):
         self.last: dict[tuple[str, float], Metrics] = {}
         """The latest measurement's metrics by (sae, sae_sparsity)."""
 
-    def measure(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+    def measure(self, trainer: L.Trainer, module: SAEModule, stage: str) -> None:
+        assert self.reference is not None  # loaded in setup
         ce = self._ce(module)
         if self.dense_metrics is None:
             self.dense_metrics = self._evaluate(trainer, module, dense_lm(module), self.reference, ce)
@@ -117,15 +125,15 @@ class TransferabilityCallback(ReferenceSAECallback):
         self.log_scalars(trainer, scalars)
 
     # --- pieces ------------------------------------------------------------------------------
-    def _ce(self, module: L.LightningModule) -> int:
+    def _ce(self, module: SAEModule) -> int:
         return int(module.hparams.ce_eval_sequences if self.ce_sequences is None else self.ce_sequences)
 
     def _evaluate(
         self,
         trainer: L.Trainer,
-        module: L.LightningModule,
-        lm: torch.nn.Module,
-        sae: torch.nn.Module,
+        module: SAEModule,
+        lm: PreTrainedModel,
+        sae: SAE[Any],
         ce: int,
         scale: float = 1.0,
     ) -> Metrics:
@@ -133,7 +141,7 @@ class TransferabilityCallback(ReferenceSAECallback):
         condition measures the same reference on the same dense LM."""
         layer, ids, batch = (
             module.hparams.hook_layer,
-            trainer.datamodule.eval_ids,
+            datamodule_of(trainer).eval_ids,
             self.eval_batch_size(trainer),
         )
         cfg = json.dumps(sae.cfg.to_dict(), sort_keys=True, default=str)
@@ -147,13 +155,14 @@ class TransferabilityCallback(ReferenceSAECallback):
         return dict(metrics)
 
     def _reference_side(
-        self, trainer: L.Trainer, module: L.LightningModule, ce: int
+        self, trainer: L.Trainer, module: SAEModule, ce: int
     ) -> dict[tuple[str, float], Metrics]:
         """The reference and its Wanda-pruned copies on the current LM; cached while its weights stay the same."""
         lm = module.lm_on_device()
         fingerprint = weights_digest(lm)
         if self._cache is not None and self._cache[0] == fingerprint:
             return self._cache[1]
+        assert self.reference is not None  # loaded in setup
         results = {("reference", 0.0): self._evaluate(trainer, module, lm, self.reference, ce)}
         if self.sae_prune_levels:
             sq = self._input_sq_norm(trainer, module, lm)
@@ -163,13 +172,11 @@ class TransferabilityCallback(ReferenceSAECallback):
         self._cache = (fingerprint, results)
         return results
 
-    def _retrained(
-        self, trainer: L.Trainer, module: L.LightningModule, ce: int, use_last_val: bool
-    ) -> Metrics:
+    def _retrained(self, trainer: L.Trainer, module: SAEModule, ce: int, use_last_val: bool) -> Metrics:
         """The module SAE's metrics on the same tokens: its own validation result when comparable
         (never at fit end: the module trained on after that validation)."""
-        ids = trainer.datamodule.eval_ids
-        last = getattr(module, "last_val", None) if use_last_val else None
+        ids = datamodule_of(trainer).eval_ids
+        last: Any = getattr(module, "last_val", None) if use_last_val else None
         same_tokens = last is not None and int(last.get("tokens", -1)) == ids.shape[0] * (ids.shape[1] - 1)
         if same_tokens and ce == int(module.hparams.ce_eval_sequences) and "ce_recovered" in last:
             metrics = dict(last)
@@ -180,13 +187,13 @@ class TransferabilityCallback(ReferenceSAECallback):
         )
 
     @torch.no_grad()
-    def _input_sq_norm(
-        self, trainer: L.Trainer, module: L.LightningModule, lm: torch.nn.Module
-    ) -> torch.Tensor:
+    def _input_sq_norm(self, trainer: L.Trainer, module: SAEModule, lm: PreTrainedModel) -> torch.Tensor:
         """Mean square of the reference encoder's inputs on this LM over the calibration sequences: [d_in]."""
-        dm = trainer.datamodule
+        dm = datamodule_of(trainer)
         ids = dm.calibration_ids if dm.calibration_ids.numel() else dm.train_ids
-        total, n = 0.0, 0
+        assert self.reference is not None  # loaded in setup
+        total: Any = 0.0  # a float64 tensor after the first batch
+        n = 0
         for batch in ids[: self.calibration_sequences].split(self.eval_batch_size(trainer)):
             x = harvest(lm, batch.to(module.device), module.hparams.hook_layer)  # [tokens, d_model]
             total = total + sae_input_sq_norm(self.reference, x).double() * x.shape[0]  # token-weighted mean
@@ -195,6 +202,7 @@ class TransferabilityCallback(ReferenceSAECallback):
 
     def _versus_dense(self, metrics: Metrics) -> dict[str, Any]:
         dense = self.dense_metrics
+        assert dense is not None  # measure() takes the dense metrics first
         measured = "ce_recovered" in metrics and "ce_recovered" in dense  # ce_sequences = 0: no spliced CE
         viable = (
             float(is_viable(metrics, dense, self.ce_factor, self.fvu_factor)) if measured else float("nan")
