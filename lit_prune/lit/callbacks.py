@@ -142,6 +142,7 @@ class PruningCallback(L.Callback):
             info["perplexity_pruned"] = perplexity(lm, eval_ids)
         info["realised_sparsity"] = sum(r["pruned"] for r in report) / sum(r["numel"] for r in report)
         pl_module.pruning_info = info
+        self._pruned_lm = pl_module.lm  # a later validate on this LM finds it pruned already
         self._log(trainer, report, info)
 
     # validate (and test / predict) never call on_fit_start: without these the SAE would be measured on
@@ -159,7 +160,6 @@ class PruningCallback(L.Callback):
     def _outside_fit(self, trainer: L.Trainer, pl_module: SAEModule) -> None:
         if trainer.state.fn != "fit" and getattr(self, "_pruned_lm", None) is not pl_module.lm:
             self.on_fit_start(trainer, pl_module)
-            self._pruned_lm = pl_module.lm
 
     def _log(self, trainer: L.Trainer, report: list[dict], info: dict[str, Any]) -> None:
         if trainer.logger is None:
