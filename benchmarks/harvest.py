@@ -114,12 +114,13 @@ def part_sharing(
     start = clock(args.device)
     ours = shared_features(lm, saes, batches, args.layer)
     ours_s = clock(args.device) - start
-    for a, b in zip(ours, base):
+    for a, b in zip(ours, base, strict=True):
         torch.testing.assert_close(a, b)  # fp32 tolerances; the hooked output is the same tensor math
-    max_diff = max(float((a - b).abs().max()) for a, b in zip(ours, base))
+    max_diff = max(float((a - b).abs().max()) for a, b in zip(ours, base, strict=True))
     tokens = sum(int(ids[:, 1:].numel()) for ids in batches)
     print(
-        f"harvest_features_allclose: True (max abs difference {max_diff:.3g}, {len(saes)} SAEs x {tokens} tokens)"
+        f"harvest_features_allclose: True (max abs difference {max_diff:.3g}, "
+        f"{len(saes)} SAEs x {tokens} tokens)"
     )
     return compare(
         f"harvest_{len(saes)}_saes",
@@ -218,7 +219,8 @@ def part_bf16(args: argparse.Namespace, lm32: torch.nn.Module, eval_ids: torch.T
     diff = {k: metrics["bfloat16"][k] - metrics["float32"][k] for k in metrics["float32"]}
     shown = [k for k in ("fvu", "l0", "cos", "ce_recovered", "kl_score", "delta_lm_loss") if k in diff]
     print(
-        f"bf16_metrics ({label}, {metric_ids.shape[0]} x {SEQ_LEN} tokens, CE on {args.ce_sequences} sequences): "
+        f"bf16_metrics ({label}, {metric_ids.shape[0]} x {SEQ_LEN} tokens, "
+        f"CE on {args.ce_sequences} sequences): "
         + ", ".join(f"{k} {metrics['float32'][k]:.4f} -> {metrics['bfloat16'][k]:.4f}" for k in shown)
     )
     print("bf16_agreement: " + ", ".join(f"{k} {v:.4f}" for k, v in agree.items()))
@@ -254,12 +256,14 @@ def part_resume(args: argparse.Namespace, lm: torch.nn.Module, eval_ids: torch.T
     codec = sae_codec(sae)
     run = lambda resume: spliced_logits(lm, batches, args.layer, codec, resume)  # noqa: E731
     base, ours = run(False), run(True)  # also the warm-up
-    identical = all(torch.equal(a, b) for x, y in zip(ours, base) for a, b in zip(x, y))
+    identical = all(
+        torch.equal(a, b) for x, y in zip(ours, base, strict=True) for a, b in zip(x, y, strict=True)
+    )
     print(f"spliced_ce_resume_bit_identical: {identical}")
     times = {"baseline": [], "ours": []}
     for _ in range(3):  # interleaved, so that a slow spell of the machine hits both paths alike
         for name, resume in (("baseline", False), ("ours", True)):
-            times[name] += timed(lambda: run(resume), 1, 0, args.device)
+            times[name] += timed(lambda resume=resume: run(resume), 1, 0, args.device)
     tokens = sum(int(ids.numel()) for ids in batches)
     return compare(
         "spliced_ce_resume",

@@ -29,9 +29,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from common import (
@@ -173,7 +173,7 @@ def wanda_selection(args: argparse.Namespace, model: torch.nn.Module, calibratio
     names = list(pipeline_masks)
     differing = [
         n
-        for n, a, b, p in zip(names, ours_masks, base_masks, pipeline_masks.values())
+        for n, a, b, p in zip(names, ours_masks, base_masks, pipeline_masks.values(), strict=False)
         if not (torch.equal(a, b) and torch.equal(a, p))
     ]
     row = compare(

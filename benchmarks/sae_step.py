@@ -16,8 +16,8 @@ import argparse
 import copy
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from common import RESULTS, add_device_arg, clock, write_result

@@ -107,7 +107,8 @@ def _check_same_device(func: Callable, tensors: list[torch.Tensor]) -> None:
     if len({is_cuda(t) for t in tensors if is_cuda(t) or t.dim() > 0}) > 1:
         shapes = [(_where(is_cuda(t)), tuple(t.shape)) for t in tensors]
         _fail(
-            f"{_name(func)}: expected all tensors to be on the same device, but found cuda:0 and cpu: {shapes}"
+            f"{_name(func)}: expected all tensors to be on the same device, but found cuda:0 and cpu: "
+            f"{shapes}"
         )
 
 
@@ -378,7 +379,8 @@ def _tags(values: tuple) -> list[bool | None]:
 
 
 def _patched_autograd(mode: FakeCudaMode) -> dict[tuple[type, str], object]:
-    """Replacements for Function.apply, FunctionCtx.save_for_backward, BackwardCFunction's apply / saved_tensors."""
+    """Replacements for Function.apply, FunctionCtx.save_for_backward, BackwardCFunction's apply /
+    saved_tensors."""
     function_apply = Function.__dict__["apply"].__func__
     save_for_backward = FunctionCtx.save_for_backward
     backward_apply = BackwardCFunction.apply
@@ -401,19 +403,19 @@ def _patched_autograd(mode: FakeCudaMode) -> dict[tuple[type, str], object]:
 
     def saved_tensors(node: BackwardCFunction) -> tuple:
         tensors = saved_getter(node)
-        for t, tag in zip(tensors, getattr(node, "_fc_saved", ())):
+        for t, tag in zip(tensors, getattr(node, "_fc_saved", ()), strict=False):
             if tag is not None:
                 _mark(t, tag)  # a saved output comes back as a new tensor object, unmarked
         return tensors
 
     def backward(node: BackwardCFunction, *grads: Any) -> Any:
-        for g, tag in zip(grads, getattr(node, "_fc_outputs", ())):
+        for g, tag in zip(grads, getattr(node, "_fc_outputs", ()), strict=False):
             if isinstance(g, torch.Tensor) and tag is not None:
                 _mark(g, tag)
         with contextlib.nullcontext() if mode in _get_current_function_mode_stack() else mode:
             result = backward_apply(node, *grads)
         returned = result if isinstance(result, tuple) else (result,)
-        for i, (g, tag) in enumerate(zip(returned, getattr(node, "_fc_inputs", None) or ())):
+        for i, (g, tag) in enumerate(zip(returned, getattr(node, "_fc_inputs", None) or (), strict=False)):
             if isinstance(g, torch.Tensor) and tag is not None and g.dim() > 0 and is_cuda(g) != tag:
                 _fail(
                     f"{type(node).__name__} returned a gradient at index {i} on {_where(is_cuda(g))}, "

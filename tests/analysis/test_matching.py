@@ -91,7 +91,7 @@ def test_top_candidates_equal_brute_force_top_k(n_a, n_b, k):
     c = a @ b.T
     want = {(i, int(j)) for i in range(n_a) for j in c[i].topk(min(k, n_b)).indices}
     want |= {(int(i), j) for j in range(n_b) for i in c[:, j].topk(min(k, n_a)).indices}
-    assert set(zip(rows.tolist(), cols.tolist())) == want
+    assert set(zip(rows.tolist(), cols.tolist(), strict=True)) == want
     np.testing.assert_allclose(cos, c[rows, cols].double().numpy(), atol=1e-6)
     torch.testing.assert_close(best_a, c.max(dim=1).values)
     torch.testing.assert_close(best_b, c.max(dim=0).values)

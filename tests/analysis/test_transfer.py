@@ -82,7 +82,8 @@ def test_wanda_prune_sae_half_prunes_lowest_weight_times_input_norm_per_feature(
     before = {k: v.clone() for k, v in sae.state_dict().items()}
     sq = torch.tensor([1.0, 4.0, 0.25, 16.0])  # input norms ||x_j|| = 1, 2, 0.5, 4
     pruned = wanda_prune_sae(sae, sq, 0.5)
-    # scores |W| * ||x||: [1, 4, 1.5, 16] | [4, 6, 1, 4] (tie: lower column first) | [3, 1, 0.5, 0.4] | [1, 2, 4, 0.4]
+    # scores |W| * ||x||: [1, 4, 1.5, 16] | [4, 6, 1, 4] (tie: lower column first) | [3, 1, 0.5, 0.4]
+    # | [1, 2, 4, 0.4]
     keep = torch.tensor(
         [
             [False, True, False, True],

@@ -163,8 +163,8 @@ def test_ddp_two_cpu_processes(tmp_path, local_corpus, model_cache):
         ("--model.model_name=nope", "error: model.model_name='nope' is invalid"),  # named as fit spells it
         # a callback's own check, which jsonargparse wraps in a many-line error
         (
-            "--trainer.callbacks+={class_path: lit_prune.lit.callbacks.PruningCallback, init_args: {method: magnitude, "
-            "sparsity: 1.5}}",
+            "--trainer.callbacks+={class_path: lit_prune.lit.callbacks.PruningCallback, "
+            "init_args: {method: magnitude, sparsity: 1.5}}",
             "error: sparsity=1.5 is invalid",
         ),
     ],
@@ -311,12 +311,14 @@ def test_training_scalars_one_point_per_sae_step(tmp_path, local_corpus, model_c
     assert {tag: [s for s, _ in p] for tag, p in points.items()} == {tag: steps for tag in points}
     tokens = [v for _, v in points["train/tokens"]]
     assert tokens[-1] == module.tokens_trained.item()
-    assert all(0 < b - a <= 64 for a, b in zip([0.0, *tokens], tokens))
+    assert all(0 < b - a <= 64 for a, b in zip([0.0, *tokens], tokens, strict=False))
     factor = module.lr_schedulers().lr_lambdas[0]
     assert [v for _, v in points["train/lr"]] == pytest.approx([module.hparams.lr * factor(s) for s in steps])
     parts = [
         a + b
-        for (_, a), (_, b) in zip(points["train/mse_loss"], points["train/auxiliary_reconstruction_loss"])
+        for (_, a), (_, b) in zip(
+            points["train/mse_loss"], points["train/auxiliary_reconstruction_loss"], strict=False
+        )
     ]
     assert [v for _, v in points["train/loss"]] == pytest.approx(parts, rel=1e-6)
 

@@ -127,7 +127,7 @@ def test_dense_lm_is_a_shared_copy_only_when_the_run_was_pruned(dense_lm, model_
     module.pruning_info = {"method": "wanda", "sparsity": 0.5}
     copy = get_dense(module)
     assert copy is not pruned_lm and get_dense(module) is copy  # loaded once, then shared
-    for (name, p), q in zip(copy.named_parameters(), dense_lm.parameters()):
+    for (name, p), q in zip(copy.named_parameters(), dense_lm.parameters(), strict=True):
         assert torch.equal(p, q), name  # the dense weights, not the pruned ones
     release_dense_lm(module)
     assert get_dense(module) is not copy
@@ -230,7 +230,8 @@ def analysed_fit(tmp_path_factory, local_corpus, model_cache):
     config.write_text(
         "trainer:\n  callbacks+:\n"
         f"    - class_path: lit_prune.lit.transfer_callback.TransferabilityCallback\n"
-        f"      init_args: {{reference_sae: {tmp_path / 'dense'}, sae_prune_levels: [0.5], at_fit_end: true}}\n"
+        f"      init_args: {{reference_sae: {tmp_path / 'dense'}, sae_prune_levels: [0.5],"
+        " at_fit_end: true}\n"
         f"    - class_path: lit_prune.lit.survival_callback.FeatureSurvivalCallback\n"
         f"      init_args: {{reference_sae: {tmp_path / 'dense'}, n_boot: 20, at_fit_end: true}}\n"
     )

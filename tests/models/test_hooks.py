@@ -92,7 +92,7 @@ def test_resume_after_gives_the_same_bits_and_skips_early_blocks(model_and_ids, 
         resid = capture_resid_post(model, ids, layer, mask)
         edited = resid.clone()
         edited[:, 10:] *= 0.5
-        with splice_resid_post(model, layer, lambda x: edited):
+        with splice_resid_post(model, layer, lambda x, edited=edited: edited):
             spliced = model(input_ids=ids, attention_mask=mask).logits
         with monkeypatch.context() as patch:
             runs = _count_block_runs(model, patch)
