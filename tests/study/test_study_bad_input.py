@@ -15,27 +15,13 @@ from pathlib import Path
 
 import pytest
 from helpers import ROOT, cli_in_process
+from test_study import _study_args as _study  # the same tiny study's arguments
 
 import lit_prune.study.runner
 from lit_prune.sae.build import SAESettings, build_training_sae
 from lit_prune.sae.io import export_sae
 
 TINY_D_MODEL = 64  # lit_prune.models.tiny: hidden_size of tiny-llama
-
-
-def _study(tmp_path: Path, corpus: Path, model_cache: Path, *extra: str) -> list[str]:
-    return [
-        "study",
-        "--config",
-        str(ROOT / "configs" / "tiny.yaml"),
-        f"--data.corpus={corpus}",
-        f"--data.cache_dir={tmp_path / 'cache'}",
-        f"--model.model_cache_dir={model_cache}",
-        f"--study.checkpoints={tmp_path / 'checkpoints'}",
-        f"--study.logs={tmp_path / 'logs'}",
-        "--progress=false",
-        *extra,
-    ]
 
 
 def _error(stderr: str) -> str:
