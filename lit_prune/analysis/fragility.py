@@ -6,11 +6,15 @@ partner, nothing preserved": it never survives and it counts fully towards fragi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 
 from lit_prune.analysis.stats import MAX_EXACT_N, bootstrap_ci, spearman, spearman_exact
 from lit_prune.errors import invalid
+
+Array = torch.Tensor | np.ndarray  # every function here takes either (converted by _np)
 
 
 def _np(x) -> np.ndarray:
@@ -116,14 +120,14 @@ def firing_rate_analysis(
     }
 
 
-def _stack(cosines_by_s: dict[float, torch.Tensor]) -> tuple[list[float], np.ndarray]:
+def _stack(cosines_by_s: Mapping[float, Array]) -> tuple[list[float], np.ndarray]:
     if not cosines_by_s:
         raise invalid("cosines_by_s", {}, "at least one sparsity")
     levels = sorted(cosines_by_s)
     return levels, np.stack([_cos(cosines_by_s[s]) for s in levels])  # [n_levels, n]
 
 
-def breaking_points(cosines_by_s: dict[float, torch.Tensor], tau: float = 0.7) -> torch.Tensor:
+def breaking_points(cosines_by_s: Mapping[float, Array], tau: float = 0.7) -> torch.Tensor:
     """s*_i = min{s : c_i(s) < tau} -> float64 [n]; inf if the feature never breaks.
 
     Not assumed monotone: a feature that breaks at 0.3 and recovers at 0.5 has s* = 0.3.
@@ -135,12 +139,12 @@ def breaking_points(cosines_by_s: dict[float, torch.Tensor], tau: float = 0.7) -
     return torch.from_numpy(out)
 
 
-def fragility(cosines_by_s: dict[float, torch.Tensor]) -> torch.Tensor:
+def fragility(cosines_by_s: Mapping[float, Array]) -> torch.Tensor:
     """F_i = 1 - mean_s c_i(s) over the given sparsities -> float64 [n]."""
     return torch.from_numpy(1.0 - _stack(cosines_by_s)[1].mean(axis=0))
 
 
-def fragility_predictors(F, predictors: dict[str, torch.Tensor], mask=None) -> dict[str, tuple[float, float]]:
+def fragility_predictors(F, predictors: Mapping[str, Array], mask=None) -> dict[str, tuple[float, float]]:
     """Spearman(F, x) -> (rho, p) for each named predictor x [n] (e.g. "log10 p",
     "max activation", "decoder norm", "seed stability").
 
