@@ -50,7 +50,9 @@ def _quiet_libraries() -> None:
 
 
 def lightning_cli(args: list[str] | None = None, run: bool = True):
-    """The LightningCLI over SAEModule and TokenDataModule (configs in configs/*.yaml)."""
+    """The LightningCLI over SAEModule and TokenDataModule (configs in configs/*.yaml); a model.class_path
+    (configs/recovery.yaml: PrunedLMModule) makes the model section pick its LightningModule."""
+    import lightning as L
     from jsonargparse import set_parsing_settings
     from lightning.pytorch.cli import LightningCLI
 
@@ -68,8 +70,11 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
             }
 
         def add_arguments_to_parser(self, parser) -> None:
-            parser.link_arguments("model.model_name", "data.model_name")
-            parser.link_arguments("model.model_cache_dir", "data.model_cache_dir")
+            model = "model.init_args" if chosen else "model"
+            if chosen:  # a section without class_path (configs/smollm2.yaml's) is still SAEModule's
+                parser.set_defaults({"model": {"class_path": f"{SAEModule.__module__}.SAEModule"}})
+            parser.link_arguments(f"{model}.model_name", "data.model_name")
+            parser.link_arguments(f"{model}.model_cache_dir", "data.model_cache_dir")
             # a config's study: section is read by `study` (which checks it) and ignored by fit: accepted
             # as it is and kept out of fit's --help
             parser.add_argument("--study", type=dict | None, default=None, help=SUPPRESS)
@@ -85,7 +90,8 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
                 raise invalid(
                     "seed_everything", seed, "an integer from 0 to 2**32 - 1, true (a random one) or false"
                 )
-            self.given_model = config.get("model").clone() if config.get("model") is not None else None
+            given = config.get("model") if not chosen else None  # resume checks: SAEModule's settings
+            self.given_model = given.clone() if given is not None else None
             check_finite(config.as_dict())
             check_output_dirs(config.get("trainer") or {})  # before seeding: its log line would come first
             if config.get("ckpt_path"):  # before Lightning reads its hyperparameters
@@ -102,9 +108,11 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
         def instantiate_trainer(self, **kwargs):
             return checked_trainer(lambda: super(LitPruneCLI, self).instantiate_trainer(**kwargs))
 
+    chosen = chooses_model_class(sys.argv[1:] if args is None else args)
     return LitPruneCLI(
-        SAEModule,
+        L.LightningModule if chosen else SAEModule,
         TokenDataModule,
+        subclass_mode_model=chosen,
         args=args,
         run=run,
         save_config_kwargs={"overwrite": True},
@@ -117,6 +125,28 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
             **{name: {"exit_on_error": False, "allow_abbrev": False} for name in LIGHTNING_COMMANDS},
         },
     )
+
+
+def chooses_model_class(argv: list[str]) -> bool:
+    """Whether the command line or one of its --config files names model.class_path (or asks for
+    --model.help): only then is the model section a choice of LightningModule."""
+    import yaml
+
+    for i, arg in enumerate(argv):
+        if arg.startswith(("--model.class_path", "--model.help", "--model=")):
+            return True
+        path = arg.partition("=")[2] if arg.startswith("--config=") else None
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            path = argv[i + 1]
+        if path is not None and Path(path).is_file():
+            try:
+                config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, yaml.YAMLError):
+                continue  # check_config_files reports it
+            model = config.get("model") if isinstance(config, dict) else None
+            if isinstance(model, dict) and "class_path" in model:
+                return True
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
