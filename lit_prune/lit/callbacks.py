@@ -92,8 +92,9 @@ class PruningCallback(L.Callback):
                 ) from None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: SAEModule) -> None:
-        if getattr(pl_module, "resumed_pruning", None) is not None:  # before pruning, which may take minutes
-            check_same_pruning(pl_module.resumed_pruning, self.state_dict())
+        resumed = getattr(pl_module, "resumed_pruning", None)
+        if resumed is not None:  # before pruning, which may take minutes
+            check_same_pruning(resumed, self.state_dict())
         pl_module.ensure_norm_scale()  # c is fitted on the dense model, never on the pruned one
         lm = pl_module.lm_on_device()
         dm = datamodule_of(trainer)

@@ -34,7 +34,8 @@ Metrics = dict[str, float]
 
 
 class TransferabilityCallback(ReferenceSAECallback):
-    """Evaluates the reference SAE on the run's LM every validation epoch and at fit end, next to two baselines.
+    """Evaluates the reference SAE on the run's LM every validation epoch and at fit end, next to two
+    baselines.
 
     SAEs compared on the current (possibly pruned) LM over the whole eval split, each against
     this LM's own clean and zero-ablated CE:
@@ -145,7 +146,8 @@ class TransferabilityCallback(ReferenceSAECallback):
             self.eval_batch_size(trainer),
         )
         cfg = json.dumps(sae.cfg.to_dict(), sort_keys=True, default=str)
-        tag = f"transfer@{layer}:{weights_digest(sae)}:{hashlib.sha256(cfg.encode()).hexdigest()[:16]}:{scale!r}:{batch}:{ce}"
+        cfg_digest = hashlib.sha256(cfg.encode()).hexdigest()[:16]
+        tag = f"transfer@{layer}:{weights_digest(sae)}:{cfg_digest}:{scale!r}:{batch}:{ce}"
         metrics = cached(
             lm,
             ids,
@@ -157,7 +159,8 @@ class TransferabilityCallback(ReferenceSAECallback):
     def _reference_side(
         self, trainer: L.Trainer, module: SAEModule, ce: int
     ) -> dict[tuple[str, float], Metrics]:
-        """The reference and its Wanda-pruned copies on the current LM; cached while its weights stay the same."""
+        """The reference and its Wanda-pruned copies on the current LM; cached while its weights stay the
+        same."""
         lm = module.lm_on_device()
         fingerprint = weights_digest(lm)
         if self._cache is not None and self._cache[0] == fingerprint:
@@ -176,9 +179,10 @@ class TransferabilityCallback(ReferenceSAECallback):
         """The module SAE's metrics on the same tokens: its own validation result when comparable
         (never at fit end: the module trained on after that validation)."""
         ids = datamodule_of(trainer).eval_ids
-        last: Any = getattr(module, "last_val", None) if use_last_val else None
+        last = getattr(module, "last_val", None) if use_last_val else None
         same_tokens = last is not None and int(last.get("tokens", -1)) == ids.shape[0] * (ids.shape[1] - 1)
-        if same_tokens and ce == int(module.hparams.ce_eval_sequences) and "ce_recovered" in last:
+        comparable = same_tokens and ce == int(module.hparams.ce_eval_sequences)
+        if comparable and last is not None and "ce_recovered" in last:  # same_tokens: last is set
             metrics = dict(last)
             metrics.setdefault("alive_fraction", 1.0 - metrics["dead_fraction"])
             return metrics
