@@ -190,23 +190,33 @@ def ablate_features(
     features: Tensor,
     batch_size: int = 8,
     attention_mask: Tensor | None = None,
+    max_sequences: int | None = None,
 ) -> dict[str, Tensor]:
     """Exact effects of ablating each of `features` [m], both scopes, batched over (sequence, feature).
 
     Each forward runs up to `batch_size` copies of sequences, each copy with a different feature
-    ablated; only (sequence, feature) pairs where the feature fires are run.
-    Returns ce_firing, kl_firing, ce_all, kl_all (float64 [m], nats per firing token) and n_tokens [m].
+    ablated; only (sequence, feature) pairs where the feature fires are run. max_sequences: each
+    feature is ablated in at most this many sequences (the first ones, in the order of ids, where it
+    fires): one ablated forward costs the same for a feature that fires once as for one that fires
+    on every token, so a cap bounds the cost of the frequent features, which have hundreds of firing
+    tokens in a few sequences, without touching the rare ones. None: every sequence.
+    Returns ce_firing, kl_firing, ce_all, kl_all (float64 [m], nats per firing token), n_tokens [m]
+    and n_sequences [m] (sequences ablated).
     """
     mask_all = torch.ones_like(ids) if attention_mask is None else attention_mask
     features = features.to(ids.device).long()
     keys = ("ce_firing", "kl_firing", "ce_all", "kl_all", "n_tokens")
     sums = {k: torch.zeros(len(features), dtype=torch.float64, device=ids.device) for k in keys}
+    taken = torch.zeros(len(features), dtype=torch.long, device=ids.device)  # sequences ablated so far
     for start in range(0, ids.shape[0], batch_size):
         chunk, mask = ids[start : start + batch_size], mask_all[start : start + batch_size]
         feats, valid, x = _encode(lm, layer, chunk, mask, parts)
         fires = (feats[..., features] > 0) & valid[..., None]  # [c, seq, m]
         clean = _logits(lm, chunk, mask, layer, resid=x)  # every forward resumes after block `layer`
-        pairs = fires.any(1).nonzero()  # [(row, feature slot)]
+        pairs = fires.any(1).nonzero()  # [(row, feature slot)], by row
+        if max_sequences is not None:
+            pairs = _first_per_feature(pairs, taken, max_sequences)
+        taken += torch.bincount(pairs[:, 1], minlength=len(features))
         for p in range(0, pairs.shape[0], batch_size):
             row, slot = pairs[p : p + batch_size].unbind(1)
             seq = chunk.shape[1]
@@ -219,7 +229,19 @@ def ablate_features(
     n = sums["n_tokens"].clamp(min=1)
     out = {k: sums[k] / n for k in keys[:-1]}
     out["n_tokens"] = sums["n_tokens"].long()
+    out["n_sequences"] = taken
     return out
+
+
+def _first_per_feature(pairs: Tensor, taken: Tensor, cap: int) -> Tensor:
+    """The (row, slot) pairs, in row order, that keep each slot's sequence count (taken) <= cap."""
+    slots = pairs[:, 1]
+    order = torch.argsort(slots, stable=True)  # rows stay in order within a slot
+    sorted_slots = slots[order]
+    first = torch.searchsorted(sorted_slots, sorted_slots, right=False)
+    rank = torch.empty_like(slots)
+    rank[order] = torch.arange(len(slots), device=slots.device) - first  # 0 for a slot's first row here
+    return pairs[rank + taken[slots] < cap]
 
 
 @torch.no_grad()
@@ -330,14 +352,16 @@ def feature_importance(
     n_rare: int = 64,
     seed: int = 0,
     batch_size: int = 8,
+    max_sequences: int | None = None,
 ) -> dict[str, Tensor]:
     """RQ5 per-feature arrays on ids [n, seq]: firing rates, the top / random / rare groups, their
-    exact ablation effects (exact_<kind>_<scope>) and the gradient attribution of every feature."""
+    exact ablation effects (exact_<kind>_<scope>; at most max_sequences sequences per feature, see
+    `ablate_features`) and the gradient attribution of every feature."""
     rate = firing_rates(lm, layer, ids, parts, batch_size)
     groups = select_features(rate, n_top, n_random, n_rare, seed)
     features = torch.cat([groups[g] for g in GROUPS])
     group = torch.cat([torch.full((len(groups[g]),), i) for i, g in enumerate(GROUPS)])
-    exact = ablate_features(lm, layer, ids, parts, features, batch_size)
+    exact = ablate_features(lm, layer, ids, parts, features, batch_size, max_sequences=max_sequences)
     attribution = gradient_attribution(lm, layer, ids, parts, batch_size)
     return {
         "features": features,

@@ -17,7 +17,14 @@ from lit_prune.errors import LitPruneError, invalid
 from lit_prune.pruning import GROUPS
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
-ABLATION_MINIMUM = {"n_top": 0, "n_random": 0, "n_rare": 0, "eval_sequences": 1, "batch_size": 1}
+ABLATION_MINIMUM = {
+    "n_top": 0,
+    "n_random": 0,
+    "n_rare": 0,
+    "eval_sequences": 1,
+    "batch_size": 1,
+    "max_sequences": 1,
+}
 """study.ablation's options and the least value of each."""
 
 DENSE = "dense"
@@ -107,7 +114,10 @@ class StudySettings:
     transfer: dict[str, Any] = field(default_factory=dict)
     """Extra arguments of TransferabilityCallback (e.g. sae_prune_levels, ce_sequences)."""
     ablation: dict[str, Any] = field(default_factory=dict)
-    """Arguments of the RQ5 ablation on the dense model (n_top, n_random, n_rare, eval_sequences)."""
+    """Arguments of the RQ5 ablation on the dense model: n_top, n_random, n_rare (default 64 each),
+    eval_sequences (default: >= 4,096 tokens), batch_size (ablated copies per forward, default 8) and
+    max_sequences (each feature ablated in at most this many of the sequences where it fires;
+    default: all)."""
     perplexity_sequences: int = 32
     """Eval sequences on which the dense and each pruned model's perplexity is measured."""
     gallery_condition: str | None = None

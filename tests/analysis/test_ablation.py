@@ -58,7 +58,7 @@ def test_parts_are_the_sae_codec(lm, ids):
     x = capture_resid_post(lm, ids, LAYER)[:, 1:].flatten(0, 1)
     for scale in (1.0, 2.5):
         with torch.no_grad():
-            for a, b in zip(sae_parts(sae, scale)(x), sae_codec(sae, scale)(x)):
+            for a, b in zip(sae_parts(sae, scale)(x), sae_codec(sae, scale)(x), strict=False):
                 assert torch.equal(a, b)
 
 
@@ -131,6 +131,27 @@ def test_batched_multi_feature_ablation_equals_one_at_a_time(lm, ids):
                 assert float(batched[f"ce_{scope}"][j]) == pytest.approx(one["ce"], rel=1e-4, abs=1e-6)
                 assert float(batched[f"kl_{scope}"][j]) == pytest.approx(one["kl"], rel=1e-4, abs=1e-7)
     assert (batched["ce_firing"][:3] != 0).all() and (batched["n_tokens"][:3] > 0).all()
+
+
+def test_max_sequences_ablates_only_each_features_first_firing_sequences(lm, ids):
+    """A cap of k sequences per feature equals ablating on the first k sequences where it fires,
+    across chunk boundaries (batch_size 1: one sequence per chunk); a cap >= the sequences: no cap."""
+    parts = sae_parts(_sae(), 1.5)
+    features = torch.cat([_busiest(lm, ids, parts, 3), torch.tensor([DEAD])])
+    full = ablate_features(lm, LAYER, ids, parts, features, batch_size=1)
+    uncapped = ablate_features(lm, LAYER, ids, parts, features, batch_size=1, max_sequences=4)
+    assert all(torch.allclose(full[k].double(), v.double()) for k, v in uncapped.items())
+    capped = ablate_features(lm, LAYER, ids, parts, features, batch_size=1, max_sequences=2)
+    for j, feature in enumerate(features.tolist()):
+        fired = [
+            ablate_feature_effect(lm, LAYER, ids[r : r + 1], parts, feature)["n_tokens"] > 0 for r in range(4)
+        ]
+        fires = torch.tensor(fired).nonzero().flatten()[:2]
+        assert int(capped["n_sequences"][j]) == len(fires)
+        if len(fires):
+            one = ablate_feature_effect(lm, LAYER, ids[fires], parts, feature)
+            assert int(capped["n_tokens"][j]) == one["n_tokens"]
+            assert float(capped["ce_firing"][j]) == pytest.approx(one["ce"], rel=1e-4, abs=1e-6)
 
 
 def test_attribution_matches_exact_ablation_for_small_perturbations(model_cache, ids):
