@@ -167,14 +167,16 @@ def _with_pairs(data: StudyData, cond: Cond, out: dict[str, Any]) -> dict[str, A
     """Replace the fits' reference-only survival by every seed pair's (the pairs step), when finished:
     S over every cross-seed pair, same-seed pairs apart, S_seed over the same dense pairs, and RQ4's
     bins normalised by each bin's own dense seed baseline."""
+    from lit_prune.analysis.stats import pair_mean
+
     p, effects = pairs(data, cond), cross_effects(data, cond)
     if p is None or effects is None:
         return out
     cross, same = np.flatnonzero(~p.same), np.flatnonzero(p.same)
     for tau in TAUS:
-        out[f"S@{tau:g}"] = finite(np.nanmean(p.survived(tau, cross))) if cross.size else None
-        out[f"S_same@{tau:g}"] = finite(np.nanmean(p.survived(tau, same))) if same.size else None
-    out["S@0.7"] = effects["S"]["value"]
+        # mean over pairs of each pair's fraction, as the headline's S (pair_mean)
+        out[f"S@{tau:g}"] = finite(pair_mean(p.survived(tau, cross))) if cross.size else None
+        out[f"S_same@{tau:g}"] = finite(pair_mean(p.survived(tau, same))) if same.size else None
     out["n_cross"], out["n_same"] = int(cross.size), int(same.size)
     out["S_seed"], out["S_tilde"] = effects["S_seed"]["value"], effects["S_tilde"]["value"]
     out["S_tilde_ci"] = (effects["S_tilde"]["lo"], effects["S_tilde"]["hi"])
