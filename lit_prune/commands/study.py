@@ -220,10 +220,13 @@ def _hold_study(name: str, root: Path, record: dict[str, Any]):
     processes holding it refuses, instead of mixing two studies' results in one directory."""
     import fcntl
 
+    from filelock import FileLock
+
     root.mkdir(parents=True, exist_ok=True)
+    # the hold is a shared flock taken exclusively first, which filelock's exclusive-only FileLock
+    # cannot express; the guard around the comparison and the write is an ordinary exclusive lock
     held = (root / HELD_FILE).open("a")
-    with (root / GUARD_FILE).open("a") as guard:
-        fcntl.flock(guard, fcntl.LOCK_EX)  # held only for the comparison and the write
+    with FileLock(root / GUARD_FILE):  # held only for the comparison and the write
         try:
             fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # other processes run this study now: only with the same steps

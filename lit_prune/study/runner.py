@@ -12,7 +12,6 @@ read the same cached activations (a condition's SAE fits) all go to the process 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -21,8 +20,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from lit_prune.errors import invalid
@@ -138,7 +138,7 @@ class Runner:
                 raise ValueError(f"step {step.key} depends on {lost}, which are neither given nor done")
         status: dict[str, str] = {}
         pending = list(steps)
-        groups: dict[str, IO[str]] = {}  # `shares` groups this process has taken, with their held locks
+        groups: dict[str, FileLock] = {}  # `shares` groups this process has taken, with their held locks
         bar = progress_bar(sum(s.cost for s in steps if not self.is_done(s.key)), progress)
         try:
             while pending:
@@ -172,7 +172,7 @@ class Runner:
                 _unlock(lock)
         return status
 
-    def _take(self, pending: list[Step], groups: dict[str, IO[str]]) -> tuple[Step, IO[str]] | None:
+    def _take(self, pending: list[Step], groups: dict[str, FileLock]) -> tuple[Step, FileLock] | None:
         """The first pending step that is ready and free, with its lock held; None if there is none."""
         for step in pending:
             if not all(self.is_done(d) for d in step.deps):
@@ -235,19 +235,18 @@ def progress_bar(total_cost: float, show: bool) -> tqdm:
     )
 
 
-def _try_lock(path: Path) -> IO[str] | None:
-    """An exclusive lock on path (created if missing), or None if another process holds it. The
-    lock goes with the process: a killed one leaves nothing held."""
+def _try_lock(path: Path) -> FileLock | None:
+    """An exclusive lock on path (created if missing), or None if another process (or another lock
+    object of this one) holds it. filelock's, an flock: it goes with the process, so a killed one
+    leaves nothing held."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = path.open("w")
+    lock = FileLock(path, timeout=0)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
+        lock.acquire()
+    except Timeout:
         return None
-    return handle
+    return lock
 
 
-def _unlock(handle: IO[str]) -> None:
-    fcntl.flock(handle, fcntl.LOCK_UN)
-    handle.close()
+def _unlock(lock: FileLock) -> None:
+    lock.release()
