@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from lit_prune.study.report.analysis import TAU
+from lit_prune.study.report.tables import fmt, fmt_p
 
 SPARSITY = "sparsity (fraction of weights pruned)"
 COLORS = {"magnitude": "tab:blue", "wanda": "tab:orange"}
@@ -66,7 +67,7 @@ def perplexity_figure(rows: list[dict[str, Any]]) -> Figure | None:
             xs, ys = [0.0, *xs], [dense, *ys]
         ax.plot(xs, ys, marker="o" if ":" not in label else "*", ms=7, color=color(label), label=label)
     if dense is not None:
-        ax.axhline(dense, color="grey", ls="--", lw=1, label=f"dense model ({dense:.3g})")
+        ax.axhline(dense, color="grey", ls="--", lw=1, label=f"dense model ({fmt(dense)})")
     ax.set_yscale("log")
     values = [y for _, ys in series.values() for y in ys] + ([dense] if dense is not None else [])
     plain = FuncFormatter(lambda v, _: f"{v:g}")
@@ -78,7 +79,7 @@ def perplexity_figure(rows: list[dict[str, Any]]) -> Figure | None:
         ylabel="perplexity (exp of nats per token, log scale)",
         title="Pruned-model perplexity on the eval split",
     )
-    ax.legend()
+    legend_outside(fig, [ax])
     return fig
 
 
@@ -86,8 +87,8 @@ def survival_figure(rows: list[dict[str, Any]], baseline: dict[str, Any], r0: fl
     geo, func = _series(rows, f"S@{TAU:g}"), _series(rows, "functional_S")
     if not geo and not func:
         return None
-    fig = _figure()
-    ax = fig.subplots()
+    fig = _figure(11.0, 4.6)
+    ax, fax = fig.subplots(1, 2)  # geometric S sits near 0: its own axis, not the functional 0-1 one
     base = baseline.get("mean")
     if base is not None:
         if baseline["max"] > baseline["min"]:
@@ -103,7 +104,7 @@ def survival_figure(rows: list[dict[str, Any]], baseline: dict[str, Any], r0: fl
             color="grey",
             lw=1.5,
             label=f"seed baseline: dense cross-seed shared@{TAU:g} "
-            f"({'mean, ' if baseline['n'] > 1 else ''}{base:.3f})",
+            f"({'mean, ' if baseline['n'] > 1 else ''}{fmt(base)})",
         )
     for label in sorted(set(geo) | set(func)):
         start = ":" not in label  # s = 0 is the dense model: S(0) = the seed baseline, functional = 1
@@ -115,17 +116,29 @@ def survival_figure(rows: list[dict[str, Any]], baseline: dict[str, Any], r0: fl
         if label in func:
             xs, ys = func[label]
             xs, ys = ([0.0, *xs], [1.0, *ys]) if start else (xs, ys)
-            ax.plot(
+            fax.plot(
                 xs, ys, marker="s", ls="--", color=color(label), label=f"{label}: functional (r ≥ {r0:g})"
             )
-    ax.set_ylim(-0.02, 1.05)
-    ax.set(
-        xlabel=SPARSITY,
-        ylabel="surviving reference features (fraction of alive)",
-        title="RQ2: feature survival vs sparsity",
-    )
-    ax.legend(fontsize=8)
+    ax.set_ylim(bottom=0)
+    ax.set(xlabel=SPARSITY, ylabel="surviving reference features (fraction of alive)", title="geometric")
+    fax.set_ylim(-0.02, 1.05)
+    fax.set(xlabel=SPARSITY, ylabel="surviving reference features (fraction of alive)", title="functional")
+    fig.suptitle("RQ2: feature survival vs sparsity")
+    legend_outside(fig, [ax, fax])
     return fig
+
+
+def legend_outside(fig: Figure, axes: list, fontsize: float = 8) -> None:
+    """One legend for the figure, below its panels: it never hides data (labels shared by several
+    panels appear once)."""
+    entries: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    if entries:
+        fig.legend(
+            list(entries.values()), list(entries), loc="outside lower center", ncol=2, fontsize=fontsize
+        )
 
 
 def warm_start_figure(rows: list[dict[str, Any]]) -> Figure | None:
@@ -224,7 +237,13 @@ def transfer_figure(
     if not ref:
         return None
     dense = next((r for r in rows if r["method"] == "dense"), {})
-    panels = [(key, ylabel) for key, ylabel in TRANSFER_PANELS if _series(ref, key)]
+    # a panel whose values all equal its dense value shows nothing: l0_ratio is exactly 1 for TopK
+    # SAEs (k latents per token), so its panel is dropped
+    panels = [
+        (key, ylabel)
+        for key, ylabel in TRANSFER_PANELS
+        if _series(ref, key) and not _constant(1.0 if key == "l0_ratio" else dense.get(key), ref, own, key)
+    ]
     if not panels:
         return None
     cols = min(2, len(panels))
@@ -257,9 +276,15 @@ def transfer_figure(
         if base is not None:
             ax.axhline(base, color="grey", ls="--", lw=1, label="dense-model SAE on the dense model")
         ax.set(xlabel=SPARSITY, ylabel=ylabel, title=f"RQ3: {key} vs sparsity")
-        ax.legend(fontsize=7)
     fig.suptitle("RQ3: transfer of the dense-model SAE to pruned models")
+    legend_outside(fig, axes[: len(panels)], fontsize=7)
     return fig
+
+
+def _constant(base: float | None, ref: list[dict[str, Any]], own: list[dict[str, Any]], key: str) -> bool:
+    """Whether every value of `key` (reference and retrained SAEs) equals `base`."""
+    values = {y for rows in (ref, own) for _, ys in _series(rows, key).values() for y in ys}
+    return base is not None and values <= {base}
 
 
 def fragility_figure(by_method: dict[str, dict[str, Any]]) -> Figure | None:
@@ -281,7 +306,8 @@ def fragility_figure(by_method: dict[str, dict[str, Any]]) -> Figure | None:
         ax.set(
             xlabel="log10 firing rate on the dense model (log10 fraction of tokens)",
             ylabel="fragility F = 1 − mean matched cosine (1 − cosine)",
-            title=f"RQ4: {label}, s in {{{', '.join(f'{s:g}' for s in v['levels'])}}}; Spearman ρ = {rho[0]:.2f}",
+            title=f"RQ4: {label}, s in {{{', '.join(f'{s:g}' for s in v['levels'])}}}; "
+            f"Spearman ρ = {fmt(rho[0])}",
         )
         ax.legend(fontsize=8)
     return fig
@@ -308,8 +334,7 @@ def importance_figure(results: list[dict[str, Any]]) -> Figure | None:
                 s=7,
                 alpha=0.45,
                 color=colormaps["viridis"](shade),
-                label=f"s={r['sparsity']:g}: ρ = {r['spearman_rho']:.2f}, p_BH = "
-                + ("–" if p is None or p != p else f"{p:.2g}")
+                label=f"s={r['sparsity']:g}: ρ = {fmt(r['spearman_rho'])}, p_BH = {fmt_p(p)}"
                 + f" (n = {r['n']})",
             )
         ax.axvline(TAU, color="grey", ls="--", lw=1, label=f"survival threshold τ = {TAU:g}")

@@ -1,19 +1,21 @@
 """Rendering the report's blocks as markdown (report.md) and as one self-contained HTML file.
 
-The HTML embeds every figure as a base64 PNG data URI and carries its CSS inline: no
-external resource, no script; it opens offline. Every piece of text from the study
-(contexts of the feature gallery, config values) is HTML-escaped.
+The HTML comes from the Jinja2 template templates/report.html.j2 (CSS: templates/report.css),
+autoescaped, so every piece of text from the study (contexts of the feature gallery, config
+values) is HTML-escaped; tables are rendered by its one `table` macro (also `Table.html`). It
+embeds every figure as a base64 PNG data URI and carries its CSS inline: no external resource,
+no script; it opens offline.
 """
 
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Union
 
-from lit_prune.study.report.tables import Table
+from lit_prune.study.report.tables import Table, fmt
 
 
 @dataclass
@@ -54,20 +56,8 @@ class Gallery:
 
 Block = Union[Heading, Para, Bullets, Pre, Table, FigureRef, Gallery]
 
-CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:1200px;margin:0 auto;padding:1em 2em;
-color:#1d1d1f;line-height:1.45}
-h1{border-bottom:2px solid #ccc;padding-bottom:.2em}h2{margin-top:2em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;font-size:13px;margin:.5em 0}th,td{border:1px solid #ccc;padding:3px 7px;vertical-align:top}
-th{background:#f0f0f3;position:sticky;top:0}tbody tr:nth-child(even){background:#fafafa}
-td{font-variant-numeric:tabular-nums}.scroll{overflow-x:auto;max-width:100%}
-.note{color:#555;font-size:13px}figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}
-figcaption{color:#555;font-size:13px}pre{background:#f6f8fa;padding:.8em;overflow-x:auto;font-size:12px}
-.ctx{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap;font-size:12px}
-mark{background:#ffd54f;padding:0 1px;border-radius:2px}.survived{color:#1b7f3b;font-weight:600}
-.lost{color:#b3261e;font-weight:600}.verdict-reproduced{background:#e3f4e6}.verdict-not-reproduced{background:#fbe4e2}
-.verdict-partly{background:#fff4d6}.verdict-not-measured{background:#eee}nav ul{columns:2;font-size:14px}
-"""
+VERDICTS = ("not reproduced", "reproduced", "partly", "not measured")
+"""Values of the headline table's verdict column, each with its colour class in templates/report.css."""
 
 
 def _visible(text: str) -> str:
@@ -124,96 +114,40 @@ def _gallery_md(record: dict[str, Any]) -> list[str]:
 
 
 def _num(v: Any) -> str:
-    if v is None or v != v:
-        return "–"
-    return f"{v:.3g}"
+    return fmt(v)  # the tables' number format: one format across the report
 
 
 # --- HTML -------------------------------------------------------------------------------------
 def page(title: str, blocks: list[Block], images: dict[str, bytes]) -> str:
-    """The whole report as one HTML document; images: figure name -> PNG bytes."""
-    toc = [b for b in blocks if isinstance(b, Heading) and b.level == 2]
-    links = "".join(f'<li><a href="#{_anchor(h.text)}">{html.escape(h.text)}</a></li>' for h in toc)
-    nav = f"<nav><ul>{links}</ul></nav>"
-    body = [f"<h1>{html.escape(title)}</h1>", nav]
-    for b in blocks:
-        body.append(_block_html(b, images))
+    """The whole report as one HTML document (templates/report.html.j2); images: figure name -> PNG."""
     return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>\n"
-        + "\n".join(body)
-        + "\n</body></html>\n"
+        _environment()
+        .get_template("report.html.j2")
+        .render(
+            title=title,
+            blocks=blocks,
+            images={name: base64.b64encode(data).decode("ascii") for name, data in images.items()},
+        )
     )
 
 
-def _block_html(b: Block, images: dict[str, bytes]) -> str:
-    if isinstance(b, Heading):
-        return f'<h{b.level} id="{_anchor(b.text)}">{html.escape(b.text)}</h{b.level}>'
-    if isinstance(b, Para):
-        return f"<p>{html.escape(b.text)}</p>"
-    if isinstance(b, Bullets):
-        return "<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in b.items) + "</ul>"
-    if isinstance(b, Pre):
-        pre = f"<pre>{html.escape(b.text)}</pre>"
-        return (
-            f"<details><summary>{html.escape(b.collapsed)}</summary>{pre}</details>" if b.collapsed else pre
-        )
-    if isinstance(b, Table) and not b.rows:
-        return f"<h3>{html.escape(b.title)}</h3><p>No finished data yet.</p>"
-    if isinstance(b, Table):
-        table = b.html()
-        if b.name == "headline":  # colour the verdicts
-            for verdict in ("not reproduced", "reproduced", "partly", "not measured"):
-                table = table.replace(
-                    f"<td>{verdict}</td>", f'<td class="verdict-{verdict.replace(" ", "-")}">{verdict}</td>'
-                )
-        note = f'<p class="note">{html.escape(b.note)}</p>' if b.note else ""
-        return (
-            f"<h3>{html.escape(b.title)}</h3>{table}{note}"
-            f'<p class="note">CSV: tables/{html.escape(b.name)}.csv</p>'
-        )
-    if isinstance(b, FigureRef):
-        data = base64.b64encode(images[b.name]).decode("ascii")
-        return (
-            f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(b.caption, quote=True)}">'
-            f"<figcaption>{html.escape(b.caption)} (figures/{html.escape(b.name)}.png)</figcaption></figure>"
-        )
-    if isinstance(b, Gallery):
-        return _gallery_html(b.record)
-    raise TypeError(f"unknown report block {type(b).__name__}")
+def table_html(table: Table) -> str:
+    """One table as HTML, by the page's own macro (one renderer for the page and Table.html)."""
+    return str(_environment().get_template("report.html.j2").module.table(table))
 
 
-def _context_html(c: dict[str, Any]) -> str:
-    return (
-        f'<span class="ctx">{html.escape(_visible(str(c.get("left", ""))))}'
-        f"<mark>{html.escape(_visible(str(c.get('token', ''))))}</mark>"
-        f"{html.escape(_visible(str(c.get('right', ''))))}</span>"
+@functools.cache
+def _environment():
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("lit_prune.study.report", "templates"),
+        autoescape=True,  # every text from the study (gallery contexts, config values) is escaped
+        undefined=jinja2.ChainableUndefined,  # a gallery record without an optional key renders empty
+        keep_trailing_newline=True,
     )
-
-
-def _gallery_html(record: dict[str, Any]) -> str:
-    rows = []
-    for f in record.get("features", []):
-        status = str(f.get("status", ""))
-        head = (
-            f'<tr><th colspan="3">feature {html.escape(str(f.get("feature")))}: '
-            f'<span class="{"survived" if status == "survived" else "lost"}">{html.escape(status)}</span> '
-            f"(Pearson r {_num(f.get('pearson_r'))}, matched cosine {_num(f.get('matched_cosine'))}, "
-            f"firing rate {_num(f.get('firing_rate'))})"
-            + (f" ⚑ {html.escape(str(f['note']))}" if f.get("note") else "")
-            + "</th></tr>"
-        )
-        rows.append(head)
-        for model in ("dense", "pruned"):
-            contexts = f.get(model) or []
-            if not contexts:
-                rows.append(f"<tr><td>{model}</td><td>–</td><td>(does not fire on these sequences)</td></tr>")
-            for c in contexts:
-                rows.append(
-                    f"<tr><td>{model}</td><td>{_num(c.get('activation'))}</td><td>{_context_html(c)}</td></tr>"
-                )
-    return (
-        '<div class="scroll"><table><thead><tr><th>model</th><th>activation</th><th>context (highlighted: the '
-        "token where the feature fires)</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>"
-    )
+    given = lambda v: None if isinstance(v, jinja2.Undefined) else v  # noqa: E731
+    env.filters.update(kind=lambda b: type(b).__name__, anchor=_anchor, num=lambda v: _num(given(v)))
+    env.filters["visible"] = lambda text: _visible("" if given(text) is None else str(text))
+    env.globals["verdicts"] = VERDICTS
+    return env

@@ -7,7 +7,6 @@ Missing values (None, NaN) render as "–" in markdown / HTML and as an empty CS
 from __future__ import annotations
 
 import csv
-import html
 import io
 import math
 import time
@@ -99,11 +98,9 @@ class Table:
         return "\n".join(lines)
 
     def html(self) -> str:
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.shown)
-        body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in self.cells()
-        )
-        return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+        from lit_prune.study.report.render import table_html  # the report page's own table macro
+
+        return table_html(self)
 
     def csv(self) -> str:
         pm = [any(isinstance(row[i], PM) for row in self.rows) for i in range(len(self.columns))]
@@ -278,7 +275,7 @@ def warm_start_table(rows: list[dict[str, Any]]) -> Table:
 def _ci_cell(ci: Any) -> str | None:
     if not ci or any(v is None for v in ci):
         return None
-    return f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+    return f"[{fmt(ci[0])}, {fmt(ci[1])}]"
 
 
 def bins_tables(rows: list[dict[str, Any]], r0: float = 0.7) -> list[Table]:
