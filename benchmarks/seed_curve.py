@@ -100,21 +100,22 @@ def _grid() -> list[CurvePoint]:
     """The full grid, in run order: the decision-relevant points first, the dearest last."""
     P = CurvePoint
     return [
-        *(P(f"steps_{s}", "steps", s) for s in (256, 1024, 2048, 4096)),
+        *(P(f"steps_{s}", "steps", s) for s in (256, 1024, 2048)),
         P("lr_1e-2_s1024", "lr", 1024, lr=1e-2),
-        P("lr_1e-3_s1024", "lr", 1024, lr=1e-3),
-        P("lr_1e-2_s2048", "lr", 2048, lr=1e-2),
         P("width_1152_s2048", "width", 2048, width=1152),
-        P("k_16_s2048", "k", 2048, k=16),
-        P("k_64_s2048", "k", 2048, k=64),
         P("batch_128_s2048", "batch", 2048, batch=128),
+        P("lr_1e-2_s2048", "lr", 2048, lr=1e-2),
+        P("k_16_s2048", "k", 2048, k=16),
+        P("steps_4096", "steps", 4096),
+        P("tokens_2M_s4096", "tokens", 4096, tokens=2_097_152),
+        P("tokens_65k_s4096", "tokens", 4096, tokens=65_536),
+        P("lr_1e-3_s1024", "lr", 1024, lr=1e-3),
+        P("k_64_s2048", "k", 2048, k=64),
         P("sched_const_s2048", "schedule", 2048, decay_fraction=0.0),
         P("sched_linear_s2048", "schedule", 2048, decay_fraction=1.0),
-        P("tokens_65k_s4096", "tokens", 4096, tokens=65_536),
         P("tokens_1M_s4096", "tokens", 4096, tokens=1_048_576),
-        P("tokens_2M_s4096", "tokens", 4096, tokens=2_097_152),
-        P("steps_8192", "steps", 8192),
         P("width_4608_s2048", "width", 2048, width=4608),
+        P("steps_8192", "steps", 8192),
         P("lr_1e-2_s4096", "lr", 4096, lr=1e-2),
         P("tokens_2M_s4096_b512", "tokens", 4096, batch=512, tokens=2_097_152),
     ]
@@ -170,7 +171,7 @@ def load_activations(args: argparse.Namespace) -> Activations:
     path = Path(args.cache_dir) / "seed_curve" / f"acts-{key}.pt"
     if path.is_file():
         print(f"activations from {path}", flush=True)
-        return Activations(**torch.load(path))
+        return Activations(**torch.load(path, mmap=True))  # mapped: a run reads only the prefix it trains on
     dm = token_splits(
         args.model,
         args.corpus,
@@ -313,24 +314,24 @@ def run_curve(
     points: list[CurvePoint], acts: Activations, output: Path, extra: dict | None = None
 ) -> list[dict]:
     """Measure every point not yet in `output` (matched by settings), appending one JSON line each."""
-    rows = read_rows(output)
-    done = {json.dumps(_settings_of(r), sort_keys=True) for r in rows}
     output.parent.mkdir(parents=True, exist_ok=True)
     for point in points:
-        if json.dumps(point.settings(), sort_keys=True) in done:
+        rows = read_rows(output)  # read again each time: runs side by side share the file
+        if json.dumps(point.settings(), sort_keys=True) in {
+            json.dumps(_settings_of(r), sort_keys=True) for r in rows
+        }:
             print(f"{point.name}: done already, skipped", flush=True)
             continue
         row = {**measure_point(point, acts), **(extra or {})}
         with output.open("a") as f:  # one line per point: a killed run loses at most the point in hand
             f.write(json.dumps(row) + "\n")
-        rows.append(row)
         print(
             f"{point.name}: S_seed@0.5/0.7/0.9 {row['shared@0.5']:.3f}/{row['shared@0.7']:.3f}/"
             f"{row['shared@0.9']:.3f}, MMCS {row['mmcs']:.3f}, FVU {row['fvu']:.4f}, "
             f"{row['seconds_per_sae']:.0f} s/SAE",
             flush=True,
         )
-    return rows
+    return read_rows(output)
 
 
 def _settings_of(row: dict) -> dict:
@@ -416,11 +417,14 @@ def figure(rows: list[dict], path: Path) -> None:
         ax.set_xlabel(label)
         ax.set_ylabel("dense S_seed(τ), seeds 0 vs 1")
         ax.axhline(0.25, color="grey", lw=0.8, ls=":")
+        ax.set_ylim(bottom=0)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     ax = axes[2]
     for axis in AXIS_ORDER:
         pts = [r for r in rows if r["axis"] == axis]
+        if not pts:
+            continue
         ax.scatter([r["seconds_per_sae"] for r in pts], [r["shared@0.7"] for r in pts], label=axis, s=22)
         for r in pts:
             ax.annotate(
@@ -511,8 +515,14 @@ def main(argv: list[str] | None = None) -> int:
         "norm_scale": acts.scale,
         "corpus_fingerprint": acts.info["corpus"].get("fingerprint"),
     }
+    cached = acts.train.shape[0]
+    for p in points:
+        if p.tokens > cached:
+            print(f"{p.name}: needs {p.tokens:,} tokens, {cached:,} cached (raise --tokens): skipped")
+    # keep only the prefix the points read: several runs side by side then fit in memory
+    acts.train = acts.train[: max((p.tokens for p in points), default=0)].clone()
     start = time.perf_counter()
-    run_curve(points, acts, args.output, extra)
+    run_curve([p for p in points if p.tokens <= cached], acts, args.output, extra)
     print(f"done in {time.perf_counter() - start:.0f} s -> {args.output}")
     return 0
 
