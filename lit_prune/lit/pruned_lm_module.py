@@ -89,8 +89,9 @@ class PrunedLMModule(L.LightningModule):
         if export_dir is not None:
             check_writable("model.export_dir", export_dir)  # before training, not after it
         self.save_hyperparameters()
+        field, path = _masks_file(model_name, model_cache_dir, masks_path)  # before the model loads
         self.lm = load_model(model_name, cache_dir=model_cache_dir)
-        self.masks = _load_checked_masks(self.lm, model_name, model_cache_dir, masks_path)
+        self.masks = _load_checked_masks(self.lm, field, path)
         self.lm.train().requires_grad_(False)  # train mode: Lightning switches it for validation
         for linear in prunable_linears(self.lm).values():
             linear.weight.requires_grad_(True)
@@ -216,23 +217,26 @@ class PrunedLMModule(L.LightningModule):
         self.print(f"recovered model exported to {target}")
 
 
-def _load_checked_masks(
-    lm: torch.nn.Module, model_name: str, cache_dir: str, masks_path: str | None
-) -> Masks:
+def _masks_file(model_name: str, cache_dir: str, masks_path: str | None) -> tuple[str, str]:
+    """(the option that names it, path) of the masks file; a model without one is dense: refused."""
+    if masks_path is not None:
+        if not Path(masks_path).is_file():
+            raise invalid("model.masks_path", masks_path, "an existing masks.safetensors file")
+        return "model.masks_path", masks_path
+    path = Path(model_dir(model_name, cache_dir)) / MASKS_FILE
+    if not path.is_file():
+        raise invalid(
+            "model.model_name",
+            model_name,
+            f"a pruned model (a directory with {MASKS_FILE}, as prune writes; or set model.masks_path): "
+            "a dense model has nothing to recover",
+        )
+    return "model.model_name", str(path)
+
+
+def _load_checked_masks(lm: torch.nn.Module, field: str, masks_path: str) -> Masks:
     """The model's keep-masks, refused unless they fit it: names and shapes, every pruned weight 0,
     and at least one pruned weight (recovery of a dense model has nothing to recover)."""
-    field = "model.masks_path"
-    if masks_path is None:
-        field, masks_path = "model.model_name", str(Path(model_dir(model_name, cache_dir)) / MASKS_FILE)
-        if not Path(masks_path).is_file():
-            raise invalid(
-                field,
-                model_name,
-                f"a pruned model (a directory with {MASKS_FILE}, as prune writes; or set model.masks_path): "
-                "a dense model has nothing to recover",
-            )
-    elif not Path(masks_path).is_file():
-        raise invalid(field, masks_path, "an existing masks.safetensors file")
     try:
         masks = load_masks(masks_path)
     except LitPruneError:
