@@ -346,11 +346,16 @@ def same_seed_text(rows: list[dict[str, Any]], near: float = 0.9) -> str:
     partner = [
         r["partner_init_cosine_median"] for r in measured if r.get("partner_init_cosine_median") is not None
     ]
+    top = (
+        f"; the partners of same-seed survivors have a median cosine of at most {max(partner):.2f} to theirs"
+        if partner
+        else ""
+    )
     if stuck < 0.05 and (not partner or max(partner) < near):
         why = (
-            " Measured here, it is the shared trajectory and not latents left at their init: almost no "
-            "latent stays near its init, and the survivors' partners have moved far from theirs"
+            " Measured here, latents left at their init do not explain it: at most "
+            f"{stuck:.1%} of the latents stay within cosine {near:g} of their init" + top
         )
     else:
-        why = " Measured here, part of it is latents that stay near their shared init"
+        why = f" Measured here, part of it is latents that stay near their shared init (up to {stuck:.1%})"
     return f"{text}{why} ({stats})."
