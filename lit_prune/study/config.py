@@ -231,6 +231,13 @@ class StudySettings:
         out = [PruneCondition(m, float(s)) for m in self.methods for s in sorted(self.sparsities) if s > 0]
         return out + [PruneCondition(m, p[0] / p[1], (p[0], p[1])) for m in self.methods for p in self.nm]
 
+    def method_of(self, condition_name: str) -> tuple[str, float]:
+        """(method label, sparsity) of a condition's results rows: (dense, 0.0) for the dense model."""
+        if condition_name == DENSE:
+            return DENSE, 0.0
+        cond = next(c for c in self.conditions() if c.name == condition_name)
+        return cond.label, cond.sparsity
+
     def seeds_of_pruned(self) -> list[int]:
         """The SAE seeds trained on each pruned model (study.pruned_seeds, else every seed)."""
         return list(self.seeds if self.pruned_seeds is None else self.pruned_seeds)

@@ -42,8 +42,6 @@ def _dense_rate(ctx: StudyContext, seed: int) -> torch.Tensor:
 
 def pairs_step(ctx: StudyContext, out: Path, condition_name: str) -> dict[str, Any]:
     """Match every seed pair of a condition (module doc); returns the pair counts."""
-    from lit_prune.study.steps import _method_of  # steps imports this module
-
     seeds, opts = ctx.settings.seeds, ctx.settings.rq1_options()
     taus = tuple(opts.get("taus", TAUS))
     match = {k: opts[k] for k in ("method", "candidates") if k in opts}
@@ -58,7 +56,7 @@ def pairs_step(ctx: StudyContext, out: Path, condition_name: str) -> dict[str, A
     pairs = cross + same
     rates = {a: _dense_rate(ctx, a) for a in seeds}
     rate = torch.stack([rates[a] for a, _ in pairs])
-    method, sparsity = _method_of(ctx, condition_name)
+    method, sparsity = ctx.settings.method_of(condition_name)
     rows = []
     for k, (a, b) in enumerate(pairs):
         alive = rate[k] > 0

@@ -497,7 +497,7 @@ def rq1_step(ctx: StudyContext, out: Path, condition_name: str) -> dict[str, Any
         decoders.append(sae.W_dec.detach().float())
         alive.append(read_arrays(fit / "results" / "sae_firing_rates.safetensors")["firing_rate"] > 0)
     result = seed_stability(decoders, alive=alive, **ctx.settings.rq1_options())
-    method, sparsity = _method_of(ctx, condition_name)
+    method, sparsity = ctx.settings.method_of(condition_name)
     rows = []
     for pair in result["pairs"]:
         cond = ctx.condition(method, sparsity, seeds[pair["i"]], seeds[pair["j"]])
@@ -522,8 +522,3 @@ def rq1_step(ctx: StudyContext, out: Path, condition_name: str) -> dict[str, Any
     return {"pairs": len(result["pairs"])}
 
 
-def _method_of(ctx: StudyContext, condition_name: str) -> tuple[str, float]:
-    if condition_name == DENSE:
-        return DENSE, 0.0
-    cond = next(c for c in ctx.settings.conditions() if c.name == condition_name)
-    return cond.label, cond.sparsity
