@@ -312,9 +312,10 @@ def _our_error(err: BaseException) -> Exception | None:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, (LitPruneError, MisconfigurationException)):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, (LitPruneError, MisconfigurationException)):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
     return None

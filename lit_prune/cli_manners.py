@@ -130,4 +130,4 @@ def print_cached_help(argv: list[str], build) -> int:
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(out.getvalue(), encoding="utf-8")
             os.replace(tmp, path)
-    return code
+    return code  # pyright: ignore[reportReturnType] (commands exit with an int status)

@@ -18,13 +18,16 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from lit_prune.errors import LitPruneError, invalid
 from lit_prune.files import check_writable, staging_dir, umask_modes
+
+if TYPE_CHECKING:  # annotations only
+    from transformers import PreTrainedModel
 
 MASKS_FILE = "masks.safetensors"
 REPORT_FILE = "prune_report.json"
@@ -110,7 +113,7 @@ def build_parser():
 
     parser = ArgumentParser(
         prog="python -m lit_prune prune",
-        description=__doc__.split("\n\n")[1].replace("\n", " "),
+        description=(__doc__ or "").split("\n\n")[1].replace("\n", " "),
         exit_on_error=False,
     )
     parser.add_class_arguments(PruneOptions, None, skip={"overwrite", "progress"})
@@ -280,12 +283,13 @@ def run_prune(o: PruneOptions) -> PruneResult:
     start = time.perf_counter()
     sparsity, nm, group, device = check_options(o)
     tokenizer = load_tokenizer(o.model, o.model_cache_dir)
-    model = load_model(o.model, cache_dir=o.model_cache_dir).to(device)
+    # transformers' typing of PreTrainedModel.to rejects a torch.device
+    model = load_model(o.model, cache_dir=o.model_cache_dir).to(device)  # pyright: ignore[reportArgumentType]
     if nm is not None:  # M must divide every d_in: fail before any expensive work
         for name, linear in prunable_linears(model).items():
             check_nm_shape(nm, tuple(linear.weight.shape), name)
     t = time.perf_counter()
-    vocab = model.get_input_embeddings().num_embeddings
+    vocab = cast(int, model.get_input_embeddings().num_embeddings)
     file_ids = (
         None
         if o.calibration_file is None
@@ -360,7 +364,7 @@ def run_prune(o: PruneOptions) -> PruneResult:
 
 def write_output(
     output: Path,
-    model: nn.Module,
+    model: PreTrainedModel,
     tokenizer,
     masks: dict[str, torch.Tensor],
     report: dict[str, Any],

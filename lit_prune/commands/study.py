@@ -30,7 +30,11 @@ IDENTITY = ("model_name", "hook_layer")
 
 
 def build_parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+    from jsonargparse import (
+        ActionConfigFile,  # pyright: ignore[reportPrivateImportUsage] (left out of __all__)
+        ArgumentParser,
+        set_parsing_settings,
+    )
 
     from lit_prune.lit.datamodule import TokenDataModule
     from lit_prune.lit.sae_module import SAEModule
@@ -38,7 +42,7 @@ def build_parser():
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser = ArgumentParser(
-        prog="python -m lit_prune study", description=__doc__.split("\n\n")[0], exit_on_error=False
+        prog="python -m lit_prune study", description=(__doc__ or "").split("\n\n")[0], exit_on_error=False
     )
     parser.add_argument(
         "--config", action=ActionConfigFile, help="A model config (configs/*.yaml) with a study: section."

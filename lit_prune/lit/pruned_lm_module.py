@@ -20,7 +20,7 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -57,6 +57,9 @@ class PrunedLMModule(L.LightningModule):
         export_dir: where the recovered model is written at the end of fit (HF model directory +
             masks.safetensors + recovery.json, replaced as a whole); null: <log dir>/recovered.
     """
+
+    if TYPE_CHECKING:  # save_hyperparameters() fills it; Lightning types it as a MutableMapping
+        hparams: Any
 
     def __init__(
         self,

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 import torch
@@ -18,6 +18,7 @@ from lit_prune.analysis.evaluate import SAEEvaluator, harvest, sae_codec
 from lit_prune.analysis.saebench import saebench_metrics
 from lit_prune.errors import LitPruneError, invalid
 from lit_prune.files import check_writable
+from lit_prune.lit.datamodule import datamodule_of
 from lit_prune.models.hooks import check_layer
 from lit_prune.models.registry import load_model, move_outside_inference
 from lit_prune.sae.buffer import ActivationBuffer, fit_norm_scale
@@ -26,6 +27,10 @@ from lit_prune.sae.fast import StepOutput, fast_topk_training_forward
 from lit_prune.sae.init_from import init_from_export
 from lit_prune.sae.io import LensMetadata, check_export_target, export_sae, lens_metadata
 from lit_prune.sae.schedule import sae_steps, warmup_decay
+
+if TYPE_CHECKING:  # annotations only
+    from sae_lens.saes.topk_sae import TopKTrainingSAE
+    from transformers import PreTrainedModel
 
 # the val/ metrics are reduced over the DDP ranks by torchmetrics before they are logged
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/.*sync_dist=True")
@@ -72,6 +77,13 @@ class SAEModule(L.LightningModule):
         max_sae_steps: stop after this many SAE optimizer steps (the lr schedule spans them); null:
             every harvested token once per epoch.
     """
+
+    if TYPE_CHECKING:  # set in __init__ where nn.Module's and Lightning's typing cannot see them
+        hparams: Any  # save_hyperparameters()
+        lm: PreTrainedModel  # a plain attribute, not a submodule
+        norm_scale: torch.Tensor  # buffers
+        tokens_trained: torch.Tensor
+        tokens_since_fired: torch.Tensor
 
     def __init__(
         self,
@@ -135,7 +147,7 @@ class SAEModule(L.LightningModule):
         self._step_losses: list[torch.Tensor] = []  # this LM batch's SAE losses, checked once per batch
 
     # --- set-up ---------------------------------------------------------------------------
-    def lm_on_device(self) -> torch.nn.Module:
+    def lm_on_device(self) -> PreTrainedModel:
         if next(self.lm.parameters()).device != self.device:
             move_outside_inference(self.lm, self.device)
         return self.lm
@@ -143,7 +155,7 @@ class SAEModule(L.LightningModule):
     def ensure_norm_scale(self) -> float:
         """Fit c on the current (dense) LM if not given; callbacks that prune call this first."""
         if self.norm_scale.item() == 0.0:
-            ids = self.trainer.datamodule.train_ids[: self.hparams.norm_sequences]
+            ids = datamodule_of(self.trainer).train_ids[: self.hparams.norm_sequences]
             acts = self.harvest(ids.to(self.device))
             self.norm_scale.fill_(fit_norm_scale(acts))
         return self.norm_scale.item()
@@ -241,7 +253,8 @@ class SAEModule(L.LightningModule):
             return self._sae_step(x)
 
     def _sae_step(self, x: torch.Tensor) -> torch.Tensor:
-        opt, sched = self.optimizers(), self.lr_schedulers()
+        opt: Any = self.optimizers()  # one optimizer and one scheduler (configure_optimizers)
+        sched: Any = self.lr_schedulers()
         if self._tokens_trained_host is None:
             self._tokens_trained_host = int(self.tokens_trained.item())
         warm = self.hparams.init_from is not None  # b_dec comes from the source SAE
@@ -254,7 +267,7 @@ class SAEModule(L.LightningModule):
                 self.sae.b_dec.copy_(mean)  # b_dec starts at the activation mean (docs/methods.md §2)
         dead = self.tokens_since_fired > self.hparams.dead_window_tokens
         if self.settings.architecture == "topk" and self.settings.fast is not False:  # fast null: on for topk
-            out = fast_topk_training_forward(self.sae, x, dead)
+            out = fast_topk_training_forward(cast("TopKTrainingSAE", self.sae), x, dead)
         else:
             out = StepOutput.from_sae_lens(
                 self.sae.training_forward_pass(
@@ -270,9 +283,10 @@ class SAEModule(L.LightningModule):
         opt.zero_grad()
         # Several steps may share one training_step, which DDP's reducer does not allow:
         # backward without DDP's hooks, then average the gradients ourselves.
+        strategy: Any = self.trainer.strategy  # DDP strategies have block_backward_sync
         with (
-            self.trainer.strategy.block_backward_sync()
-            if hasattr(self.trainer.strategy, "block_backward_sync")
+            strategy.block_backward_sync()
+            if hasattr(strategy, "block_backward_sync")
             else contextlib.nullcontext()
         ):
             self.manual_backward(out.loss)
@@ -287,11 +301,13 @@ class SAEModule(L.LightningModule):
         self.tokens_since_fired += x.shape[0]
         self.tokens_since_fired.masked_fill_(out.fired, 0)  # no boolean indexing: no GPU sync
         self.tokens_trained += x.shape[0]
+        assert self._tokens_trained_host is not None  # read by _sae_step before its first step
         self._tokens_trained_host += x.shape[0]
         self._step_losses.append(out.loss.detach().float().reshape(()))
         residual = (x - out.sae_out).pow(2).sum()
         fvu = residual / (x - x.mean(0)).pow(2).sum()
         if self.logger is not None and self.trainer.is_global_zero:
+            optimizer: Any = self.optimizers()
             logs = {
                 "train/loss": out.loss,
                 "train/fvu": fvu,
@@ -301,7 +317,7 @@ class SAEModule(L.LightningModule):
                 "train/dead_fraction": (self.tokens_since_fired > self.hparams.dead_window_tokens)
                 .float()
                 .mean(),
-                "train/lr": self.optimizers().param_groups[0]["lr"],
+                "train/lr": optimizer.param_groups[0]["lr"],
                 "train/tokens": self.tokens_trained,
             }
             logs.update({f"train/{k}": v for k, v in out.losses.items()})
@@ -309,7 +325,7 @@ class SAEModule(L.LightningModule):
             on_host = {k: float(v) for k, v in logs.items() if k not in on_device}
             values = torch.stack([v.detach().to(torch.float64).reshape(()) for v in on_device.values()])
             self._pending_logs.append((self.global_step, on_host, list(on_device), values))
-            if len(self._pending_logs) >= self.trainer.log_every_n_steps:
+            if len(self._pending_logs) >= self.trainer.log_every_n_steps:  # pyright: ignore[reportAttributeAccessIssue]
                 self._flush_train_logs()
         return fvu
 
@@ -319,6 +335,7 @@ class SAEModule(L.LightningModule):
         training_step). Up to log_every_n_steps - 1 points are lost if the process dies in between."""
         if not self._pending_logs:
             return
+        assert self.logger is not None  # logs are queued only with a logger
         values = torch.cat([v for *_, v in self._pending_logs]).tolist()
         start = 0
         for step, on_host, names, _ in self._pending_logs:
@@ -365,7 +382,7 @@ class SAEModule(L.LightningModule):
         self.log_dict({f"saebench/{k}": v for k, v in aliases.items()}, sync_dist=False)
         # the hparams tab's metric: the run's headline number (Lightning logged the hparams with -1)
         self.log("hp_metric", self.last_val["fvu"], sync_dist=False)
-        experiment = getattr(self.logger, "experiment", None)
+        experiment: Any = getattr(self.logger, "experiment", None)
         histograms = hasattr(experiment, "add_histogram") and not self.trainer.sanity_checking
         if self.trainer.is_global_zero and histograms:
             live = self.last_firing_rates[self.last_firing_rates > 0]  # dead ones: val/dead_fraction
@@ -397,7 +414,7 @@ class SAEModule(L.LightningModule):
         ):  # e.g. max_epochs 0: an untrained SAE must not replace a trained one
             rank_zero_warn(f"no SAE step was taken, so nothing is exported to {target}")
             return
-        dm = self.trainer.datamodule
+        dm = datamodule_of(self.trainer)
         # not export_dir: the record lies in it, and a study renames it into place afterwards
         hparams = {k: v for k, v in _plain(self.hparams).items() if k != "export_dir"}
         export_sae(

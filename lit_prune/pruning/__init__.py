@@ -139,10 +139,12 @@ def prune_model(
     if method == "magnitude":
         masks = _magnitude_nm(model, nm) if nm is not None else magnitude_masks(model, sparsity, group)
     elif method == "sparsegpt":
+        assert calibration_ids is not None  # checked above for every calibrated method
         masks = sparsegpt_masks(
             model, calibration_ids, sparsity, nm, batch_size, max_seq_len, progress, dampening, column_block
         )
     else:
+        assert calibration_ids is not None  # checked above for every calibrated method
         masks = wanda_masks(model, calibration_ids, sparsity, nm, batch_size, max_seq_len, progress)
     apply_masks(model, masks)
     check_realised(sparsity_report(model, masks, sparsity), sparsity, group, nm)

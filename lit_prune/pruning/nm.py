@@ -3,13 +3,15 @@ each row, zero the N lowest scores (scores = |W| or Wanda scores)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from lit_prune.errors import invalid
 from lit_prune.pruning.masks import select_lowest
 
 
-def check_nm(nm: object) -> tuple[int, int]:
+def check_nm(nm: Any) -> tuple[int, int]:
     """Validate an (N, M) pattern with 1 <= N < M; returns it as a tuple of ints."""
     ok = (
         isinstance(nm, (tuple, list))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -36,6 +37,9 @@ from lit_prune.pruning.masks import (
     select_lowest_numpy,
 )
 from lit_prune.pruning.nm import check_nm, check_nm_shape, nm_mask
+
+if TYPE_CHECKING:  # annotations only
+    from typing_extensions import Self
 
 # Keyword arguments that carry a KV cache; sequential calibration must not build one.
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
@@ -179,7 +183,7 @@ class InputStatistics:
 
         return hook
 
-    def __enter__(self) -> InputStatistics:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -276,7 +280,9 @@ def sequential_masks(
     """
     batch_size = _check_positive("batch_size", batch_size)
     max_seq_len = _check_positive("max_seq_len", max_seq_len)
-    ids = check_calibration(calibration_ids, model.get_input_embeddings().num_embeddings)
+    # nn.Module's typing does not know transformers' get_input_embeddings
+    vocab = cast(int, model.get_input_embeddings().num_embeddings)  # pyright: ignore[reportCallIssue]
+    ids = check_calibration(calibration_ids, vocab)
     blocks = block_linears(model)
     if nm is not None:
         for block in blocks:

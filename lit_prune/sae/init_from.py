@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from sae_lens.saes.sae import TrainingSAE
@@ -52,7 +52,7 @@ def init_from_export(sae: TrainingSAE, path: str | Path, norm_scale: float | Non
     with torch.no_grad():
         sae.W_dec.copy_(state["W_dec"] * (c * m)[:, None])
         sae.W_enc.copy_(state["W_enc"] / (c * m)[None, :])
-        sae.b_enc.copy_(state["b_enc"] / m)
+        cast(torch.Tensor, sae.b_enc).copy_(state["b_enc"] / m)  # every SAE architecture has b_enc
         sae.b_dec.copy_(state["b_dec"] * c)
     _check_same_function(sae, source, c, str(path))
     return float(c)

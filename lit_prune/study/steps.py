@@ -100,7 +100,8 @@ class StudyContext:
             dtype=self.model.get("lm_dtype", "float32"),
             cache_dir=self.model.get("model_cache_dir", "checkpoints/models"),
         )
-        return lm.to(self.device)
+        # transformers' typing of PreTrainedModel.to rejects a torch.device
+        return lm.to(self.device)  # pyright: ignore[reportArgumentType]
 
     def reference(self) -> str:
         """The reference SAE for RQ2 / RQ3 / RQ5: the pretrained one if given, else dense/seed<ref>/sae."""
@@ -146,7 +147,7 @@ def build_steps(ctx: StudyContext, corpus_fingerprint: str) -> list[Step]:
         "corpus": corpus_fingerprint,
     }
     ref_key = f"{DENSE}/seed{st.reference_seed}"
-    reference = {"reference_sae": st.reference_sae or ref_key}
+    reference: dict[str, Any] = {"reference_sae": st.reference_sae or ref_key}
     if (
         st.reference_sae and Path(st.reference_sae).is_dir()
     ):  # a pretrained SAE on disk: its files, as the model's

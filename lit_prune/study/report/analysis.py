@@ -663,7 +663,7 @@ def _importance_effects(
             if p is not None
             else np.array([], dtype=np.int64)
         )
-        if ref_rows.size and p.cosine.shape[1] > features.max(initial=0):
+        if ref_rows.size and p is not None and p.cosine.shape[1] > features.max(initial=0):
             cos = np.nan_to_num(p.cosine[np.ix_(ref_rows, features)], nan=0.0)
             samples = {"c": cos, "i": np.broadcast_to(imp, cos.shape)}
             stat = lambda s: rank_correlation(s["i"][0], s["c"].mean(0))  # noqa: E731

@@ -133,7 +133,8 @@ def page(title: str, blocks: list[Block], images: dict[str, bytes]) -> str:
 
 def table_html(table: Table) -> str:
     """One table as HTML, by the page's own macro (one renderer for the page and Table.html)."""
-    return str(_environment().get_template("report.html.j2").module.table(table))
+    template = _environment().get_template("report.html.j2")
+    return str(template.module.table(table))  # pyright: ignore[reportAttributeAccessIssue] (a Jinja macro)
 
 
 @functools.cache

@@ -139,7 +139,7 @@ S_FMT = {"sparsity": fmt_s}
 
 # --- builders ---------------------------------------------------------------------------------
 def headline_table(claims: list[dict[str, str]]) -> Table:
-    cols = list(COLUMNS)
+    cols: list[str] = list(COLUMNS)
     return Table(
         "headline",
         "The paper's claims and our results",
