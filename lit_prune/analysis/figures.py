@@ -34,7 +34,7 @@ def survival_figures(
         color="tab:blue",
         label="alive reference features",
     )
-    for tau, color in zip(taus, ("tab:orange", "tab:red", "tab:purple", "tab:green")):
+    for tau, color in zip(taus, ("tab:orange", "tab:red", "tab:purple", "tab:green"), strict=False):
         ax.axvline(tau, color=color, linestyle="--", label=f"τ = {tau:g}")
     ax.set(
         xlabel="matched decoder cosine to the run's SAE (dimensionless)",
@@ -97,7 +97,7 @@ def scatter_figure(arrays: dict[str, torch.Tensor]) -> Any:
     """Exact ablation CE effect (both scopes) against gradient attribution, one colour per group."""
     fig = Figure(figsize=(10, 4.5), layout="constrained")
     attribution = arrays["attribution"][arrays["features"]].double()
-    for ax, scope in zip(fig.subplots(1, 2), SCOPES):
+    for ax, scope in zip(fig.subplots(1, 2), SCOPES, strict=False):
         exact = arrays[f"exact_ce_{scope}"].double()
         for gi, group in enumerate(GROUPS):
             take = arrays["group"] == gi

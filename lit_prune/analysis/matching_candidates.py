@@ -112,7 +112,8 @@ def top_candidates(a: torch.Tensor, b: torch.Tensor, k: int):
         for w0 in range(0, len(starts), _WAVE):  # bounded: _WAVE blocks of maxima at once
             wave = starts[w0 : w0 + _WAVE]
             cms, gids = [col_v], [col_g]
-            for s, (v, i, cmax) in zip(wave, pool.map(lambda s: _scan_rows(ap, bp, s, n_a, n_b, k), wave)):
+            scanned = pool.map(lambda s: _scan_rows(ap, bp, s, n_a, n_b, k), wave)
+            for s, (v, i, cmax) in zip(wave, scanned, strict=True):
                 row_v[s : s + v.shape[0]], row_i[s : s + v.shape[0]] = v, i
                 cms.append(cmax)
                 gids.append(torch.arange(s // _GROUP, s // _GROUP + cmax.shape[0])[:, None].expand_as(cmax))

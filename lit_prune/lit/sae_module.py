@@ -340,7 +340,7 @@ class SAEModule(L.LightningModule):
         start = 0
         for step, on_host, names, _ in self._pending_logs:
             self.logger.log_metrics(
-                {**dict(zip(names, values[start : start + len(names)])), **on_host}, step=step
+                {**dict(zip(names, values[start : start + len(names)], strict=False)), **on_host}, step=step
             )
             start += len(names)
         self._pending_logs.clear()
@@ -479,13 +479,16 @@ def check_same_pruning(resumed: dict[str, Any], current: dict[str, Any]) -> None
     """A resumed SAE keeps training on the LM it was trained on: the same pruning (or none)."""
     theirs, mine = pruning_identity(resumed), pruning_identity(current)
     if theirs != mine:
-        show = lambda p: (
-            "the dense LM"
-            if p["method"] == "dense"
-            else ", ".join(  # noqa: E731
-                f"{k}={v}" for k, v in p.items() if v is not None
+
+        def show(p):
+            return (
+                "the dense LM"
+                if p["method"] == "dense"
+                else ", ".join(  # noqa: E731
+                    f"{k}={v}" for k, v in p.items() if v is not None
+                )
             )
-        )
+
         raise LitPruneError(
             f"--ckpt_path: its SAE was trained on {show(theirs)}, this run's LM is {show(mine)}; "
             "resume with the pruning callback settings of the run that wrote it"

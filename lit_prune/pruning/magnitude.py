@@ -66,5 +66,6 @@ def magnitude_masks(model: nn.Module, sparsity: float, group: str = "matrix") ->
     keep = ~select_lowest(flat.view(1, -1), count_pruned(flat.numel(), sparsity)).view(-1)
     sizes = [lin.weight.numel() for lin in linears.values()]
     return {
-        name: part.view(lin.weight.shape) for (name, lin), part in zip(linears.items(), keep.split(sizes))
+        name: part.view(lin.weight.shape)
+        for (name, lin), part in zip(linears.items(), keep.split(sizes), strict=False)
     }

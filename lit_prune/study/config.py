@@ -134,8 +134,8 @@ class StudySettings:
     workers: int = 1
     """Processes that share the study's steps on this machine, each with an equal share of the CPU
     threads. An SAE training step gives the same bits on 1 and 2 threads (tested); long metric sums
-    add in another order, so metrics may move in their last bits. On a small CPU two single-threaded workers finish sooner
-    than one two-threaded process (the LM's GEMMs scale sublinearly with threads, the SAE steps'
+    add in another order, so metrics may move in their last bits. On a small CPU two single-threaded
+    workers finish sooner than one two-threaded process (the LM's GEMMs scale sublinearly with threads, the SAE steps'
     Python and small kernels not at all). Each worker has its own cache_gb. Must be 1 when a fit uses
     several devices. On several GPUs each worker takes one of them in turn (unless trainer.devices names
     one); on a single GPU the workers would share it, so keep it 1 there."""

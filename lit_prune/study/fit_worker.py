@@ -3,7 +3,8 @@
 A study whose trainer settings ask for several devices (`fit_processes` > 1) runs each fit
 step through `fit_in_worker`: the study process writes the step's spec (its StudyContext, seed and
 prune condition) into the step's temp directory, runs this module on it as a child process and
-waits (`python -m lit_prune.study.fit_child SPEC.json`). Lightning's DDP launcher re-runs this same command line for the other ranks (harmless here;
+waits (`python -m lit_prune.study.fit_child SPEC.json`). Lightning's DDP launcher re-runs this same
+command line for the other ranks (harmless here;
 a re-run study would re-enter its runner and wait on the step's lock). Every rank runs
 `steps.run_fit`; global rank 0 writes the step's results, `fit_result.json` (the summary the
 in-process fit returns) and waits for the other ranks before it exits.

@@ -508,7 +508,7 @@ def rq1_step(ctx: StudyContext, out: Path, condition_name: str) -> dict[str, Any
     write_rows(out / "results" / "rq1_seeds.json", rows)
     write_arrays(
         out / "results" / "rq1_seeds.safetensors",
-        **{f"stability_seed{s}": v for s, v in zip(seeds, result["stability"])},
+        **{f"stability_seed{s}": v for s, v in zip(seeds, result["stability"], strict=False)},
     )
     logger = ctx.logger("rq1", condition_name)
     logger.log_metrics(
@@ -521,5 +521,3 @@ def rq1_step(ctx: StudyContext, out: Path, condition_name: str) -> dict[str, Any
     )
     logger.finalize("success")
     return {"pairs": len(result["pairs"])}
-
-

@@ -1,16 +1,16 @@
 """The report's HTML comes from Jinja2 templates (lit_prune/study/report/templates), autoescaped."""
 
-from lit_prune.study.report.render import Gallery, Heading, Para, page
+from lit_prune.study.report.render import Gallery, Heading, Para, page, table_html
 from lit_prune.study.report.tables import Table
 
 
 def test_verdicts_are_coloured_by_the_template_and_text_is_escaped():
     rows = [["a<b", "reproduced"], ["c", "not reproduced"], ["d", "partly"]]
     headline = Table("headline", "Headline", ["claim", "verdict"], rows)
-    html = headline.html()
+    html = table_html(headline)
     assert '<td class="verdict-reproduced">reproduced</td>' in html and "<td>a&lt;b</td>" in html
     assert '<td class="verdict-not-reproduced">not reproduced</td>' in html
-    other = Table("survival", "Survival", ["claim", "verdict"], rows).html()
+    other = table_html(Table("survival", "Survival", ["claim", "verdict"], rows))
     assert "verdict-" not in other  # only the headline's verdict column is coloured
     record = {
         "features": [

@@ -242,14 +242,14 @@ def _assert_results_close(study: Path, reference: Path, rel: float = 1e-5) -> No
 
     got, want = _results(study), _results(reference)
     assert got.keys() == want.keys()
-    close = lambda a, b: (
-        a == b
-        or (
+
+    def close(a, b):
+        return a == b or (
             isinstance(a, float)
             and isinstance(b, float)  # noqa: E731
             and (math.isclose(a, b, rel_tol=rel, abs_tol=1e-6) or (math.isnan(a) and math.isnan(b)))
         )
-    )
+
     for key, rows in want.items():
         if key.endswith(".safetensors"):
             arrays, expected = read_arrays(study / key), read_arrays(reference / key)
@@ -264,7 +264,7 @@ def _assert_results_close(study: Path, reference: Path, rel: float = 1e-5) -> No
             assert [{k: v for k, v in r.items() if k != "value"} for r in got[key]] == [
                 {k: v for k, v in r.items() if k != "value"} for r in rows
             ], key
-            for a, b in zip(got[key], rows):
+            for a, b in zip(got[key], rows, strict=False):
                 assert close(a["value"], b["value"]), (key, a["metric"], a["value"], b["value"])
 
 

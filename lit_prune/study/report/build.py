@@ -113,7 +113,8 @@ def build_report(data: StudyData) -> tuple[str, list[Block], dict[str, Figure]]:
         Para(_status(data)),
         Heading("Headline: the paper's claims and ours"),
         Para(
-            same_seed_text(surv) + " Verdicts are for this study's model and grid only."
+            same_seed_text(surv)
+            + " Verdicts are for this study's model and grid only."
             + (
                 ""
                 if len(data.seeds) > 1 or st.get("reference_sae")
@@ -174,9 +175,7 @@ def build_report(data: StudyData) -> tuple[str, list[Block], dict[str, Figure]]:
     return f"Study report: {data.study.get('name', data.root.name)}", blocks, figures
 
 
-def _warm_start(
-    data: StudyData, figure: Callable[[str, Figure | None, str], list[Block]]
-) -> list[Block]:
+def _warm_start(data: StudyData, figure: Callable[[str, Figure | None, str], list[Block]]) -> list[Block]:
     """RQ2c beside the cross-seed numbers: warm-start survival against its control."""
     rows = A.warm_start(data)
     if not rows:

@@ -191,9 +191,9 @@ def bins_figure(rows: list[dict[str, Any]], r0: float = 0.7) -> Figure | None:
         return None
     fig = _figure(6.0 * len(panels), 4.4)
     axes = np.atleast_1d(fig.subplots(1, len(panels)))
-    for ax, (key, title) in zip(axes, panels):
+    for ax, (key, title) in zip(axes, panels, strict=False):
         n = 0
-        for i, r in enumerate(rows):
+        for r in rows:
             ys = [np.nan if v is None else v for v in r[key]]
             if not any(v == v for v in ys):
                 continue
@@ -251,7 +251,7 @@ def transfer_figure(
     axes = list(fig.subplots(math.ceil(len(panels) / cols), cols, squeeze=False).flat)
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
-    for ax, (key, ylabel) in zip(axes, panels):
+    for ax, (key, ylabel) in zip(axes, panels, strict=False):
         for label, (xs, ys) in sorted(_series(ref, key).items()):
             at_zero = dense.get(key) if key != "l0_ratio" else 1.0
             if at_zero is not None and ":" not in label:  # s = 0: the reference on the dense model
@@ -292,7 +292,7 @@ def fragility_figure(by_method: dict[str, dict[str, Any]]) -> Figure | None:
         return None
     fig = _figure(5.5 * len(by_method), 4.4)
     axes = np.atleast_1d(fig.subplots(1, len(by_method), sharey=True))
-    for ax, (label, v) in zip(axes, sorted(by_method.items())):
+    for ax, (label, v) in zip(axes, sorted(by_method.items()), strict=False):
         keep = v["alive"] & np.isfinite(v["logp"])
         x, y = v["logp"][keep], v["F"][keep]
         ax.scatter(x, y, s=6, alpha=0.35, color=color(label), label=f"features ({keep.sum()})")
@@ -321,10 +321,10 @@ def importance_figure(results: list[dict[str, Any]]) -> Figure | None:
     labels = sorted({r["method"] for r in results})
     fig = _figure(5.8 * len(labels), 4.6)
     axes = np.atleast_1d(fig.subplots(1, len(labels), sharey=True))
-    for ax, label in zip(axes, labels):
+    for ax, label in zip(axes, labels, strict=False):
         mine = sorted((r for r in results if r["method"] == label), key=lambda r: r["sparsity"])
         shades = np.linspace(0.8, 0.1, len(mine)) if len(mine) > 1 else [0.45]
-        for shade, r in zip(shades, mine):
+        for shade, r in zip(shades, mine, strict=False):
             cos, imp = r["cosine"], r["importance"]
             imp = np.maximum(imp, imp[imp > 0].min() / 2 if np.any(imp > 0) else 1e-9)  # log axis: no zeros
             p = r.get("spearman_p_bh")

@@ -13,7 +13,7 @@ import base64
 import functools
 import re
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from lit_prune.study.report.tables import Table, fmt
 
@@ -54,7 +54,7 @@ class Gallery:
     record: dict[str, Any]
 
 
-Block = Union[Heading, Para, Bullets, Pre, Table, FigureRef, Gallery]
+Block = Heading | Para | Bullets | Pre | Table | FigureRef | Gallery
 
 VERDICTS = ("not reproduced", "reproduced", "partly", "not measured")
 """Values of the headline table's verdict column, each with its colour class in templates/report.css."""

@@ -97,11 +97,6 @@ class Table:
         lines += ["| " + " | ".join(map(esc, row)) + " |" for row in self.cells()]
         return "\n".join(lines)
 
-    def html(self) -> str:
-        from lit_prune.study.report.render import table_html  # the report page's own table macro
-
-        return table_html(self)
-
     def csv(self) -> str:
         pm = [any(isinstance(row[i], PM) for row in self.rows) for i in range(len(self.columns))]
         header: list[str] = []
