@@ -572,7 +572,9 @@ def test_shipped_study_configs_parse(name):
     settings = ctx.settings
     assert ctx.name == name and shard == (0, 1)
     assert set(settings.methods) == {"magnitude", "wanda"} and len(settings.seeds) >= 2
-    assert len([s for s in settings.sparsities if s > 0]) >= 3
+    # the CPU default trades sparsities for SAE steps above the seed noise (configs/smollm2.yaml)
+    assert len([s for s in settings.sparsities if s > 0]) >= (2 if name == "smollm2" else 3)
+    assert len(settings.seeds) >= 3
     assert ctx.data["model_name"] == ctx.model["model_name"]
     if name.startswith("gemma"):
         assert settings.reference_sae.startswith("sae-lens:")  # Gemma Scope as the pretrained reference
