@@ -85,7 +85,8 @@ def test_every_shipped_config_parses():
         def instantiate_classes(self) -> None:  # parse and validate types without loading any model
             pass
 
-    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    # recovery.yaml selects PrunedLMModule on top of a model config (its own test parses it)
+    configs = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.stem != "recovery")
     assert {p.stem for p in configs} >= {"smollm2", "llama", "gemma2", "gemma3", "tiny"}
     for path in configs:
         cli = ParseOnly(SAEModule, TokenDataModule, args=["--config", str(path)], run=False)

@@ -373,9 +373,11 @@ def test_rerun_does_nothing_and_a_changed_setting_reruns_only_what_it_touches(
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(_ran(study_root / "tiny")[-1]) == [
+        "magnitude-0.5/pairs",
         "magnitude-0.5/rq1",
         "magnitude-0.5/seed0",
         "wanda-0.5/gallery",
+        "wanda-0.5/pairs",
         "wanda-0.5/rq1",
         "wanda-0.5/seed0",
     ]
@@ -395,6 +397,7 @@ def test_magnitude_group_reprunes_only_magnitude(reference_study, tmp_path, loca
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(_ran(study)[-1]) == [
+        "magnitude-0.5/pairs",
         "magnitude-0.5/prune",
         "magnitude-0.5/rq1",
         "magnitude-0.5/seed0",
@@ -472,7 +475,7 @@ def test_a_failing_worker_stops_the_study_with_its_one_line_error(
     tmp_path, local_corpus, model_cache, monkeypatch
 ):
     empty = tmp_path / "not_an_sae"
-    empty.mkdir()  # passes the up-front check (a directory), fails when the first step loads it
+    empty.mkdir()  # a directory without an SAE: refused up front, before the workers run any step
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # where the workers' folder goes
     (tmp_path / "tmp").mkdir()
     result = run_cli(
@@ -483,7 +486,7 @@ def test_a_failing_worker_stops_the_study_with_its_one_line_error(
     )
     assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: study worker ") and "sae_path=" in last, last
+    assert last.startswith("error: study.reference_sae=") and "cfg.json" in last, last
     assert "Traceback" not in result.stderr
     study = tmp_path / "checkpoints" / "tiny"
     assert not list(study.glob("*/rq5/done.json")) and not (study / "runs.jsonl").exists()
