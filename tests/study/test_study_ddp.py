@@ -101,7 +101,9 @@ def test_two_device_study_runs_ddp_fits_that_match_one_device(tmp_path, local_co
         assert d_meta["norm_scale"] == s_meta["norm_scale"]
         dm, sm = _metrics(d), _metrics(s)
         assert summary["metrics"] == d_meta["metrics"]  # (also under SAEBench's names)
-        assert {k: summary["metrics"][k] for k in dm} == pytest.approx(dm)
+        common = summary["metrics"].keys() & dm.keys()  # the results file also has SAEBench's names
+        assert {"fvu", "l0", "ce_recovered"} <= common
+        assert {k: summary["metrics"][k] for k in common} == pytest.approx({k: dm[k] for k in common})
         assert dm["tokens"] == sm["tokens"] == 16 * 31 and dm["l0"] == sm["l0"] == 8.0
         for key, tol in TOLERANCE.items():
             assert abs(dm[key] - sm[key]) <= tol, (fit, key, sm[key], dm[key])
@@ -115,7 +117,9 @@ def test_two_device_study_runs_ddp_fits_that_match_one_device(tmp_path, local_co
     before = _snapshot(ddp)
     run_study(_args(tmp_path, local_corpus, model_cache, "ddp", *DDP))  # a rerun: everything is done
     runs = (ddp / "runs.jsonl").read_text().splitlines()
-    assert json.loads(runs[-1])["ran"] == [] and len(json.loads(runs[-1])["skipped"]) == 5
+    assert (
+        json.loads(runs[-1])["ran"] == [] and len(json.loads(runs[-1])["skipped"]) == 7
+    )  # with the warm starts
     assert _snapshot(ddp) == before
 
 
