@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from lit_prune.study.report.analysis import RQ1_METRICS, SAE_METRICS, TAUS
+from lit_prune.study.report.analysis import RQ1_METRICS, SAE_METRICS, TAUS, TRANSFER_METRICS
 from lit_prune.study.report.claims import COLUMNS
 
 DASH = "–"
@@ -367,20 +367,7 @@ def fragility_table(by_method: dict[str, dict[str, Any]]) -> Table:
 
 
 def transfer_table(rows: list[dict[str, Any]]) -> Table:
-    cols = [
-        "condition",
-        "method",
-        "sparsity",
-        "sae",
-        "fvu",
-        "ce_recovered",
-        "kl_score",
-        "l0",
-        "l0_ratio",
-        "delta_lm_loss",
-        "alive_fraction",
-        "viable",
-    ]
+    cols = ["condition", "method", "sparsity", "sae", *TRANSFER_METRICS]
     body = [
         [r.get(c) if c != "viable" or r.get(c) is None else bool(r[c] >= 0.5) for c in cols] for r in rows
     ]
