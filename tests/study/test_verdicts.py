@@ -29,8 +29,8 @@ def _cosines(rng, p_survive: np.ndarray, n_pairs: int) -> torch.Tensor:
     return torch.tensor(np.where(hit, 0.9, 0.3), dtype=torch.float32)
 
 
-def _write_pairs(root: Path, name: str, p_survive: np.ndarray, rng) -> None:
-    cross, same = seed_pairs(SEEDS) if name == "dense" else seed_pairs(SEEDS, SEEDS)
+def _write_pairs(root: Path, name: str, p_survive: np.ndarray, rng, pruned: list[int] = SEEDS) -> None:
+    cross, same = seed_pairs(SEEDS) if name == "dense" else seed_pairs(SEEDS, pruned)
     labels = cross + same
     write_arrays(
         root / name / "pairs" / "results" / "rq2_pairs.safetensors",
@@ -128,6 +128,17 @@ def test_importance_that_follows_survival_is_not_a_dissociation(tmp_path):
     effects = {r["condition"]: r for r in A.importance_effects(load_study(root))}
     assert effects["wanda-0.5"]["geometric"]["value"] == pytest.approx(1.0)
     assert C.dissociation_verdict(effects["wanda-0.5"]["geometric"])[0] == C.NOT_REPRODUCED
+
+
+def test_geometric_importance_without_a_cross_seed_partner_names_the_missing_seed(tmp_path):
+    """study.pruned_seeds [0]: the reference's features have no cross-seed pruned partner."""
+    root = make_study(tmp_path, np.full(N, 0.6), np.full(N, 0.5), np.full(N, 0.1), lambda g: g.random(N))
+    for name in ("wanda-0.5", "magnitude-0.5"):
+        _write_pairs(root, name, np.full(N, 0.5), np.random.default_rng(1), pruned=[0])
+    claim = _claims(root)["Geometric"]
+    assert claim["verdict"] == C.NOT_MEASURED
+    assert claim["ours"].count("no pruned SAE of a seed other than the reference 0") == 2
+    assert claim["functional verdict"] != C.NOT_MEASURED  # the functional r needs no second seed
 
 
 def test_rq4_bins_are_normalised_by_each_bins_own_seed_baseline(tmp_path):

@@ -677,6 +677,11 @@ def _importance_effects(
                 "n_survived": int(kept.sum()),
                 "n_pairs": int(ref_rows.size),
             }
+        elif p is not None:
+            row["geometric_missing"] = (
+                f"no pruned SAE of a seed other than the reference {data.reference_seed} "
+                "(add one to study.pruned_seeds)"
+            )
         arr = _reference_arrays(data, c)
         if arr is not None and "pearson_r" in arr and arr["pearson_r"].numel() > features.max(initial=0):
             r = arr["pearson_r"].double().numpy()[features]

@@ -238,7 +238,7 @@ def _importance_part(row: dict[str, Any], kind: str) -> tuple[str, str]:
     e = row.get(kind)
     v, why = dissociation_verdict(e)
     if e is None:
-        return v, f"{row['condition']}: –"
+        return v, f"{row['condition']}: {row.get(f'{kind}_missing', '–')}"
     mw = (
         f"MW p_BH {_p(e.get('mw_p_bh'))}"
         if e["n_survived"] >= MIN_SURVIVORS
