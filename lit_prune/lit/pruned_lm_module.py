@@ -1,17 +1,22 @@
 """PrunedLMModule: a pruned Hugging Face causal LM and its masks as a LightningModule (docs/methods.md §4).
 
 - validate: perplexity and mean next-token loss on the eval split (every next-token prediction, fp32).
-- fit: masked recovery fine-tuning of the decoder blocks' Linears on the train split (full fine-tuning
-  of those weights; embeddings, norms and lm_head stay frozen). Masks stay exact: the gradients of
+- fit: masked recovery fine-tuning of the decoder blocks' Linears on the train split; embeddings,
+  norms and lm_head stay frozen. mode "full" (the default) trains those weights: the gradients of
   pruned weights are zeroed before every optimizer step (so AdamW's moments of pruned weights stay 0)
-  and the masks are re-applied after it; the realised sparsity is asserted at the start and end of
-  fit and before export, and the masks travel in every checkpoint.
+  and the masks are re-applied after it. mode "lora" trains only rank-r adapters on the same Linears
+  (`lit_prune.pruning.lora`), whose update is masked in the forward pass and merged into the weights
+  and re-masked, W <- (W + scale B A) * M, at export and in every checkpoint (the live adapters keep
+  training; a checkpoint holds the merged weights with B = 0). Either way the realised sparsity is
+  asserted at the start and end of fit and before export, and the masks travel in every checkpoint.
 - export (end of fit): a Hugging Face model directory + tokenizer + masks.safetensors, the layout of
   `prune`'s output, so `prune`, `fit` (model_name) and `study` take it as a model, and
   PruningCallback(masks_path=...) takes its masks.
 
 The model is a pruned model directory (prune's output or an earlier export) whose masks.safetensors
 is used unless masks_path names another file; a dense model is refused: there is nothing to recover.
+With apply_masks a dense model and its masks (a study's <condition>/prune/masks.safetensors) are taken
+instead: the masks are applied when it loads (the study's RQ6 recovery, `lit_prune.study.steps`).
 """
 
 from __future__ import annotations
@@ -35,12 +40,14 @@ from lit_prune.pruning import (
     SparsityMismatch,
     apply_masks,
     load_masks,
+    lora,
     prunable_linears,
     save_masks,
     sparsity_report,
 )
 
 RECOVERY_FILE = "recovery.json"
+MODES = ("full", "lora")
 
 
 class PrunedLMModule(L.LightningModule):
@@ -56,6 +63,12 @@ class PrunedLMModule(L.LightningModule):
         model_cache_dir: where converted / built models are cached.
         export_dir: where the recovered model is written at the end of fit (HF model directory +
             masks.safetensors + recovery.json, replaced as a whole); null: <log dir>/recovered.
+        mode: full (fine-tune the Linears' weights) or lora (train rank-lora_rank adapters on them,
+            merged and re-masked at export and in checkpoints).
+        lora_rank: rank r of each LoRA adapter (mode lora).
+        lora_alpha: LoRA scale numerator: the update is (lora_alpha / lora_rank) B A (mode lora).
+        apply_masks: apply masks_path's masks to the model as it loads (a dense model + a study's
+            masks); false: the model must already be pruned by them.
     """
 
     if TYPE_CHECKING:  # save_hyperparameters() fills it; Lightning types it as a MutableMapping
@@ -70,6 +83,10 @@ class PrunedLMModule(L.LightningModule):
         warmup_steps: int = 10,
         model_cache_dir: str = "checkpoints/models",
         export_dir: str | None = None,
+        mode: str = "full",
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        apply_masks: bool = False,
     ) -> None:
         super().__init__()
         for name, value, ok, allowed in (
@@ -86,18 +103,33 @@ class PrunedLMModule(L.LightningModule):
                 isinstance(warmup_steps, int) and warmup_steps >= 0,
                 "an integer >= 0",
             ),
+            ("mode", mode, mode in MODES, " or ".join(MODES)),
+            ("lora_rank", lora_rank, isinstance(lora_rank, int) and lora_rank >= 1, "an integer >= 1"),
+            (
+                "lora_alpha",
+                lora_alpha,
+                isinstance(lora_alpha, (int, float)) and math.isfinite(lora_alpha) and lora_alpha > 0,
+                "a finite number > 0",
+            ),
         ):
             if isinstance(value, bool) or not ok:
                 raise invalid(f"model.{name}", value, allowed)
         if export_dir is not None:
             check_writable("model.export_dir", export_dir)  # before training, not after it
         self.save_hyperparameters()
+        if apply_masks and masks_path is None:
+            raise invalid("model.masks_path", None, "a masks file when model.apply_masks is true")
         field, path = _masks_file(model_name, model_cache_dir, masks_path)  # before the model loads
         self.lm = load_model(model_name, cache_dir=model_cache_dir)
-        self.masks = _load_checked_masks(self.lm, field, path)
+        self.masks = _load_checked_masks(self.lm, field, path, apply=apply_masks)
         self.lm.train().requires_grad_(False)  # train mode: Lightning switches it for validation
-        for linear in prunable_linears(self.lm).values():
-            linear.weight.requires_grad_(True)
+        self.adapters: torch.nn.ModuleDict | None = None
+        if mode == "lora":
+            self.adapters = lora.make_adapters(self.lm, self.masks, lora_rank, float(lora_alpha))
+            self._hooks = lora.attach(self.lm, self.adapters, self.masks, self._masks_on_device)
+        else:
+            for linear in prunable_linears(self.lm).values():
+                linear.weight.requires_grad_(True)
         self._val_sums: list[torch.Tensor] = []
         self.last_val: dict[str, float] = {}
 
@@ -111,13 +143,24 @@ class PrunedLMModule(L.LightningModule):
         return self.masks
 
     def check_masks(self) -> list[dict]:
-        """The per-matrix sparsity report; SparsityMismatch if a pruned weight is not exactly 0."""
-        report = sparsity_report(self.lm, self._masks_on_device())
+        """The per-matrix sparsity report; SparsityMismatch if a pruned weight is not exactly 0 (with
+        LoRA: in the weights and in the weights merged with the adapters)."""
+        masks = self._masks_on_device()
+        report = sparsity_report(self.lm, masks)
         leaked = [row for row in report if row["leaked"]]
         if leaked:
             row = leaked[0]
             raise SparsityMismatch(f"{row['name']}: {row['leaked']} pruned weights are not zero")
+        if self.adapters is not None:
+            for name, w in lora.merged_weights(self.lm, self.adapters, masks).items():
+                if bool(w[~masks[name]].any()):
+                    raise SparsityMismatch(f"{name}: pruned weights are not zero after the LoRA merge")
         return report
+
+    def merge_adapters(self) -> None:
+        """mode lora: W <- (W + scale B A) * M, B <- 0 (the same function; a no-op in mode full)."""
+        if self.adapters is not None:
+            lora.merge(self.lm, self.adapters, self._masks_on_device())
 
     def realised_sparsity(self) -> float:
         report = self.check_masks()
@@ -125,7 +168,10 @@ class PrunedLMModule(L.LightningModule):
 
     # --- fit ------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        params = [lin.weight for lin in self._linears().values()]
+        if self.adapters is not None:
+            params = list(self.adapters.parameters())
+        else:
+            params = [lin.weight for lin in self._linears().values()]
         optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         warmup = self.hparams.warmup_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -154,6 +200,7 @@ class PrunedLMModule(L.LightningModule):
         apply_masks(self.lm, self._masks_on_device())  # exact zeros whatever the optimizer did
 
     def on_fit_end(self) -> None:
+        self.merge_adapters()  # every rank: the module's weights are the recovered model's from here on
         if self.trainer.is_global_zero:
             self.export(Path(self.hparams.export_dir or _default_export_dir(self.trainer)))
 
@@ -186,6 +233,13 @@ class PrunedLMModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_masks()
         checkpoint["masks"] = {n: m.cpu() for n, m in self.masks.items()}
+        if self.adapters is not None:  # the merged, re-masked weights, the live module untouched
+            state = checkpoint["state_dict"]
+            for name, w in lora.merged_weights(self.lm, self.adapters, self._masks_on_device()).items():
+                state[f"lm.{name}.weight"] = w.detach().cpu()
+                state[f"adapters.{lora.adapter_key(name)}.B"] = torch.zeros_like(
+                    state[f"adapters.{lora.adapter_key(name)}.B"]
+                )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "masks" not in checkpoint:
@@ -196,7 +250,9 @@ class PrunedLMModule(L.LightningModule):
 
     def export(self, target: Path) -> None:
         """HF model directory + tokenizer + masks.safetensors + recovery.json, written beside `target`
-        and renamed into place (an existing target is replaced only once the new one is complete)."""
+        and renamed into place (an existing target is replaced only once the new one is complete).
+        With LoRA the adapters are merged (and the weights re-masked) first."""
+        self.merge_adapters()
         report = self.check_masks()
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = staging_dir(target.parent, f".{target.name}-new-")
@@ -237,9 +293,10 @@ def _masks_file(model_name: str, cache_dir: str, masks_path: str | None) -> tupl
     return "model.model_name", str(path)
 
 
-def _load_checked_masks(lm: torch.nn.Module, field: str, masks_path: str) -> Masks:
-    """The model's keep-masks, refused unless they fit it: names and shapes, every pruned weight 0,
-    and at least one pruned weight (recovery of a dense model has nothing to recover)."""
+def _load_checked_masks(lm: torch.nn.Module, field: str, masks_path: str, apply: bool = False) -> Masks:
+    """The model's keep-masks, refused unless they fit it: names and shapes, every pruned weight 0
+    (after applying them when `apply`), and at least one pruned weight (a dense model has nothing to
+    recover)."""
     try:
         masks = load_masks(masks_path)
     except LitPruneError:
@@ -250,6 +307,9 @@ def _load_checked_masks(lm: torch.nn.Module, field: str, masks_path: str) -> Mas
         report = sparsity_report(lm, masks)
     except LitPruneError as err:
         raise invalid(field, masks_path, f"masks of this model's decoder Linears ({err})") from None
+    if apply:
+        apply_masks(lm, masks)
+        report = sparsity_report(lm, masks)
     leaked = sum(row["leaked"] for row in report)
     if leaked:
         raise invalid(
