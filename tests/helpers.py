@@ -60,3 +60,22 @@ def tiny_fit_args(tmp_path: Path, corpus: Path, model_cache: Path, *extra: str) 
         f"--data.cache_dir={tmp_path / 'cache'}",
         *extra,
     ]
+
+
+def tiny_prune_options(output: Path, corpus: Path, model_cache: Path, data_cache: Path, **options):
+    """PruneOptions of a quick `prune` of the tiny Llama on a local corpus (4 calibration and 4 eval
+    sequences of 32 tokens, no progress bar) into `output`; `options` override or add fields."""
+    from lit_prune.commands.prune import PruneOptions
+
+    base = dict(
+        output=str(output),
+        model="tiny-llama",
+        corpus=str(corpus),
+        calibration_sequences=4,
+        calibration_seq_len=32,
+        eval_sequences=4,
+        progress=False,
+        model_cache_dir=str(model_cache),
+        cache_dir=str(data_cache),
+    )
+    return PruneOptions(**{**base, **options})

@@ -39,18 +39,17 @@ _COMMON: dict[str, Any] = dict(
 _GEMMA: dict[str, Any] = dict(head_dim=16, sliding_window=16, query_pre_attn_scalar=16)
 
 
-def _llama() -> PreTrainedModel:
-    return LlamaForCausalLM(LlamaConfig(**_COMMON, tie_word_embeddings=True))
+def _llama(**config: Any) -> PreTrainedModel:
+    return LlamaForCausalLM(LlamaConfig(**{**_COMMON, "tie_word_embeddings": True, **config}))
 
 
-def _gemma2() -> PreTrainedModel:
-    return Gemma2ForCausalLM(Gemma2Config(**_COMMON, **_GEMMA))
+def _gemma2(**config: Any) -> PreTrainedModel:
+    return Gemma2ForCausalLM(Gemma2Config(**{**_COMMON, **_GEMMA, **config}))
 
 
-def _gemma3() -> PreTrainedModel:
+def _gemma3(**config: Any) -> PreTrainedModel:
     # Gemma3TextConfig reads sliding_window_pattern from its **kwargs (not a named parameter)
-    config = Gemma3TextConfig(**_COMMON, **_GEMMA, sliding_window_pattern=2)  # pyright: ignore[reportCallIssue]
-    return Gemma3ForCausalLM(config)
+    return Gemma3ForCausalLM(Gemma3TextConfig(**{**_COMMON, **_GEMMA, "sliding_window_pattern": 2, **config}))
 
 
 TINY_ARCHS = {"tiny-llama": _llama, "tiny-gemma2": _gemma2, "tiny-gemma3": _gemma3}
@@ -79,9 +78,14 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def tiny_model(name: str, seed: int = 0, **config: Any) -> PreTrainedModel:
+    """Tiny model `name` in eval mode, randomly initialised with `seed`; `config` overrides fields of
+    its config (vocab_size, num_hidden_layers, sliding_window, ...)."""
+    torch.manual_seed(seed)
+    return TINY_ARCHS[name](**config).eval()
+
+
 def build_tiny(name: str, path: str | Path, seed: int = 0) -> None:
     """Write tiny model `name` (random init with `seed`) and its tokenizer to `path`."""
-    torch.manual_seed(seed)
-    model = TINY_ARCHS[name]().eval()
-    model.save_pretrained(path)
+    tiny_model(name, seed).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)

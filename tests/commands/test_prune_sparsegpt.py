@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import cli_in_process
+from helpers import cli_in_process, tiny_prune_options
 from transformers import AutoModelForCausalLM
 
 from lit_prune.commands.prune import MASKS_FILE, REPORT_FILE, PruneOptions, run_prune
@@ -16,20 +16,9 @@ from lit_prune.pruning import load_masks, prunable_linears, verify_masks
 
 
 def _options(tmp_path, local_corpus, model_cache, data_cache, **kw) -> PruneOptions:
-    base = dict(
-        output=str(tmp_path / "out"),
-        model="tiny-llama",
-        method="sparsegpt",
-        corpus=str(local_corpus),
-        calibration_sequences=4,
-        calibration_seq_len=32,
-        eval_sequences=4,
-        batch_size=4,
-        progress=False,
-        model_cache_dir=str(model_cache),
-        cache_dir=str(data_cache),
+    return tiny_prune_options(
+        tmp_path / "out", local_corpus, model_cache, data_cache, method="sparsegpt", batch_size=4, **kw
     )
-    return PruneOptions(**{**base, **kw})
 
 
 def test_sparsegpt_output_reloads_pruned_and_updated(tmp_path, local_corpus, model_cache, data_cache):

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from fake_cuda import DeviceMismatch, fake_cuda
-from helpers import ROOT
+from helpers import ROOT, tiny_prune_options
 from torch.overrides import _get_current_function_mode_stack
 
 pytestmark = pytest.mark.e2e  # Lightning fits and a study on the emulated device: the end-to-end lane
@@ -605,22 +605,18 @@ def test_validate_with_gradient_attribution_moves_the_lm_outside_inference_mode(
 
 
 def test_prune_command_on_the_device(tmp_path, local_corpus, model_cache):
-    from lit_prune.commands.prune import PruneOptions, run_prune
+    from lit_prune.commands.prune import run_prune
 
     with fake_cuda():
         result = run_prune(
-            PruneOptions(
-                output=str(tmp_path / "out"),
-                model="tiny-llama",
-                corpus=str(local_corpus),
+            tiny_prune_options(
+                tmp_path / "out",
+                local_corpus,
+                model_cache,
+                tmp_path / "cache",
                 sparsity=0.5,
-                calibration_sequences=4,
-                calibration_seq_len=32,
                 eval_sequences=2,
                 batch_size=2,
-                progress=False,
-                model_cache_dir=str(model_cache),
-                cache_dir=str(tmp_path / "cache"),
                 device="cuda",
             )
         )

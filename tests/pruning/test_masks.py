@@ -42,31 +42,64 @@ def keep(rows: list[list[int]]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.bool)
 
 
-def test_magnitude_matrix_hand_computed() -> None:
-    # s = 0.25 -> floor(32 * 0.25) = 8: both 0.0, all three 0.1, and the first three 0.2 by flat index
-    # (flat 6, 12, 23); the fourth 0.2 at flat 29 is kept.
-    expected = keep(
-        [
-            [0, 1, 1, 0, 1, 1, 0, 1],
-            [1, 1, 0, 1, 0, 1, 1, 1],
-            [1, 1, 1, 1, 1, 1, 0, 0],
-            [1, 1, 1, 1, 0, 1, 1, 1],
-        ]
-    )
-    assert torch.equal(magnitude_mask(W, 0.25, "matrix"), expected)
+# Wanda's column norms: their square roots [2, 1, 1, 1, 1, 1, 1, 4] scale |W| column by column.
+NORMS = torch.tensor([4.0, 1, 1, 1, 1, 1, 1, 16])
+# row 0 [.2 .8 .3 0 .5 .9 .2 2.8] -> col 3, then the 0.2 tie -> col 0 (not 6)
+# row 1 [1.2 .4 .1 .8 .2 .3 .5 3.6] -> cols 2, 4
+# row 2 [.6 .3 .3 .3 .6 .6 .1 .8] -> col 6, then the 0.3 tie -> col 1 (magnitude would take col 7)
+# row 3 [2 .4 .5 .7 0 .2 .8 2.4] -> cols 4, 5
+WANDA_025 = [
+    [0, 1, 1, 0, 1, 1, 1, 1],
+    [1, 1, 0, 1, 0, 1, 1, 1],
+    [1, 0, 1, 1, 1, 1, 0, 1],
+    [1, 1, 1, 1, 0, 0, 1, 1],
+]
 
 
-def test_magnitude_row_hand_computed() -> None:
-    # s = 0.5 -> 4 per row; row 2 has 0.1, 0.2 then four tied 0.3: columns 0 and 1 go.
-    expected = keep(
-        [
-            [0, 1, 0, 0, 1, 1, 0, 1],
-            [1, 0, 0, 1, 0, 0, 1, 1],
-            [0, 0, 1, 1, 1, 1, 0, 0],
-            [1, 0, 0, 1, 0, 0, 1, 1],
-        ]
-    )
-    assert torch.equal(magnitude_mask(W, 0.5, "row"), expected)
+@pytest.mark.parametrize(
+    ("select", "expected"),
+    [
+        # s = 0.25 -> floor(32 * 0.25) = 8: both 0.0, all three 0.1, and the first three 0.2 by flat
+        # index (flat 6, 12, 23); the fourth 0.2 at flat 29 is kept.
+        pytest.param(
+            lambda: magnitude_mask(W, 0.25, "matrix"),
+            [
+                [0, 1, 1, 0, 1, 1, 0, 1],
+                [1, 1, 0, 1, 0, 1, 1, 1],
+                [1, 1, 1, 1, 1, 1, 0, 0],
+                [1, 1, 1, 1, 0, 1, 1, 1],
+            ],
+            id="magnitude-matrix",
+        ),
+        # s = 0.5 -> 4 per row; row 2 has 0.1, 0.2 then four tied 0.3: columns 0 and 1 go.
+        pytest.param(
+            lambda: magnitude_mask(W, 0.5, "row"),
+            [
+                [0, 1, 0, 0, 1, 1, 0, 1],
+                [1, 0, 0, 1, 0, 0, 1, 1],
+                [0, 0, 1, 1, 1, 1, 0, 0],
+                [1, 0, 0, 1, 0, 0, 1, 1],
+            ],
+            id="magnitude-row",
+        ),
+        # Per group of 4 columns the 2 smallest |W| go; row 2's first group is all 0.3 -> columns 0, 1.
+        pytest.param(
+            lambda: nm_mask(W.abs(), 2, 4),
+            [
+                [0, 1, 1, 0, 0, 1, 0, 1],
+                [1, 0, 0, 1, 0, 0, 1, 1],
+                [0, 0, 1, 1, 1, 1, 0, 0],
+                [1, 0, 0, 1, 0, 0, 1, 1],
+            ],
+            id="nm-2:4",
+        ),
+        # scores per row (above), 2 lowest pruned (s = 0.25), by the fast path and the reference
+        pytest.param(lambda: wanda_mask(W, NORMS, 0.25), WANDA_025, id="wanda"),
+        pytest.param(lambda: wanda_mask_reference(W, NORMS, 0.25), WANDA_025, id="wanda-reference"),
+    ],
+)
+def test_hand_computed(select, expected: list[list[int]]) -> None:
+    assert torch.equal(select(), keep(expected))
 
 
 def test_all_equal_weights_prune_lowest_indices_first() -> None:
@@ -81,38 +114,6 @@ def test_all_equal_weights_prune_lowest_indices_first() -> None:
     # Wanda with equal scores behaves the same, and so does N:M.
     assert torch.equal(wanda_mask(ones, torch.ones(8), 0.3), row)
     assert torch.equal(nm_mask(ones, 2, 4), (torch.arange(8) % 4 >= 2).expand(4, 8))
-
-
-def test_nm_2_4_hand_computed() -> None:
-    # Per group of 4 columns the 2 smallest |W| go; row 2's first group is all 0.3 -> columns 0, 1.
-    expected = keep(
-        [
-            [0, 1, 1, 0, 0, 1, 0, 1],
-            [1, 0, 0, 1, 0, 0, 1, 1],
-            [0, 0, 1, 1, 1, 1, 0, 0],
-            [1, 0, 0, 1, 0, 0, 1, 1],
-        ]
-    )
-    assert torch.equal(nm_mask(W.abs(), 2, 4), expected)
-
-
-def test_wanda_hand_computed() -> None:
-    # sqrt of the norms = [2, 1, 1, 1, 1, 1, 1, 4]; scores per row, 2 lowest pruned (s = 0.25):
-    # row 0 [.2 .8 .3 0 .5 .9 .2 2.8] -> col 3, then the 0.2 tie -> col 0 (not 6)
-    # row 1 [1.2 .4 .1 .8 .2 .3 .5 3.6] -> cols 2, 4
-    # row 2 [.6 .3 .3 .3 .6 .6 .1 .8] -> col 6, then the 0.3 tie -> col 1 (magnitude would take col 7)
-    # row 3 [2 .4 .5 .7 0 .2 .8 2.4] -> cols 4, 5
-    norms = torch.tensor([4.0, 1, 1, 1, 1, 1, 1, 16])
-    expected = keep(
-        [
-            [0, 1, 1, 0, 1, 1, 1, 1],
-            [1, 1, 0, 1, 0, 1, 1, 1],
-            [1, 0, 1, 1, 1, 1, 0, 1],
-            [1, 1, 1, 1, 0, 0, 1, 1],
-        ]
-    )
-    assert torch.equal(wanda_mask(W, norms, 0.25), expected)
-    assert torch.equal(wanda_mask_reference(W, norms, 0.25), expected)
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.25, 0.3, 0.5, 0.7, 0.99])

@@ -4,21 +4,15 @@ brute-force reference, exact realised sparsity, untouched non-prunable weights, 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
-from transformers import (
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
 
 from lit_prune.errors import LitPruneError
 from lit_prune.models.hooks import decoder_layers
+from lit_prune.models.tiny import tiny_model
 from lit_prune.pruning import (
     count_pruned,
     nm_mask,
@@ -32,31 +26,16 @@ from lit_prune.pruning import (
 )
 from lit_prune.pruning.masks import select_lowest, select_lowest_sorted
 
-SMALL = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
-# Sliding window 8 < seq_len 16, and a full-attention layer in between, so per-layer kwargs matter.
+# 3 layers, a 256-token vocabulary; Gemma: sliding window 8 < seq_len 16, and a full-attention layer in
+# between, so per-layer kwargs matter.
+SMALL: dict[str, Any] = dict(vocab_size=256, num_hidden_layers=3)
 GEMMA = dict(
-    SMALL,
-    head_dim=16,
-    sliding_window=8,
-    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    SMALL, sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"]
 )
 
 
 def tiny(arch: str) -> nn.Module:
-    torch.manual_seed(0)
-    if arch == "llama":
-        return LlamaForCausalLM(LlamaConfig(**SMALL)).eval()
-    if arch == "gemma2":
-        return Gemma2ForCausalLM(Gemma2Config(**GEMMA)).eval()
-    return Gemma3ForCausalLM(Gemma3TextConfig(**GEMMA)).eval()
+    return tiny_model(f"tiny-{arch}", **(SMALL if arch == "llama" else GEMMA))
 
 
 def calibration(n_seq: int = 6, seq_len: int = 20) -> torch.Tensor:

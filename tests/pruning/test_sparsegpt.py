@@ -14,7 +14,7 @@ from torch import nn
 
 from lit_prune.errors import LitPruneError
 from lit_prune.models.hooks import decoder_layers
-from lit_prune.models.tiny import TINY_ARCHS
+from lit_prune.models.tiny import tiny_model
 from lit_prune.pruning import (
     prunable_linears,
     prune_model,
@@ -26,8 +26,7 @@ from lit_prune.pruning import (
 
 
 def tiny(arch: str) -> nn.Module:
-    torch.manual_seed(0)
-    return TINY_ARCHS[arch]().eval()
+    return tiny_model(arch)
 
 
 def calibration(n_seq: int = 5, seq_len: int = 24) -> torch.Tensor:
