@@ -56,7 +56,7 @@ def _fit(tmp_path, corpus, model_cache, devices: int) -> dict:
     # every rank saves its SAE (tests/ddp_probe.py), to compare the replicas
     args += [
         "--trainer.strategy=ddp",
-        "--trainer.callbacks+=tests.ddp_probe.DumpSAEReplicas",
+        "--trainer.callbacks+=tests.ddp_probe.DumpReplicas",
         f"--trainer.callbacks.out_dir={out / 'replicas'}",
     ]
     result = run_cli(*args, cwd=tmp_path)
