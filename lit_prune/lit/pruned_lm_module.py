@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +34,7 @@ import torch
 from lit_prune.analysis.metrics import next_token_ce
 from lit_prune.commands.prune import MASKS_FILE, _publish
 from lit_prune.errors import LitPruneError, described, invalid
-from lit_prune.files import check_writable, staging_dir
+from lit_prune.files import check_writable, staging_dir, umask_modes
 from lit_prune.models.registry import load_model, load_tokenizer, model_dir
 from lit_prune.pruning import (
     Masks,
@@ -116,7 +117,12 @@ class PrunedLMModule(L.LightningModule):
                 raise invalid(f"model.{name}", value, allowed)
         if export_dir is not None:
             check_writable("model.export_dir", export_dir)  # before training, not after it
-        self.save_hyperparameters()
+            if Path(export_dir).exists() or Path(export_dir).is_symlink():
+                _check_earlier_export(Path(export_dir))
+        # where to cache and export is this run's choice: kept out of the checkpoint's hyperparameters,
+        # which LightningCLI puts in place of the config's on a --ckpt_path resume
+        self.save_hyperparameters(ignore=["model_cache_dir", "export_dir"])
+        self.model_cache_dir, self.export_dir = model_cache_dir, export_dir
         if apply_masks and masks_path is None:
             raise invalid("model.masks_path", None, "a masks file when model.apply_masks is true")
         field, path = _masks_file(model_name, model_cache_dir, masks_path)  # before the model loads
@@ -202,7 +208,7 @@ class PrunedLMModule(L.LightningModule):
     def on_fit_end(self) -> None:
         self.merge_adapters()  # every rank: the module's weights are the recovered model's from here on
         if self.trainer.is_global_zero:
-            self.export(Path(self.hparams.export_dir or _default_export_dir(self.trainer)))
+            self.export(Path(self.export_dir or _default_export_dir(self.trainer)))
 
     # --- validate -------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -246,7 +252,16 @@ class PrunedLMModule(L.LightningModule):
             raise invalid(
                 "ckpt_path", "a checkpoint without masks", "a checkpoint written by a PrunedLMModule fit"
             )
-        self.masks = {n: m.bool() for n, m in checkpoint["masks"].items()}
+        saved = {n: m.bool() for n, m in checkpoint["masks"].items()}
+        mine = {n: m.cpu() for n, m in self.masks.items()}
+        differ = sum(int((saved[n] != mine[n]).sum()) for n in saved.keys() & mine.keys())
+        if saved.keys() != mine.keys() or differ:
+            raise LitPruneError(
+                f"--ckpt_path: the checkpoint was trained with other masks than this run's model.model_name"
+                f" / model.masks_path ({differ or 'other'} weights differ); resume with the masks it was "
+                "trained with, or leave out --ckpt_path to start a new run"
+            )
+        self.masks = saved
 
     def export(self, target: Path) -> None:
         """HF model directory + tokenizer + masks.safetensors + recovery.json, written beside `target`
@@ -258,7 +273,7 @@ class PrunedLMModule(L.LightningModule):
         tmp = staging_dir(target.parent, f".{target.name}-new-")
         try:
             self.lm.save_pretrained(tmp)
-            load_tokenizer(self.hparams.model_name, self.hparams.model_cache_dir).save_pretrained(tmp)
+            load_tokenizer(self.hparams.model_name, self.model_cache_dir).save_pretrained(tmp)
             save_masks(
                 self.masks, tmp / MASKS_FILE, metadata={"recovered_from": json.dumps(self.hparams.model_name)}
             )
@@ -270,7 +285,21 @@ class PrunedLMModule(L.LightningModule):
                 "metrics": self.last_val,
             }
             (tmp / RECOVERY_FILE).write_text(json.dumps(record, indent=2, default=str))
-            _publish(tmp, target, overwrite=True)
+            umask_modes(tmp)  # save_pretrained and save_masks write 0600
+            earlier = target.exists() or target.is_symlink()
+            if earlier:
+                _check_earlier_export(target)
+            aside = staging_dir(target.parent, f".{target.name}-old-") / "old"
+            if earlier:  # moved aside until the new one is in place
+                os.rename(target, aside)
+            try:
+                _publish(tmp, target, overwrite=False)
+            except BaseException:
+                if aside.exists():
+                    os.rename(aside, target)
+                raise
+            finally:
+                shutil.rmtree(aside.parent, ignore_errors=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self.print(f"recovered model exported to {target}")
@@ -318,6 +347,14 @@ def _load_checked_masks(lm: torch.nn.Module, field: str, masks_path: str, apply:
     if not report or not any(row["pruned"] for row in report):
         raise invalid(field, masks_path, "masks that prune something: a dense model has nothing to recover")
     return masks
+
+
+def _check_earlier_export(target: Path) -> None:
+    """An existing export_dir is replaced only if it is an earlier export (recovery.json and masks)."""
+    if target.is_symlink() or not ((target / RECOVERY_FILE).is_file() and (target / MASKS_FILE).is_file()):
+        raise invalid(
+            "model.export_dir", str(target), f"a new path or an earlier export (with {RECOVERY_FILE})"
+        )
 
 
 def _default_export_dir(trainer: L.Trainer) -> Path:

@@ -198,6 +198,21 @@ def test_the_export_has_the_umask_modes(runs):
         assert stat.S_IMODE(path.stat().st_mode) == (0o750 if path.is_dir() else 0o640), path
 
 
+def test_export_replaces_only_an_earlier_export(runs):
+    tmp, _, _, whole = runs
+    assert json.loads((tmp / "first" / RECOVERY_FILE).read_text())["global_step"] == STEPS
+    (tmp / "first" / "stale.txt").write_text("from an earlier export")
+    whole.model.export(tmp / "first")  # replaced as a whole
+    assert json.loads((tmp / "first" / RECOVERY_FILE).read_text())["global_step"] == 2 * STEPS
+    assert not (tmp / "first" / "stale.txt").exists()
+    (tmp / "notes").mkdir()
+    (tmp / "notes" / "mine.txt").write_text("not an export")
+    with pytest.raises(LitPruneError, match="^model.export_dir=.*notes' is invalid: .*an earlier export"):
+        whole.model.export(tmp / "notes")
+    assert (tmp / "notes" / "mine.txt").read_text() == "not an export"
+    assert not [p.name for p in tmp.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
 def test_a_resume_with_other_masks_is_one_line_error(runs, pruned_dir, tmp_path, local_corpus, model_cache):
     """The checkpoint's masks against this run's model's (a model directory pruned again since, say)."""
     _, ckpt, _, _ = runs
