@@ -359,7 +359,7 @@ def _plan(ctx, shard: tuple[int, int]):
     runner = Runner(
         ctx.root, build_steps(ctx, dm.provenance["fingerprint"]), Path(ctx.settings.logs) / ctx.name
     )
-    order = {c.name: i for i, c in enumerate(ctx.settings.conditions())}
+    order = {c.name: i for i, c in enumerate(ctx.settings.conditions() + ctx.settings.recovered_conditions())}
     return (
         dm,
         runner,

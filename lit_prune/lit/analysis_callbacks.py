@@ -62,10 +62,12 @@ def release_dense_lm(module: SAEModule) -> None:
 
 
 def condition_method(info: dict[str, Any]) -> str:
-    """Pruning method as a row label: "dense", "magnitude", "wanda", or e.g. "wanda-2:4" for N:M."""
+    """Pruning method as a row label: "dense", "magnitude", "wanda", or e.g. "wanda-2:4" for N:M; with
+    "-recovered" appended for a recovered model (RQ6)."""
     method = str(info.get("method", "dense"))
     nm = info.get("nm")
-    return f"{method}-{nm[0]}:{nm[1]}" if nm else method
+    label = f"{method}-{nm[0]}:{nm[1]}" if nm else method
+    return f"{label}-recovered" if info.get("recovered") else label
 
 
 class ReferenceSAECallback(L.Callback):

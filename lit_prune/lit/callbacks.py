@@ -13,11 +13,13 @@ from lit_prune.analysis.perplexity import perplexity
 from lit_prune.errors import LitPruneError, described, invalid
 from lit_prune.lit.datamodule import datamodule_of
 from lit_prune.lit.sae_module import check_same_pruning
+from lit_prune.models.registry import load_model
 from lit_prune.pruning import (
     METHODS,
     SparsityMismatch,
     apply_masks,
     load_masks,
+    prunable_linears,
     prune_model,
     resolve_sparsity,
     verify_masks,
@@ -47,6 +49,9 @@ class PruningCallback(L.Callback):
         perplexity_sequences: eval sequences for the dense and pruned perplexity (0 to skip).
         masks_path: apply these saved masks (`save_masks`, e.g. a study's or `prune`'s masks.safetensors)
             instead of computing them; they are still checked against method / sparsity / nm.
+        recovered_model: RQ6: a recovered model (a PrunedLMModule export of this LM pruned by
+            masks_path's masks) whose decoder-block Linear weights replace the LM's before the masks are
+            checked; the run's rows are labelled <method>-recovered.
     """
 
     def __init__(
@@ -60,6 +65,7 @@ class PruningCallback(L.Callback):
         masks_path: str | None = None,
         dampening: float = 0.01,
         column_block: int = 128,
+        recovered_model: str | None = None,
     ) -> None:
         if method not in METHODS:
             raise invalid("pruning.method", method, "one of " + ", ".join(METHODS))
@@ -81,6 +87,13 @@ class PruningCallback(L.Callback):
         self.perplexity_sequences = perplexity_sequences
         self.masks: dict[str, torch.Tensor] | None = None
         self.masks_path = masks_path
+        if recovered_model is not None and (masks_path is None or not Path(recovered_model).is_dir()):
+            raise invalid(
+                "pruning.recovered_model",
+                recovered_model,
+                "a recovered model directory, with masks_path given",
+            )
+        self.recovered_model = recovered_model
         if masks_path is not None:
             if not Path(masks_path).is_file():
                 raise invalid("pruning.masks_path", masks_path, "an existing masks.safetensors file")
@@ -108,6 +121,9 @@ class PruningCallback(L.Callback):
         if self.perplexity_sequences:
             info["perplexity_dense"] = perplexity(lm, eval_ids)
         started = time.perf_counter()
+        if self.recovered_model is not None:
+            _load_linears(lm, self.recovered_model)
+            info["recovered"] = True
         if self.masks is None:
             masks = prune_model(
                 lm,
@@ -190,6 +206,21 @@ class PruningCallback(L.Callback):
         mine = self.state_dict()
         check_same_pruning({**mine, **state_dict}, mine)  # checkpoints before "group" was saved: assume ours
         self.masks = state_dict["masks"]
+
+
+@torch.no_grad()
+def _load_linears(lm: torch.nn.Module, path: str) -> None:
+    """Copy the decoder-block Linear weights of the model at `path` (same architecture) into `lm`:
+    all that a recovery fine-tune changes."""
+    source = prunable_linears(load_model(path))
+    for name, linear in prunable_linears(lm).items():
+        if name not in source or source[name].weight.shape != linear.weight.shape:
+            raise invalid(
+                "pruning.recovered_model",
+                path,
+                f"a recovered copy of this model (it has no {name} of its shape)",
+            )
+        linear.weight.copy_(source[name].weight)
 
 
 def sparsity_table(report: list[dict]) -> str:

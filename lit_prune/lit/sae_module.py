@@ -472,6 +472,7 @@ def pruning_identity(info: dict[str, Any]) -> dict[str, Any]:
         "sparsity": float(info.get("sparsity", 0.0)),
         "nm": list(nm) if nm else None,
         "group": info.get("group"),
+        **({"recovered": True} if info.get("recovered") else {}),  # absent otherwise: older checkpoints match
     }
 
 

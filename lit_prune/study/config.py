@@ -9,7 +9,7 @@ gets a smaller budget than a single `fit`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from lit_prune.analysis.survival import TAUS as REPORT_TAUS
@@ -71,6 +71,76 @@ class WarmStartSettings:
             raise invalid("study.warm_start.lr", self.lr, "a positive number")
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
             raise invalid("study.warm_start.seeds", self.seeds, "null or a non-empty list of distinct seeds")
+
+
+RECOVERY_MODES = ("full", "lora")
+RECOVERED = "recovered"
+"""Suffix of a recovered condition's name and label: wanda-0.5-recovered, wanda-recovered."""
+
+
+@dataclass
+class RecoverySettings:
+    """RQ6, does recovery restore features? (docs/methods.md §4 RQ6): each chosen pruned model is
+    fine-tuned with its masks kept exact (`PrunedLMModule`, on the study's training split) and the
+    recovered model is measured like the pruned ones: perplexity, RQ2 survival against the dense
+    reference (every cross-seed pair and functional), RQ3 transfer of the dense SAE. Costs one
+    fine-tune plus the pruned fits of one more condition per entry of conditions."""
+
+    conditions: list[str] = field(default_factory=list)
+    """Pruned conditions to recover, by name (e.g. [wanda-0.5]; each must be in the study's grid);
+    each adds a condition <name>-recovered."""
+    tokens: int = 204_800
+    """Training tokens of each recovery fine-tune (the first of the study's train split; rounded down to
+    whole sequences of data.seq_len)."""
+    lr: float = 2e-5
+    """Peak AdamW learning rate (full: the Linears' weights; lora: the adapters)."""
+    batch_size: int = 8
+    """Sequences per optimizer step."""
+    warmup_steps: int = 10
+    """Linear learning-rate warm-up in optimizer steps, constant afterwards."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (pruned weights stay exactly 0 either way)."""
+    mode: str = "full"
+    """full: fine-tune the decoder blocks' Linears; lora: rank-lora_rank adapters on them, merged and
+    re-masked into the weights (`lit_prune.pruning.lora`)."""
+    lora_rank: int = 8
+    """Rank of each LoRA adapter (mode lora)."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator, update = (lora_alpha / lora_rank) B A (mode lora)."""
+
+    def __post_init__(self) -> None:
+        if (
+            not isinstance(self.conditions, list)
+            or not self.conditions
+            or len(set(self.conditions)) != len(self.conditions)
+        ):
+            raise invalid(
+                "study.recovery.conditions", self.conditions, "a non-empty list of distinct condition names"
+            )
+        at_least = {"tokens": 1, "batch_size": 1, "warmup_steps": 0, "lora_rank": 1}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise invalid(f"study.recovery.{name}", value, f"an integer >= {low}")
+        for name, positive in (("lr", True), ("lora_alpha", True), ("weight_decay", False)):
+            value = getattr(self, name)
+            if not (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+                and (value > 0 if positive else value >= 0)
+            ):
+                raise invalid(
+                    f"study.recovery.{name}",
+                    value,
+                    "a finite number > 0" if positive else "a finite number >= 0",
+                )
+        if self.mode not in RECOVERY_MODES:
+            raise invalid("study.recovery.mode", self.mode, " or ".join(RECOVERY_MODES))
+
+    def fine_tune(self) -> dict[str, Any]:
+        """The settings of each fine-tune (everything but the conditions): a recover step's inputs."""
+        return {k: v for k, v in asdict(self).items() if k != "conditions"}
 
 
 @dataclass
@@ -141,6 +211,9 @@ class StudySettings:
     one); on a single GPU the workers would share it, so keep it 1 there."""
     warm_start: WarmStartSettings = field(default_factory=WarmStartSettings)
     """RQ2c: the dense SAEs trained further on each pruned model, against a dense control."""
+    recovery: RecoverySettings | None = None
+    """RQ6: recover these pruned models by masked fine-tuning and measure them again (e.g.
+    {conditions: [wanda-0.5], tokens: 204800, lr: 2.0e-5}); null: off."""
     checkpoints: str = "checkpoints"
     """Root of the study's artefacts."""
     logs: str = "logs"
@@ -197,6 +270,17 @@ class StudySettings:
                 raise invalid(f"study.ablation.{key}", value, f"an integer >= {ABLATION_MINIMUM[key]}")
         if isinstance(self.warm_start, dict):  # from a parsed config or study.json
             self.warm_start = WarmStartSettings(**self.warm_start)
+        if isinstance(self.recovery, dict):  # from a parsed config or study.json
+            self.recovery = RecoverySettings(**self.recovery)
+        if self.recovery is not None:
+            grid = [c.name for c in self._grid()]
+            unknown = [c for c in self.recovery.conditions if c not in grid]
+            if unknown:
+                raise invalid(
+                    "study.recovery.conditions",
+                    self.recovery.conditions,
+                    "names of the grid's conditions: " + ", ".join(grid),
+                )
         if not set(self.warm_seeds()) <= set(self.seeds):
             raise invalid(
                 "study.warm_start.seeds", self.warm_start.seeds, f"seeds among study.seeds {self.seeds}"
@@ -235,8 +319,15 @@ class StudySettings:
         """(method label, sparsity) of a condition's results rows: (dense, 0.0) for the dense model."""
         if condition_name == DENSE:
             return DENSE, 0.0
-        cond = next(c for c in self.conditions() if c.name == condition_name)
+        cond = next(c for c in self.conditions() + self.recovered_conditions() if c.name == condition_name)
         return cond.label, cond.sparsity
+
+    def recovered_conditions(self) -> list[PruneCondition]:
+        """RQ6: the recovered twin of each condition in study.recovery.conditions, in grid order ([] when off)."""
+        if self.recovery is None:
+            return []
+        chosen = set(self.recovery.conditions)
+        return [replace(c, recovered=True) for c in self._grid() if c.name in chosen]
 
     def seeds_of_pruned(self) -> list[int]:
         """The SAE seeds trained on each pruned model (study.pruned_seeds, else every seed)."""
@@ -277,13 +368,22 @@ class PruneCondition:
     method: str
     sparsity: float
     nm: tuple[int, int] | None = None
+    recovered: bool = False
+    """RQ6: this pruned model after its recovery fine-tune (the same masks)."""
 
     @property
     def name(self) -> str:
-        """Directory name: wanda-0.5, magnitude-2of4."""
-        return f"{self.method}-{self.nm[0]}of{self.nm[1]}" if self.nm else f"{self.method}-{self.sparsity:g}"
+        """Directory name: wanda-0.5, magnitude-2of4, wanda-0.5-recovered."""
+        base = f"{self.method}-{self.nm[0]}of{self.nm[1]}" if self.nm else f"{self.method}-{self.sparsity:g}"
+        return f"{base}-{RECOVERED}" if self.recovered else base
 
     @property
     def label(self) -> str:
-        """Row label of the method, as the analysis callbacks write it (wanda, wanda-2:4)."""
-        return f"{self.method}-{self.nm[0]}:{self.nm[1]}" if self.nm else self.method
+        """Row label of the method, as the analysis callbacks write it (wanda, wanda-2:4, wanda-recovered)."""
+        base = f"{self.method}-{self.nm[0]}:{self.nm[1]}" if self.nm else self.method
+        return f"{base}-{RECOVERED}" if self.recovered else base
+
+    @property
+    def source(self) -> PruneCondition:
+        """The pruned condition itself (a recovered one's unrecovered twin, whose masks it keeps)."""
+        return replace(self, recovered=False)

@@ -36,7 +36,11 @@ def main(argv: list[str]) -> int:
     )
     c = spec["condition"]
     cond = (
-        None if c is None else PruneCondition(c["method"], c["sparsity"], tuple(c["nm"]) if c["nm"] else None)
+        None
+        if c is None
+        else PruneCondition(
+            c["method"], c["sparsity"], tuple(c["nm"]) if c["nm"] else None, bool(c.get("recovered", False))
+        )
     )
     out = Path(spec["out"])
     quiet_lightning()

@@ -11,6 +11,9 @@ dense/rq5          feature importance of the reference SAE       results/rq5_abl
 dense/warm<s>, <cond>/warm<s>  RQ2c: dense/seed<s>'s SAE trained further on the dense (control) / pruned
                    LM (lit_prune.study.warm)                     sae/, results/warm_start.{json,safetensors}
 <gallery cond>/gallery  top contexts of surviving / lost features  gallery.json
+<cond>-recovered/recover  RQ6 (study.recovery): masked fine-tune of <cond>'s pruned model + its perplexity
+                                                                 model/ (HF dir + masks), results/perplexity.json
+<cond>-recovered/seed<s>, /rq1, /pairs  as for <cond>, on the recovered model
 
 The fits run in the study's process on one device (the default), or, when the study's trainer
 settings ask for several (devices > 1, num_nodes > 1), as an ordinary Lightning DDP run in a child
@@ -37,14 +40,16 @@ from lit_prune.analysis.perplexity import perplexity
 from lit_prune.analysis.results import Condition, make_rows, read_arrays, write_arrays, write_rows
 from lit_prune.analysis.saebench import saebench_metrics
 from lit_prune.analysis.survival import seed_stability
+from lit_prune.commands.prune import MASKS_FILE
 from lit_prune.lit.callbacks import PruningCallback
 from lit_prune.lit.datamodule import TokenDataModule
+from lit_prune.lit.pruned_lm_module import PrunedLMModule
 from lit_prune.lit.sae_module import SAEModule
 from lit_prune.lit.survival_callback import FeatureSurvivalCallback
 from lit_prune.lit.trainer_settings import checked_trainer
 from lit_prune.lit.transfer_callback import TransferabilityCallback
 from lit_prune.models.registry import load_model, model_dir
-from lit_prune.pruning import prune_model, save_masks
+from lit_prune.pruning import SparsityMismatch, prune_model, save_masks
 from lit_prune.sae.build import SAESettings
 from lit_prune.sae.io import hook_name, load_sae
 from lit_prune.sae.schedule import sae_steps
@@ -203,7 +208,22 @@ def build_steps(ctx: StudyContext, corpus_fingerprint: str) -> list[Step]:
     )
     gallery = gallery_condition(st)
     pruned_seeds = st.seeds_of_pruned()
-    for cond in st.conditions():
+    recovered = st.recovered_conditions()
+    if st.recovery is not None:  # RQ6: only then, so that the steps of studies without it stay as they were
+        fine_tune = st.recovery.fine_tune()
+        for cond in recovered:
+            steps.append(
+                Step(
+                    cond.name,
+                    "recover",
+                    {**base, "recovery": fine_tune, "n": st.perplexity_sequences},
+                    lambda out, c=cond: recover_step(ctx, out, c),
+                    deps=[f"{cond.source.name}/prune"],
+                    cost=10,
+                )
+            )
+    for cond in st.conditions() + recovered:
+        made = f"{cond.name}/recover" if cond.recovered else f"{cond.name}/prune"
         for s in pruned_seeds:
             inputs = {
                 **base,
@@ -219,7 +239,7 @@ def build_steps(ctx: StudyContext, corpus_fingerprint: str) -> list[Step]:
                     f"seed{s}",
                     inputs,
                     lambda out, s=s, c=cond: fit_step(ctx, out, s, c),
-                    deps=[f"{cond.name}/prune", ref_key],
+                    deps=[made, ref_key] + ([f"{cond.source.name}/prune"] if cond.recovered else []),
                     cost=fit_cost + 4,
                     shares=cond.name,
                 )
@@ -346,14 +366,16 @@ def run_fit(
 
 
 def pruning_callback(ctx: StudyContext, cond: PruneCondition) -> PruningCallback:
-    """Prunes a fit's LM with the masks of <cond>/prune."""
+    """Prunes a fit's LM with the masks of <cond>/prune; a recovered condition's LM also gets the
+    recovered weights of <cond>/recover (the masks of its source's prune step, kept exact)."""
     return PruningCallback(
         cond.method,
         0.0 if cond.nm else cond.sparsity,
         list(cond.nm) if cond.nm else None,
         group=ctx.settings.magnitude_group_of(cond),
-        masks_path=str(ctx.root / cond.name / "prune" / "masks.safetensors"),
+        masks_path=str(ctx.root / cond.source.name / "prune" / MASKS_FILE),
         perplexity_sequences=0,
+        recovered_model=str(ctx.root / cond.name / "recover" / "model") if cond.recovered else None,
     )
 
 
@@ -451,6 +473,57 @@ def perplexity_step(ctx: StudyContext, out: Path, cond: PruneCondition | None) -
     write_rows(out / "results" / "perplexity.json", make_rows(condition, metrics))
     logger = ctx.logger("prune" if cond else "perplexity", cond.name if cond else DENSE)
     logger.log_metrics({f"pruning/{k}": v for k, v in metrics.items()}, step=0)
+    logger.finalize("success")
+    return metrics
+
+
+def recover_step(ctx: StudyContext, out: Path, cond: PruneCondition) -> dict[str, Any]:
+    """RQ6: the masked recovery fine-tune of <source>/prune's model (`PrunedLMModule`: the study's
+    dense model with those masks applied, study.recovery's settings, the first study.recovery.tokens
+    of the train split, one device), exported to out/model; then its perplexity on the same eval
+    sequences as every other condition and its realised sparsity, asserted equal to the masks'."""
+    rec = ctx.settings.recovery
+    assert rec is not None and cond.recovered
+    L.seed_everything(ctx.seed_everything, workers=True, verbose=False)
+    started = time.perf_counter()
+    module = PrunedLMModule(
+        model_name=ctx.model["model_name"],
+        masks_path=str(ctx.root / cond.source.name / "prune" / MASKS_FILE),
+        apply_masks=True,
+        model_cache_dir=ctx.model.get("model_cache_dir", "checkpoints/models"),
+        export_dir=str(out / "model"),
+        **{k: v for k, v in rec.fine_tune().items() if k not in ("tokens", "batch_size")},
+    )
+    masked = module.realised_sparsity()
+    data = {**ctx.data, "train_tokens": rec.tokens, "batch_size": rec.batch_size}
+    trainer = fit_trainer(
+        ctx,
+        False,
+        epochs=1,
+        limit_val_batches=0,  # perplexity below, on the study's eval sequences
+        logger=ctx.logger("recover", cond.name),
+    )
+    trainer.fit(module, datamodule=TokenDataModule(**data))
+    seconds = time.perf_counter() - started
+    realised = module.realised_sparsity()  # raises if a pruned weight is not exactly 0
+    if realised != masked:
+        raise SparsityMismatch(f"{cond.name}: realised sparsity {realised} after recovery, {masked} before")
+    dm = ctx.datamodule()
+    ids = dm.eval_ids[: ctx.settings.perplexity_sequences].to(ctx.device)
+    lm = module.lm.to(ctx.device)  # pyright: ignore[reportArgumentType]
+    metrics = {
+        "perplexity": perplexity(lm.eval(), ids),
+        "perplexity_tokens": float(ids[:, 1:].numel()),
+        "realised_sparsity": realised,
+        "recovery_steps": float(trainer.global_step),
+        "recovery_tokens": float(trainer.global_step * rec.batch_size * int(ctx.data.get("seq_len", 128))),
+        "recovery_seconds": seconds,
+    }
+    write_rows(
+        out / "results" / "perplexity.json", make_rows(ctx.condition(cond.label, cond.sparsity), metrics)
+    )
+    logger = ctx.logger("recover", cond.name)
+    logger.log_metrics({f"recovery/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
     logger.finalize("success")
     return metrics
 

@@ -23,6 +23,7 @@ from lit_prune.errors import invalid
 from lit_prune.files import staging_dir
 from lit_prune.study.report import analysis as A
 from lit_prune.study.report import figures as F
+from lit_prune.study.report import recovery as RQ6
 from lit_prune.study.report import tables as T
 from lit_prune.study.report.claims import headline, same_seed_text
 from lit_prune.study.report.data import StudyData, load_study
@@ -95,6 +96,7 @@ def build_report(data: StudyData) -> tuple[str, list[Block], dict[str, Figure]]:
     viable, importance, fragile = A.viability(transfer), A.importance(data), A.fragility_by_method(data)
     pairs = [p for c in data.conditions for p in A.seed_pairs(data, c)]
     r0 = float(st.get("survival", {}).get("functional_threshold", 0.7))
+    recovered = RQ6.recovery_rows(data, r0)
     figures: dict[str, Figure] = {}
     captions: dict[str, str] = {}
 
@@ -122,7 +124,10 @@ def build_report(data: StudyData) -> tuple[str, list[Block], dict[str, Figure]]:
                 "survival tests need two or more seeds (study.seeds)."
             )
         ),
-        T.headline_table(_headline(data, surv, viable, reference, r0)),
+        T.headline_table(
+            _headline(data, surv, viable, reference, r0)
+            + ([RQ6.recovery_claim(recovered, r0)] if recovered else [])
+        ),
         Heading("Perplexity"),
         T.perplexity_table(ppl),
         *figure("perplexity", F.perplexity_figure(ppl), "Perplexity vs sparsity per method (log scale)"),
@@ -167,6 +172,7 @@ def build_report(data: StudyData) -> tuple[str, list[Block], dict[str, Figure]]:
             F.importance_figure(importance["attribution"]),
             "Importance (|gradient attribution|) vs cross-seed matched cosine of each alive reference feature",
         ),
+        *_recovery(recovered, figure),
         Heading("Feature gallery"),
         *_gallery(data),
         Heading("Configuration and provenance"),
@@ -193,6 +199,37 @@ def _warm_start(data: StudyData, figure: Callable[[str, Figure | None, str], lis
             F.warm_start_figure(rows),
             "Warm-start survival relative to its dense control vs sparsity (τ = 0.7, 95% CI over seeds and "
             "features), and which features move by firing-rate bin",
+        ),
+    ]
+
+
+def _recovery(
+    rows: list[dict[str, Any]], figure: Callable[[str, Figure | None, str], list[Block]]
+) -> list[Block]:
+    """RQ6 (study.recovery): each recovered model beside its pruned twin."""
+    if not rows:
+        return []
+    return [
+        Heading("RQ6: does recovery restore features?"),
+        Para(
+            "Each chosen pruned model fine-tuned with its masks kept exact (study.recovery), then measured "
+            "like the pruned models: a verdict is 'restored' only when the CI of S_recovered / S_pruned "
+            "lies above 1 (the pairs and features of both drawn jointly), with the reason when not "
+            "determinable. "
+            + " ".join(
+                f"{r['condition']}: {r['verdict']} ({r['reason']}); functional: {r['functional_verdict']}; "
+                f"lost features that come back: {r['which']} ({r['which_reason']})"
+                + ("; the recovered S is back within the seed band." if r["back_in_seed_band"] else ".")
+                for r in rows
+            )
+        ),
+        RQ6.recovery_table(rows),
+        RQ6.recovery_bins_table(rows),
+        *figure(
+            "recovery",
+            RQ6.recovery_figure(rows),
+            "Pruned vs recovered: perplexity, geometric survival (cross-seed, τ = 0.7, 95% CI) with the seed "
+            "baseline, functional survival, and the net return of lost features per firing-rate bin",
         ),
     ]
 

@@ -25,7 +25,10 @@ STUDY_FILE = "study.json"
 RUNS_FILE = "runs.jsonl"
 DONE = "done.json"
 DENSE = "dense"
-_NAME = re.compile(r"^(?P<method>[a-z_]+)-(?:(?P<n>\d+)of(?P<m>\d+)|(?P<s>[0-9.eE+-]+))$")
+RECOVERED = "recovered"
+_NAME = re.compile(
+    r"^(?P<method>[a-z_]+)-(?:(?P<n>\d+)of(?P<m>\d+)|(?P<s>[0-9.eE+-]+?))(?P<rec>-" + RECOVERED + ")?$"
+)
 STUDY_HELP = "a study directory with study.json (written by python -m lit_prune study)"
 
 
@@ -36,8 +39,10 @@ class Cond:
     name: str
     """Directory name: dense, wanda-0.5, magnitude-2of4."""
     label: str
-    """Method label as in the result rows: dense, wanda, wanda-2:4."""
+    """Method label as in the result rows: dense, wanda, wanda-2:4, wanda-recovered."""
     sparsity: float
+    recovered: bool = False
+    """RQ6: the pruned model after its recovery fine-tune (wanda-0.5-recovered)."""
 
     @property
     def dense(self) -> bool:
@@ -51,17 +56,28 @@ class Cond:
     def title(self) -> str:
         return "dense" if self.dense else f"{self.label} s={self.sparsity:g}"
 
+    @property
+    def source(self) -> Cond:
+        """The unrecovered pruned condition (itself when not recovered)."""
+        if not self.recovered:
+            return self
+        suffix = f"-{RECOVERED}"
+        return Cond(self.name.removesuffix(suffix), self.label.removesuffix(suffix), self.sparsity)
+
 
 def parse_condition(name: str) -> Cond:
     if name == DENSE:
         return Cond(name, DENSE, 0.0)
     match = _NAME.match(name)
     if not match:
-        raise invalid("condition", name, "dense, <method>-<sparsity> or <method>-<N>of<M>")
+        raise invalid(
+            "condition", name, "dense, <method>-<sparsity> or <method>-<N>of<M>, optionally with -recovered"
+        )
+    rec = f"-{RECOVERED}" if match["rec"] else ""
     if match["n"]:
         n, m = int(match["n"]), int(match["m"])
-        return Cond(name, f"{match['method']}-{n}:{m}", n / m)
-    return Cond(name, match["method"], float(match["s"]))
+        return Cond(name, f"{match['method']}-{n}:{m}{rec}", n / m, bool(rec))
+    return Cond(name, match["method"] + rec, float(match["s"]), bool(rec))
 
 
 def latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -139,8 +155,7 @@ class StudyData:
         return self.seeds[0] if self.seeds else None
 
     @cached_property
-    def conditions(self) -> list[Cond]:
-        """Every condition of the grid, dense first, then in study.json's step order."""
+    def _all_conditions(self) -> list[Cond]:
         names: list[str] = []
         for key in self.study.get("steps", {}):
             cond = key.split("/")[0]
@@ -148,6 +163,17 @@ class StudyData:
                 names.append(cond)
         conds = [parse_condition(n) for n in names]
         return sorted(conds, key=lambda c: (not c.dense, c.nm, c.label, c.sparsity))
+
+    @property
+    def conditions(self) -> list[Cond]:
+        """Every condition of the grid, dense first, then sorted by method and sparsity; the recovered
+        models (RQ6) are apart, in `recovered`."""
+        return [c for c in self._all_conditions if not c.recovered]
+
+    @property
+    def recovered(self) -> list[Cond]:
+        """RQ6: the recovered models (study.recovery), each with its unrecovered `source`."""
+        return [c for c in self._all_conditions if c.recovered]
 
     @property
     def pruned(self) -> list[Cond]:
