@@ -4,6 +4,13 @@ Documents are tokenized in chunks, joined with EOS and cut into `seq_len`
 windows (no padding, so only position 0 of each window is excluded from SAE
 inputs). The train stream is shuffled with a seeded buffer; eval and
 calibration keep corpus order so every condition sees identical tokens.
+
+Both are kept rather than taken from a library: `datasets`' IterableDataset.shuffle is
+the same buffer shuffle on numpy's RNG, so every cached token file and study (keyed on the token
+fingerprint) would change; `datasets`' batched map drops the remainder of each batch unless the whole
+corpus is tokenized at once; sae-lens' concat_and_batch_sequences puts no separator at a window's start
+and concatenates tensors per document. Here the stream carries its remainder across chunks and stops
+reading documents once `max_sequences` windows are full.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 def shuffled(items: Iterable[str], seed: int, buffer_size: int = 10_000) -> Iterator[str]:
     """Seeded buffer shuffle: works on endless streams, a full shuffle when the corpus fits the buffer."""
+    # kept: datasets' IterableDataset.shuffle does this on numpy's RNG, reordering every cached token file
     rng = random.Random(seed)
     buffer: list[str] = []
     for item in items:
@@ -41,6 +49,7 @@ def pack_documents(
     chunk_docs: int = 256,
 ) -> torch.Tensor:
     """Up to `max_sequences` windows: LongTensor [n, seq_len]. Fewer if the documents run out."""
+    # kept: datasets' batched map drops each batch's remainder (or tokenizes all first); this streams, stops early
     eos, bos = cast("int | None", tokenizer.eos_token_id), cast(int, tokenizer.bos_token_id)
     body = seq_len - 1 if prepend_bos else seq_len
     stream: list[int] = []
