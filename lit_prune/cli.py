@@ -11,7 +11,7 @@ from argparse import SUPPRESS, ArgumentError
 from pathlib import Path
 
 from lit_prune.cli_manners import print_cached_help, top_level_help, with_suggestion
-from lit_prune.errors import LitPruneError, described, first_line, invalid
+from lit_prune.errors import LitPruneError, Terminated, described, first_line, invalid
 
 EXTRA_COMMANDS: dict[str, str] = {  # name -> "module:function"
     "prune": "lit_prune.commands.prune:main",
@@ -170,13 +170,11 @@ def main(argv: list[str] | None = None) -> int:
             module, function = EXTRA_COMMANDS[argv[0]].split(":")
             return getattr(importlib.import_module(module), function)(argv[1:]) or 0
         lightning_cli(None if from_shell else argv)  # LightningCLI reads sys.argv itself
-    except KeyboardInterrupt:
-        return _interrupted(argv)
+    except KeyboardInterrupt as interrupt:
+        return _interrupted(argv, interrupt)
     except SystemExit as exit_:
-        if isinstance(
-            exit_.__context__, KeyboardInterrupt
-        ):  # Lightning's exit(1) after its graceful shutdown
-            return _interrupted(argv)
+        if isinstance(exit_.__context__, KeyboardInterrupt):  # Lightning's exit(1) after its shutdown
+            return _interrupted(argv, exit_.__context__)
         raise
     except ArgumentError as err:  # jsonargparse's, for an option of the wrong type or an unknown key
         print(f"error: {_argument_message(err)}", file=sys.stderr)
@@ -290,11 +288,12 @@ def check_checkpoint(path: str) -> None:
         raise invalid("ckpt_path", path, f"a complete checkpoint written by fit ({described(err)})") from None
 
 
-def _interrupted(argv: list[str]) -> int:
-    """Ctrl-C: one line and the shell's status for SIGINT."""
+def _interrupted(argv: list[str], interrupt: KeyboardInterrupt) -> int:
+    """Ctrl-C or SIGTERM: one line and the shell's status for the signal (130 or 143)."""
     resumes = ": finished steps are kept; the same command resumes the study" if argv[:1] == ["study"] else ""
-    print(f"interrupted{resumes}", file=sys.stderr)
-    return 130
+    terminated = isinstance(interrupt, Terminated)
+    print(f"{'terminated' if terminated else 'interrupted'}{resumes}", file=sys.stderr)
+    return 143 if terminated else 130
 
 
 def _named_as_option(message: str, names: dict[str, str]) -> str:

@@ -19,3 +19,21 @@ def first_line(err: BaseException) -> str:
 def described(err: BaseException) -> str:
     """`TypeName: first line of the message`: a library's error inside one of ours."""
     return f"{type(err).__name__}: {first_line(err)}"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, like Ctrl-C's KeyboardInterrupt: the same clean-up runs
+    (Lightning's shutdown, `finally` blocks, the study stopping its workers) and the CLI exits 143."""
+
+
+def terminate_on_sigterm() -> None:
+    """From now on SIGTERM raises Terminated in this process's main thread. Without it a study ignored
+    SIGTERM while Lightning ran a step: Lightning's handler only sets a flag, which its loops check
+    between training batches (not in validation, nor in the hooks where a step's analyses run), and
+    which is forgotten when the step's trainer returns. Lightning calls this handler after its own."""
+    import signal
+
+    def terminated(signum: int, frame: object) -> None:
+        raise Terminated(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, terminated)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lit_prune.cli import IO_ERRORS, check_finite
-from lit_prune.errors import LitPruneError, invalid
+from lit_prune.errors import LitPruneError, invalid, terminate_on_sigterm
 from lit_prune.files import check_writable, write_text_atomic
 
 STUDY_FILE = "study.json"
@@ -274,6 +274,7 @@ def run_study(argv: list[str]) -> Path:
     from lit_prune.sae.io import versions
     from lit_prune.study.workers import WorkerPool
 
+    terminate_on_sigterm()  # stops the study (and, through pool.close, its workers) in any step
     ctx, shard, options = context_from_args(argv)
     from lit_prune.lit.trainer_settings import quiet_lightning
 

@@ -23,6 +23,8 @@ from typing import Any
 from lit_prune.errors import LitPruneError, invalid
 
 READY = "ready"
+STUDY_PID = "LIT_PRUNE_STUDY_PID"  # the environment variable that gives a worker its study's pid
+STOP_SECONDS = 10.0  # how long close() gives a worker to stop on SIGTERM before it kills it
 
 
 def parse_worker(text: str) -> tuple[int, Path]:
@@ -57,7 +59,7 @@ class WorkerPool:
 
         self.folder = Path(tempfile.mkdtemp(prefix="lit_prune-workers-"))
         threads = str(max(1, torch.get_num_threads() // workers))
-        env = child_env(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        env = child_env(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, **{STUDY_PID: str(os.getpid())})
         command = [sys.executable, "-m", "lit_prune", "study", *argv, "--progress=false", "--report=false"]
         self.procs = []
         self.failed = False
@@ -137,10 +139,17 @@ class WorkerPool:
                 )
 
     def close(self) -> None:
-        """Stop any worker still running; remove the folder unless a worker failed without a one-line
+        """Stop any worker still running (SIGTERM, SIGKILL after STOP_SECONDS: a step it was running is
+        left unfinished, to be redone); remove the folder unless a worker failed without a one-line
         error (the message points to its log there)."""
-        for proc in self.procs:
-            if proc.poll() is None:
+        running = [proc for proc in self.procs if proc.poll() is None]
+        for proc in running:
+            proc.terminate()
+        deadline = time.monotonic() + STOP_SECONDS
+        for proc in running:
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.0))
+            except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
         if not self.failed:
@@ -152,7 +161,10 @@ def wait_for_release(folder: Path) -> None:
     from lit_prune.study.fit_worker import die_with_parent
 
     die_with_parent()
+    study = os.environ.get(STUDY_PID)
     while not (folder / READY).is_file():
+        if study is not None and str(os.getppid()) != study:  # the study died before prctl
+            os._exit(1)  # (a subreaper, not init, may have adopted this process)
         time.sleep(0.2)
 
 
