@@ -10,7 +10,7 @@ import sys
 from argparse import SUPPRESS, ArgumentError
 from pathlib import Path
 
-from lit_prune.cli_manners import print_cached_help, top_level_help, with_suggestion
+from lit_prune.cli_manners import stored_help, top_level_help, with_suggestion
 from lit_prune.errors import LitPruneError, Terminated, described, first_line, invalid
 
 EXTRA_COMMANDS: dict[str, str] = {  # name -> "module:function"
@@ -49,7 +49,22 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def lightning_cli(args: list[str] | None = None, run: bool = True):
+class _ParserBuilt(Exception):
+    def __init__(self, parser) -> None:
+        super().__init__("parser built")
+        self.parser = parser
+
+
+def lightning_parser(args: list[str]):
+    """The root parser lightning_cli(args) builds, without parsing args (lit_prune.help_snapshot)."""
+    try:
+        lightning_cli(args, parser_only=True)
+    except _ParserBuilt as built:
+        return built.parser
+    raise AssertionError("LightningCLI parsed without calling parse_arguments")
+
+
+def lightning_cli(args: list[str] | None = None, run: bool = True, parser_only: bool = False):
     """The LightningCLI over SAEModule and TokenDataModule (configs in configs/*.yaml); a model.class_path
     (configs/recovery.yaml: PrunedLMModule) makes the model section pick its LightningModule."""
     import lightning as L
@@ -80,6 +95,8 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
             parser.add_argument("--study", type=dict | None, default=None, help=SUPPRESS)
 
         def parse_arguments(self, parser, args) -> None:
+            if parser_only:
+                raise _ParserBuilt(parser)
             try:
                 super().parse_arguments(parser, args)
             except ArgumentError as err:  # a misspelt option: one line with the closest valid one
@@ -162,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         if argv in (["--help"], ["-h"]):  # written here: no parser, no torch
             print(top_level_help(DESCRIPTION))
             return 0
-        if argv and argv[0] in LIGHTNING_COMMANDS and ("--help" in argv or "-h" in argv):
-            return print_cached_help(argv, lambda: lightning_cli(None if from_shell else argv))
+        stored = stored_help(argv)  # fit / validate / study --help without torch and Lightning
+        if stored is not None:
+            sys.stdout.write(stored)
+            return 0
         if argv and argv[0] in EXTRA_COMMANDS:
             import importlib
 

@@ -1,15 +1,16 @@
 """What the command line says when it is asked for help or given a misspelt option.
 
-Kept apart from `lit_prune.cli` so that `python -m lit_prune --help` imports neither torch nor
-Lightning: the top-level help is written here, and a command's help (which jsonargparse builds from
-the classes' signatures, seconds of imports) is cached per version of the code that makes it.
+Kept apart from `lit_prune.cli` so that no `--help` imports torch or Lightning: the top-level help is
+written here, and the help of fit, validate and study (which jsonargparse builds from the signatures
+of Lightning's Trainer and of our LightningModule, ~10 s of imports) is read from lit_prune/help.json,
+which `python -m lit_prune.help_snapshot --write` writes from those parsers and a test keeps equal to
+them.
 """
 
 from __future__ import annotations
 
 import difflib
-import hashlib
-import os
+import json
 import re
 import sys
 from argparse import ArgumentError
@@ -44,17 +45,36 @@ _UNRECOGNIZED = re.compile(r"unrecognized arguments: (.*)")
 def with_suggestion(err: ArgumentError, parser, argv: list[str]) -> ArgumentError:
     """`unrecognized arguments: --model.learning_rate 1` -> one line naming the closest valid option
     of the command (argv[0]) it was given to."""
+    subcommand = argv[0] if argv and not argv[0].startswith("-") else None
+    return _unknown_option(err, option_names(parser, subcommand), subcommand or "")
+
+
+def parse_one_line(parser, argv: list[str], command: str, prefix: str = "arguments: "):
+    """`parser.parse_args(argv)` for the commands with a jsonargparse parser of their own (prune, study,
+    report, export): an error is a one-line LitPruneError, a misspelt option names the closest one."""
+    from jsonargparse import ArgumentError as ParserError
+
+    from lit_prune.errors import LitPruneError
+
+    try:
+        return parser.parse_args(argv)
+    except ParserError as err:
+        unknown = _unknown_option(err, option_names(parser, None), command)
+        if unknown is not err:
+            raise LitPruneError(str(unknown)) from None
+        raise LitPruneError(prefix + " ".join(str(err).split())) from None
+
+
+def _unknown_option(err: ArgumentError, options: list[str], command: str) -> ArgumentError:
     found = _UNRECOGNIZED.search(str(err))
     if found is None:
         return err
-    subcommand = argv[0] if argv and not argv[0].startswith("-") else None
     unknown = [a.split("=")[0] for a in found.group(1).split() if a.startswith("--")]
     if not unknown:
         return err
-    options = option_names(parser, subcommand)
     bad = unknown[0]
     best = closest(bad, options)
-    hint = f": did you mean {best}?" if best else f" (`{subcommand or ''} --help` lists them)"
+    hint = f": did you mean {best}?" if best else f" (`{command} --help` lists them)"
     return ArgumentError(None, f"unknown option {bad}{hint}")
 
 
@@ -67,67 +87,80 @@ def option_names(parser, subcommand: str | None) -> list[str]:
 
 
 def closest(bad: str, options: list[str]) -> str | None:
-    """The option `bad` most likely meant: in the same section (`--model.`), by spelling, or one whose
-    name is an abbreviation of it (lr for learning_rate)."""
+    """The option `bad` most likely meant: in the same section (`--model.`), one it abbreviates
+    (--rel for --release), by spelling, or one whose name is an abbreviation of it (lr for learning_rate)."""
     section, _, leaf = bad.rpartition(".")
+    leaf = leaf.lstrip("-")
     same = [o for o in options if o.rpartition(".")[0] == section] or options
 
     def score(option: str) -> float:
-        name = option.rpartition(".")[2]
+        name = option.rpartition(".")[2].lstrip("-")
         ratio = difflib.SequenceMatcher(None, leaf, name).ratio()
         initials = "".join(part[0] for part in leaf.split("_") if part)
-        return max(ratio, 0.8 if name in (initials, leaf[: len(name)]) and len(name) > 1 else 0.0)
+        abbreviates = len(leaf) > 1 and name.startswith(leaf)
+        return max(
+            ratio, 0.8 if name in (initials, leaf[: len(name)]) and len(name) > 1 else 0.0, 0.9 * abbreviates
+        )
 
     best = max(same, key=score, default=None)
     return best if best is not None and score(best) >= 0.5 else None
 
 
-def _help_key(argv: list[str]) -> str:
-    """The cached help's name: the arguments, terminal width and every file and version that shape it."""
-    import lit_prune
-
-    root = Path(lit_prune.__file__).parent
-    digest = hashlib.sha256(" ".join(argv).encode())
-    digest.update(os.environ.get("COLUMNS", "").encode())
-    for path in sorted(root.rglob("*.py")):
-        stat = path.stat()
-        digest.update(f"{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    for config in argv:
-        if Path(config).is_file():
-            digest.update(Path(config).read_bytes())
-    from importlib.metadata import version
-
-    for name in ("lightning", "jsonargparse", "sae-lens", "transformers", "torch"):
-        digest.update(version(name).encode())
-    return digest.hexdigest()[:24]
+HELP_FILE = Path(__file__).with_name("help.json")  # written by `python -m lit_prune.help_snapshot --write`
+# the packages whose signatures, docstrings or formatting shape the commands' help texts
+HELP_PACKAGES = ("lightning", "jsonargparse", "docstring-parser", "torch", "transformers", "sae-lens")
 
 
-def help_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lit_prune" / "help"
+def help_versions() -> dict[str, str]:
+    """The versions the help texts depend on: Python's (argparse) and HELP_PACKAGES'."""
+    from importlib.metadata import PackageNotFoundError, version
 
-
-def print_cached_help(argv: list[str], build) -> int:
-    """A command's --help from the cache, or built by `build()` (which prints it and exits) and cached.
-    A cache that cannot be written only costs the next call its speed."""
-    path = help_cache_dir() / f"{_help_key(argv)}.txt"
-    if path.is_file():
-        sys.stdout.write(path.read_text(encoding="utf-8"))
-        return 0
-    import contextlib
-    import io
-
-    out = io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out):
+    found = {"python": f"{sys.version_info[0]}.{sys.version_info[1]}"}
+    for name in HELP_PACKAGES:
         try:
-            build()
-        except SystemExit as exit_:
-            code = exit_.code or 0
-    sys.stdout.write(out.getvalue())
-    if code == 0 and out.getvalue():
-        with contextlib.suppress(OSError):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(out.getvalue(), encoding="utf-8")
-            os.replace(tmp, path)
-    return code  # pyright: ignore[reportReturnType] (commands exit with an int status)
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "missing"
+    return found
+
+
+def stored_help(argv: list[str]) -> str | None:
+    """`<command> --help` of fit, validate and study from lit_prune/help.json: the text jsonargparse
+    would build, without importing torch and Lightning for it (~10 s). None (build it) for other
+    arguments, which may change the defaults shown, or where the installed versions differ from the
+    ones the file was written under."""
+    if len(argv) != 2 or argv[1] not in ("--help", "-h") or not HELP_FILE.is_file():
+        return None
+    stored = json.loads(HELP_FILE.read_text(encoding="utf-8"))
+    command = stored["commands"].get(argv[0])
+    if command is None or stored["versions"] != help_versions():
+        return None
+    return render_help(command)
+
+
+def render_help(spec: dict) -> str:
+    """A parser's help text from its stored parts (help_snapshot.parser_spec), laid out by argparse
+    for this terminal's width exactly as jsonargparse's formatter lays out the parser's own."""
+    import argparse
+
+    actions = [
+        argparse.Action(
+            action["options"],
+            dest=f"option{i}",
+            nargs=action.get("nargs", 0 if action["args"] is None else None),
+            metavar=action["args"],
+            required=action["required"],
+            help=None if action["help"] is None else action["help"].replace("%", "%%"),
+        )
+        for i, action in enumerate(spec["actions"])
+    ]
+    formatter = argparse.HelpFormatter(spec["prog"])
+    formatter.add_usage(None, [actions[i] for i in spec["usage"]], [])
+    formatter.add_text(spec["description"])
+    for group in spec["groups"]:
+        formatter.start_section(group["title"])
+        formatter.add_text(group["description"])
+        formatter.add_arguments([actions[i] for i in group["actions"]])
+        formatter.end_section()
+    formatter.add_text(spec["epilog"])
+    return formatter.format_help()

@@ -10,36 +10,70 @@ Each SAE folder (written by fit or a study, e.g. checkpoints/smollm2/dense/seed0
 
 from __future__ import annotations
 
-import argparse
+_DOC = __doc__ or ""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser():
+    """The jsonargparse parser (the style of `report`): SAE folders as positionals, or from --config."""
+    from jsonargparse import (
+        ActionConfigFile,  # pyright: ignore[reportPrivateImportUsage] (left out of __all__)
+        ArgumentParser,
+    )
+
+    parser = ArgumentParser(
         prog="python -m lit_prune export",
-        description=(__doc__ or "").split("\n\n")[0],
-        epilog=(__doc__ or "").split("\n\n", 1)[1],
+        description=_DOC.split("\n\n")[0].replace("\n", " "),
+        epilog=_DOC.split("\n\n", 1)[1].replace("\n", " "),
+        exit_on_error=False,
         allow_abbrev=False,
     )
     parser.add_argument(
-        "sae_dirs", nargs="+", help="Exported SAE folders (cfg.json + sae_weights.safetensors)."
+        "--config",
+        action=ActionConfigFile,
+        help="A YAML file with these options (sae_dirs: [...], out: ...).",
     )
-    parser.add_argument("--out", required=True, help="The release folder to write (replaced if a release).")
-    parser.add_argument("--release", required=True, help="The release name in pretrained_saes.yaml.")
-    parser.add_argument("--repo_id", required=True, help="The hub repo (org/name) the folder is uploaded as.")
+    parser.add_argument(
+        "sae_dirs",
+        type=str,
+        nargs="+",
+        help="SAE folders written by fit or a study (cfg.json + sae_weights.safetensors + lit_prune.json), "
+        "e.g. checkpoints/smollm2/dense/seed0/sae.",
+    )
+    parser.add_argument(
+        "--out", type=str, required=True, help="The release folder to write (replaced if it holds a release)."
+    )
+    parser.add_argument(
+        "--release", type=str, required=True, help="The release name in pretrained_saes.yaml."
+    )
+    parser.add_argument(
+        "--repo_id", type=str, required=True, help="The hub repo (org/name) the folder is uploaded as."
+    )
     parser.add_argument(
         "--sae_ids",
+        type=str,
         nargs="+",
         default=None,
-        help="One id per SAE folder (default: layer_<L>/<dense|method_sparsity>/seed_<s>).",
+        help="One id per SAE folder, in their order; without it, layer_<L>/<dense|method_sparsity>/seed_<s>.",
     )
     parser.add_argument(
-        "--neuronpedia_model", default=None, help="Neuronpedia's model id, to fill each SAE's neuronpedia id."
+        "--neuronpedia_model",
+        type=str | None,
+        default=None,
+        help="Neuronpedia's model id, to fill each SAE's neuronpedia id.",
     )
     return parser
 
 
+def parse_options(argv: list[str]):
+    """argv (after `export`) -> the parsed options; parser errors become one-line LitPruneErrors."""
+    from lit_prune.cli_manners import parse_one_line
+
+    return parse_one_line(build_parser(), argv, "export")
+
+
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    """Entry point of `python -m lit_prune export ARGS`; bad input raises LitPruneError (exit 2)."""
+    args = parse_options(argv)
     from lit_prune.errors import invalid
     from lit_prune.sae.release import read_entry, write_release
 

@@ -8,8 +8,6 @@ some shards) and replaces an existing report only once the new one is complete.
 
 from __future__ import annotations
 
-from lit_prune.errors import LitPruneError
-
 _DOC = __doc__ or ""
 STUDY_DIR_HELP = (
     "A study directory with study.json, e.g. checkpoints/smollm2 (<study.checkpoints>/<study name> of "
@@ -29,6 +27,7 @@ def build_parser():
         description=_DOC.split("\n\n")[0],
         epilog=_DOC.split("\n\n", 1)[1].replace("\n", " "),
         exit_on_error=False,
+        allow_abbrev=False,
     )
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML file with study_dir: <study dir>.")
     parser.add_argument("study_dir", type=str, help=STUDY_DIR_HELP)
@@ -49,12 +48,9 @@ def build_parser():
 
 def parse_options(argv: list[str]):
     """argv (after `report`) -> the parsed options; parser errors become one-line LitPruneErrors."""
-    from jsonargparse import ArgumentError
+    from lit_prune.cli_manners import parse_one_line
 
-    try:
-        return build_parser().parse_args(argv)
-    except ArgumentError as err:
-        raise LitPruneError("arguments: " + " ".join(str(err).split())) from None
+    return parse_one_line(build_parser(), argv, "report")
 
 
 def parse_study_dir(argv: list[str]) -> str:

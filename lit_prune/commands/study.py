@@ -42,7 +42,10 @@ def build_parser():
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser = ArgumentParser(
-        prog="python -m lit_prune study", description=(__doc__ or "").split("\n\n")[0], exit_on_error=False
+        prog="python -m lit_prune study",
+        description=(__doc__ or "").split("\n\n")[0],
+        exit_on_error=False,
+        allow_abbrev=False,
     )
     parser.add_argument(
         "--config", action=ActionConfigFile, help="A model config (configs/*.yaml) with a study: section."
@@ -104,18 +107,15 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any], field: str) -> dict[
 
 def context_from_args(argv: list[str]):
     """Parse argv into (StudyContext, shard, options)."""
-    from jsonargparse import ArgumentError, Namespace
+    from jsonargparse import Namespace
 
+    from lit_prune.cli_manners import parse_one_line
     from lit_prune.sae.build import SAESettings
     from lit_prune.study.config import StudySettings
     from lit_prune.study.runner import parse_shard
     from lit_prune.study.steps import StudyContext
 
-    parser = build_parser()
-    try:
-        cfg = parser.parse_args(argv)
-    except ArgumentError as err:
-        raise LitPruneError(" ".join(str(err).split())) from None  # one line, with the value and the type
+    cfg = parse_one_line(build_parser(), argv, "study", prefix="")  # one line, with the value and the type
     plain = lambda ns: ns.as_dict() if isinstance(ns, Namespace) else dict(ns)  # noqa: E731
     check_finite({k: v for k, v in plain(cfg).items() if k != "config"})  # YAML's .inf and .nan
     study_fields = plain(cfg.study)

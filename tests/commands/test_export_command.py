@@ -99,3 +99,23 @@ def test_export_refuses_duplicate_ids_and_foreign_folders(tmp_path):
         cwd=tmp_path,
     )
     assert code == 2 and "out=" in err and (tmp_path / "other" / "notes.txt").is_file()
+
+
+def test_misspelt_or_abbreviated_option_is_one_line_naming_the_option(tmp_path):
+    common = ("export", "sae", "--out", str(tmp_path / "r"), "--repo_id", "me/r")
+    code, err = cli_in_process(*common, "--releas", "r", cwd=tmp_path)
+    assert (code, err) == (2, "error: unknown option --releas: did you mean --release?\n")
+    code, err = cli_in_process(*common, "--rel", "r", cwd=tmp_path)  # no silent abbreviation
+    assert (code, err) == (2, "error: unknown option --rel: did you mean --release?\n")
+    assert not (tmp_path / "r").exists()
+
+
+def test_help_explains_every_option(capsys, tmp_path):
+    from lit_prune.commands.export import build_parser
+
+    code, _ = cli_in_process("export", "--help", cwd=tmp_path)
+    out = capsys.readouterr().out
+    assert code == 0
+    for action in build_parser()._actions:
+        assert action.help, action.option_strings
+        assert all(option in out for option in action.option_strings)
