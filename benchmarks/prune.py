@@ -14,7 +14,8 @@ Flags for bigger runs:
   --prune_total   also time the whole sequential Wanda twice (ours / reference selection inside),
                   each on a freshly loaded model (~2 x 50 s).
   --perplexity    the perplexity table on the eval split (seq_len 128, same tokens for every
-                  condition): dense; magnitude and Wanda at 10..60%; 2:4 for both (~20 minutes).
+                  condition): dense; each of --methods (default magnitude, Wanda) at each of
+                  --sparsities (default 10..60%) and 2:4 (~20 minutes for the defaults).
   --quick         a small table instead (dense, magnitude 50%, Wanda 50%; smaller calibration).
 
 The model runs on --device (default cuda when torch sees a GPU, else cpu).
@@ -60,6 +61,7 @@ from lit_prune.pruning import (
     wanda_mask_reference,
     wanda_masks,
 )
+from lit_prune.study.report.summary import perplexity_rows_markdown
 
 SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 EVAL_SEQ_LEN = 128
@@ -89,6 +91,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick", action="store_true", help="small perplexity table: dense, magnitude 50%%, Wanda 50%%"
     )
     p.add_argument("--skip_selection", action="store_true", help="skip the mask-selection benchmarks")
+    p.add_argument(
+        "--methods",
+        default="magnitude,wanda",
+        help="comma-separated methods of the perplexity table (magnitude, wanda, sparsegpt)",
+    )
+    p.add_argument(
+        "--sparsities",
+        default=",".join(f"{s:g}" for s in SPARSITIES),
+        help="comma-separated unstructured sparsities of the perplexity table (2:4 is always added)",
+    )
     add_common_args(p, "prune")
     add_device_arg(p)
     args = p.parse_args(argv)
@@ -96,6 +108,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     full = {"eval_sequences": 64, "calibration_sequences": 32, "calibration_seq_len": 256}
     fast = {**full, "calibration_sequences": 8}  # selection only: real masks, a quarter of the forwards
     args.perplexity = args.perplexity or args.quick
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(args.methods) - {"magnitude", "wanda", "sparsegpt"})
+    if unknown:
+        p.error(f"--methods: {','.join(unknown)} is not a method; use magnitude, wanda or sparsegpt")
+    try:
+        args.sparsities = [float(v) for v in args.sparsities.split(",") if v]
+    except ValueError:
+        p.error(f"--sparsities: {args.sparsities!r} is not a comma-separated list of numbers in [0, 1)")
+    if not args.sparsities or not all(0.0 < v < 1.0 for v in args.sparsities):
+        p.error(f"--sparsities: {args.sparsities} must be numbers in (0, 1)")
     for key, value in (quick if args.quick else full if args.perplexity else fast).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -253,13 +275,13 @@ def prune_total(args: argparse.Namespace, calibration: torch.Tensor) -> dict:
     return compare("wanda_prune_total", runs["ours"], runs["baseline"], "s", masks_identical=same)
 
 
-def conditions(quick: bool) -> list[dict]:
+def conditions(quick: bool, methods: list[str], sparsities: list[float]) -> list[dict]:
     """Pruning conditions of the perplexity table, dense first."""
     if quick:
         pairs = [("wanda", 0.5, None), ("magnitude", 0.5, None)]
     else:
-        pairs = [(m, s, None) for m in ("magnitude", "wanda") for s in SPARSITIES]
-        pairs += [(m, None, (2, 4)) for m in ("magnitude", "wanda")]
+        pairs = [(m, s, None) for m in methods for s in sparsities]
+        pairs += [(m, None, (2, 4)) for m in methods]
     return [{"method": "dense", "sparsity": 0.0, "nm": None}] + [
         {"method": m, "sparsity": s, "nm": nm} for m, s, nm in pairs
     ]
@@ -277,7 +299,7 @@ def run_condition(
             cond["method"],
             cond["sparsity"],
             cond["nm"],
-            calibration_ids=calibration if cond["method"] == "wanda" else None,
+            calibration_ids=calibration if cond["method"] != "magnitude" else None,
             batch_size=args.batch_size,
             max_seq_len=args.calibration_seq_len,
             progress=True,
@@ -296,22 +318,6 @@ def run_condition(
         "prune_seconds": prune_seconds,
         "eval_seconds": clock(args.device) - start,
     }
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """Rows -> `| sparsity | magnitude | wanda |` (dense in both columns)."""
-    labels = list(dict.fromkeys(r["label"] for r in rows if r["method"] != "dense"))
-    cell = {(r["label"], r["method"]): r["perplexity"] for r in rows}
-    dense = next(r["perplexity"] for r in rows if r["method"] == "dense")
-    lines = [
-        "| sparsity | magnitude | wanda |",
-        "|---|---:|---:|",
-        f"| 0% (dense) | {dense:.2f} | {dense:.2f} |",
-    ]
-    for label in labels:
-        values = [cell.get((label, m)) for m in ("magnitude", "wanda")]
-        lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in values) + " |")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -343,14 +349,17 @@ def main(argv: list[str] | None = None) -> int:
             "tokens": int(eval_ids.numel()),
             "fingerprint": tokens_fingerprint(eval_ids),
         }
-        rows = [run_condition(args, cond, eval_ids, calibration) for cond in conditions(args.quick)]
+        rows = [
+            run_condition(args, cond, eval_ids, calibration)
+            for cond in conditions(args.quick, args.methods, args.sparsities)
+        ]
         result["perplexity"] = rows
         print(
             f"\nperplexity on {result['eval']['tokens']} eval tokens ({args.corpus}, fingerprint "
-            f"{result['eval']['fingerprint']}); Wanda calibration "
+            f"{result['eval']['fingerprint']}); Wanda / SparseGPT calibration "
             f"{args.calibration_sequences} x {args.calibration_seq_len}"
         )
-        print(markdown_table(rows))
+        print(perplexity_rows_markdown(rows))
     write_result(args.output, result, start)
     return 0 if identical else 1
 

@@ -186,8 +186,11 @@ def perplexity_markdown(results_dir: str | Path) -> str | None:
     rows): one row per sparsity or N:M pattern, one column per method; None without such rows."""
     path = Path(results_dir) / "prune.json"
     rows = json.loads(path.read_text(encoding="utf-8")).get("perplexity") if path.is_file() else None
-    if not rows:
-        return None
+    return perplexity_rows_markdown(rows) if rows else None
+
+
+def perplexity_rows_markdown(rows: list[dict[str, Any]]) -> str:
+    """The pruned-perplexity table of rows {"method", "label", "perplexity"} (dense in every column)."""
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))
     dense = next((r["perplexity"] for r in rows if r["method"] == "dense"), None)
     cell = {(r["label"], r["method"]): r["perplexity"] for r in rows}
