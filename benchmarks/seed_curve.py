@@ -1,7 +1,7 @@
 """The seed-noise curve: dense cross-seed shared fraction S_seed(tau) against the SAE training budget.
 
 Block --layer resid_post of the embedded model is harvested ONCE (positions >= 1, as every fit does;
-`lit_prune.analysis.evaluate.harvest`, the LM in bfloat16 where the CPU has avx512_bf16, else float32)
+`lit_prune.analysis.evaluate.harvest`, the LM in bfloat16 where the CPU has bf16 instructions, else float32)
 and cached under --cache_dir/seed_curve/. The training inputs are scaled with the study's norm scale
 (`fit_norm_scale` on the first 32 train sequences). Every grid point then trains two SAEs (seeds 0 and 1)
 with the project's own step (`build_training_sae`, `fast_topk_training_forward`, fused Adam, the
@@ -109,6 +109,7 @@ def _grid() -> list[CurvePoint]:
         P("steps_4096", "steps", 4096),
         P("tokens_2M_s4096", "tokens", 4096, tokens=2_097_152),
         P("tokens_65k_s4096", "tokens", 4096, tokens=65_536),
+        P("tokens_131k_s4096", "tokens", 4096, tokens=131_072),
         P("lr_1e-3_s1024", "lr", 1024, lr=1e-3),
         P("k_64_s2048", "k", 2048, k=64),
         P("sched_const_s2048", "schedule", 2048, decay_fraction=0.0),
@@ -140,14 +141,6 @@ class Activations:
     """How they were made: model, layer, LM dtype, corpus provenance, harvest seconds."""
 
 
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def _harvest_all(lm: torch.nn.Module, ids: torch.Tensor, layer: int, batch: int, label: str) -> torch.Tensor:
     """resid_post at positions >= 1 of every sequence of ids, in the LM's dtype: [n * (seq - 1), d]."""
     dtype, out, start = next(lm.parameters()).dtype, [], time.perf_counter()
@@ -162,9 +155,9 @@ def _harvest_all(lm: torch.nn.Module, ids: torch.Tensor, layer: int, batch: int,
 
 def load_activations(args: argparse.Namespace) -> Activations:
     """Harvest once, then reuse: the cache file's name carries every setting that changes it."""
-    from lit_prune.models.registry import load_model
+    from lit_prune.models.registry import load_model, resolve_lm_dtype
 
-    lm_dtype = args.lm_dtype if args.lm_dtype != "auto" else "bfloat16" if cpu_has_bf16() else "float32"
+    lm_dtype = resolve_lm_dtype(args.lm_dtype, "cpu")
     n_train = -(-args.tokens // (SEQ_LEN - 1))  # whole sequences: at least --tokens harvested positions
     n_eval = -(-args.eval_tokens // (SEQ_LEN - 1))
     key = f"{args.model}-L{args.layer}-{args.corpus}-{lm_dtype}-{n_train}x{SEQ_LEN}-eval{n_eval}"
@@ -474,7 +467,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--lm_dtype",
         default="auto",
         choices=("auto", "float32", "bfloat16"),
-        help="LM dtype of the harvest (auto: bfloat16 where the CPU has avx512_bf16)",
+        help="LM dtype of the harvest (auto: bfloat16 where the CPU has bf16 instructions)",
     )
     p.add_argument("--harvest_batch", type=int, default=32, help="sequences per LM forward")
     p.add_argument("--points", help="comma-separated point names (default: the whole grid)")

@@ -107,7 +107,9 @@ def lightning_cli(args: list[str] | None = None, run: bool = True, parser_only: 
                 raise invalid(
                     "seed_everything", seed, "an integer from 0 to 2**32 - 1, true (a random one) or false"
                 )
-            given = config.get("model") if not chosen else None  # resume checks: SAEModule's settings
+            given = config.get("model")  # resume checks: the LightningModule's settings as given
+            if chosen and given is not None:
+                given = given.get("init_args")
             self.given_model = given.clone() if given is not None else None
             check_finite(config.as_dict())
             check_output_dirs(config.get("trainer") or {})  # before seeding: its log line would come first
@@ -118,9 +120,12 @@ def lightning_cli(args: list[str] | None = None, run: bool = True, parser_only: 
             # with --ckpt_path, Lightning has just replaced the model settings by the checkpoint's
             config = self.config.get(self.config.get("subcommand")) or self.config
             if config.get("ckpt_path") and self.given_model is not None:
+                resumed = config["model"]["init_args"] if chosen else config["model"]
                 for key in RESUME_FREE:  # this run's settings, not the checkpoint's
-                    config["model"][key] = self.given_model[key]
-                check_resumed_settings(self.given_model.as_dict(), config["model"].as_dict())
+                    if key in self.given_model:
+                        resumed[key] = self.given_model[key]
+                prefix = "model.init_args." if chosen else "model."
+                check_resumed_settings(self.given_model.as_dict(), resumed.as_dict(), prefix)
 
         def instantiate_trainer(self, **kwargs):
             return checked_trainer(lambda: super(LitPruneCLI, self).instantiate_trainer(**kwargs))

@@ -110,6 +110,7 @@ def context_from_args(argv: list[str]):
     from jsonargparse import Namespace
 
     from lit_prune.cli_manners import parse_one_line
+    from lit_prune.models.registry import resolve_lm_dtype
     from lit_prune.sae.build import SAESettings
     from lit_prune.study.config import StudySettings
     from lit_prune.study.runner import parse_shard
@@ -136,6 +137,8 @@ def context_from_args(argv: list[str]):
         trainer=dict(cfg.trainer or {}),
         seed_everything=int(cfg.seed_everything),
     )
+    # the steps' inputs and every worker get the dtype "auto" chose for this study's device
+    ctx.model["lm_dtype"] = resolve_lm_dtype(model.get("lm_dtype", "float32"), ctx.device)
     return ctx, parse_shard(cfg.shard), {"report": cfg.report, "progress": cfg.progress, "worker": cfg.worker}
 
 

@@ -20,7 +20,7 @@ from lit_prune.errors import LitPruneError, invalid
 from lit_prune.files import check_writable
 from lit_prune.lit.datamodule import datamodule_of
 from lit_prune.models.hooks import check_layer
-from lit_prune.models.registry import load_model, move_outside_inference
+from lit_prune.models.registry import load_model, move_outside_inference, resolve_lm_dtype
 from lit_prune.sae.buffer import ActivationBuffer, fit_norm_scale
 from lit_prune.sae.build import SAESettings, build_training_sae
 from lit_prune.sae.fast import StepOutput, fast_topk_training_forward
@@ -66,7 +66,8 @@ class SAEModule(L.LightningModule):
         norm_scale: input scale c with E||c x||^2 = d_model; null fits it on the dense model at the
             start of fit. Pass the dense model's value when training on a pruned model.
         norm_sequences: train sequences used to fit norm_scale.
-        lm_dtype: dtype of the LM forward (float32 or bfloat16); SAE and metrics stay float32.
+        lm_dtype: dtype of the LM forward: float32, bfloat16, float16, or auto (bfloat16 where the
+            GPU, or else the CPU, computes bf16 natively, else float32); SAE and metrics stay float32.
         ce_eval_sequences: eval sequences (from the start of the eval split) also used for spliced
             CE / KL; the reconstruction metrics use the whole eval split.
         model_cache_dir: where converted / built models are cached.
@@ -124,6 +125,8 @@ class SAEModule(L.LightningModule):
             check_export_target(export_dir, "model.export_dir")
             check_writable("model.export_dir", export_dir)  # before training, not after it
         self.save_hyperparameters()
+        # "auto" is recorded as what it chose here, so the callbacks' copy and a resume use the same
+        self.hparams["lm_dtype"] = lm_dtype = resolve_lm_dtype(lm_dtype)
         self.settings = sae
         self.automatic_optimization = False
         lm = load_model(model_name, dtype=lm_dtype, cache_dir=model_cache_dir)
@@ -501,7 +504,7 @@ def check_same_pruning(resumed: dict[str, Any], current: dict[str, Any]) -> None
 RESUME_FREE = ("model_cache_dir", "export_dir", "sae.fast")
 
 
-def check_resumed_settings(given: dict[str, Any], resumed: dict[str, Any]) -> None:
+def check_resumed_settings(given: dict[str, Any], resumed: dict[str, Any], prefix: str = "model.") -> None:
     """`fit --ckpt_path` continues the checkpoint's run with its model settings (Lightning puts them
     in place of the config's): a config that says otherwise is a one-line error, not silently ignored."""
 
@@ -514,13 +517,15 @@ def check_resumed_settings(given: dict[str, Any], resumed: dict[str, Any]) -> No
         return out
 
     mine, theirs = flat(given), flat(resumed)
+    if "lm_dtype" in mine:  # the checkpoint holds what "auto" chose when it was written
+        mine["lm_dtype"] = resolve_lm_dtype(mine["lm_dtype"])
     conflicts = [key for key in mine if key not in RESUME_FREE and key in theirs and mine[key] != theirs[key]]
     if conflicts:
         raise LitPruneError(
             "--ckpt_path: the checkpoint's run has "
             + ", ".join(f"{k}={theirs[k]!r}" for k in conflicts)
             + ", not "
-            + ", ".join(f"model.{k}={mine[k]!r}" for k in conflicts)
+            + ", ".join(f"{prefix}{k}={mine[k]!r}" for k in conflicts)
             + "; a resumed run "
             "keeps its settings: drop these options, or leave out --ckpt_path to start a new run"
         )

@@ -232,6 +232,19 @@ def test_a_resume_with_other_masks_is_one_line_error(runs, pruned_dir, tmp_path,
     assert not (tmp_path / "export").exists()
 
 
+def test_a_resume_with_other_settings_is_one_line_error(
+    runs, pruned_dir, tmp_path, local_corpus, model_cache
+):
+    """Lightning puts the checkpoint's settings in place of the config's: a differing lr is refused."""
+    _, ckpt, _, _ = runs
+    fit = _recovery(tmp_path, local_corpus, model_cache, pruned_dir, "export", 2 * STEPS)
+    code, err = cli_in_process(*fit, "--model.init_args.lr=0.01", f"--ckpt_path={ckpt}", cwd=tmp_path)
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and line.startswith("error: --ckpt_path: the checkpoint's run has lr=0.002, not "), err
+    assert "model.init_args.lr=0.01" in line and "Traceback" not in err, err
+    assert not (tmp_path / "export").exists()
+
+
 def test_ddp_two_processes_match_one_process(pruned_dir, tmp_path, local_corpus, model_cache):
     """Two CPU processes (gloo) with 4 sequences each against one with 8: the same global batch.
 

@@ -27,6 +27,16 @@ def test_settings_that_contradict_the_checkpoint_are_named_with_both_values():
         check_resumed_settings({**saved, "lr": 0.01, "sae": {"k": 4, "fast": None}}, saved)
 
 
+def test_auto_lm_dtype_is_compared_as_what_it_chose(monkeypatch):
+    from lit_prune.models import registry
+
+    monkeypatch.setattr(registry.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(registry, "cpu_has_bf16", lambda: True)
+    check_resumed_settings({"lm_dtype": "auto"}, {"lm_dtype": "bfloat16"})  # what auto chooses here
+    with pytest.raises(LitPruneError, match=r"has lm_dtype='float32', not model.lm_dtype='bfloat16'"):
+        check_resumed_settings({"lm_dtype": "auto"}, {"lm_dtype": "float32"})
+
+
 def test_pruning_must_match_the_checkpoint():
     wanda = {"method": "wanda", "sparsity": 0.5, "nm": (2, 4), "group": None}
     check_same_pruning(wanda, {**wanda, "nm": [2, 4], "realised_sparsity": 0.5})  # tuple or list, extra keys

@@ -52,6 +52,20 @@ def test_unknown_dtype_is_rejected(tiny_dir):
         load_model(str(tiny_dir), dtype="float8")
 
 
+def test_auto_dtype_is_bf16_only_where_the_device_computes_it_natively(monkeypatch, tiny_dir):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for has_bf16, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(registry, "cpu_has_bf16", lambda has_bf16=has_bf16: has_bf16)
+        assert registry.resolve_lm_dtype("auto") == expected
+        assert registry.resolve_lm_dtype("auto", "cpu") == expected
+        assert load_model(str(tiny_dir), dtype="auto").dtype == getattr(torch, expected)
+    assert registry.resolve_lm_dtype("float32") == "float32"  # a named dtype is kept on every device
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert registry.resolve_lm_dtype("auto", "cuda:0") == "bfloat16"  # the GPU decides, not the CPU
+    with pytest.raises(LitPruneError, match=r"^model.lm_dtype='bf16' is invalid: .*auto, float32, bfloat16"):
+        registry.resolve_lm_dtype("bf16")
+
+
 def test_models_loaded_or_moved_in_inference_mode_keep_autograd_weights(tiny_dir):
     """Lightning validates under inference_mode; a GPU move there (a dtype move stands in for it on
     CPU) must not turn the LM's weights into inference tensors that autograd refuses."""

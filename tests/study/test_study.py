@@ -579,6 +579,7 @@ def test_shipped_study_configs_parse(name):
     assert len([s for s in settings.sparsities if s > 0]) >= (2 if name == "smollm2" else 3)
     assert len(settings.seeds) >= 3
     assert ctx.data["model_name"] == ctx.model["model_name"]
+    assert ctx.model["lm_dtype"] in ("float32", "bfloat16")  # auto is resolved before steps hash it
     if name.startswith("gemma"):
         assert settings.reference_sae.startswith("sae-lens:")  # Gemma Scope as the pretrained reference
     if name != "smollm2":
