@@ -113,6 +113,26 @@ def test_clear_effects_are_reproduced(tmp_path):
     assert claims["Geometric"]["functional verdict"] == C.REPRODUCED
 
 
+def test_a_direction_of_rho_needs_its_ci_and_the_exact_p():
+    """5 bins: only the two orders with |rho| = 1 reach the exact two-sided p 2/120 < 0.05; a
+    bootstrap CI off 0 with p 0.35 (rho -0.6) decides nothing."""
+    enough = [100.0] * 5
+    ci_only = {"value": -0.6, "lo": -1.0, "hi": -0.3, "p": 0.35}
+    assert C.negative_rho_verdict(ci_only, enough, False) == (
+        C.NOT_DETERMINABLE,
+        "CI below 0 but exact p 0.35 >= 0.05",
+    )
+    both = {"value": -1.0, "lo": -1.0, "hi": -0.9, "p": 2 / 120}
+    assert C.negative_rho_verdict(both, enough, False) == (C.REPRODUCED, "CI below 0")
+    opposite = {"value": 1.0, "lo": 0.9, "hi": 1.0, "p": 2 / 120}
+    assert C.negative_rho_verdict(opposite, enough, False) == (C.NOT_REPRODUCED, "CI above 0 (the opposite)")
+    assert (
+        C.negative_rho_verdict({**opposite, "value": 0.7, "p": 0.233}, enough, False)[0] == C.NOT_DETERMINABLE
+    )
+    flat = {"value": 0.0, "lo": -0.1, "hi": 0.15, "p": 1.0}  # equivalence needs no p
+    assert C.negative_rho_verdict(flat, enough, False) == (C.NOT_REPRODUCED, "CI inside ±0.2: no relation")
+
+
 def test_importance_that_follows_survival_is_not_a_dissociation(tmp_path):
     wanda = np.full(N, 0.5)
     root = make_study(tmp_path, np.full(N, 0.6), wanda, np.full(N, 0.4), lambda g: np.zeros(N))
@@ -139,6 +159,40 @@ def test_geometric_importance_without_a_cross_seed_partner_names_the_missing_see
     assert claim["verdict"] == C.NOT_MEASURED
     assert claim["ours"].count("no pruned SAE of a seed other than the reference 0") == 2
     assert claim["functional verdict"] != C.NOT_MEASURED  # the functional r needs no second seed
+
+
+def _mark_done(root: Path, key: str) -> None:
+    study = json.loads((root / "study.json").read_text())
+    study["steps"][key] = f"h-{key}"
+    (root / "study.json").write_text(json.dumps(study))
+    (root / key / "done.json").write_text(json.dumps({"hash": f"h-{key}"}))
+
+
+def test_geometric_importance_falls_back_to_the_warm_start_of_the_reference(tmp_path):
+    """pruned_seeds [0] with RQ2c: the reference's warm-start cosines stand in for the cross-seed
+    ones. Wanda's cosine rises with importance (rho = 1: no dissociation); magnitude's is unrelated
+    noise over 1,000 features (CI inside ±0.2)."""
+    root = make_study(tmp_path, np.full(N, 0.6), np.full(N, 0.5), np.full(N, 0.1), lambda g: g.random(N))
+    for name in ("wanda-0.5", "magnitude-0.5"):
+        _write_pairs(root, name, np.full(N, 0.5), np.random.default_rng(1), pruned=[0])
+    imp = load_study(root).arrays("dense/rq5", "rq5_ablation.safetensors")["exact_ce_firing"].numpy()
+    rank = (imp.argsort().argsort() + 0.5) / N  # no cosine exactly at tau
+    cosines = {"wanda-0.5": 0.5 + 0.4 * rank, "magnitude-0.5": np.random.default_rng(2).random(N)}
+    for name, cos in cosines.items():
+        write_arrays(
+            root / name / "warm0" / "results" / "warm_start.safetensors",
+            cosine=torch.tensor(cos, dtype=torch.float32),
+            firing_rate=torch.tensor(RATE),
+        )
+        _mark_done(root, f"{name}/warm0")
+    effects = {r["condition"]: r["geometric"] for r in A.importance_effects(load_study(root))}
+    assert effects["wanda-0.5"]["source"] == "warm start"
+    assert effects["wanda-0.5"]["value"] == pytest.approx(1.0)
+    assert effects["wanda-0.5"]["n_survived"] == N // 2  # rank >= 0.5: cosine >= 0.7
+    assert C.dissociation_verdict(effects["wanda-0.5"])[0] == C.NOT_REPRODUCED
+    assert C.dissociation_verdict(effects["magnitude-0.5"])[0] == C.REPRODUCED
+    claim = _claims(root)["Geometric"]
+    assert "wanda-0.5 (warm start): ρ 1.00" in claim["ours"] and claim["verdict"] == C.PARTLY
 
 
 def test_rq4_bins_are_normalised_by_each_bins_own_seed_baseline(tmp_path):

@@ -638,9 +638,10 @@ def _importance_effects(
 ) -> list[dict[str, Any]]:
     """RQ5 at the effect-size level: per condition, Spearman(exact ablation ΔCE, survival) of the
     ablated top / random / rare features, geometric (mean matched cosine over the reference's cross
-    pairs; CI: crossed bootstrap over those pairs and the features) and functional (Pearson r; CI:
-    feature bootstrap); Mann-Whitney survived vs lost for both; p-values BH-corrected across
-    conditions, per measure."""
+    pairs; CI: crossed bootstrap over those pairs and the features; without cross pairs, the
+    reference's RQ2c warm-start cosine, `source` "warm start") and functional (Pearson r); CI of a
+    single value per feature: feature bootstrap; Mann-Whitney survived vs lost for both; p-values
+    BH-corrected across conditions, per measure."""
     from lit_prune.analysis.stats import (
         benjamini_hochberg,
         hierarchical_bootstrap,
@@ -677,28 +678,18 @@ def _importance_effects(
                 "n_survived": int(kept.sum()),
                 "n_pairs": int(ref_rows.size),
             }
+        elif (warm := _warm_cosine(data, c, features)) is not None:
+            # no cross-seed partner: RQ2c's index-preserved survival of the same features instead
+            row["geometric"] = {**_per_feature(data, imp, warm, warm >= tau), "source": "warm start"}
         elif p is not None:
             row["geometric_missing"] = (
                 f"no pruned SAE of a seed other than the reference {data.reference_seed} "
-                "(add one to study.pruned_seeds)"
+                "(add one to study.pruned_seeds) and no warm start of it"
             )
         arr = _reference_arrays(data, c)
         if arr is not None and "pearson_r" in arr and arr["pearson_r"].numel() > features.max(initial=0):
             r = arr["pearson_r"].double().numpy()[features]
-            samples = {"c": r[None], "i": imp[None]}
-            rho, rho_p = spearman(imp, r)
-            kept = np.nan_to_num(r, nan=-2.0) >= r0
-            row["functional"] = {
-                **_with_ci(
-                    rho,
-                    hierarchical_bootstrap(
-                        lambda s: rank_correlation(s["i"][0], s["c"][0]), samples, n_boot(data)
-                    ),
-                ),
-                "p": finite(rho_p),
-                "mw_p": finite(mann_whitney(imp[kept], imp[~kept])[1]),
-                "n_survived": int(kept.sum()),
-            }
+            row["functional"] = _per_feature(data, imp, r, np.nan_to_num(r, nan=-2.0) >= r0)
         out.append(row)
     for kind in ("geometric", "functional"):
         have = [r[kind] for r in out if kind in r]
@@ -707,6 +698,36 @@ def _importance_effects(
             for h, v in zip(have, adjusted, strict=False):
                 h[f"{key}_bh"] = finite(v)
     return out
+
+
+def _per_feature(data: StudyData, imp: np.ndarray, survival: np.ndarray, kept: np.ndarray) -> dict[str, Any]:
+    """Spearman(importance, survival) of one survival value per feature, CI over the features, and
+    Mann-Whitney of the importance of the kept vs the lost features."""
+    from lit_prune.analysis.stats import hierarchical_bootstrap, mann_whitney, rank_correlation, spearman
+
+    rho, rho_p = spearman(imp, survival)
+    ci = hierarchical_bootstrap(
+        lambda s: rank_correlation(s["i"][0], s["c"][0]), {"c": survival[None], "i": imp[None]}, n_boot(data)
+    )
+    return {
+        **_with_ci(rho, ci),
+        "p": finite(rho_p),
+        "mw_p": finite(mann_whitney(imp[kept], imp[~kept])[1]),
+        "n_survived": int(kept.sum()),
+    }
+
+
+def _warm_cosine(data: StudyData, cond: Cond, features: np.ndarray) -> np.ndarray | None:
+    """The reference seed's RQ2c decoder cosines to their start after the warm start on `cond`'s
+    model, at `features` (None without that warm start, or for a pretrained reference)."""
+    from lit_prune.study.warm import ARRAYS
+
+    if data.settings.get("reference_sae"):
+        return None  # RQ2c warm-starts our dense SAEs, not a pretrained reference
+    warm = data.arrays(f"{cond.name}/warm{data.reference_seed}", ARRAYS)
+    if warm is None or warm["cosine"].numel() <= features.max(initial=0):
+        return None
+    return warm["cosine"].double().numpy()[features]
 
 
 def dense_baseline(data: StudyData, tau: float = TAU) -> dict[str, Any] | None:

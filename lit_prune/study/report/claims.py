@@ -91,13 +91,16 @@ def negative_rho_verdict(rho: dict[str, Any] | None, survivors: list[float], ban
     if band:
         return NOT_DETERMINABLE, "S within the seed band (CI of S/S_seed contains 1)"
     side = ci_side(rho.get("lo"), rho.get("hi"), 0.0)
-    if side == -1:
-        return REPRODUCED, "CI below 0"
-    if side == 1:
-        return NOT_REPRODUCED, "CI above 0 (the opposite)"
-    if within(rho.get("lo"), rho.get("hi"), EQUIVALENCE):
+    if side == 0 and within(rho.get("lo"), rho.get("hi"), EQUIVALENCE):
         return NOT_REPRODUCED, f"CI inside ±{EQUIVALENCE:g}: no relation"
-    return NOT_DETERMINABLE, "CI spans both outcomes"
+    if side in (0, None):
+        return NOT_DETERMINABLE, "CI spans both outcomes"
+    # The CI resamples features and seed pairs within the bins; the exact p asks whether 5 bins fall
+    # in this order by chance. A direction needs both: a CI off 0 alone flipped between seed sets.
+    p = rho.get("p")
+    if p is not None and not p < ALPHA:
+        return NOT_DETERMINABLE, f"CI {'below' if side == -1 else 'above'} 0 but exact p {_p(p)} >= {ALPHA:g}"
+    return (REPRODUCED, "CI below 0") if side == -1 else (NOT_REPRODUCED, "CI above 0 (the opposite)")
 
 
 def dissociation_verdict(rho: dict[str, Any] | None) -> tuple[str, str]:
@@ -161,8 +164,8 @@ def rare_features_claim(
         "basis": f"geometric: ρ_bin [95% CI] of S_bin / S_seed,bin (each firing-rate quintile's "
         f"survival over the same bin's dense seed-pair survival), cross-seed pairs, τ = {TAU:g}; "
         f"functional: ρ_bin of the fraction with r >= {r0:g}; exact permutation p over 120 orderings "
-        "(two-sided); reproduced iff the CI lies below 0, not reproduced iff above 0 or inside "
-        f"±{EQUIVALENCE:g}",
+        f"(two-sided); reproduced iff the CI lies below 0 and p < {ALPHA:g}, not reproduced iff the CI "
+        f"lies above 0 and p < {ALPHA:g}, or inside ±{EQUIVALENCE:g}",
     }
 
 
@@ -244,7 +247,8 @@ def _importance_part(row: dict[str, Any], kind: str) -> tuple[str, str]:
         if e["n_survived"] >= MIN_SURVIVORS
         else f"MW not determinable ({e['n_survived']} survived)"
     )
-    return v, f"{row['condition']}: ρ {_ci(e)}, p_BH {_p(e.get('p_bh'))}, {mw} → {v} ({why})"
+    source = f" ({e['source']})" if e.get("source") else ""
+    return v, f"{row['condition']}{source}: ρ {_ci(e)}, p_BH {_p(e.get('p_bh'))}, {mw} → {v} ({why})"
 
 
 def importance_claim(effects: list[dict[str, Any]], r0: float = 0.7) -> dict[str, str]:
@@ -267,7 +271,9 @@ def importance_claim(effects: list[dict[str, Any]], r0: float = 0.7) -> dict[str
         "functional verdict": out["functional"][0],
         "basis": f"importance = exact-ablation ΔCE (error term kept, tokens where the feature fires) of "
         f"the {n} ablated top / random / rare reference features; Spearman ρ [95% CI] with the mean "
-        "cross-seed matched cosine (CI over the reference's seed pairs and the features) and with the "
+        "cross-seed matched cosine (CI over the reference's seed pairs and the features; where the "
+        "pruned models have no SAE of another seed, the reference's decoder cosine to its start after "
+        "the RQ2c warm start on the pruned model, marked (warm start)) and with the "
         f"functional r; reproduced iff the CI lies inside ±{EQUIVALENCE:g}; Mann–Whitney survived "
         f"(>= {TAU:g} / r >= {r0:g}) vs lost, BH-corrected across conditions, needs >= {MIN_SURVIVORS} "
         "survivors",

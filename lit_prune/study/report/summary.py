@@ -78,6 +78,7 @@ def provenance_markdown(data: Any) -> str:
     grid = ", ".join(st.get("methods", [])) + " at " + ", ".join(f"{s:g}" for s in st.get("sparsities", []))
     rows = [
         ("model, hook", f"{model.get('model_name')}, residual stream after block {model.get('hook_layer')}"),
+        ("LM dtype", str(model.get("lm_dtype", "float32"))),  # `auto` is recorded as what it chose
         ("grid", grid + (f"; N:M {', '.join(map(str, st['nm']))}" if st.get("nm") else "")),
         ("SAE seeds", ", ".join(map(str, data.seeds)) + f" (reference seed {data.reference_seed})"),
         ("reference SAE", str(st.get("reference_sae") or "the dense-model SAE of the reference seed")),
