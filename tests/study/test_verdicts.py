@@ -193,6 +193,17 @@ def test_geometric_importance_falls_back_to_the_warm_start_of_the_reference(tmp_
     assert C.dissociation_verdict(effects["magnitude-0.5"])[0] == C.REPRODUCED
     claim = _claims(root)["Geometric"]
     assert "wanda-0.5 (warm start): ρ 1.00" in claim["ours"] and claim["verdict"] == C.PARTLY
+    write_arrays(  # the RQ5 table's gradient attribution: here the same importance for every feature
+        root / "dense" / "rq5" / "results" / "rq5_ablation.safetensors",
+        features=torch.arange(N),
+        exact_ce_firing=torch.tensor(imp),
+        attribution=torch.tensor(imp),
+        firing_rate=torch.tensor(RATE),
+    )
+    table = A.importance(load_study(root))
+    wanda = next(r for r in table["attribution"] if r["condition"] == "wanda-0.5")
+    assert wanda["survival"] == "warm start" and wanda["n"] == N
+    assert wanda["spearman_rho"] == pytest.approx(1.0) and wanda["n_survived"] == N // 2
 
 
 def test_rq4_bins_are_normalised_by_each_bins_own_seed_baseline(tmp_path):

@@ -341,7 +341,8 @@ def importance(data: StudyData) -> dict[str, list[dict[str, Any]]]:
 
     "attribution": importance = |gradient attribution| of every alive reference feature;
     "exact": importance = exact-ablation CE increase (scope firing) of the ablated features.
-    Survived = per-feature cross-seed matched cosine >= 0.7.
+    Survived = per-feature cross-seed matched cosine >= 0.7, or without cross-seed fits the RQ2c
+    warm-start cosine (`survival` names which).
     """
     rq5 = data.arrays("dense/rq5", "rq5_ablation.safetensors")
     out: dict[str, list[dict[str, Any]]] = {"attribution": [], "exact": []}
@@ -353,16 +354,24 @@ def importance(data: StudyData) -> dict[str, list[dict[str, Any]]]:
     exact = rq5["exact_ce_firing"].double().numpy()
     for c in data.pruned:
         fs = feature_survival(data, c)
-        if fs is None or fs.cosine.size != attribution.size:
+        found = (fs.cosine, fs.alive, "cross-seed") if fs is not None else _warm_survival(data, c)
+        if found is None or found[0].size != attribution.size:
             continue
-        keep = fs.alive & fired
-        res = importance_vs_survival(np.abs(attribution[keep]), fs.cosine[keep], fs.cosine[keep] >= TAU)
+        cosine, alive, source = found
+        keep = alive & fired
+        res = importance_vs_survival(np.abs(attribution[keep]), cosine[keep], cosine[keep] >= TAU)
         out["attribution"].append(
-            {**_base(c), **res, "cosine": fs.cosine[keep], "importance": np.abs(attribution[keep])}
+            {
+                **_base(c),
+                **res,
+                "survival": source,
+                "cosine": cosine[keep],
+                "importance": np.abs(attribution[keep]),
+            }
         )
         sel = keep[features]
-        res = importance_vs_survival(exact[sel], fs.cosine[features][sel], fs.cosine[features][sel] >= TAU)
-        out["exact"].append({**_base(c), **res})
+        res = importance_vs_survival(exact[sel], cosine[features][sel], cosine[features][sel] >= TAU)
+        out["exact"].append({**_base(c), **res, "survival": source})
     return {k: bh_correct(v) for k, v in out.items()}
 
 
@@ -678,9 +687,10 @@ def _importance_effects(
                 "n_survived": int(kept.sum()),
                 "n_pairs": int(ref_rows.size),
             }
-        elif (warm := _warm_cosine(data, c, features)) is not None:
+        elif (warm := _warm_survival(data, c)) is not None and warm[0].size > features.max(initial=0):
             # no cross-seed partner: RQ2c's index-preserved survival of the same features instead
-            row["geometric"] = {**_per_feature(data, imp, warm, warm >= tau), "source": "warm start"}
+            cos = warm[0][features]
+            row["geometric"] = {**_per_feature(data, imp, cos, cos >= tau), "source": warm[2]}
         elif p is not None:
             row["geometric_missing"] = (
                 f"no pruned SAE of a seed other than the reference {data.reference_seed} "
@@ -717,17 +727,20 @@ def _per_feature(data: StudyData, imp: np.ndarray, survival: np.ndarray, kept: n
     }
 
 
-def _warm_cosine(data: StudyData, cond: Cond, features: np.ndarray) -> np.ndarray | None:
-    """The reference seed's RQ2c decoder cosines to their start after the warm start on `cond`'s
-    model, at `features` (None without that warm start, or for a pretrained reference)."""
+def _warm_survival(data: StudyData, cond: Cond) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """(cosine, alive, "warm start"): per reference feature, its decoder cosine to its start after
+    the RQ2c warm start on `cond`'s model, and whether it fires on the dense model. None without that
+    warm start, or for a pretrained reference (RQ2c warm-starts our dense SAEs)."""
     from lit_prune.study.warm import ARRAYS
 
-    if data.settings.get("reference_sae"):
-        return None  # RQ2c warm-starts our dense SAEs, not a pretrained reference
-    warm = data.arrays(f"{cond.name}/warm{data.reference_seed}", ARRAYS)
-    if warm is None or warm["cosine"].numel() <= features.max(initial=0):
+    warm = (
+        None
+        if data.settings.get("reference_sae")
+        else data.arrays(f"{cond.name}/warm{data.reference_seed}", ARRAYS)
+    )
+    if warm is None:
         return None
-    return warm["cosine"].double().numpy()[features]
+    return warm["cosine"].double().numpy(), warm["firing_rate"].numpy() > 0, "warm start"
 
 
 def dense_baseline(data: StudyData, tau: float = TAU) -> dict[str, Any] | None:

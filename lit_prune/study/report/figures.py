@@ -313,6 +313,12 @@ def fragility_figure(by_method: dict[str, dict[str, Any]]) -> Figure | None:
     return fig
 
 
+SURVIVAL_AXIS = {
+    "cross-seed": "cross-seed matched cosine (cosine similarity)",
+    "warm start": "decoder cosine to its start after the warm start",
+}
+
+
 def importance_figure(results: list[dict[str, Any]]) -> Figure | None:
     """One panel per method; one colour per sparsity (darker = sparser), Spearman and BH p in the legend."""
     results = [r for r in results if r["n"] > 0]
@@ -340,7 +346,9 @@ def importance_figure(results: list[dict[str, Any]]) -> Figure | None:
         ax.axvline(TAU, color="grey", ls="--", lw=1, label=f"survival threshold τ = {TAU:g}")
         ax.set_yscale("log")
         ax.set(
-            xlabel="cross-seed matched cosine (cosine similarity)",
+            xlabel=" / ".join(
+                sorted(SURVIVAL_AXIS[src] for src in {r.get("survival", "cross-seed") for r in mine})
+            ),
             ylabel="|gradient attribution| (nats per firing token)",
             title=f"RQ5: importance vs survival, {label}",
         )

@@ -413,6 +413,7 @@ def importance_table(results: dict[str, list[dict[str, Any]]]) -> Table:
         "condition",
         "method",
         "sparsity",
+        "survival",
         "n",
         "n_survived",
         "spearman_rho",
@@ -434,8 +435,9 @@ def importance_table(results: dict[str, list[dict[str, Any]]]) -> Table:
         formats={**S_FMT, **{c: fmt_p for c in cols if c.endswith(("_p", "_p_bh"))}},
         note="|attribution|: gradient attribution of every alive reference feature; exact ΔCE: exact "
         "ablation (scope firing) of the top / random / rare features. Survival: cross-seed matched cosine "
-        "of the reference feature (survived iff >= 0.7). _bh: Benjamini–Hochberg across conditions, per "
-        "importance measure.",
+        "of the reference feature, or where the pruned models have no SAE of another seed its decoder "
+        "cosine to its start after the RQ2c warm start (warm start); survived iff >= 0.7. _bh: "
+        "Benjamini–Hochberg across conditions, per importance measure.",
     )
 
 
