@@ -1,4 +1,4 @@
-"""Full fine-tuning vs LoRA as the masked recovery of one pruned model (issue #23): both perplexities.
+"""Full fine-tuning vs LoRA as the masked recovery of one pruned model: both perplexities.
 
 Prunes the embedded model (--method, --sparsity; skipped when --pruned already holds a pruned model),
 then runs the same recovery twice through the LightningCLI (configs/smollm2.yaml + configs/recovery.yaml,

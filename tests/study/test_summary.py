@@ -48,6 +48,7 @@ def test_blocks_of_a_study_are_its_report_tables(study):  # noqa: F811
     assert ppl.splitlines()[0].startswith("| ") and "|---|" in ppl.splitlines()[1]
     assert "400" in ppl and "20" in ppl  # magnitude 0.5 and 0.25 of the synthetic study
     assert "fp123" in blocks["provenance"] and "0, 1 (reference seed 0)" in blocks["provenance"]
+    assert "| LM dtype | float32 |" in blocks["provenance"]  # a study.json from before the field
     labelled = S.study_blocks(study, label="seeds01")
     assert set(labelled) == {f"seeds01.{k}" for k in blocks}
 
@@ -59,6 +60,8 @@ def test_stability_puts_each_study_in_a_column(study):  # noqa: F811
     for row in table[2:]:
         cells = [c.strip() for c in row.strip("|").split(" | ")]
         assert cells[1] == cells[2]  # the same study twice: the same verdicts
+    wanda = next(row for row in table if row.startswith("| Wanda preserves"))
+    assert wanda.split(" | ")[1].startswith("**") and "; functional: " in wanda
 
 
 def test_benchmark_rows_are_found_anywhere_in_the_json(tmp_path):

@@ -116,8 +116,8 @@ def all_tables_markdown(study_dir: str | Path) -> str:
 
 # --- blocks over several studies or runs ---------------------------------------------------------
 def stability_markdown(study_dirs: Iterable[str | Path]) -> str:
-    """Each headline claim's verdict (and our number) in every study, side by side: the same claims
-    read off disjoint seed sets."""
+    """Each headline claim's verdict, its functional verdict and our numbers in every study, side by
+    side: the same claims read off disjoint seed sets."""
     columns: list[str] = []
     cells: dict[str, list[str]] = {}
     for k, directory in enumerate(study_dirs):
@@ -127,8 +127,10 @@ def stability_markdown(study_dirs: Iterable[str | Path]) -> str:
         records = [dict(zip(head.columns, row, strict=False)) for row in head.rows] if head else []
         for record in records:
             claim = str(record.get("claim", "?"))
+            functional = record.get("functional verdict")
+            also = f"; functional: {functional}" if functional not in (None, "–", "context") else ""
             cells.setdefault(claim, [""] * k).append(
-                f"{record.get('verdict', '–')} ({record.get('ours', '–')})"
+                f"**{record.get('verdict', '–')}**{also} ({record.get('ours', '–')})"
             )
         for claim in cells:
             cells[claim] += [""] * (k + 1 - len(cells[claim]))
