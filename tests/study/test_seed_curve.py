@@ -50,11 +50,17 @@ def test_rows_resume_and_docs(acts, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(seed_curve, "measure_point", lambda *a, **k: pytest.fail("remeasured a done point"))
     renamed = [CurvePoint("renamed", p.axis, **p.settings()) for p in POINTS]
     assert len(run_curve(renamed, acts, out)) == 2 and len(read_rows(out)) == 2
+    # activations of another LM dtype are another point: measured again, and the docs say which is which
+    monkeypatch.setattr(seed_curve, "measure_point", lambda point, _: {**rows[0], "name": point.name})
+    rows = run_curve(POINTS[:1], acts, out, {"lm_dtype": "bfloat16"})
+    assert len(rows) == 3 and rows[2]["lm_dtype"] == "bfloat16"
 
     md, png = tmp_path / "curve.md", tmp_path / "img" / "curve.png"
     write_docs(out, md, png, command="test")
-    table = [line for line in md.read_text().splitlines() if line.startswith("| ")]
-    assert len(table) == 3 and png.stat().st_size > 0  # header + two rows
+    text = md.read_text()
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert len(table) == 4 and png.stat().st_size > 0  # header + three rows
+    assert table[0].startswith("| point | LM |") and "a ran with both" in text
     assert json.loads(out.read_text().splitlines()[0])["name"] == "a"
 
 
