@@ -217,6 +217,9 @@ def test_recovery_that_brings_back_the_rare_features_is_restored(tmp_path):
     assert g["net_bins"] == pytest.approx([0.5, 0.375, 0.25, 0.125, 0.0], abs=0.07)
     assert g["returned_bins"] == pytest.approx(list(recovered[::200]), abs=0.05)  # independent draws
     assert g["rho_net"]["value"] == pytest.approx(-1.0)
+    # seed-relative: (p_rec - p_pruned) / (p_seed - p_pruned) = 1, 0.75, 0.5, 0.25, 0
+    assert g["seed_relative_bins"] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0], abs=0.15)
+    assert g["rho_seed"]["value"] == pytest.approx(-1.0) and g["rho_seed"]["hi"] < 0
     assert row["which"] == RQ6.RARE, row["which_reason"]
     assert row["functional_verdict"] == RQ6.RESTORED  # r >= 0.7 for 30% -> 80% of the features
     assert (row["perplexity_dense"], row["perplexity_pruned"], row["perplexity_recovered"]) == (
@@ -251,6 +254,20 @@ def test_recovery_that_changes_nothing_is_not_restored(tmp_path):
     assert row["verdict"] == RQ6.NOT_RESTORED and "no difference" in row["reason"]
     assert row["functional_verdict"] == RQ6.NOT_RESTORED
     assert row["which"] in (RQ6.NEITHER, C.NOT_DETERMINABLE)  # no net return anywhere
+
+
+def test_which_come_back_is_read_against_each_bins_seed_ceiling(tmp_path):
+    """The frequent features are the seed-stable ones (dense pairs share 0.2 ... 0.6 per bin); pruning
+    halves every bin and recovery gives back half of each bin's loss. The raw net return still rises
+    with the firing rate (rho +1: "the frequent ones"), but relative to the seed ceiling every bin gets
+    the same half back, so the verdict must not name the frequent ones."""
+    ceiling = 0.2 + 0.1 * BIN
+    pruned = ceiling / 2
+    row = _row(make_study(tmp_path, ceiling, pruned, pruned + (ceiling - pruned) / 2))
+    g = row["geometric"]
+    assert g["rho_net"]["value"] == pytest.approx(1.0)
+    assert g["seed_relative_bins"] == pytest.approx([0.5] * 5, abs=0.2)
+    assert row["which"] in (RQ6.NEITHER, C.NOT_DETERMINABLE), row["which_reason"]
 
 
 def test_noise_floor_and_seed_band_are_not_determinable(tmp_path):

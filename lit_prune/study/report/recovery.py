@@ -12,8 +12,12 @@ Each recovered model (<cond>-recovered, study.recovery) is set beside its unreco
 - which lost features come back, per firing-rate quintile of the dense SAE a (bin 0 = rarest): among
   the features lost on the pruned model, the fraction that survive on the recovered one (returned),
   among the survivors the fraction lost after recovery (newly lost), and the net return
-  (S_rec,bin - S_pruned,bin) / (1 - S_pruned,bin); rho of the net return over the bins (CI from the
-  same joint bootstrap) says whether the rare (rho < 0) or the frequent ones (rho > 0) come back.
+  (S_rec,bin - S_pruned,bin) / (1 - S_pruned,bin); and the seed-relative return
+  (S_rec,bin - S_pruned,bin) / (S_seed,bin - S_pruned,bin): the share of what pruning took below the
+  bin's own dense seed ceiling that comes back (a feature two dense seeds do not share cannot
+  "return", and rare and frequent bins differ in their seed stability). rho of the seed-relative
+  return over the bins (CI from the same joint bootstrap, the dense pairs drawn with the others) says
+  whether the rare (rho < 0) or the frequent ones (rho > 0) come back.
 
 Verdict ("restored" / "not restored" / not determinable, `restored_verdict`), by the rules of the other
 claims (`report.claims`): restored iff the CI of S_recovered / S_pruned lies above 1; not restored iff
@@ -89,6 +93,16 @@ def _returns(u: np.ndarray, r: np.ndarray, bins: np.ndarray) -> dict[str, np.nda
     return out
 
 
+def _seed_relative(u: np.ndarray, r: np.ndarray, d: np.ndarray, bins: np.ndarray) -> np.ndarray:
+    """Per bin (S_r - S_u) / (S_d - S_u) of [P, n] survived matrices of the pruned (u), recovered (r)
+    and dense seed (d) pairs; NaN where pruning took nothing below the seed ceiling (S_d <= S_u)."""
+    from lit_prune.analysis.fragility import bin_means
+
+    su, sr, sd = bin_means(u, bins), bin_means(r, bins), bin_means(d, bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(sd > su, (sr - su) / (sd - su), np.nan)
+
+
 def _rho(net: np.ndarray) -> float:
     from lit_prune.analysis.stats import rank_correlation
 
@@ -113,16 +127,20 @@ def geometric_contrast(data: StudyData, rec: Cond, tau: float = TAU) -> dict[str
     samples = {
         "r": r.survived(tau, r.rows(labels)),
         "u": u.survived(tau, u.rows(labels)),
-        "bin": u.bins(u.rows(labels)),  # the dense SAE a's firing-rate bins: the same in both
+        "d": d.survived(tau, d.rows(labels)),
+        "bin": u.bins(u.rows(labels)),  # the dense SAE a's firing-rate bins: the same in all three
     }
     stats = {
         "ratio": lambda s: _ratio(pair_mean(s["r"]), pair_mean(s["u"])),
         "difference": lambda s: pair_mean(s["r"]) - pair_mean(s["u"]),
         "rho_net": lambda s: _rho(_returns(s["u"], s["r"], s["bin"])["net"]),
+        "rho_seed": lambda s: _rho(_seed_relative(s["u"], s["r"], s["d"], s["bin"])),
     }
     ci = hierarchical_bootstraps(stats, samples, n_boot(data))
     back = _returns(samples["u"], samples["r"], samples["bin"])
     rho, p = rho_bin(list(back["net"]))
+    relative = _seed_relative(samples["u"], samples["r"], samples["d"], samples["bin"])
+    rho_seed, p_seed = rho_bin(list(relative))
     Sr, Su = pair_mean(samples["r"]), pair_mean(samples["u"])
     return {
         "n_pairs": len(labels),
@@ -135,6 +153,8 @@ def geometric_contrast(data: StudyData, rec: Cond, tau: float = TAU) -> dict[str
         "net_bins": _list(back["net"]),
         "lost_bins": _list(back["lost"]),
         "rho_net": {**_with_ci(rho, ci["rho_net"]), "p": finite(p)},
+        "seed_relative_bins": _list(relative),
+        "rho_seed": {**_with_ci(rho_seed, ci["rho_seed"]), "p": finite(p_seed)},
     }
 
 
@@ -183,11 +203,11 @@ def restored_verdict(
 
 
 def which_return(rho: dict[str, Any] | None, lost: list[float | None]) -> tuple[str, str]:
-    """(which lost features come back, reason) from rho of the net return over the bins."""
+    """(which lost features come back, reason) from rho of the seed-relative return over the bins."""
     from lit_prune.analysis.stats import ci_side, within
 
     if not rho or rho.get("value") is None:
-        return C.NOT_MEASURED, "no net return per bin"
+        return C.NOT_MEASURED, "no seed-relative return per bin"
     counted = [v for v in lost if v is not None]
     if not counted or min(counted) < MIN_SURVIVORS:
         return C.NOT_DETERMINABLE, f"fewer than {MIN_SURVIVORS} lost features per pair in a bin"
@@ -236,7 +256,7 @@ def recovery_rows(data: StudyData, r0: float = 0.7) -> list[dict[str, Any]]:
             fun and fun["ratio"], [fun["survivors"]] if fun else [0.0]
         )
         row["which"], row["which_reason"] = which_return(
-            geo and geo["rho_net"], geo["lost_bins"] if geo else []
+            geo and geo["rho_seed"], geo["lost_bins"] if geo else []
         )
         row["back_in_seed_band"] = C.in_seed_band(row["S_tilde_recovered"])
         out.append(row)
@@ -342,6 +362,7 @@ def recovery_bins_table(rows: list[dict[str, Any]]) -> Table:
             ("returned (of lost)", g.get("returned_bins"), ""),
             ("newly lost (of survivors)", g.get("newly_lost_bins"), ""),
             ("net return", g.get("net_bins"), _cis(rho) if rho else "–"),
+            ("seed-relative return", g.get("seed_relative_bins"), _cis(g.get("rho_seed"))),
             ("functional returned (of lost)", f.get("returned_bins"), ""),
             ("functional net return", f.get("net_bins"), ""),
         ):
@@ -356,8 +377,10 @@ def recovery_bins_table(rows: list[dict[str, Any]]) -> Table:
         formats=S_FMT,
         note="Geometric, over the cross-seed pairs of both models (τ = 0.7): returned = lost on the pruned "
         "model and surviving on the recovered one; net return = (S_rec,bin − S_pruned,bin) / (1 − "
-        "S_pruned,bin); rho: Spearman of the net return over the bins (CI: the joint bootstrap), < 0 = the "
-        "rare ones come back more.",
+        "S_pruned,bin); seed-relative return = (S_rec,bin − S_pruned,bin) / (S_seed,bin − S_pruned,bin), "
+        "the share of the loss below the bin's dense seed ceiling that comes back (–: nothing lost below "
+        "it); rho: Spearman over the bins (CI: the joint bootstrap), < 0 = the rare ones come back more; "
+        "the verdict reads the seed-relative one.",
     )
 
 
@@ -411,6 +434,7 @@ def recovery_figure(rows: list[dict[str, Any]]) -> Figure | None:
         g, f = r["geometric"] or {}, r["functional"] or {}
         for values, ls, what in (
             (g.get("net_bins"), "-", "geometric"),
+            (g.get("seed_relative_bins"), "-.", "geometric, seed-relative"),
             (f.get("net_bins"), "--", "functional"),
         ):
             if values:
@@ -426,7 +450,7 @@ def recovery_figure(rows: list[dict[str, Any]]) -> Figure | None:
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xticks(range(N_BINS))
     ax.set_xlabel("firing-rate quintile of the dense SAE (0 = rarest)")
-    ax.set_ylabel("net return of lost features")
+    ax.set_ylabel("return of lost features")
     ax.set_title("Which lost features come back")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
