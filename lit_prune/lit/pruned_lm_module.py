@@ -231,6 +231,7 @@ class PrunedLMModule(L.LightningModule):
                 "val/loss": loss,
                 "val/perplexity": math.exp(loss),
                 "val/realised_sparsity": self.realised_sparsity(),
+                "hp_metric": math.exp(loss),  # the hparams tab's metric (Lightning logged it as -1)
             },
             rank_zero_only=True,
         )

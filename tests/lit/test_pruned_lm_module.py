@@ -185,6 +185,7 @@ def test_tensorboard_has_the_recovery_scalars(runs):
     }
     assert val["val/perplexity"] == pytest.approx(math.exp(val["val/loss"]), rel=1e-5)
     assert val["val/perplexity"] == pytest.approx(whole.model.last_val["perplexity"], rel=1e-5)
+    assert events.Scalars("hp_metric")[-1].value == pytest.approx(val["val/perplexity"], rel=1e-5)
     assert val["val/realised_sparsity"] == pytest.approx(0.5)
     assert events.Scalars("recovery/realised_sparsity")[0].value == pytest.approx(0.5)
 
