@@ -302,7 +302,7 @@ def measure_point(point: CurvePoint, acts: Activations, seeds: tuple[int, ...] =
 def _cpu_kind() -> str:
     from lit_prune.models.registry import cpu_has_bf16
 
-    return "x86 with AVX-512 bf16" if cpu_has_bf16() else "x86 without bf16 instructions"
+    return "x86 CPU with AVX-512 bf16" if cpu_has_bf16() else "x86 CPU without bf16 instructions"
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -371,7 +371,11 @@ def _cpu_of(row: dict) -> str:
     """The CPU a row ran on; rows from before the field ran with --lm_dtype auto, so bf16 names it."""
     if "cpu" in row:
         return row["cpu"]
-    return "x86 with AVX-512 bf16" if row.get("lm_dtype") == "bfloat16" else "x86 without bf16 instructions"
+    return (
+        "x86 CPU with AVX-512 bf16"
+        if row.get("lm_dtype") == "bfloat16"
+        else "x86 CPU without bf16 instructions"
+    )
 
 
 def _where(rows: list[dict]) -> str:
@@ -439,7 +443,7 @@ def figure(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     base = CurvePoint("base", "steps", 1)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.4))
     panels = (
         ("steps", "optimizer steps (batch 256, 262k tokens)", "steps", {"batch": 256, "tokens": 262_144}),
         ("tokens", "training tokens (4,096 steps of 256)", "tokens", {"batch": 256, "steps": 4096}),
@@ -454,8 +458,8 @@ def figure(rows: list[dict], path: Path) -> None:
             line = [r for r in pts if r.get("lm_dtype") == dtype]
             taus = ((0.5, "s--"), (0.7, "o-"), (0.9, "^:")) if n == 0 else ((0.7, "D-."),)
             for tau, style in taus:
-                label = f"τ = {tau:g}" + (f", LM {dtype}" if len(dtypes) > 1 else "")
-                ax.plot([r[xkey] for r in line], [r[f"shared@{tau:g}"] for r in line], style, label=label)
+                name = f"τ = {tau:g}" + (f", LM {dtype}" if len(dtypes) > 1 else "")
+                ax.plot([r[xkey] for r in line], [r[f"shared@{tau:g}"] for r in line], style, label=name)
         for r in pts:
             ax.annotate(
                 f"{r['seconds_per_sae']:.0f} s",
@@ -492,11 +496,30 @@ def figure(rows: list[dict], path: Path) -> None:
     ax.set_title("every point: cost against S_seed(0.7)", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
+    _one_change_panel(axes[3], rows)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+
+
+def _one_change_panel(ax, rows: list[dict], steps: int = 2048) -> None:
+    """S_seed(0.7) of the points that change one setting of the `steps`-step default, beside it."""
+    base = {k: v for k, v in CurvePoint("base", "steps", steps).settings().items()}
+    points = sorted(
+        (r for r in rows if r["steps"] == steps and sum(r[k] != v for k, v in base.items()) <= 1),
+        key=lambda r: (r["axis"] != "steps", AXIS_ORDER.index(r["axis"]), r["name"]),
+    )
+    y = range(len(points))
+    ax.barh(
+        y, [r["shared@0.7"] for r in points], color=["grey" if r["axis"] == "steps" else "C0" for r in points]
+    )
+    ax.set_yticks(y, [r["name"] for r in points], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("dense S_seed(0.7)")
+    ax.set_title(f"one setting changed at {steps:,} steps (grey: the default)", fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
 
 
 def write_docs(output: Path, md: Path = DOCS_MD, png: Path = DOCS_PNG, command: str = "") -> None:
