@@ -4,7 +4,8 @@ Prunes the embedded model (--method, --sparsity; skipped when --pruned already h
 then runs the same recovery twice through the LightningCLI (configs/smollm2.yaml + configs/recovery.yaml,
 --steps optimizer steps, mode full and mode lora with --lora_rank), and prints the eval perplexity of the
 pruned model and of both recovered exports (each export's recovery.json, which also holds its realised
-sparsity). Every run is an ordinary `python -m lit_prune` process; nothing here is measured in-process.
+sparsity), and how many of the pruned weights are nonzero in each export as read back from disk. Every
+run is an ordinary `python -m lit_prune` process; nothing but that read-back is done in-process.
 
 Run from the repository root (the embedded SmolLM2-135M on a CPU takes minutes per 100 steps):
   python benchmarks/recovery_modes.py --steps 200
@@ -58,10 +59,25 @@ def main(argv: list[str] | None = None) -> int:
     for mode in runs:
         record = json.loads((ROOT / a.out / mode / "recovery.json").read_text())
         ppl, sparsity = record["metrics"].get("perplexity"), record["realised_sparsity"]
+        pruned, leaked = _leaks(ROOT / a.pruned / "masks.safetensors", ROOT / a.out / mode)
         print(
-            f"{mode:>4}: perplexity {ppl:.3f}, realised sparsity {sparsity:.4f}, {record['global_step']} steps"
+            f"{mode:>4}: perplexity {ppl:.3f}, realised sparsity {sparsity:.4f}, {record['global_step']} steps, "
+            f"{leaked} of {pruned:,} pruned weights nonzero in the export"
         )
     return 0
+
+
+def _leaks(masks_file: Path, export: Path) -> tuple[int, int]:
+    """(pruned positions, nonzero weights among them) of an exported model, read back from disk."""
+    from transformers import AutoModelForCausalLM
+
+    from lit_prune.pruning import load_masks, prunable_linears
+
+    masks = load_masks(masks_file)
+    linears = prunable_linears(AutoModelForCausalLM.from_pretrained(export))
+    pruned = sum(int((~masks[name]).sum()) for name in linears)
+    leaked = sum(int(lin.weight[~masks[name]].ne(0).sum()) for name, lin in linears.items())
+    return pruned, leaked
 
 
 if __name__ == "__main__":
