@@ -299,10 +299,13 @@ def measure_point(point: CurvePoint, acts: Activations, seeds: tuple[int, ...] =
     }
 
 
+CPU_BF16, CPU_NO_BF16 = "x86 CPU with AVX-512 bf16", "x86 CPU without bf16 instructions"
+
+
 def _cpu_kind() -> str:
     from lit_prune.models.registry import cpu_has_bf16
 
-    return "x86 CPU with AVX-512 bf16" if cpu_has_bf16() else "x86 CPU without bf16 instructions"
+    return CPU_BF16 if cpu_has_bf16() else CPU_NO_BF16
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -371,11 +374,7 @@ def _cpu_of(row: dict) -> str:
     """The CPU a row ran on; rows from before the field ran with --lm_dtype auto, so bf16 names it."""
     if "cpu" in row:
         return row["cpu"]
-    return (
-        "x86 CPU with AVX-512 bf16"
-        if row.get("lm_dtype") == "bfloat16"
-        else "x86 CPU without bf16 instructions"
-    )
+    return CPU_BF16 if row.get("lm_dtype") == "bfloat16" else CPU_NO_BF16
 
 
 def _where(rows: list[dict]) -> str:
@@ -506,7 +505,7 @@ def figure(rows: list[dict], path: Path) -> None:
 
 def _one_change_panel(ax, rows: list[dict], steps: int = 2048) -> None:
     """S_seed(0.7) of the points that change one setting of the `steps`-step default, beside it."""
-    base = {k: v for k, v in CurvePoint("base", "steps", steps).settings().items()}
+    base = CurvePoint("base", "steps", steps).settings()
     points = sorted(
         (r for r in rows if r["steps"] == steps and sum(r[k] != v for k, v in base.items()) <= 1),
         key=lambda r: (r["axis"] != "steps", AXIS_ORDER.index(r["axis"]), r["name"]),
