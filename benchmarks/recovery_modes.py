@@ -71,13 +71,10 @@ def _leaks(masks_file: Path, export: Path) -> tuple[int, int]:
     """(pruned positions, nonzero weights among them) of an exported model, read back from disk."""
     from transformers import AutoModelForCausalLM
 
-    from lit_prune.pruning import load_masks, prunable_linears
+    from lit_prune.pruning import load_masks, sparsity_report
 
-    masks = load_masks(masks_file)
-    linears = prunable_linears(AutoModelForCausalLM.from_pretrained(export))
-    pruned = sum(int((~masks[name]).sum()) for name in linears)
-    leaked = sum(int(lin.weight[~masks[name]].ne(0).sum()) for name, lin in linears.items())
-    return pruned, leaked
+    report = sparsity_report(AutoModelForCausalLM.from_pretrained(export), load_masks(masks_file))
+    return sum(row["pruned"] for row in report), sum(row["leaked"] for row in report)
 
 
 if __name__ == "__main__":
