@@ -285,6 +285,8 @@ def test_restored_verdict_rules():
     assert RQ6.restored_verdict(ci(1.5, 1.2, 1.9), [100, 100])[0] == RQ6.RESTORED
     assert RQ6.restored_verdict(ci(0.6, 0.5, 0.7), [100, 100])[0] == RQ6.NOT_RESTORED
     assert RQ6.restored_verdict(ci(1.0, 0.9, 1.1), [100, 100])[0] == RQ6.NOT_RESTORED
+    # above 1 but inside the band (the embedded model's functional 1.01x [1.00, 1.01]): too small to count
+    assert RQ6.restored_verdict(ci(1.01, 1.005, 1.015), [100, 100])[0] == RQ6.NOT_RESTORED
     assert RQ6.restored_verdict(ci(1.2, 0.7, 1.9), [100, 100])[0] == C.NOT_DETERMINABLE
     assert RQ6.restored_verdict(ci(1.5, 1.2, 1.9), [100, 29])[0] == C.NOT_DETERMINABLE
     assert RQ6.restored_verdict(ci(1.5, 1.2, 1.9), [100, 100], pruned_in_band=True)[0] == C.NOT_DETERMINABLE
@@ -349,3 +351,11 @@ def test_tiny_study_with_recovery_measures_the_recovered_model(tmp_path, local_c
     assert (study / "report" / "tables" / "rq6_recovery.csv").is_file()
     # the recovered model's rows do not leak into the other tables
     assert "wanda-recovered" not in (study / "report" / "tables" / "perplexity.csv").read_text()
+
+
+def test_which_return_reads_the_band_first():
+    lost = [100.0] * 5
+    assert RQ6.which_return({"value": 0.1, "lo": 0.05, "hi": 0.15}, lost)[0] == RQ6.NEITHER
+    assert RQ6.which_return({"value": -0.8, "lo": -1.0, "hi": -0.3}, lost)[0] == RQ6.RARE
+    assert RQ6.which_return({"value": 0.8, "lo": 0.3, "hi": 1.0}, lost)[0] == RQ6.FREQUENT
+    assert RQ6.which_return({"value": 0.1, "lo": -0.5, "hi": 0.7}, lost)[0] == C.NOT_DETERMINABLE

@@ -231,3 +231,28 @@ def test_survival_rows_use_every_pair_and_report_same_seed_pairs_apart(tmp_path)
     assert row["S_same@0.7"] == pytest.approx(float((arr.cosine[~cross] >= 0.7).mean()))
     baseline = A.dense_baseline(data)
     assert baseline["n_pairs"] == 6 and baseline["S_seed"]["value"] == pytest.approx(0.6, abs=0.03)
+
+
+def test_the_equivalence_band_is_read_before_the_null():
+    """A CI that excludes the null but lies inside the band is an effect too small to count: the
+    ratio 1.05x [1.01, 1.09] (Wanda vs magnitude at 25%) must not read "reproduced"."""
+    assert C.decide({"lo": 1.01, "hi": 1.09}, 1.0, 0.8, 1.25) == 0
+    assert C.decide({"lo": 1.10, "hi": 1.40}, 1.0, 0.8, 1.25) == 1
+    assert C.decide({"lo": 0.50, "hi": 0.90}, 1.0, 0.8, 1.25) == -1
+    assert C.decide({"lo": 0.70, "hi": 1.40}, 1.0, 0.8, 1.25) is None
+    assert C.decide({"lo": None, "hi": None}, 1.0, 0.8, 1.25) is None
+    small = {"value": 1.05, "lo": 1.01, "hi": 1.09}
+    assert C.ratio_verdict(small, [760, 726], [False, False]) == (
+        C.NOT_REPRODUCED,
+        "CI inside (0.80, 1.25): no difference worth the name",
+    )
+    assert (
+        C.ratio_verdict({"value": 1.41, "lo": 1.20, "hi": 1.48}, [556, 394], [False, False])[0]
+        == C.REPRODUCED
+    )
+    tiny_rho = {"value": -0.15, "lo": -0.19, "hi": -0.11, "p": 0.001}
+    assert C.negative_rho_verdict(tiny_rho, [100.0] * 5, False) == (
+        C.NOT_REPRODUCED,
+        "CI inside ±0.2: no relation",
+    )
+    assert C.dissociation_verdict({"value": 0.1, "lo": 0.02, "hi": 0.18}) == (C.REPRODUCED, "CI inside ±0.2")

@@ -7,11 +7,14 @@ functional survival has no seed variance (one SAE on two models), so its CI resa
   with the reason: fewer than MIN_SURVIVORS surviving features (mean per pair) in a compared group, the
   pruned S within the seed band (the CI of S / S_seed contains 1: pruning is indistinguishable from
   retraining with another seed), or a CI that spans both outcomes.
-- Wanda vs magnitude: ratio S_wanda / S_magnitude per sparsity. Reproduced iff its CI lies above 1; not
-  reproduced iff below 1, or inside (1 / RATIO_BOUND, RATIO_BOUND) (no difference worth the name).
+- Every effect has an equivalence band of effects too small to count, and the band is read first
+  (`decide`): a CI inside it is "no difference worth the name" even when it also excludes the null.
+  A large sample makes a trivial effect significant; it must not make it a reproduction.
+- Wanda vs magnitude: ratio S_wanda / S_magnitude per sparsity. Not reproduced iff its CI lies inside
+  (1 / RATIO_BOUND, RATIO_BOUND) or below 1; reproduced iff it lies above 1 and leaves that band.
 - Rare features survive better: rho_bin of the per-bin survival normalised by each bin's own dense seed
-  baseline (S_bin / S_seed,bin), exact permutation p over the 5! orderings. Reproduced iff its CI lies
-  below 0; not reproduced iff above 0, or inside (-EQUIVALENCE, EQUIVALENCE).
+  baseline (S_bin / S_seed,bin), exact permutation p over the 5! orderings. Not reproduced iff its CI
+  lies inside (-EQUIVALENCE, EQUIVALENCE) or above 0; reproduced iff it lies below 0 outside that band.
 - Survival does not predict importance (a dissociation): Spearman(exact-ablation ΔCE, survival) must
   have its CI inside (-EQUIVALENCE, EQUIVALENCE) to be reproduced; not reproduced iff the CI excludes 0
   and leaves that band; Mann-Whitney (BH-corrected) is reported beside it.
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lit_prune.analysis.stats import ci_side, within
+from lit_prune.analysis.stats import ci_side
 from lit_prune.study.report.analysis import MIN_SURVIVORS, TAU
 
 REPRODUCED, NOT_REPRODUCED, PARTLY, NOT_MEASURED, CONTEXT = (
@@ -62,6 +65,17 @@ def in_seed_band(tilde: dict[str, Any] | None) -> bool:
     return bool(tilde) and ci_side(tilde.get("lo"), tilde.get("hi"), 1.0) == 0
 
 
+def decide(effect: dict[str, Any], null: float, band_lo: float, band_hi: float) -> int | None:
+    """How the CI of an effect decides, the equivalence band (band_lo, band_hi) first: 0 if the whole
+    CI lies inside it (no effect worth the name, whether or not it excludes the null), +1 / -1 if it
+    lies above / below the null and leaves the band, None if it decides nothing."""
+    lo, hi = effect.get("lo"), effect.get("hi")
+    if lo is not None and hi is not None and band_lo < lo and hi < band_hi:
+        return 0
+    side = ci_side(lo, hi, null)
+    return side if side else None
+
+
 def ratio_verdict(
     effect: dict[str, Any] | None, survivors: list[float], bands: list[bool]
 ) -> tuple[str, str]:
@@ -72,13 +86,16 @@ def ratio_verdict(
         return NOT_DETERMINABLE, f"fewer than {MIN_SURVIVORS} survivors per pair ({min(survivors):.0f})"
     if bands and all(bands):
         return NOT_DETERMINABLE, "both within the seed band (CI of S/S_seed contains 1)"
-    side = ci_side(effect.get("lo"), effect.get("hi"), 1.0)
+    side = decide(effect, 1.0, 1 / RATIO_BOUND, RATIO_BOUND)
+    if side == 0:
+        return (
+            NOT_REPRODUCED,
+            f"CI inside ({1 / RATIO_BOUND:.2f}, {RATIO_BOUND:g}): no difference worth the name",
+        )
     if side == 1:
         return REPRODUCED, "CI above 1"
     if side == -1:
         return NOT_REPRODUCED, "CI below 1 (the opposite)"
-    if side == 0 and effect["lo"] > 1 / RATIO_BOUND and effect["hi"] < RATIO_BOUND:
-        return NOT_REPRODUCED, f"CI inside ({1 / RATIO_BOUND:.2f}, {RATIO_BOUND:g}): no difference"
     return NOT_DETERMINABLE, "CI spans both outcomes"
 
 
@@ -90,10 +107,10 @@ def negative_rho_verdict(rho: dict[str, Any] | None, survivors: list[float], ban
         return NOT_DETERMINABLE, f"fewer than {MIN_SURVIVORS} survivors in a bin ({min(survivors):.0f})"
     if band:
         return NOT_DETERMINABLE, "S within the seed band (CI of S/S_seed contains 1)"
-    side = ci_side(rho.get("lo"), rho.get("hi"), 0.0)
-    if side == 0 and within(rho.get("lo"), rho.get("hi"), EQUIVALENCE):
+    side = decide(rho, 0.0, -EQUIVALENCE, EQUIVALENCE)
+    if side == 0:
         return NOT_REPRODUCED, f"CI inside ±{EQUIVALENCE:g}: no relation"
-    if side in (0, None):
+    if side is None:
         return NOT_DETERMINABLE, "CI spans both outcomes"
     # The CI resamples features and seed pairs within the bins; the exact p asks whether 5 bins fall
     # in this order by chance. A direction needs both: a CI off 0 alone flipped between seed sets.
@@ -107,9 +124,10 @@ def dissociation_verdict(rho: dict[str, Any] | None) -> tuple[str, str]:
     """(verdict, reason) of "no relation": the CI of rho must lie inside ±EQUIVALENCE."""
     if not rho or rho.get("value") is None:
         return NOT_MEASURED, "no correlation"
-    if within(rho.get("lo"), rho.get("hi"), EQUIVALENCE):
+    side = decide(rho, 0.0, -EQUIVALENCE, EQUIVALENCE)
+    if side == 0:
         return REPRODUCED, f"CI inside ±{EQUIVALENCE:g}"
-    if ci_side(rho.get("lo"), rho.get("hi"), 0.0) not in (0, None):
+    if side is not None:
         return NOT_REPRODUCED, "CI excludes 0 and leaves the equivalence band"
     return NOT_DETERMINABLE, f"CI not inside ±{EQUIVALENCE:g} and contains 0"
 
@@ -164,8 +182,8 @@ def rare_features_claim(
         "basis": f"geometric: ρ_bin [95% CI] of S_bin / S_seed,bin (each firing-rate quintile's "
         f"survival over the same bin's dense seed-pair survival), cross-seed pairs, τ = {TAU:g}; "
         f"functional: ρ_bin of the fraction with r >= {r0:g}; exact permutation p over 120 orderings "
-        f"(two-sided); reproduced iff the CI lies below 0 and p < {ALPHA:g}, not reproduced iff the CI "
-        f"lies above 0 and p < {ALPHA:g}, or inside ±{EQUIVALENCE:g}",
+        f"(two-sided); not reproduced iff the CI lies inside ±{EQUIVALENCE:g}, or above 0 and out of "
+        f"that band with p < {ALPHA:g}; reproduced iff it lies below 0 and out of that band with p < {ALPHA:g}",
     }
 
 
@@ -196,8 +214,9 @@ def wanda_claim(contrasts: list[dict[str, Any]]) -> dict[str, str]:
         "functional": (f"{_tally(f_verdicts)}. " if f_verdicts else "") + ("; ".join(f_parts) or "–"),
         "functional verdict": overall(f_verdicts),
         "basis": f"S_wanda / S_magnitude [95% CI] per sparsity, geometric survival at τ = {TAU:g} over every "
-        f"cross-seed pair; reproduced iff the CI lies above 1, not reproduced iff below 1 or inside "
-        f"({1 / RATIO_BOUND:.2f}, {RATIO_BOUND:g}); not determinable with < {MIN_SURVIVORS} survivors "
+        f"cross-seed pair; not reproduced iff the CI lies inside ({1 / RATIO_BOUND:.2f}, {RATIO_BOUND:g}) (no "
+        "difference worth the name, even if it excludes 1) or below 1; reproduced iff above 1 and out of that "
+        f"band; not determinable with < {MIN_SURVIVORS} survivors "
         "per pair or both methods within the seed band",
     }
 

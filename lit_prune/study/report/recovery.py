@@ -20,8 +20,9 @@ Each recovered model (<cond>-recovered, study.recovery) is set beside its unreco
   whether the rare (rho < 0) or the frequent ones (rho > 0) come back.
 
 Verdict ("restored" / "not restored" / not determinable, `restored_verdict`), by the rules of the other
-claims (`report.claims`): restored iff the CI of S_recovered / S_pruned lies above 1; not restored iff
-below 1 or inside (1 / RATIO_BOUND, RATIO_BOUND); not determinable with fewer than MIN_SURVIVORS
+claims (`report.claims`, the equivalence band first): not restored iff the CI of S_recovered / S_pruned
+lies inside (1 / RATIO_BOUND, RATIO_BOUND) or below 1; restored iff above 1 and out of that band; not
+determinable with fewer than MIN_SURVIVORS
 survivors per pair in either model, when the pruned model's S is within the seed band (the CI of
 S / S_seed contains 1: nothing measurably lost to restore), or when the CI spans both outcomes.
 """
@@ -181,8 +182,6 @@ def restored_verdict(
     ratio: dict[str, Any] | None, survivors: list[float], pruned_in_band: bool = False
 ) -> tuple[str, str]:
     """(verdict, reason) of "recovery restores features" from S_recovered / S_pruned with its CI."""
-    from lit_prune.analysis.stats import ci_side
-
     if not ratio or (ratio.get("value") is None and ratio.get("lo") is None):
         return C.NOT_MEASURED, "no pairs of both models"
     if min(survivors) < MIN_SURVIVORS:
@@ -192,32 +191,33 @@ def restored_verdict(
             C.NOT_DETERMINABLE,
             "the pruned model's S is within the seed band (CI of S/S_seed contains 1): nothing measurably lost",
         )
-    side = ci_side(ratio.get("lo"), ratio.get("hi"), 1.0)
+    side = C.decide(ratio, 1.0, 1 / C.RATIO_BOUND, C.RATIO_BOUND)
+    if side == 0:
+        return (
+            NOT_RESTORED,
+            f"CI inside ({1 / C.RATIO_BOUND:.2f}, {C.RATIO_BOUND:g}): no difference worth the name",
+        )
     if side == 1:
         return RESTORED, "CI above 1"
     if side == -1:
         return NOT_RESTORED, "CI below 1 (recovery loses more)"
-    if side == 0 and ratio["lo"] > 1 / C.RATIO_BOUND and ratio["hi"] < C.RATIO_BOUND:
-        return NOT_RESTORED, f"CI inside ({1 / C.RATIO_BOUND:.2f}, {C.RATIO_BOUND:g}): no difference"
     return C.NOT_DETERMINABLE, "CI spans both outcomes"
 
 
 def which_return(rho: dict[str, Any] | None, lost: list[float | None]) -> tuple[str, str]:
     """(which lost features come back, reason) from rho of the seed-relative return over the bins."""
-    from lit_prune.analysis.stats import ci_side, within
-
     if not rho or rho.get("value") is None:
         return C.NOT_MEASURED, "no seed-relative return per bin"
     counted = [v for v in lost if v is not None]
     if not counted or min(counted) < MIN_SURVIVORS:
         return C.NOT_DETERMINABLE, f"fewer than {MIN_SURVIVORS} lost features per pair in a bin"
-    side = ci_side(rho.get("lo"), rho.get("hi"), 0.0)
+    side = C.decide(rho, 0.0, -C.EQUIVALENCE, C.EQUIVALENCE)
+    if side == 0:
+        return NEITHER, f"CI inside ±{C.EQUIVALENCE:g}"
     if side == -1:
         return RARE, "CI of rho below 0"
     if side == 1:
         return FREQUENT, "CI of rho above 0"
-    if within(rho.get("lo"), rho.get("hi"), C.EQUIVALENCE):
-        return NEITHER, f"CI inside ±{C.EQUIVALENCE:g}"
     return C.NOT_DETERMINABLE, "CI spans both outcomes"
 
 
@@ -294,8 +294,8 @@ def recovery_claim(rows: list[dict[str, Any]], r0: float = 0.7) -> dict[str, str
         "functional verdict": _overall([r["functional_verdict"] for r in rows]),
         "basis": f"S_recovered / S_pruned [95% CI] at τ = {TAU:g} over the cross-seed pairs both models have "
         f"(joint hierarchical bootstrap); functional: the same ratio of r >= {r0:g} (CI over features); "
-        f"restored iff the CI lies above 1, not restored iff below 1 or inside ({1 / C.RATIO_BOUND:.2f}, "
-        f"{C.RATIO_BOUND:g}); not determinable with < {MIN_SURVIVORS} survivors per pair or the pruned "
+        f"not restored iff the CI lies inside ({1 / C.RATIO_BOUND:.2f}, {C.RATIO_BOUND:g}) or below 1, restored "
+        f"iff above 1 and out of that band; not determinable with < {MIN_SURVIVORS} survivors per pair or the pruned "
         "model within the seed band",
     }
 
