@@ -359,3 +359,17 @@ def test_which_return_reads_the_band_first():
     assert RQ6.which_return({"value": -0.8, "lo": -1.0, "hi": -0.3}, lost)[0] == RQ6.RARE
     assert RQ6.which_return({"value": 0.8, "lo": 0.3, "hi": 1.0}, lost)[0] == RQ6.FREQUENT
     assert RQ6.which_return({"value": 0.1, "lo": -0.5, "hi": 0.7}, lost)[0] == C.NOT_DETERMINABLE
+
+
+def test_returns_average_each_pair_first():
+    """Two pairs of one bin; pooled, pair A's three lost features would outweigh pair B's one.
+    Returned: A 1/3, B 1 -> 2/3 (pooled 1/2); newly lost: A 0/1, B 1/3 -> 1/6; S_u 0.5, S_r 0.625,
+    net (0.625 - 0.5) / (1 - 0.5) = 0.25; lost per pair 2."""
+    u = np.array([[0, 0, 0, 1], [0, 1, 1, 1]], dtype=float)
+    r = np.array([[1, 0, 0, 1], [1, 1, 1, 0]], dtype=float)
+    back = RQ6._returns(u, r, np.zeros((1, 4), dtype=int))
+    assert back["returned"][0] == pytest.approx(2 / 3)
+    assert back["newly_lost"][0] == pytest.approx(1 / 6)
+    assert back["net"][0] == pytest.approx(0.25)
+    assert back["lost"].tolist() == [2.0, 0.0, 0.0, 0.0, 0.0]
+    assert np.isnan(back["returned"][1:]).all() and np.isnan(back["net"][1:]).all()

@@ -75,23 +75,24 @@ def _transfer(data: StudyData, cond: Cond) -> dict[str, float | None]:
 
 
 def _returns(u: np.ndarray, r: np.ndarray, bins: np.ndarray) -> dict[str, np.ndarray]:
-    """Per bin: returned (lost -> survived) / lost, newly lost / survived, and the net return
-    (S_r - S_u) / (1 - S_u), over [P, n] survived matrices (NaN: dead) with [P, n] bin indices."""
-    out = {k: np.full(N_BINS, np.nan) for k in ("returned", "newly_lost", "net", "lost")}
+    """Per bin, over [P, n] survived matrices (NaN: dead) with [P, n] (or [1, n]) bin indices, each
+    pair's share first and then their mean (`bin_means`, as every S_bin of the report): returned =
+    lost features (u = 0) surviving on the recovered model, newly lost = kept ones (u = 1) that do
+    not, net = (S_r - S_u) / (1 - S_u); lost = lost features per pair."""
+    from lit_prune.analysis.fragility import bin_means
+
     alive = ~np.isnan(u) & ~np.isnan(r)
-    for b in range(N_BINS):
-        inb = alive & (bins == b)
-        lost, kept = inb & (u == 0), inb & (u == 1)
-        n_pairs = max(u.shape[0], 1)
-        out["lost"][b] = lost.sum() / n_pairs
-        if lost.any():
-            out["returned"][b] = float((r[lost] == 1).mean())
-        if kept.any():
-            out["newly_lost"][b] = float((r[kept] == 0).mean())
-        if inb.any() and lost.any():
-            su, sr = float(u[inb].mean()), float(r[inb].mean())
-            out["net"][b] = (sr - su) / (1 - su)
-    return out
+    bins = np.where(alive, np.broadcast_to(bins, u.shape), -1)
+    lost, kept = alive & (u == 0), alive & (u == 1)
+    su, sr = bin_means(u, bins), bin_means(r, bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        net = np.where(su < 1, (sr - su) / (1 - su), np.nan)
+    return {
+        "returned": bin_means(np.where(lost, r, np.nan), bins),
+        "newly_lost": bin_means(np.where(kept, 1 - r, np.nan), bins),
+        "net": net,
+        "lost": np.array([(lost & (bins == b)).sum() for b in range(N_BINS)]) / max(u.shape[0], 1),
+    }
 
 
 def _seed_relative(u: np.ndarray, r: np.ndarray, d: np.ndarray, bins: np.ndarray) -> np.ndarray:
