@@ -17,7 +17,7 @@ FAST := not e2e and not embedded and not slow
 PYTEST_FLAGS ?=
 PYTEST := $(PY) -m pytest -q $(PYTEST_FLAGS)
 
-.PHONY: setup run study fit docs lint test test-fast test-e2e bench lock clean
+.PHONY: setup run run-quick study fit docs lint test test-fast test-e2e bench lock clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ run: study
 
 study: setup
 	$(PY) -m lit_prune study --config configs/smollm2.yaml
+
+# the same study cut for CPUs without bf16 instructions (configs/smollm2_quick.yaml says what it drops)
+run-quick: setup
+	$(PY) -m lit_prune study --config configs/smollm2.yaml --config configs/smollm2_quick.yaml
 
 fit: setup
 	$(PY) -m lit_prune fit --config configs/smollm2.yaml

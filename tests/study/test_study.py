@@ -586,6 +586,38 @@ def test_shipped_study_configs_parse(name):
         assert max(settings.sparsities) == 0.6 and ctx.data["corpus"].startswith("hf:")
 
 
+def test_quick_study_keeps_the_sae_budget_and_cuts_the_grid():
+    from lit_prune.commands.study import context_from_args
+
+    default, _, _ = context_from_args(["--config", str(ROOT / "configs" / "smollm2.yaml")])
+    quick, _, _ = context_from_args(
+        [
+            "--config",
+            str(ROOT / "configs" / "smollm2.yaml"),
+            "--config",
+            str(ROOT / "configs" / "smollm2_quick.yaml"),
+        ]
+    )
+    assert quick.name == "smollm2_quick"
+    q, d = quick.settings, default.settings
+    assert (q.sparsities, q.seeds, q.pruned_seeds) == ([0.5], [0, 1], [0])
+    assert {k: q.ablation[k] for k in ("n_top", "n_random", "n_rare")} == {
+        "n_top": 64,
+        "n_random": 64,
+        "n_rare": 64,
+    }
+    assert {k: v for k, v in q.ablation.items() if not k.startswith("n_")} == {
+        k: v for k, v in d.ablation.items() if not k.startswith("n_")
+    }
+    # the SAE budget, which keeps the seed pairs above the noise floor, is the default's
+    assert (q.epochs, q.methods, quick.model, quick.data) == (
+        d.epochs,
+        d.methods,
+        default.model,
+        default.data,
+    )
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize(
     "config, arch", [("llama", "tiny-llama"), ("gemma2", "tiny-gemma2"), ("gemma3", "tiny-gemma3")]
