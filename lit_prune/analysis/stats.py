@@ -249,8 +249,3 @@ def ci_side(lo: float | None, hi: float | None, null: float) -> int | None:
     if lo is None or hi is None or np.isnan(lo) or np.isnan(hi):
         return None
     return 1 if lo > null else -1 if hi < null else 0
-
-
-def within(lo: float | None, hi: float | None, bound: float) -> bool:
-    """Equivalence: the CI [lo, hi] lies strictly inside (-bound, bound)."""
-    return lo is not None and hi is not None and -bound < lo and hi < bound

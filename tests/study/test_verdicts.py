@@ -241,6 +241,7 @@ def test_the_equivalence_band_is_read_before_the_null():
     assert C.decide({"lo": 0.50, "hi": 0.90}, 1.0, 0.8, 1.25) == -1
     assert C.decide({"lo": 0.70, "hi": 1.40}, 1.0, 0.8, 1.25) is None
     assert C.decide({"lo": None, "hi": None}, 1.0, 0.8, 1.25) is None
+    assert C.decide({"lo": -0.1, "hi": 0.2}, 0.0, -0.2, 0.2) is None  # the band is open: 0.2 is out
     small = {"value": 1.05, "lo": 1.01, "hi": 1.09}
     assert C.ratio_verdict(small, [760, 726], [False, False]) == (
         C.NOT_REPRODUCED,
