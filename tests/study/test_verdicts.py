@@ -257,3 +257,14 @@ def test_the_equivalence_band_is_read_before_the_null():
         "CI inside ±0.2: no relation",
     )
     assert C.dissociation_verdict({"value": 0.1, "lo": 0.02, "hi": 0.18}) == (C.REPRODUCED, "CI inside ±0.2")
+
+
+def test_a_claim_over_conditions_needs_half_of_them():
+    R, NR, ND = C.REPRODUCED, C.NOT_REPRODUCED, C.NOT_DETERMINABLE
+    assert C.overall([R, ND, ND, ND]) == ND  # one condition of four deciding is not the claim
+    assert C.overall([R, R, ND, ND]) == R
+    assert C.overall([NR, ND]) == NR
+    assert C.overall([R, NR, ND, ND]) == C.PARTLY
+    assert C.overall([R, C.NOT_MEASURED, C.NOT_MEASURED]) == R  # counted over the measured ones
+    assert C.overall([C.NOT_MEASURED]) == C.NOT_MEASURED and C.overall([]) == C.NOT_MEASURED
+    assert C.overall([ND, ND]) == ND

@@ -18,8 +18,9 @@ functional survival has no seed variance (one SAE on two models), so its CI resa
 - Survival does not predict importance (a dissociation): Spearman(exact-ablation ΔCE, survival) must
   have its CI inside (-EQUIVALENCE, EQUIVALENCE) to be reproduced; not reproduced iff the CI excludes 0
   and leaves that band; Mann-Whitney (BH-corrected) is reported beside it.
-- Over conditions: the determinable verdicts agree -> that verdict; they disagree -> "partly"; none is
-  determinable -> not determinable.
+- Over conditions: decided both ways -> "partly"; decided one way by at least half of the measured
+  conditions and by none the other way -> that verdict; otherwise not determinable (one condition of
+  four that decides, beside three that do not, is one more chance for a CI to decide by luck).
 """
 
 from __future__ import annotations
@@ -133,13 +134,18 @@ def dissociation_verdict(rho: dict[str, Any] | None) -> tuple[str, str]:
 
 
 def overall(verdicts: list[str]) -> str:
-    """One verdict over conditions: the determinable ones agree -> it; disagree -> partly."""
-    decided = {v for v in verdicts if v in (REPRODUCED, NOT_REPRODUCED)}
-    if not verdicts or all(v == NOT_MEASURED for v in verdicts):
+    """One verdict over conditions: decided both ways -> partly; one way by at least half of the
+    measured conditions -> that verdict; else not determinable. One condition of four is not the claim:
+    each condition is another chance of a CI that happens to decide."""
+    measured = [v for v in verdicts if v != NOT_MEASURED]
+    if not measured:
         return NOT_MEASURED
-    if not decided:
-        return NOT_DETERMINABLE
-    return decided.pop() if len(decided) == 1 else PARTLY
+    decided = {v for v in measured if v in (REPRODUCED, NOT_REPRODUCED)}
+    if len(decided) > 1:
+        return PARTLY
+    if decided and 2 * measured.count(verdict := decided.pop()) >= len(measured):
+        return verdict
+    return NOT_DETERMINABLE
 
 
 def _tally(verdicts: list[str]) -> str:
