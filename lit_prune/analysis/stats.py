@@ -235,6 +235,23 @@ def hierarchical_bootstraps(
     return out
 
 
+def replicate_mean_ci(
+    values, alpha: float = 0.05, bounds: tuple[float, float] = (-np.inf, np.inf)
+) -> tuple[float, float]:
+    """Student-t CI of the mean of a few independent replicates (e.g. one correlation per SAE):
+    mean ± t(1 - alpha/2, R - 1) · sd / sqrt(R), clipped to `bounds`; (nan, nan) for R < 2.
+
+    With R = 3 replicates a percentile bootstrap over them spans about ±0.9 sd, the t interval
+    ±2.5 sd: resampling three units cannot see how far a fourth would fall."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size < 2:
+        return _NAN2
+    half = float(sps.t.ppf(1 - alpha / 2, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
+    mean = float(v.mean())
+    return max(mean - half, bounds[0]), min(mean + half, bounds[1])
+
+
 def pair_mean(values: np.ndarray) -> float:
     """Mean over pairs of the per-pair mean over features (NaN = no value): [P, F] -> scalar."""
     with warnings.catch_warnings():

@@ -28,6 +28,13 @@ ABLATION_MINIMUM = {
 """study.ablation's options and the least value of each."""
 
 DENSE = "dense"
+
+
+def rq5_name(seed: int, reference_seed: int) -> str:
+    """The RQ5 step of dense seed `seed`'s SAE: rq5 for the reference, rq5_seed<s> for the others."""
+    return "rq5" if seed == reference_seed else f"rq5_seed{seed}"
+
+
 # The Trainer settings the fit steps take from the study's trainer section (the other steps only
 # read the accelerator). One device (the default, devices: 1 or absent): the fit runs in the study's
 # own process with devices=1. More (devices > 1 or a list of several, "auto" / -1 finding several
@@ -188,6 +195,10 @@ class StudySettings:
     eval_sequences (default: >= 4,096 tokens), batch_size (ablated copies per forward, default 8) and
     max_sequences (each feature ablated in at most this many of the sequences where it fires;
     default: all)."""
+    importance_seeds: list[int] | None = None
+    """Dense seeds whose SAEs RQ5 ablates (study.ablation's features of each): distinct seeds among
+    seeds that hold the reference seed; null: every seed. Several put the choice of the reference SAE
+    into RQ5's confidence intervals. With reference_sae only that SAE is ablated."""
     perplexity_sequences: int = 32
     """Eval sequences on which the dense and each pruned model's perplexity is measured."""
     gallery_condition: str | None = None
@@ -285,17 +296,8 @@ class StudySettings:
             raise invalid(
                 "study.warm_start.seeds", self.warm_start.seeds, f"seeds among study.seeds {self.seeds}"
             )
-        if self.pruned_seeds is not None and (
-            len(set(self.pruned_seeds)) != len(self.pruned_seeds)
-            or not set(self.pruned_seeds) <= set(self.seeds)
-            or self.reference_seed not in self.pruned_seeds
-        ):
-            raise invalid(
-                "study.pruned_seeds",
-                self.pruned_seeds,
-                f"null or distinct seeds among study.seeds {self.seeds} that include the reference seed "
-                f"{self.reference_seed}",
-            )
+        self._check_seed_subset("pruned_seeds", self.pruned_seeds)
+        self._check_seed_subset("importance_seeds", self.importance_seeds)
         if self.epochs < 1:
             raise invalid("study.epochs", self.epochs, "an integer >= 1")
         if not isinstance(self.workers, int) or self.workers < 1:
@@ -305,6 +307,19 @@ class StudySettings:
         if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
             raise invalid(
                 "study.name", self.name, "a non-empty name without '/' that does not start with '.'"
+            )
+
+    def _check_seed_subset(self, name: str, chosen: list[int] | None) -> None:
+        if chosen is not None and (
+            len(set(chosen)) != len(chosen)
+            or not set(chosen) <= set(self.seeds)
+            or self.reference_seed not in chosen
+        ):
+            raise invalid(
+                f"study.{name}",
+                chosen,
+                f"null or distinct seeds among study.seeds {self.seeds} that include the reference seed "
+                f"{self.reference_seed}",
             )
 
     @property
@@ -332,6 +347,13 @@ class StudySettings:
     def seeds_of_pruned(self) -> list[int]:
         """The SAE seeds trained on each pruned model (study.pruned_seeds, else every seed)."""
         return list(self.seeds if self.pruned_seeds is None else self.pruned_seeds)
+
+    def seeds_of_importance(self) -> list[int]:
+        """The dense seeds whose SAEs RQ5 ablates, the reference first (only it with reference_sae)."""
+        if self.reference_sae is not None:
+            return [self.reference_seed]
+        chosen = self.seeds if self.importance_seeds is None else self.importance_seeds
+        return [self.reference_seed] + [s for s in chosen if s != self.reference_seed]
 
     def warm_seeds(self) -> list[int]:
         """The dense seeds whose SAE RQ2c warm-starts ([] when it is off)."""

@@ -13,7 +13,6 @@ from lit_prune.analysis.evaluate import harvest
 from lit_prune.analysis.results import read_arrays
 from lit_prune.errors import invalid
 from lit_prune.models.registry import load_tokenizer
-from lit_prune.pruning import apply_masks, load_masks
 from lit_prune.sae.io import load_sae
 from lit_prune.study.config import PruneCondition, StudySettings
 
@@ -128,14 +127,7 @@ def gallery_step(ctx: StudyContext, out: Path, cond: PruneCondition) -> dict[str
     survivors = pick_distinct(survivors, decoder, is_sep, st.gallery_features)
     lost = pick_distinct(lost, decoder, is_sep, st.gallery_features)
     chosen = survivors + lost
-    pruned = ctx.load_lm()
-    apply_masks(
-        pruned,
-        {
-            k: v.to(ctx.device)
-            for k, v in load_masks(ctx.root / cond.name / "prune" / "masks.safetensors").items()
-        },
-    )
+    pruned = ctx.load_pruned_lm(cond)
     acts = {
         name: _fires(sae, lm, ids, layer, chosen, ctx.device)
         for name, lm in (("dense", dense), ("pruned", pruned))

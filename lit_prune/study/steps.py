@@ -3,11 +3,14 @@
 dense/seed<s>      Lightning fit of an SAE on the dense LM       sae/, results/sae_metrics.json, sae_firing_rates
 dense/perplexity   dense LM perplexity                           results/perplexity.json
 dense/rq5          feature importance of the reference SAE       results/rq5_ablation.{json,safetensors}
+dense/rq5_seed<s>  the same for dense/seed<s>'s SAE (study.importance_seeds)
 <cond>/prune       masks + pruned perplexity                     masks.safetensors, results/perplexity.json
 <cond>/seed<s>     fit on the pruned LM + RQ2/RQ4 (+ RQ3 for the reference seed) callbacks
                                                                  sae/, results/{sae_metrics,rq2_survival,rq3_transfer}
 <cond>/rq1         seed stability across the seeds' SAEs        results/rq1_seeds.{json,safetensors}
 <cond>/pairs       every (dense seed a, seed b) pair matched     results/rq2_pairs.{json,safetensors}
+<cond>/functional  functional survival of every RQ5 SAE          results/functional.safetensors
+                   (lit_prune.study.functional; only with several importance seeds)
 dense/warm<s>, <cond>/warm<s>  RQ2c: dense/seed<s>'s SAE trained further on the dense (control) / pruned
                    LM (lit_prune.study.warm)                     sae/, results/warm_start.{json,safetensors}
 <gallery cond>/gallery  top contexts of surviving / lost features  gallery.json
@@ -49,12 +52,13 @@ from lit_prune.lit.survival_callback import FeatureSurvivalCallback
 from lit_prune.lit.trainer_settings import checked_trainer
 from lit_prune.lit.transfer_callback import TransferabilityCallback
 from lit_prune.models.registry import load_model, model_dir
-from lit_prune.pruning import SparsityMismatch, prune_model, save_masks
+from lit_prune.pruning import SparsityMismatch, apply_masks, load_masks, prune_model, save_masks
 from lit_prune.sae.build import SAESettings
 from lit_prune.sae.io import hook_name, load_sae
 from lit_prune.sae.schedule import sae_steps
-from lit_prune.study.config import DENSE, TRAINER_KEYS, PruneCondition, StudySettings
+from lit_prune.study.config import DENSE, TRAINER_KEYS, PruneCondition, StudySettings, rq5_name
 from lit_prune.study.fit_worker import device_ids, fit_in_worker, fit_processes
+from lit_prune.study.functional import functional_of
 from lit_prune.study.gallery import gallery_condition, gallery_step
 from lit_prune.study.pairs import pairs_step
 from lit_prune.study.runner import Step
@@ -107,6 +111,13 @@ class StudyContext:
         )
         # transformers' typing of PreTrainedModel.to rejects a torch.device
         return lm.to(self.device)  # pyright: ignore[reportArgumentType]
+
+    def load_pruned_lm(self, cond: PruneCondition) -> torch.nn.Module:
+        """The LM with the masks of `cond`'s prune step applied."""
+        lm = self.load_lm()
+        masks = load_masks(self.root / cond.name / "prune" / "masks.safetensors")
+        apply_masks(lm, {k: v.to(self.device) for k, v in masks.items()})
+        return lm
 
     def reference(self) -> str:
         """The reference SAE for RQ2 / RQ3 / RQ5: the pretrained one if given, else dense/seed<ref>/sae."""
@@ -196,16 +207,18 @@ def build_steps(ctx: StudyContext, corpus_fingerprint: str) -> list[Step]:
                 cost=1 if cond.method == "magnitude" else 3,
             )
         )
-    steps.append(
-        Step(
-            DENSE,
-            "rq5",
-            {**base, **reference, "ablation": st.ablation},
-            lambda out: rq5_step(ctx, out),
-            deps=[ref_key],
-            cost=4,
+    for s in st.seeds_of_importance():
+        steps.append(
+            Step(
+                DENSE,
+                rq5_name(s, st.reference_seed),
+                {**base, **reference, "ablation": st.ablation}
+                | ({} if s == st.reference_seed else {"seed": s}),
+                lambda out, s=s: rq5_step(ctx, out, s),
+                deps=[f"{DENSE}/seed{s}"],
+                cost=4,
+            )
         )
-    )
     gallery = gallery_condition(st)
     pruned_seeds = st.seeds_of_pruned()
     recovered = st.recovered_conditions()
@@ -257,6 +270,8 @@ def build_steps(ctx: StudyContext, corpus_fingerprint: str) -> list[Step]:
             )
         if len(st.seeds) > 1:
             steps.append(pairs_of(ctx, cond.name))
+        if len(st.seeds_of_importance()) > 1 and not cond.recovered:
+            steps.append(functional_of(ctx, base, cond))
         if cond == gallery and st.gallery_features:
             steps.append(
                 Step(
@@ -532,10 +547,12 @@ RQ5_TOKENS = 4096
 """The default RQ5 ablation runs on at least this many eval tokens (study.ablation.eval_sequences)."""
 
 
-def rq5_step(ctx: StudyContext, out: Path) -> dict[str, Any]:
-    """RQ5 on the dense model: exact ablation of selected reference features, attribution for all."""
+def rq5_step(ctx: StudyContext, out: Path, seed: int) -> dict[str, Any]:
+    """RQ5 on the dense model: exact ablation of selected features of dense seed `seed`'s SAE (the
+    reference SAE for the reference seed), attribution for all."""
     st, dm, lm = ctx.settings, ctx.datamodule(), ctx.load_lm()
-    sae, meta = load_sae(ctx.reference(), device=ctx.device)
+    path = ctx.reference() if seed == st.reference_seed else ctx.root / DENSE / f"seed{seed}" / "sae"
+    sae, meta = load_sae(path, device=ctx.device)
     seq_len = int(ctx.data.get("seq_len", 128))
     at_least_4k = -(-RQ5_TOKENS // seq_len)  # docs/methods.md §4 RQ5: 64 / 64 / 64 features on >= 4k tokens
     options = {"n_top": 64, "n_random": 64, "n_rare": 64, "eval_sequences": at_least_4k, "batch_size": 8}
@@ -550,11 +567,11 @@ def rq5_step(ctx: StudyContext, out: Path) -> dict[str, Any]:
         **options,
     )
     metrics = summarise(arrays)
-    seed = meta.get("seed")
-    condition = ctx.condition(seed_a=None if seed is None else int(seed))
+    sae_seed = meta.get("seed")  # None for a pretrained reference SAE
+    condition = ctx.condition(seed_a=None if sae_seed is None else int(sae_seed))
     write_rows(out / "results" / "rq5_ablation.json", summary_rows(condition, metrics))
     write_arrays(out / "results" / "rq5_ablation.safetensors", **arrays)
-    logger = ctx.logger("rq5", DENSE)
+    logger = ctx.logger(rq5_name(seed, st.reference_seed), DENSE)
     logger.log_metrics({f"rq5/{k.replace(':', '/')}": v for k, v in metrics.items()}, step=0)
     logger.experiment.add_figure("rq5/exact_vs_attribution", scatter_figure(arrays), 0)
     logger.finalize("success")

@@ -7,7 +7,13 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from lit_prune.analysis.stats import benjamini_hochberg, bootstrap_ci, mann_whitney, spearman
+from lit_prune.analysis.stats import (
+    benjamini_hochberg,
+    bootstrap_ci,
+    mann_whitney,
+    replicate_mean_ci,
+    spearman,
+)
 from lit_prune.errors import LitPruneError
 
 
@@ -196,3 +202,11 @@ def test_ci_side():
 
     assert ci_side(1.1, 2.0, 1.0) == 1 and ci_side(0.2, 0.9, 1.0) == -1 and ci_side(0.5, 1.5, 1.0) == 0
     assert ci_side(float("nan"), 1.0, 0.0) is None and ci_side(2.0, float("inf"), 1.0) == 1
+
+
+def test_replicate_mean_ci_is_the_student_t_interval():
+    """[0.1, 0.2, 0.3]: mean 0.2, sd 0.1, t(0.975, 2) = 4.302653: 0.2 ± 0.248414."""
+    lo, hi = replicate_mean_ci([0.1, 0.2, 0.3])
+    assert (lo, hi) == pytest.approx((0.2 - 0.248414, 0.2 + 0.248414), abs=1e-6)
+    assert replicate_mean_ci([0.1, 0.2, 0.3], bounds=(0.0, 0.4)) == pytest.approx((0.0, 0.4))
+    assert all(math.isnan(v) for v in replicate_mean_ci([0.1, float("nan")]))  # one replicate: no interval

@@ -160,11 +160,21 @@ def test_bad_shard_is_one_line_error(text):
         ({"warm_start": {"sae_batch_tokens": 1.5}}, "study.warm_start.sae_batch_tokens"),
         ({"warm_start": {"seeds": [2]}}, "study.warm_start.seeds"),  # not among study.seeds [0, 1]
         ({"warm_start": {"seeds": []}}, "study.warm_start.seeds"),
+        ({"importance_seeds": [1]}, "study.importance_seeds"),  # without the reference seed 0
+        ({"importance_seeds": [0, 0]}, "study.importance_seeds"),
+        ({"importance_seeds": [0, 2]}, "study.importance_seeds"),  # not among study.seeds [0, 1]
     ],
 )
 def test_bad_grid_is_rejected(kwargs, field):
     with pytest.raises(LitPruneError, match=field):
         StudySettings(**kwargs)
+
+
+def test_rq5_ablates_the_importance_seeds_reference_first():
+    assert StudySettings(seeds=[3, 4, 5]).seeds_of_importance() == [3, 4, 5]
+    assert StudySettings(seeds=[3, 4, 5], importance_seeds=[5, 3]).seeds_of_importance() == [3, 5]
+    pretrained = StudySettings(seeds=[3, 4], reference_sae="sae-lens:release/id")
+    assert pretrained.seeds_of_importance() == [3]  # only the pretrained reference is ablated
 
 
 def test_rq1_matches_seeds_with_the_survival_settings():
@@ -294,7 +304,13 @@ def test_study_writes_every_result(reference_study):
         assert f"{cond}/seed0/results/rq3_transfer.json" in results  # RQ3: reference seed only
         assert f"{cond}/seed1/results/rq2_survival.json" in results
     assert "dense/rq5/results/rq5_ablation.json" in results
+    assert "dense/rq5_seed1/results/rq5_ablation.json" in results  # RQ5 ablates every dense seed's SAE
     assert "wanda-0.5/gallery/gallery.json" in results
+    for cond in conditions[1:]:  # the functional step's r of the reference = the reference fit's
+        functional = read_arrays(reference_study / cond / "functional" / "results" / "functional.safetensors")
+        fit = read_arrays(reference_study / cond / "seed0" / "results" / "rq2_survival.safetensors")
+        assert functional["seed"].tolist() == [0, 1]
+        torch.testing.assert_close(functional["pearson_r"][0], fit["pearson_r"], equal_nan=True)
 
     # every seed pair (docs/methods.md §4b): dense pairs a != b; pruned pairs cross and same-seed
     def pairs(c):
@@ -397,6 +413,7 @@ def test_magnitude_group_reprunes_only_magnitude(reference_study, tmp_path, loca
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(_ran(study)[-1]) == [
+        "magnitude-0.5/functional",
         "magnitude-0.5/pairs",
         "magnitude-0.5/prune",
         "magnitude-0.5/rq1",
@@ -602,6 +619,13 @@ def test_quick_study_keeps_the_sae_budget_and_cuts_the_grid():
     q, d = quick.settings, default.settings
     assert (q.sparsities, q.seeds, q.pruned_seeds) == ([0.5], [0, 1], [0])
     assert {k: q.ablation[k] for k in ("n_top", "n_random", "n_rare")} == {
+        "n_top": 32,
+        "n_random": 32,
+        "n_rare": 32,
+    }
+    # RQ5 ablates every dense SAE: 2 x 96 features against the default's 3 x 192
+    assert (q.seeds_of_importance(), d.seeds_of_importance()) == ([0, 1], [0, 1, 2])
+    assert {k: d.ablation[k] for k in ("n_top", "n_random", "n_rare")} == {
         "n_top": 64,
         "n_random": 64,
         "n_rare": 64,

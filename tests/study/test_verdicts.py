@@ -268,3 +268,94 @@ def test_a_claim_over_conditions_needs_half_of_them():
     assert C.overall([R, C.NOT_MEASURED, C.NOT_MEASURED]) == R  # counted over the measured ones
     assert C.overall([C.NOT_MEASURED]) == C.NOT_MEASURED and C.overall([]) == C.NOT_MEASURED
     assert C.overall([ND, ND]) == ND
+
+
+def _several_rq5_saes(root: Path, warm: dict[int, np.ndarray], functional: bool = False) -> None:
+    """RQ5 of dense seeds 1 and 2 beside the reference's, each SAE's wanda-0.5 warm-start cosine
+    `warm[seed]` (pruned_seeds [0]: no cross-seed partner of the reference), and with `functional`
+    the functional step's r of all three SAEs (r = the warm cosine)."""
+    _write_pairs(root, "wanda-0.5", np.full(N, 0.5), np.random.default_rng(1), pruned=[0])
+    imp = load_study(root).arrays("dense/rq5", "rq5_ablation.safetensors")["exact_ce_firing"]
+    for s in (1, 2):
+        write_arrays(
+            root / "dense" / f"rq5_seed{s}" / "results" / "rq5_ablation.safetensors",
+            features=torch.arange(N),
+            exact_ce_firing=imp,
+        )
+        _mark_done(root, f"dense/rq5_seed{s}")
+    for s, cos in warm.items():
+        write_arrays(
+            root / "wanda-0.5" / f"warm{s}" / "results" / "warm_start.safetensors",
+            cosine=torch.tensor(cos, dtype=torch.float32),
+            firing_rate=torch.tensor(RATE),
+        )
+        _mark_done(root, f"wanda-0.5/warm{s}")
+    if functional:
+        write_arrays(
+            root / "wanda-0.5" / "functional" / "results" / "functional.safetensors",
+            pearson_r=torch.tensor(np.stack([warm[s] for s in SEEDS]), dtype=torch.float32),
+            seed=torch.tensor(SEEDS),
+        )
+        _mark_done(root, "wanda-0.5/functional")
+
+
+def test_rq5_averages_rho_over_the_saes_and_resamples_them(tmp_path):
+    """Three SAEs with the same importance: survival rises with it in two (rho 1) and falls in one
+    (rho -1). rho = (1 + 1 - 1) / 3 with the t interval over the three SAEs, 1/3 ± 2.87, clipped to
+    [-1, 1]: not determinable, where the reference alone (rho 1, a narrow feature CI) would have read
+    "not reproduced"."""
+    root = make_study(tmp_path, np.full(N, 0.6), np.full(N, 0.5), np.full(N, 0.1), lambda g: g.random(N))
+    imp = load_study(root).arrays("dense/rq5", "rq5_ablation.safetensors")["exact_ce_firing"].numpy()
+    rank = (imp.argsort().argsort() + 0.5) / N
+    _several_rq5_saes(root, {0: rank, 1: rank, 2: 1 - rank}, functional=True)
+    row = next(r for r in A.importance_effects(load_study(root)) if r["condition"] == "wanda-0.5")
+    for kind in ("geometric", "functional"):
+        e = row[kind]
+        assert e["n_references"] == 3 and row["n"] == 3 * N
+        assert e["value"] == pytest.approx(1 / 3)
+        assert e["lo"] == pytest.approx(-1.0) and e["hi"] == pytest.approx(1.0)
+        assert C.dissociation_verdict(e)[0] == C.NOT_DETERMINABLE
+        assert e["n_survived"] == 3 * 300  # survival >= 0.7: 30% of each SAE's features
+    assert row["geometric"]["source"] == "warm start"
+
+
+def test_rq5_over_unrelated_saes_is_a_dissociation(tmp_path):
+    """Survival independent of importance in each of three SAEs (1,000 features each, so each rho is
+    about 0 ± 0.03): the mean rho and its t interval over the SAEs lie inside ±0.2."""
+    root = make_study(tmp_path, np.full(N, 0.6), np.full(N, 0.5), np.full(N, 0.1), lambda g: g.random(N))
+    rng = np.random.default_rng(3)
+    _several_rq5_saes(root, {s: rng.random(N) for s in SEEDS}, functional=True)
+    row = next(r for r in A.importance_effects(load_study(root)) if r["condition"] == "wanda-0.5")
+    for kind in ("geometric", "functional"):
+        assert row[kind]["n_references"] == 3
+        assert C.dissociation_verdict(row[kind]) == (C.REPRODUCED, "CI inside ±0.2")
+
+
+def test_rq5_without_every_saes_survival_uses_the_reference_alone(tmp_path):
+    """Only the reference has a warm start and a functional r: its features alone, not a mixture."""
+    root = make_study(tmp_path, np.full(N, 0.6), np.full(N, 0.5), np.full(N, 0.1), lambda g: g.random(N))
+    rng = np.random.default_rng(4)
+    _several_rq5_saes(root, {0: rng.random(N)})
+    row = next(r for r in A.importance_effects(load_study(root)) if r["condition"] == "wanda-0.5")
+    assert row["geometric"]["n_references"] == 1 and row["functional"]["n_references"] == 1
+
+
+def test_importance_over_studies_pools_every_studys_saes():
+    """Two seed sets' SAEs: rho 0.1, 0.2 / 0.3 (geometric) -> mean 0.2, t interval over the three
+    0.2 ± 0.248 (not determinable); functional only in the first study: its two SAEs alone."""
+    first = [
+        {
+            "condition": "wanda-0.5",
+            "geometric": {"per_sae": {0: 0.1, 1: 0.2}},
+            "functional": {"per_sae": {0: 0.0, 1: 0.02}},
+        }
+    ]
+    second = [{"condition": "wanda-0.5", "geometric": {"per_sae": {3: 0.3}}}]
+    (row,) = A.importance_over_studies([first, second])
+    geo = row["geometric"]
+    assert geo["n_references"] == 3 and geo["value"] == pytest.approx(0.2)
+    assert (geo["lo"], geo["hi"]) == pytest.approx((0.2 - 0.248414, 0.2 + 0.248414), abs=1e-6)
+    assert row["functional"]["n_references"] == 2
+    text = C.importance_over_studies_text([row]).splitlines()
+    assert text[0].startswith(f"geometric, 3 SAEs: **{C.NOT_DETERMINABLE}**")
+    assert text[1].startswith("functional, 2 SAEs:")

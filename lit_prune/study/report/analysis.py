@@ -645,61 +645,33 @@ def importance_effects(
 def _importance_effects(
     data: StudyData, tau: float = TAU, r0: float = 0.7, scope: str = "firing"
 ) -> list[dict[str, Any]]:
-    """RQ5 at the effect-size level: per condition, Spearman(exact ablation ΔCE, survival) of the
-    ablated top / random / rare features, geometric (mean matched cosine over the reference's cross
-    pairs; CI: crossed bootstrap over those pairs and the features; without cross pairs, the
-    reference's RQ2c warm-start cosine, `source` "warm start") and functional (Pearson r); CI of a
-    single value per feature: feature bootstrap; Mann-Whitney survived vs lost for both; p-values
-    BH-corrected across conditions, per measure."""
-    from lit_prune.analysis.stats import (
-        benjamini_hochberg,
-        hierarchical_bootstrap,
-        mann_whitney,
-        rank_correlation,
-        spearman,
-    )
+    """RQ5 at the effect-size level, per condition: Spearman(exact ablation ΔCE, survival) of the
+    ablated top / random / rare features of each RQ5 SAE (every dense seed of study.importance_seeds),
+    averaged over those SAEs (`_pooled_rho`). Geometric survival: each SAE's mean matched cosine over its
+    cross-seed pairs, or where an SAE has none, for every SAE its decoder cosine to its start after the
+    RQ2c warm start (`source` "warm start"); functional: the Pearson r on the dense vs the pruned model.
+    Mann-Whitney survived vs lost over the pooled features; p-values BH-corrected across conditions."""
+    from lit_prune.analysis.stats import benjamini_hochberg
 
-    rq5 = data.arrays("dense/rq5", "rq5_ablation.safetensors")
-    if rq5 is None:
+    refs = _rq5_references(data, scope)
+    if not refs:
         return []
-    features = rq5["features"].long().numpy()
-    imp = rq5[f"exact_ce_{scope}"].double().numpy()
     out = []
     for c in data.pruned:
-        row: dict[str, Any] = {**_base(c), "n": int(features.size)}
-        p = pairs(data, c)
-        ref_rows = (
-            np.array([i for i, (a, b) in enumerate(p.labels) if a == data.reference_seed and a != b])
-            if p is not None
-            else np.array([], dtype=np.int64)
-        )
-        if ref_rows.size and p is not None and p.cosine.shape[1] > features.max(initial=0):
-            cos = np.nan_to_num(p.cosine[np.ix_(ref_rows, features)], nan=0.0)
-            samples = {"c": cos, "i": np.broadcast_to(imp, cos.shape)}
-            stat = lambda s: rank_correlation(s["i"][0], s["c"].mean(0))  # noqa: E731
-            mean_c = cos.mean(0)
-            rho, rho_p = spearman(imp, mean_c)
-            kept = mean_c >= tau
-            row["geometric"] = {
-                **_with_ci(rho, hierarchical_bootstrap(stat, samples, n_boot(data), crossed=True)),
-                "p": finite(rho_p),
-                "mw_p": finite(mann_whitney(imp[kept], imp[~kept])[1]),
-                "n_survived": int(kept.sum()),
-                "n_pairs": int(ref_rows.size),
-            }
-        elif (warm := _warm_survival(data, c)) is not None and warm[0].size > features.max(initial=0):
-            # no cross-seed partner: RQ2c's index-preserved survival of the same features instead
-            cos = warm[0][features]
-            row["geometric"] = {**_per_feature(data, imp, cos, cos >= tau), "source": warm[2]}
-        elif p is not None:
+        row: dict[str, Any] = {**_base(c), "n": sum(f.size for f, _ in refs.values())}
+        geometric = _reference_survival(refs, _geometric_sources(data, c))
+        if geometric is not None:
+            row["geometric"] = _pooled_rho(data, refs, geometric[0], tau) | (
+                {"source": geometric[1]} if geometric[1] != "cross-seed" else {}
+            )
+        elif pairs(data, c) is not None:
             row["geometric_missing"] = (
                 f"no pruned SAE of a seed other than the reference {data.reference_seed} "
                 "(add one to study.pruned_seeds) and no warm start of it"
             )
-        arr = _reference_arrays(data, c)
-        if arr is not None and "pearson_r" in arr and arr["pearson_r"].numel() > features.max(initial=0):
-            r = arr["pearson_r"].double().numpy()[features]
-            row["functional"] = _per_feature(data, imp, r, np.nan_to_num(r, nan=-2.0) >= r0)
+        functional = _reference_survival(refs, {"functional": _functional(data, c)})
+        if functional is not None:
+            row["functional"] = _pooled_rho(data, refs, functional[0], r0)
         out.append(row)
     for kind in ("geometric", "functional"):
         have = [r[kind] for r in out if kind in r]
@@ -710,34 +682,143 @@ def _importance_effects(
     return out
 
 
-def _per_feature(data: StudyData, imp: np.ndarray, survival: np.ndarray, kept: np.ndarray) -> dict[str, Any]:
-    """Spearman(importance, survival) of one survival value per feature, CI over the features, and
-    Mann-Whitney of the importance of the kept vs the lost features."""
-    from lit_prune.analysis.stats import hierarchical_bootstrap, mann_whitney, rank_correlation, spearman
+def importance_over_studies(studies: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """RQ5 over the SAEs of several studies together (e.g. disjoint seed sets), from each study's
+    `importance_effects`: per condition and survival kind, the mean of every SAE's rho and the t
+    interval over all of them (`n_references` SAEs)."""
+    from lit_prune.analysis.stats import replicate_mean_ci
 
-    rho, rho_p = spearman(imp, survival)
-    ci = hierarchical_bootstrap(
-        lambda s: rank_correlation(s["i"][0], s["c"][0]), {"c": survival[None], "i": imp[None]}, n_boot(data)
+    found: dict[str, dict[str, list[float]]] = {}
+    for effects in studies:
+        for r in effects:
+            kinds = found.setdefault(r["condition"], {})
+            for kind in ("geometric", "functional"):
+                rhos = (r.get(kind) or {}).get("per_sae", {}).values()
+                kinds.setdefault(kind, []).extend(v for v in rhos if v is not None)
+    out = []
+    for condition, kinds in found.items():
+        row: dict[str, Any] = {"condition": condition}
+        for kind, rhos in kinds.items():
+            if rhos:
+                ci = replicate_mean_ci(rhos, bounds=(-1.0, 1.0))
+                row[kind] = {**_with_ci(float(np.mean(rhos)), ci), "n_references": len(rhos)}
+        out.append(row)
+    return out
+
+
+def _rq5_references(data: StudyData, scope: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Dense seed -> (ablated features, their exact-ablation ΔCE) of every finished RQ5 step, the
+    reference first (under the reference seed for a pretrained reference SAE)."""
+    from lit_prune.study.config import rq5_name
+
+    ref, out = data.reference_seed, {}
+    if ref is None:
+        return out
+    for s in [ref] + [s for s in data.seeds if s != ref]:
+        arr = data.arrays(f"{DENSE}/{rq5_name(s, ref)}", "rq5_ablation.safetensors")
+        if arr is not None:
+            out[s] = (arr["features"].long().numpy(), arr[f"exact_ce_{scope}"].double().numpy())
+    return out
+
+
+def _geometric_sources(data: StudyData, cond: Cond) -> dict[str, dict[int, np.ndarray]]:
+    """Per source (cross-seed, warm start): dense seed -> the survival of each feature of its SAE. A
+    pretrained reference: its matched cosine in the pruned models' SAEs (cross-seed)."""
+    if data.settings.get("reference_sae"):
+        fs = feature_survival(data, cond)
+        return {
+            "cross-seed": {}
+            if fs is None or data.reference_seed is None
+            else {data.reference_seed: fs.cosine}
+        }
+    cross, warm = {}, {}
+    p = pairs(data, cond)
+    for s in data.seeds:
+        rows = [] if p is None else [i for i, (a, b) in enumerate(p.labels) if a == s and a != b]
+        if p is not None and rows:
+            cross[s] = np.nan_to_num(p.cosine[rows], nan=0.0).mean(0)
+        if (found := _warm_survival(data, cond, s)) is not None:
+            warm[s] = found[0]
+    return {"cross-seed": cross, "warm start": warm}
+
+
+def _functional(data: StudyData, cond: Cond) -> dict[int, np.ndarray]:
+    """Dense seed -> per-feature functional r of its SAE on `cond`: the functional step's, else the
+    reference fit's (the reference SAE only)."""
+    from lit_prune.study.functional import ARRAYS
+
+    arr = data.arrays(f"{cond.name}/functional", ARRAYS)
+    if arr is not None:
+        return {int(s): r.double().numpy() for s, r in zip(arr["seed"], arr["pearson_r"], strict=True)}
+    fit = _reference_arrays(data, cond)
+    if fit is None or "pearson_r" not in fit or data.reference_seed is None:
+        return {}
+    return {data.reference_seed: fit["pearson_r"].double().numpy()}
+
+
+def _reference_survival(
+    refs: dict[int, tuple[np.ndarray, np.ndarray]], sources: dict[str, dict[int, np.ndarray]]
+) -> tuple[dict[int, np.ndarray], str] | None:
+    """(seed -> survival of its ablated features, source): the first source that covers every RQ5
+    SAE, else the first that covers the reference SAE (it alone: one source for all, never a mix);
+    None when none does."""
+    for only_reference in (False, True):
+        for source, values in sources.items():
+            chosen = [next(iter(refs))] if only_reference else list(refs)
+            if all(s in values and values[s].size > refs[s][0].max(initial=0) for s in chosen):
+                return {s: values[s][refs[s][0]] for s in chosen}, source
+    return None
+
+
+def _pooled_rho(
+    data: StudyData,
+    refs: dict[int, tuple[np.ndarray, np.ndarray]],
+    survival: dict[int, np.ndarray],
+    kept_at: float,
+) -> dict[str, Any]:
+    """The mean over RQ5 SAEs of Spearman(importance, survival) over each SAE's ablated features
+    (`per_sae`); its CI: with several SAEs the t interval over their rho (the choice of SAE is part of
+    the uncertainty, and each rho carries its own feature noise), with one a feature bootstrap. Also
+    the pooled Spearman p and the Mann-Whitney of importance, survived vs lost."""
+    from lit_prune.analysis.stats import (
+        hierarchical_bootstrap,
+        mann_whitney,
+        rank_correlation,
+        replicate_mean_ci,
+        spearman,
     )
+
+    per_sae = {s: rank_correlation(refs[s][1], survival[s]) for s in survival}
+    if len(per_sae) > 1:
+        ci = replicate_mean_ci(list(per_sae.values()), bounds=(-1.0, 1.0))
+    else:
+        (s,) = per_sae
+        samples = {"i": refs[s][1][None], "c": survival[s][None]}
+        ci = hierarchical_bootstrap(lambda x: rank_correlation(x["i"][0], x["c"][0]), samples, n_boot(data))
+    imp = np.concatenate([refs[s][1] for s in per_sae])
+    surv = np.concatenate([survival[s] for s in per_sae])
+    kept = np.nan_to_num(surv, nan=-2.0) >= kept_at
     return {
-        **_with_ci(rho, ci),
-        "p": finite(rho_p),
+        **_with_ci(float(np.nanmean(list(per_sae.values()))), ci),
+        "p": finite(spearman(imp, surv)[1]),
         "mw_p": finite(mann_whitney(imp[kept], imp[~kept])[1]),
         "n_survived": int(kept.sum()),
+        "n_references": len(per_sae),
+        "per_sae": {int(s): finite(r) for s, r in per_sae.items()},
     }
 
 
-def _warm_survival(data: StudyData, cond: Cond) -> tuple[np.ndarray, np.ndarray, str] | None:
-    """(cosine, alive, "warm start"): per reference feature, its decoder cosine to its start after
-    the RQ2c warm start on `cond`'s model, and whether it fires on the dense model. None without that
-    warm start, or for a pretrained reference (RQ2c warm-starts our dense SAEs)."""
+def _warm_survival(
+    data: StudyData, cond: Cond, seed: int | None = None
+) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """(cosine, alive, "warm start"): per feature of dense seed `seed`'s SAE (default: the reference),
+    its decoder cosine to its start after the RQ2c warm start on `cond`'s model, and whether it fires
+    on the dense model. None without that warm start, or for a pretrained reference (RQ2c warm-starts
+    our dense SAEs)."""
     from lit_prune.study.warm import ARRAYS
 
-    warm = (
-        None
-        if data.settings.get("reference_sae")
-        else data.arrays(f"{cond.name}/warm{data.reference_seed}", ARRAYS)
-    )
+    seed = data.reference_seed if seed is None else seed
+    warm = None if data.settings.get("reference_sae") else data.arrays(f"{cond.name}/warm{seed}", ARRAYS)
     if warm is None:
         return None
     return warm["cosine"].double().numpy(), warm["firing_rate"].numpy() > 0, "warm start"

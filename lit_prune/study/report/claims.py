@@ -287,6 +287,10 @@ def importance_claim(effects: list[dict[str, Any]], r0: float = 0.7) -> dict[str
             (f"{_tally(verdicts)}. " if verdicts else "") + ("; ".join(p for _, p in parts) or "–"),
         )
     n = effects[0]["n"] if effects else 0
+    saes = max(
+        (r[k].get("n_references", 1) for r in effects for k in ("geometric", "functional") if k in r),
+        default=1,
+    )
     return {
         "claim": "Geometric survival does not predict causal importance",
         "paper": "a dissociation (no relation)",
@@ -295,14 +299,29 @@ def importance_claim(effects: list[dict[str, Any]], r0: float = 0.7) -> dict[str
         "functional": out["functional"][1],
         "functional verdict": out["functional"][0],
         "basis": f"importance = exact-ablation ΔCE (error term kept, tokens where the feature fires) of "
-        f"the {n} ablated top / random / rare reference features; Spearman ρ [95% CI] with the mean "
-        "cross-seed matched cosine (CI over the reference's seed pairs and the features; where the "
-        "pruned models have no SAE of another seed, the reference's decoder cosine to its start after "
-        "the RQ2c warm start on the pruned model, marked (warm start)) and with the "
-        f"functional r; reproduced iff the CI lies inside ±{EQUIVALENCE:g}; Mann–Whitney survived "
+        f"the {n} ablated top / random / rare features of {saes} dense SAE(s) of different seeds; ρ: "
+        "Spearman ρ over each SAE's features, averaged over the SAEs, [95% CI]: the t interval over the "
+        "SAEs' ρ (with one SAE, a bootstrap over its features: the choice of SAE is then not in the "
+        "CI); survival: the mean cross-seed matched cosine of each feature, or where an SAE has "
+        "no pruned SAE of another seed, every SAE's decoder cosine to its start after the RQ2c warm "
+        "start on the pruned model, marked (warm start), and the functional r; reproduced iff the CI "
+        f"lies inside ±{EQUIVALENCE:g}; Mann–Whitney survived "
         f"(>= {TAU:g} / r >= {r0:g}) vs lost, BH-corrected across conditions, needs >= {MIN_SURVIVORS} "
         "survivors",
     }
+
+
+def importance_over_studies_text(rows: list[dict[str, Any]]) -> str:
+    """One line per survival kind of `analysis.importance_over_studies`: the overall verdict of "no
+    relation" and each condition's mean rho [t interval] over every study's SAEs."""
+    lines = []
+    for kind in ("geometric", "functional"):
+        parts = [(r["condition"], r[kind], dissociation_verdict(r[kind])[0]) for r in rows if kind in r]
+        if parts:
+            n = max(e["n_references"] for _, e, _ in parts)
+            each = "; ".join(f"{c}: ρ {_ci(e)} → {v}" for c, e, v in parts)
+            lines.append(f"{kind}, {n} SAEs: **{overall([v for _, _, v in parts])}** ({each})")
+    return "\n".join(lines)
 
 
 def context_rows(baseline: dict[str, Any] | None, geo: list[dict[str, Any]]) -> list[dict[str, str]]:

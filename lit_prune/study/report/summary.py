@@ -118,10 +118,15 @@ def all_tables_markdown(study_dir: str | Path) -> str:
 def stability_markdown(study_dirs: Iterable[str | Path]) -> str:
     """Each headline claim's verdict, its functional verdict and our numbers in every study, side by
     side: the same claims read off disjoint seed sets."""
+    from lit_prune.study.report import analysis as A
+    from lit_prune.study.report.claims import importance_over_studies_text
+
     columns: list[str] = []
     cells: dict[str, list[str]] = {}
+    importance = []
     for k, directory in enumerate(study_dirs):
         data, tables = study_tables(directory)
+        importance.append(A.importance_effects(data))
         columns.append("seeds " + ", ".join(map(str, data.seeds)))
         head = next((t for t in tables if t.name == "headline"), None)
         records = [dict(zip(head.columns, row, strict=False)) for row in head.rows] if head else []
@@ -139,6 +144,15 @@ def stability_markdown(study_dirs: Iterable[str | Path]) -> str:
     esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     lines = ["| claim | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {esc(c)} | " + " | ".join(esc(v or "–") for v in vs) + " |" for c, vs in cells.items()]
+    pooled = importance_over_studies_text(A.importance_over_studies(importance))
+    if pooled and len(columns) > 1:
+        lines += [
+            "",
+            "Survival does not predict importance, the SAEs of every column together "
+            "(mean of their ρ, t interval over them):",
+            "",
+        ]
+        lines += [f"- {line}" for line in pooled.splitlines()]
     return "\n".join(lines)
 
 

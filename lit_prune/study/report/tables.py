@@ -468,6 +468,7 @@ def importance_effects_table(effects: list[dict[str, Any]]) -> Table:
         "method",
         "sparsity",
         "survival",
+        "SAEs",
         "n",
         "rho",
         "95% CI",
@@ -483,7 +484,8 @@ def importance_effects_table(effects: list[dict[str, Any]]) -> Table:
                 continue
             ci = _ci_cell((e.get("lo"), e.get("hi")))
             body.append(
-                [r["condition"], r["method"], r["sparsity"], kind, r["n"], e.get("value"), ci, e.get("p_bh")]
+                [r["condition"], r["method"], r["sparsity"], kind, e.get("n_references", 1), r["n"]]
+                + [e.get("value"), ci, e.get("p_bh")]
                 + [e.get("n_survived"), e.get("mw_p_bh")]
             )
     return Table(
@@ -493,8 +495,11 @@ def importance_effects_table(effects: list[dict[str, Any]]) -> Table:
         body,
         formats={**S_FMT, "p_bh": fmt_p, "mw_p_bh": fmt_p},
         note="rho: Spearman(exact ablation ΔCE on the tokens where the feature fires, survival) over the "
-        "ablated top / random / rare features; geometric survival: the mean matched cosine over the "
-        "reference's cross-seed pairs (CI: bootstrap over those pairs and the features), functional: the "
-        "Pearson r of the reference on the dense vs the pruned model (CI over features). p_bh, mw_p_bh: "
-        "Spearman and Mann–Whitney (survived vs lost) p-values, Benjamini–Hochberg across conditions.",
+        "ablated top / random / rare features of each of the SAEs (dense SAEs of different seeds; n: their "
+        "features together), averaged over the SAEs; CI: the t interval over the SAEs' rho (one SAE: a "
+        "bootstrap over its features). "
+        "Geometric survival: the feature's mean matched cosine over its SAE's cross-seed pairs, or its "
+        "decoder cosine to its start after the RQ2c warm start; functional: the Pearson r of its "
+        "activations on the dense vs the pruned model. p_bh, mw_p_bh: Spearman and Mann–Whitney (survived "
+        "vs lost) p-values over the pooled features, Benjamini–Hochberg across conditions.",
     )
