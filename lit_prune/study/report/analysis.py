@@ -734,9 +734,9 @@ def _geometric_sources(data: StudyData, cond: Cond) -> dict[str, dict[int, np.nd
     cross, warm = {}, {}
     p = pairs(data, cond)
     for s in data.seeds:
-        rows = [] if p is None else [i for i, (a, b) in enumerate(p.labels) if a == s and a != b]
-        if p is not None and rows:
-            cross[s] = np.nan_to_num(p.cosine[rows], nan=0.0).mean(0)
+        mine = [] if p is None else [lab for lab in p.cross if lab[0] == s]
+        if p is not None and mine:
+            cross[s] = np.nan_to_num(p.cosine[p.rows(mine)], nan=0.0).mean(0)
         if (found := _warm_survival(data, cond, s)) is not None:
             warm[s] = found[0]
     return {"cross-seed": cross, "warm start": warm}
@@ -762,9 +762,8 @@ def _reference_survival(
     """(seed -> survival of its ablated features, source): the first source that covers every RQ5
     SAE, else the first that covers the reference SAE (it alone: one source for all, never a mix);
     None when none does."""
-    for only_reference in (False, True):
+    for chosen in (list(refs), [next(iter(refs))]):
         for source, values in sources.items():
-            chosen = [next(iter(refs))] if only_reference else list(refs)
             if all(s in values and values[s].size > refs[s][0].max(initial=0) for s in chosen):
                 return {s: values[s][refs[s][0]] for s in chosen}, source
     return None
