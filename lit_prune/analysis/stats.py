@@ -235,19 +235,42 @@ def hierarchical_bootstraps(
     return out
 
 
+def spearman_variance(rho: float, n: int) -> float:
+    """Sampling variance of a Spearman rho over n pairs (Bonett & Wright 2000, by the delta method):
+    (1 - rho^2)^2 (1 + rho^2 / 2) / (n - 3); NaN for n <= 3 or a NaN rho."""
+    if n <= 3 or not np.isfinite(rho):
+        return float("nan")
+    return float((1 - rho**2) ** 2 * (1 + rho**2 / 2) / (n - 3))
+
+
 def replicate_mean_ci(
-    values, alpha: float = 0.05, bounds: tuple[float, float] = (-np.inf, np.inf)
+    values,
+    alpha: float = 0.05,
+    bounds: tuple[float, float] = (-np.inf, np.inf),
+    within_variances=None,
 ) -> tuple[float, float]:
     """Student-t CI of the mean of a few independent replicates (e.g. one correlation per SAE):
-    mean ± t(1 - alpha/2, R - 1) · sd / sqrt(R), clipped to `bounds`; (nan, nan) for R < 2.
+    mean ± t(1 - alpha/2, R - 1) · sqrt(V), clipped to `bounds`; (nan, nan) for R < 2.
 
-    With R = 3 replicates a percentile bootstrap over them spans about ±0.9 sd, the t interval
-    ±2.5 sd: resampling three units cannot see how far a fourth would fall."""
+    V = sd² / R, or, given each replicate's own sampling variance v_r, max(sd² / R, mean(v_r) / R):
+    the Hartung-Knapp interval with its ad hoc floor (Knapp & Hartung 2003) for an unweighted mean.
+    Three replicates estimate their spread with two degrees of freedom, and by chance it can come out
+    far below each replicate's own noise; the floor keeps the interval from being narrower than that
+    noise alone implies. With R = 3 a percentile bootstrap over the replicates spans about ±0.9 sd,
+    the t interval ±2.5 sd: resampling three units cannot see how far a fourth would fall."""
     v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
+    if within_variances is not None and len(within_variances) != v.size:
+        raise invalid("within_variances", len(within_variances), f"one per replicate ({v.size})")
+    keep = np.isfinite(v)
+    v = v[keep]
     if v.size < 2:
         return _NAN2
-    half = float(sps.t.ppf(1 - alpha / 2, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
+    var = float(v.var(ddof=1)) / v.size
+    if within_variances is not None:
+        within = np.asarray(within_variances, dtype=np.float64)[keep]
+        if np.isfinite(within).any():
+            var = max(var, float(np.nanmean(within)) / v.size)
+    half = float(sps.t.ppf(1 - alpha / 2, v.size - 1) * np.sqrt(var))
     mean = float(v.mean())
     return max(mean - half, bounds[0]), min(mean + half, bounds[1])
 

@@ -210,3 +210,25 @@ def test_replicate_mean_ci_is_the_student_t_interval():
     assert (lo, hi) == pytest.approx((0.2 - 0.248414, 0.2 + 0.248414), abs=1e-6)
     assert replicate_mean_ci([0.1, 0.2, 0.3], bounds=(0.0, 0.4)) == pytest.approx((0.0, 0.4))
     assert all(math.isnan(v) for v in replicate_mean_ci([0.1, float("nan")]))  # one replicate: no interval
+
+
+def test_replicate_mean_ci_is_never_narrower_than_the_replicates_own_noise():
+    """[0.19, 0.2, 0.21] agree to sd 0.01, but each carries variance 0.03 of its own: V = max(0.0001/3,
+    0.03/3) = 0.01, so 0.2 ± t(0.975, 2) · 0.1 = 0.2 ± 0.4302653; tiny own noise: the t interval."""
+    values = [0.19, 0.2, 0.21]
+    lo, hi = replicate_mean_ci(values, within_variances=[0.03, 0.03, 0.03])
+    assert (lo, hi) == pytest.approx((0.2 - 0.4302653, 0.2 + 0.4302653), abs=1e-6)
+    assert replicate_mean_ci(values, within_variances=[1e-9] * 3) == pytest.approx(replicate_mean_ci(values))
+    unknown = replicate_mean_ci(values, within_variances=[float("nan")] * 3)
+    assert unknown == pytest.approx(replicate_mean_ci(values))
+    with pytest.raises(LitPruneError, match="within_variances"):
+        replicate_mean_ci(values, within_variances=[0.03])
+
+
+def test_spearman_variance_is_bonett_wright():
+    """rho 0.5 over 23 pairs: (1 - 0.25)^2 (1 + 0.125) / 20 = 0.031640625; n <= 3: undefined."""
+    from lit_prune.analysis.stats import spearman_variance
+
+    assert spearman_variance(0.5, 23) == pytest.approx(0.031640625)
+    assert spearman_variance(1.0, 50) == 0.0
+    assert math.isnan(spearman_variance(0.5, 3)) and math.isnan(spearman_variance(float("nan"), 50))

@@ -259,6 +259,18 @@ def test_the_equivalence_band_is_read_before_the_null():
     assert C.dissociation_verdict({"value": 0.1, "lo": 0.02, "hi": 0.18}) == (C.REPRODUCED, "CI inside ±0.2")
 
 
+def test_a_relation_must_be_worth_the_name_to_refute_a_dissociation():
+    """A CI off 0 that still reaches into ±0.2 decides nothing; one wholly beyond it refutes."""
+    verdict = lambda lo, hi: C.dissociation_verdict({"value": (lo + hi) / 2, "lo": lo, "hi": hi})  # noqa: E731
+    assert verdict(0.10, 0.203) == (
+        C.NOT_DETERMINABLE,
+        "CI not inside ±0.2 and excludes 0 but reaches into the band",
+    )
+    assert verdict(-0.05, 0.25) == (C.NOT_DETERMINABLE, "CI not inside ±0.2 and contains 0")
+    assert verdict(0.21, 0.40) == (C.NOT_REPRODUCED, "CI beyond ±0.2: a relation worth the name")
+    assert verdict(-0.50, -0.20)[0] == C.NOT_REPRODUCED
+
+
 def test_a_claim_over_conditions_needs_half_of_them():
     R, NR, ND = C.REPRODUCED, C.NOT_REPRODUCED, C.NOT_DETERMINABLE
     assert C.overall([R, ND, ND, ND]) == ND  # one condition of four deciding is not the claim
@@ -359,3 +371,17 @@ def test_importance_over_studies_pools_every_studys_saes():
     text = C.importance_over_studies_text([row]).splitlines()
     assert text[0].startswith(f"geometric, 3 SAEs: **{C.NOT_DETERMINABLE}**")
     assert text[1].startswith("functional, 2 SAEs:")
+
+
+def test_importance_over_studies_keeps_each_rho_s_feature_noise():
+    """The same three rho over 23 features each: Spearman variances (1 - rho^2)^2 (1 + rho^2 / 2) / 20
+    = 0.0492502, 0.0470016, 0.0432682, mean 0.0465067 > sd^2 = 0.01, so 0.2 ± 4.302653 ·
+    sqrt(0.0465067 / 3) = 0.2 ± 0.535714 (not ± 0.248)."""
+    first = [
+        {"condition": "wanda-0.5", "geometric": {"per_sae": {0: 0.1, 1: 0.2}, "per_sae_n": {0: 23, 1: 23}}}
+    ]
+    second = [{"condition": "wanda-0.5", "geometric": {"per_sae": {3: 0.3}, "per_sae_n": {3: 23}}}]
+    (row,) = A.importance_over_studies([first, second])
+    assert (row["geometric"]["lo"], row["geometric"]["hi"]) == pytest.approx(
+        (0.2 - 0.535714, 0.2 + 0.535714), abs=1e-5
+    )

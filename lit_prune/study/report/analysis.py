@@ -685,22 +685,24 @@ def _importance_effects(
 def importance_over_studies(studies: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """RQ5 over the SAEs of several studies together (e.g. disjoint seed sets), from each study's
     `importance_effects`: per condition and survival kind, the mean of every SAE's rho and the t
-    interval over all of them (`n_references` SAEs)."""
-    from lit_prune.analysis.stats import replicate_mean_ci
-
-    found: dict[str, dict[str, list[float]]] = {}
+    interval over all of them (`n_references` SAEs, `_replicate_rho_ci`)."""
+    found: dict[str, dict[str, list[tuple[float, int]]]] = {}
     for effects in studies:
         for r in effects:
             kinds = found.setdefault(r["condition"], {})
             for kind in ("geometric", "functional"):
-                rhos = (r.get(kind) or {}).get("per_sae", {}).values()
-                kinds.setdefault(kind, []).extend(v for v in rhos if v is not None)
+                e = r.get(kind) or {}
+                ns = e.get("per_sae_n", {})
+                kinds.setdefault(kind, []).extend(
+                    (v, ns.get(s, 0)) for s, v in e.get("per_sae", {}).items() if v is not None
+                )
     out = []
     for condition, kinds in found.items():
         row: dict[str, Any] = {"condition": condition}
-        for kind, rhos in kinds.items():
-            if rhos:
-                ci = replicate_mean_ci(rhos, bounds=(-1.0, 1.0))
+        for kind, found_rhos in kinds.items():
+            if found_rhos:
+                rhos, ns = (list(v) for v in zip(*found_rhos, strict=True))
+                ci = _replicate_rho_ci(rhos, ns)
                 row[kind] = {**_with_ci(float(np.mean(rhos)), ci), "n_references": len(rhos)}
         out.append(row)
     return out
@@ -776,20 +778,21 @@ def _pooled_rho(
     kept_at: float,
 ) -> dict[str, Any]:
     """The mean over RQ5 SAEs of Spearman(importance, survival) over each SAE's ablated features
-    (`per_sae`); its CI: with several SAEs the t interval over their rho (the choice of SAE is part of
-    the uncertainty, and each rho carries its own feature noise), with one a feature bootstrap. Also
+    (`per_sae`, over `per_sae_n` features each); its CI: with several SAEs the t interval over their
+    rho, never narrower than their feature noise (the choice of SAE is part of the uncertainty, and
+    each rho carries its own feature noise: `_replicate_rho_ci`), with one a feature bootstrap. Also
     the pooled Spearman p and the Mann-Whitney of importance, survived vs lost."""
     from lit_prune.analysis.stats import (
         hierarchical_bootstrap,
         mann_whitney,
         rank_correlation,
-        replicate_mean_ci,
         spearman,
     )
 
     per_sae = {s: rank_correlation(refs[s][1], survival[s]) for s in survival}
+    per_sae_n = {s: int((np.isfinite(refs[s][1]) & np.isfinite(survival[s])).sum()) for s in survival}
     if len(per_sae) > 1:
-        ci = replicate_mean_ci(list(per_sae.values()), bounds=(-1.0, 1.0))
+        ci = _replicate_rho_ci(list(per_sae.values()), list(per_sae_n.values()))
     else:
         (s,) = per_sae
         samples = {"i": refs[s][1][None], "c": survival[s][None]}
@@ -804,7 +807,17 @@ def _pooled_rho(
         "n_survived": int(kept.sum()),
         "n_references": len(per_sae),
         "per_sae": {int(s): finite(r) for s, r in per_sae.items()},
+        "per_sae_n": {int(s): n for s, n in per_sae_n.items()},
     }
+
+
+def _replicate_rho_ci(rhos: list[float], ns: list[int]) -> tuple[float, float]:
+    """The t interval over the SAEs' rho, never narrower than their feature noise
+    (`stats.replicate_mean_ci` with each rho's Spearman variance over its n features)."""
+    from lit_prune.analysis.stats import replicate_mean_ci, spearman_variance
+
+    within = [spearman_variance(r, n) for r, n in zip(rhos, ns, strict=True)]
+    return replicate_mean_ci(rhos, bounds=(-1.0, 1.0), within_variances=within)
 
 
 def _warm_survival(

@@ -16,8 +16,8 @@ functional survival has no seed variance (one SAE on two models), so its CI resa
   baseline (S_bin / S_seed,bin), exact permutation p over the 5! orderings. Not reproduced iff its CI
   lies inside (-EQUIVALENCE, EQUIVALENCE) or above 0; reproduced iff it lies below 0 outside that band.
 - Survival does not predict importance (a dissociation): Spearman(exact-ablation ΔCE, survival) must
-  have its CI inside (-EQUIVALENCE, EQUIVALENCE) to be reproduced; not reproduced iff the CI excludes 0
-  and leaves that band; Mann-Whitney (BH-corrected) is reported beside it.
+  have its CI inside (-EQUIVALENCE, EQUIVALENCE) to be reproduced; not reproduced iff the CI lies
+  wholly outside that band; Mann-Whitney (BH-corrected) is reported beside it.
 - Over conditions: decided both ways -> "partly"; decided one way by at least half of the measured
   conditions and by none the other way -> that verdict; otherwise not determinable (one condition of
   four that decides, beside three that do not, is one more chance for a CI to decide by luck).
@@ -122,15 +122,18 @@ def negative_rho_verdict(rho: dict[str, Any] | None, survivors: list[float], ban
 
 
 def dissociation_verdict(rho: dict[str, Any] | None) -> tuple[str, str]:
-    """(verdict, reason) of "no relation": the CI of rho must lie inside ±EQUIVALENCE."""
+    """(verdict, reason) of "no relation": reproduced iff the CI of rho lies inside ±EQUIVALENCE, not
+    reproduced iff it lies wholly beyond it (a relation worth the name). A CI that excludes 0 but
+    reaches into the band shows a relation that may still be too small to count: it decides nothing."""
     if not rho or rho.get("value") is None:
         return NOT_MEASURED, "no correlation"
     side = decide(rho, 0.0, -EQUIVALENCE, EQUIVALENCE)
     if side == 0:
         return REPRODUCED, f"CI inside ±{EQUIVALENCE:g}"
-    if side is not None:
-        return NOT_REPRODUCED, "CI excludes 0 and leaves the equivalence band"
-    return NOT_DETERMINABLE, f"CI not inside ±{EQUIVALENCE:g} and contains 0"
+    if side is not None and (rho["lo"] >= EQUIVALENCE or rho["hi"] <= -EQUIVALENCE):
+        return NOT_REPRODUCED, f"CI beyond ±{EQUIVALENCE:g}: a relation worth the name"
+    where = "contains 0" if side is None else "excludes 0 but reaches into the band"
+    return NOT_DETERMINABLE, f"CI not inside ±{EQUIVALENCE:g} and {where}"
 
 
 def overall(verdicts: list[str]) -> str:
@@ -301,11 +304,12 @@ def importance_claim(effects: list[dict[str, Any]], r0: float = 0.7) -> dict[str
         "basis": f"importance = exact-ablation ΔCE (error term kept, tokens where the feature fires) of "
         f"the {n} ablated top / random / rare features of {saes} dense SAE(s) of different seeds; ρ: "
         "Spearman ρ over each SAE's features, averaged over the SAEs, [95% CI]: the t interval over the "
-        "SAEs' ρ (with one SAE, a bootstrap over its features: the choice of SAE is then not in the "
-        "CI); survival: the mean cross-seed matched cosine of each feature, or where an SAE has "
-        "no pruned SAE of another seed, every SAE's decoder cosine to its start after the RQ2c warm "
-        "start on the pruned model, marked (warm start), and the functional r; reproduced iff the CI "
-        f"lies inside ±{EQUIVALENCE:g}; Mann–Whitney survived "
+        "SAEs' ρ, never narrower than their feature noise (with one SAE, a bootstrap over its features: "
+        "the choice of SAE is then not in the CI); survival: the mean cross-seed matched cosine of "
+        "each feature, or where an SAE has no pruned SAE of another seed, every SAE's decoder cosine "
+        "to its start after the RQ2c warm start on the pruned model, marked (warm start), and the "
+        "functional r; reproduced iff the CI "
+        f"lies inside ±{EQUIVALENCE:g}, not reproduced iff it lies wholly outside; Mann–Whitney survived "
         f"(>= {TAU:g} / r >= {r0:g}) vs lost, BH-corrected across conditions, needs >= {MIN_SURVIVORS} "
         "survivors",
     }

@@ -496,8 +496,8 @@ def importance_effects_table(effects: list[dict[str, Any]]) -> Table:
         formats={**S_FMT, "p_bh": fmt_p, "mw_p_bh": fmt_p},
         note="rho: Spearman(exact ablation ΔCE on the tokens where the feature fires, survival) over the "
         "ablated top / random / rare features of each of the SAEs (dense SAEs of different seeds; n: their "
-        "features together), averaged over the SAEs; CI: the t interval over the SAEs' rho (one SAE: a "
-        "bootstrap over its features). "
+        "features together), averaged over the SAEs; CI: the t interval over the SAEs' rho, never "
+        "narrower than their feature noise (one SAE: a bootstrap over its features). "
         "Geometric survival: the feature's mean matched cosine over its SAE's cross-seed pairs, or its "
         "decoder cosine to its start after the RQ2c warm start; functional: the Pearson r of its "
         "activations on the dense vs the pruned model. p_bh, mw_p_bh: Spearman and Mann–Whitney (survived "
