@@ -149,7 +149,7 @@ def stability_markdown(study_dirs: Iterable[str | Path]) -> str:
         lines += [
             "",
             "Survival does not predict importance, the SAEs of every column together "
-            "(mean of their ρ, t interval over them):",
+            "(mean of their ρ, t interval over them, never narrower than their feature noise):",
             "",
         ]
         lines += [f"- {line}" for line in pooled.splitlines()]
