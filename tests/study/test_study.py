@@ -630,8 +630,10 @@ def test_quick_study_keeps_the_sae_budget_and_cuts_the_grid():
         "n_random": 64,
         "n_rare": 64,
     }
-    assert {k: v for k, v in q.ablation.items() if not k.startswith("n_")} == {
-        k: v for k, v in d.ablation.items() if not k.startswith("n_")
+    # each feature in its first 2 firing sequences, not 4: the rest of the ablation is the default's
+    assert (q.ablation["max_sequences"], d.ablation["max_sequences"]) == (2, 4)
+    assert {k: v for k, v in q.ablation.items() if k != "max_sequences" and not k.startswith("n_")} == {
+        k: v for k, v in d.ablation.items() if k != "max_sequences" and not k.startswith("n_")
     }
     # the SAE budget, which keeps the seed pairs above the noise floor, is the default's
     assert (q.epochs, q.methods, quick.model, quick.data) == (
