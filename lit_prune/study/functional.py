@@ -42,14 +42,12 @@ def functional_of(ctx: StudyContext, base: dict[str, Any], cond: PruneCondition)
 def functional_step(ctx: StudyContext, out: Path, cond: PruneCondition) -> dict[str, Any]:
     """Each RQ5 SAE on the dense and the pruned model (module doc); returns the mean r per seed."""
     seeds = ctx.settings.seeds_of_importance()
-    n = ctx.settings.survival.get("functional_sequences")
-    ids = ctx.datamodule().eval_ids
-    ids = ids if n is None else ids[:n]
+    ids = ctx.datamodule().eval_ids[: ctx.settings.survival.get("functional_sequences")]
     dense, pruned = ctx.load_lm(), ctx.load_pruned_lm(cond)
     batch = int(ctx.data.get("batch_size", 32))
     rs = []
     for s in seeds:
-        sae, _ = load_sae(ctx.root / DENSE / f"seed{s}" / "sae", device=ctx.device)
+        sae, _ = load_sae(ctx.dense_sae(s), device=ctx.device)
         passed = paired_features(dense, pruned, ctx.model["hook_layer"], sae.encode, ids, batch)
         rs.append(passed.acc.compute().float().cpu())
     r = torch.stack(rs)

@@ -119,11 +119,13 @@ class StudyContext:
         apply_masks(lm, {k: v.to(self.device) for k, v in masks.items()})
         return lm
 
+    def dense_sae(self, seed: int) -> Path:
+        """The SAE folder of the dense fit of `seed` (dense/seed<s>/sae)."""
+        return self.root / DENSE / f"seed{seed}" / "sae"
+
     def reference(self) -> str:
         """The reference SAE for RQ2 / RQ3 / RQ5: the pretrained one if given, else dense/seed<ref>/sae."""
-        return self.settings.reference_sae or str(
-            self.root / DENSE / f"seed{self.settings.reference_seed}" / "sae"
-        )
+        return self.settings.reference_sae or str(self.dense_sae(self.settings.reference_seed))
 
     def condition(
         self, method: str = DENSE, sparsity: float = 0.0, seed_a: int | None = None, seed_b: int | None = None
@@ -354,7 +356,7 @@ def run_fit(
     }
     callbacks: list[L.Callback] = []
     if cond is not None:
-        dense_ref = ctx.root / DENSE / f"seed{st.reference_seed}" / "sae" / "lit_prune.json"
+        dense_ref = ctx.dense_sae(st.reference_seed) / "lit_prune.json"
         kwargs["norm_scale"] = json.loads(dense_ref.read_text())[
             "norm_scale"
         ]  # c is fitted on the dense model
@@ -410,7 +412,7 @@ def warm_fit(ctx: StudyContext, out: Path, seed: int, cond: PruneCondition | Non
             "lr": w.lr,
             "sae_batch_tokens": w.sae_batch_tokens,
             "max_sae_steps": w.steps,
-            "init_from": str(ctx.root / DENSE / f"seed{seed}" / "sae"),
+            "init_from": str(ctx.dense_sae(seed)),
             "norm_scale": None,  # the source's own c (the dense fit's)
             "export_dir": str(out / "sae"),
         }
@@ -551,7 +553,7 @@ def rq5_step(ctx: StudyContext, out: Path, seed: int) -> dict[str, Any]:
     """RQ5 on the dense model: exact ablation of selected features of dense seed `seed`'s SAE (the
     reference SAE for the reference seed), attribution for all."""
     st, dm, lm = ctx.settings, ctx.datamodule(), ctx.load_lm()
-    path = ctx.reference() if seed == st.reference_seed else ctx.root / DENSE / f"seed{seed}" / "sae"
+    path = ctx.reference() if seed == st.reference_seed else ctx.dense_sae(seed)
     sae, meta = load_sae(path, device=ctx.device)
     seq_len = int(ctx.data.get("seq_len", 128))
     at_least_4k = -(-RQ5_TOKENS // seq_len)  # docs/methods.md §4 RQ5: 64 / 64 / 64 features on >= 4k tokens

@@ -685,7 +685,7 @@ def _importance_effects(
 def importance_over_studies(studies: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """RQ5 over the SAEs of several studies together (e.g. disjoint seed sets), from each study's
     `importance_effects`: per condition and survival kind, the mean of every SAE's rho and the t
-    interval over all of them (`n_references` SAEs, `_replicate_rho_ci`)."""
+    interval over all of them (`n_references` SAEs, `_mean_over_saes`)."""
     found: dict[str, dict[str, list[tuple[float, int]]]] = {}
     for effects in studies:
         for r in effects:
@@ -702,8 +702,7 @@ def importance_over_studies(studies: list[list[dict[str, Any]]]) -> list[dict[st
         for kind, found_rhos in kinds.items():
             if found_rhos:
                 rhos, ns = (list(v) for v in zip(*found_rhos, strict=True))
-                ci = _replicate_rho_ci(rhos, ns)
-                row[kind] = {**_with_ci(float(np.mean(rhos)), ci), "n_references": len(rhos)}
+                row[kind] = {**_mean_over_saes(rhos, ns), "n_references": len(rhos)}
         out.append(row)
     return out
 
@@ -780,7 +779,7 @@ def _pooled_rho(
     """The mean over RQ5 SAEs of Spearman(importance, survival) over each SAE's ablated features
     (`per_sae`, over `per_sae_n` features each); its CI: with several SAEs the t interval over their
     rho, never narrower than their feature noise (the choice of SAE is part of the uncertainty, and
-    each rho carries its own feature noise: `_replicate_rho_ci`), with one a feature bootstrap. Also
+    each rho carries its own feature noise: `_mean_over_saes`), with one a feature bootstrap. Also
     the pooled Spearman p and the Mann-Whitney of importance, survived vs lost."""
     from lit_prune.analysis.stats import (
         hierarchical_bootstrap,
@@ -792,16 +791,17 @@ def _pooled_rho(
     per_sae = {s: rank_correlation(refs[s][1], survival[s]) for s in survival}
     per_sae_n = {s: int((np.isfinite(refs[s][1]) & np.isfinite(survival[s])).sum()) for s in survival}
     if len(per_sae) > 1:
-        ci = _replicate_rho_ci(list(per_sae.values()), list(per_sae_n.values()))
+        effect = _mean_over_saes(list(per_sae.values()), list(per_sae_n.values()))
     else:
         (s,) = per_sae
         samples = {"i": refs[s][1][None], "c": survival[s][None]}
         ci = hierarchical_bootstrap(lambda x: rank_correlation(x["i"][0], x["c"][0]), samples, n_boot(data))
+        effect = _with_ci(per_sae[s], ci)
     imp = np.concatenate([refs[s][1] for s in per_sae])
     surv = np.concatenate([survival[s] for s in per_sae])
     kept = np.nan_to_num(surv, nan=-2.0) >= kept_at
     return {
-        **_with_ci(float(np.nanmean(list(per_sae.values()))), ci),
+        **effect,
         "p": finite(spearman(imp, surv)[1]),
         "mw_p": finite(mann_whitney(imp[kept], imp[~kept])[1]),
         "n_survived": int(kept.sum()),
@@ -811,13 +811,14 @@ def _pooled_rho(
     }
 
 
-def _replicate_rho_ci(rhos: list[float], ns: list[int]) -> tuple[float, float]:
-    """The t interval over the SAEs' rho, never narrower than their feature noise
-    (`stats.replicate_mean_ci` with each rho's Spearman variance over its n features)."""
+def _mean_over_saes(rhos: list[float], ns: list[int]) -> dict[str, Any]:
+    """The mean of the SAEs' rho with the t interval over them, never narrower than their feature
+    noise (`stats.replicate_mean_ci` with each rho's Spearman variance over its n features)."""
     from lit_prune.analysis.stats import replicate_mean_ci, spearman_variance
 
     within = [spearman_variance(r, n) for r, n in zip(rhos, ns, strict=True)]
-    return replicate_mean_ci(rhos, bounds=(-1.0, 1.0), within_variances=within)
+    ci = replicate_mean_ci(rhos, bounds=(-1.0, 1.0), within_variances=within)
+    return _with_ci(float(np.nanmean(rhos)), ci)
 
 
 def _warm_survival(
